@@ -1,0 +1,21 @@
+//! The replay headers: the wire contract between regroup and applications.
+//!
+//! Every update forwarded to the primary and every replay carries these headers; the
+//! app-side layer turns them into a replay context. Names are lowercase, as HTTP/2 and
+//! the `http` crate store them; HTTP/1 matching is case-insensitive.
+
+/// The transaction's position in its group's journal (dense, from 1). Also returned to
+/// the client on the answer to an update.
+pub const SEQ: &str = "regroup-seq";
+/// The transaction's UUID (v7), the same on every partition.
+pub const TXN_ID: &str = "regroup-txn-id";
+/// The primary's term; an app layer refuses updates from an older epoch.
+pub const EPOCH: &str = "regroup-epoch";
+/// The time fixed at the primary (RFC 3339, UTC); use it instead of the wall clock.
+pub const TIMESTAMP: &str = "regroup-timestamp";
+/// `1` on replays; absent on the primary's execution.
+pub const REPLAY: &str = "regroup-replay";
+
+/// All replay headers, for stripping them from client requests (a client must not be
+/// able to forge a replay).
+pub const ALL: [&str; 5] = [SEQ, TXN_ID, EPOCH, TIMESTAMP, REPLAY];

@@ -1,0 +1,422 @@
+//! The journal on sea-orm: SQLite (WAL, synchronous FULL) by default, PostgreSQL by URL.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use regroup_migrations::{Checkpoint, Group, JournalMigrator, Record as R};
+use sea_orm::sea_query::{Expr, ExprTrait, Func, OnConflict, Order, Query};
+use sea_orm::sqlx::sqlite::{SqliteJournalMode, SqliteSynchronous};
+use sea_orm::{ConnectOptions, ConnectionTrait, Database, DatabaseConnection, QueryResult};
+use sea_orm_migration::MigratorTrait;
+use uuid::Uuid;
+
+use super::{GroupState, Journal, JournalError, Outcome};
+use crate::record::{Fingerprint, Record, RecordState, RecordedRequest, parse_timestamp};
+
+/// A journal in a SQL database reached through sea-orm.
+#[derive(Debug, Clone)]
+pub struct SqlJournal {
+    db: DatabaseConnection,
+}
+
+impl SqlJournal {
+    /// Connects to `url` (`sqlite://path` creates the file; `postgres://…` uses an existing
+    /// database) and applies the journal migrations.
+    pub async fn connect(url: &str) -> Result<Self, JournalError> {
+        let mut opts = ConnectOptions::new(url.to_owned());
+        opts.sqlx_logging(false)
+            .connect_timeout(Duration::from_secs(5))
+            .acquire_timeout(Duration::from_secs(10))
+            .max_connections(if url.starts_with("sqlite") { 4 } else { 8 })
+            .map_sqlx_sqlite_opts(|o| {
+                o.create_if_missing(true)
+                    .journal_mode(SqliteJournalMode::Wal)
+                    .synchronous(SqliteSynchronous::Full)
+                    .busy_timeout(Duration::from_secs(10))
+            });
+        let db = Database::connect(opts).await?;
+        JournalMigrator::up(&db, None).await?;
+        Ok(SqlJournal { db })
+    }
+
+    /// The underlying connection.
+    pub fn connection(&self) -> &DatabaseConnection {
+        &self.db
+    }
+}
+
+const RECORD_COLUMNS: [R; 12] = [
+    R::GroupName,
+    R::Seq,
+    R::TxnId,
+    R::Epoch,
+    R::Timestamp,
+    R::Method,
+    R::Uri,
+    R::Headers,
+    R::Body,
+    R::State,
+    R::Status,
+    R::BodyHash,
+];
+
+fn to_i64(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+fn to_u64(v: i64) -> u64 {
+    u64::try_from(v).unwrap_or(0)
+}
+
+fn row_to_record(group: &str, row: &QueryResult) -> Result<Record, JournalError> {
+    let seq = to_u64(row.try_get::<i64>("", "seq")?);
+    let corrupt = |reason: String| JournalError::Corrupt {
+        group: group.to_owned(),
+        seq,
+        reason,
+    };
+    let txn: String = row.try_get("", "txn_id")?;
+    let txn_id = Uuid::parse_str(&txn).map_err(|e| corrupt(format!("txn_id {txn:?}: {e}")))?;
+    let ts: String = row.try_get("", "timestamp")?;
+    let timestamp = parse_timestamp(&ts).ok_or_else(|| corrupt(format!("timestamp {ts:?}")))?;
+    let headers: String = row.try_get("", "headers")?;
+    let headers: Vec<(String, String)> =
+        serde_json::from_str(&headers).map_err(|e| corrupt(format!("headers: {e}")))?;
+    let state: String = row.try_get("", "state")?;
+    let state = RecordState::parse(&state).ok_or_else(|| corrupt(format!("state {state:?}")))?;
+    let status: Option<i32> = row.try_get("", "status")?;
+    let body_hash: Option<String> = row.try_get("", "body_hash")?;
+    let fingerprint = match (status, body_hash) {
+        (Some(status), Some(body_hash)) => Some(Fingerprint {
+            status: u16::try_from(status).map_err(|e| corrupt(format!("status: {e}")))?,
+            body_hash,
+        }),
+        _ => None,
+    };
+    let body: Vec<u8> = row.try_get("", "body")?;
+    Ok(Record {
+        group: group.to_owned(),
+        seq,
+        txn_id,
+        epoch: to_u64(row.try_get::<i64>("", "epoch")?),
+        timestamp,
+        request: RecordedRequest {
+            method: row.try_get("", "method")?,
+            uri: row.try_get("", "uri")?,
+            headers,
+            body: Bytes::from(body),
+        },
+        state,
+        fingerprint,
+    })
+}
+
+impl SqlJournal {
+    async fn head(&self, group: &str) -> Result<u64, JournalError> {
+        let q = Query::select()
+            .expr(Func::max(Expr::col(R::Seq)))
+            .from(R::Table)
+            .and_where(Expr::col(R::GroupName).eq(group))
+            .to_owned();
+        let row = self.db.query_one(&q).await?;
+        let max: Option<i64> = match row {
+            Some(row) => row.try_get_by_index(0)?,
+            None => None,
+        };
+        Ok(max.map_or(0, to_u64))
+    }
+
+    async fn select_records(
+        &self,
+        group: &str,
+        filter: impl FnOnce(&mut sea_orm::sea_query::SelectStatement),
+        limit: Option<u64>,
+    ) -> Result<Vec<Record>, JournalError> {
+        let mut q = Query::select();
+        q.columns(RECORD_COLUMNS)
+            .from(R::Table)
+            .and_where(Expr::col(R::GroupName).eq(group))
+            .order_by(R::Seq, Order::Asc);
+        filter(&mut q);
+        if let Some(limit) = limit {
+            q.limit(limit);
+        }
+        let rows = self.db.query_all(&q).await?;
+        rows.iter().map(|r| row_to_record(group, r)).collect()
+    }
+}
+
+#[async_trait]
+impl Journal for SqlJournal {
+    async fn open_group(&self, group: &str, primary: &str) -> Result<GroupState, JournalError> {
+        let insert = Query::insert()
+            .into_table(Group::Table)
+            .columns([Group::Name, Group::Epoch, Group::PrimaryName])
+            .values_panic([group.into(), 1i64.into(), primary.into()])
+            .on_conflict(OnConflict::column(Group::Name).do_nothing().to_owned())
+            .to_owned();
+        self.db.execute(&insert).await?;
+        let q = Query::select()
+            .columns([Group::Epoch, Group::PrimaryName])
+            .from(Group::Table)
+            .and_where(Expr::col(Group::Name).eq(group))
+            .to_owned();
+        let row = self
+            .db
+            .query_one(&q)
+            .await?
+            .ok_or_else(|| JournalError::Database(format!("group {group:?} vanished")))?;
+        let epoch = to_u64(row.try_get::<i64>("", "epoch")?);
+        let stored_primary: Option<String> = row.try_get("", "primary_name")?;
+        let update = Query::update()
+            .table(R::Table)
+            .value(R::State, RecordState::InDoubt.as_str())
+            .and_where(Expr::col(R::GroupName).eq(group))
+            .and_where(Expr::col(R::State).eq(RecordState::Pending.as_str()))
+            .to_owned();
+        self.db.execute(&update).await?;
+        let unsealed = self
+            .select_records(
+                group,
+                |q| {
+                    q.and_where(Expr::col(R::State).is_in([
+                        RecordState::Pending.as_str(),
+                        RecordState::InDoubt.as_str(),
+                    ]));
+                },
+                None,
+            )
+            .await?;
+        Ok(GroupState {
+            epoch,
+            primary: stored_primary.unwrap_or_else(|| primary.to_owned()),
+            head: self.head(group).await?,
+            unsealed,
+        })
+    }
+
+    async fn append(&self, record: &Record) -> Result<(), JournalError> {
+        let headers = serde_json::to_string(&record.request.headers)
+            .map_err(|e| JournalError::Database(format!("headers: {e}")))?;
+        let insert = Query::insert()
+            .into_table(R::Table)
+            .columns(RECORD_COLUMNS)
+            .values_panic([
+                record.group.clone().into(),
+                to_i64(record.seq).into(),
+                record.txn_id.to_string().into(),
+                to_i64(record.epoch).into(),
+                record.timestamp_rfc3339().into(),
+                record.request.method.clone().into(),
+                record.request.uri.clone().into(),
+                headers.into(),
+                record.request.body.to_vec().into(),
+                record.state.as_str().into(),
+                record
+                    .fingerprint
+                    .as_ref()
+                    .map(|f| i32::from(f.status))
+                    .into(),
+                record.fingerprint.as_ref().map(|f| f.body_hash.clone()).into(),
+            ])
+            .to_owned();
+        // One proxy writes a group (the router serializes its updates), so checking the head
+        // first is race-free; the primary key still refuses a duplicate seq outright.
+        let head = self.head(&record.group).await?;
+        if head + 1 != record.seq {
+            return Err(JournalError::JournalGap {
+                group: record.group.clone(),
+                expected: head + 1,
+                got: record.seq,
+            });
+        }
+        self.db.execute(&insert).await?;
+        Ok(())
+    }
+
+    async fn seal(&self, group: &str, seq: u64, outcome: &Outcome) -> Result<(), JournalError> {
+        let (state, fp) = match outcome {
+            Outcome::Executed(fp) => (RecordState::Executed, fp.as_ref()),
+            Outcome::Skipped => (RecordState::Skipped, None),
+            Outcome::InDoubt => (RecordState::InDoubt, None),
+        };
+        let update = Query::update()
+            .table(R::Table)
+            .value(R::State, state.as_str())
+            .value(R::Status, fp.map(|f| i32::from(f.status)))
+            .value(R::BodyHash, fp.map(|f| f.body_hash.clone()))
+            .and_where(Expr::col(R::GroupName).eq(group))
+            .and_where(Expr::col(R::Seq).eq(to_i64(seq)))
+            .to_owned();
+        let done = self.db.execute(&update).await?;
+        if done.rows_affected() == 0 {
+            return Err(JournalError::NoSuchRecord {
+                group: group.to_owned(),
+                seq,
+            });
+        }
+        Ok(())
+    }
+
+    async fn read_after(
+        &self,
+        group: &str,
+        after: u64,
+        limit: u64,
+    ) -> Result<Vec<Record>, JournalError> {
+        self.select_records(
+            group,
+            |q| {
+                q.and_where(Expr::col(R::Seq).gt(to_i64(after)));
+            },
+            Some(limit),
+        )
+        .await
+    }
+
+    async fn record(&self, group: &str, seq: u64) -> Result<Option<Record>, JournalError> {
+        let mut v = self
+            .select_records(
+                group,
+                |q| {
+                    q.and_where(Expr::col(R::Seq).eq(to_i64(seq)));
+                },
+                Some(1),
+            )
+            .await?;
+        Ok(v.pop())
+    }
+
+    async fn checkpoint(&self, group: &str, partition: &str) -> Result<u64, JournalError> {
+        let q = Query::select()
+            .column(Checkpoint::Applied)
+            .from(Checkpoint::Table)
+            .and_where(Expr::col(Checkpoint::GroupName).eq(group))
+            .and_where(Expr::col(Checkpoint::Partition).eq(partition))
+            .to_owned();
+        Ok(match self.db.query_one(&q).await? {
+            Some(row) => to_u64(row.try_get::<i64>("", "applied")?),
+            None => 0,
+        })
+    }
+
+    async fn save_checkpoint(
+        &self,
+        group: &str,
+        partition: &str,
+        applied: u64,
+    ) -> Result<(), JournalError> {
+        let upsert = Query::insert()
+            .into_table(Checkpoint::Table)
+            .columns([
+                Checkpoint::GroupName,
+                Checkpoint::Partition,
+                Checkpoint::Applied,
+            ])
+            .values_panic([group.into(), partition.into(), to_i64(applied).into()])
+            .on_conflict(
+                OnConflict::columns([Checkpoint::GroupName, Checkpoint::Partition])
+                    .update_column(Checkpoint::Applied)
+                    .to_owned(),
+            )
+            .to_owned();
+        self.db.execute(&upsert).await?;
+        Ok(())
+    }
+
+    async fn set_primary(
+        &self,
+        group: &str,
+        epoch: u64,
+        primary: &str,
+    ) -> Result<(), JournalError> {
+        let update = Query::update()
+            .table(Group::Table)
+            .value(Group::Epoch, to_i64(epoch))
+            .value(Group::PrimaryName, primary)
+            .and_where(Expr::col(Group::Name).eq(group))
+            .to_owned();
+        self.db.execute(&update).await?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(body: &'static str) -> RecordedRequest {
+        RecordedRequest {
+            method: "POST".into(),
+            uri: "/accounts?x=1".into(),
+            headers: vec![("content-type".into(), "application/json".into())],
+            body: Bytes::from_static(body.as_bytes()),
+        }
+    }
+
+    async fn journal(dir: &tempfile::TempDir) -> SqlJournal {
+        let url = format!("sqlite://{}", dir.path().join("j.db").display());
+        match SqlJournal::connect(&url).await {
+            Ok(j) => j,
+            Err(e) => panic!("cannot open journal at {url}: {e}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn append_seal_read_and_reopen() -> Result<(), JournalError> {
+        let dir = tempfile::tempdir().map_err(|e| JournalError::Database(e.to_string()))?;
+        let j = journal(&dir).await;
+        let g = j.open_group("bank", "a").await?;
+        assert_eq!((g.epoch, g.head, g.primary.as_str()), (1, 0, "a"));
+
+        let r1 = Record::pending("bank", 1, 1, request("{}"));
+        j.append(&r1).await?;
+        let fp = Fingerprint::of(201, b"ok");
+        j.seal("bank", 1, &Outcome::Executed(Some(fp.clone()))).await?;
+        let r2 = Record::pending("bank", 2, 1, request("{\"b\":2}"));
+        j.append(&r2).await?;
+
+        // Appending out of order is a gap, named precisely.
+        let r5 = Record::pending("bank", 5, 1, request(""));
+        match j.append(&r5).await {
+            Err(JournalError::JournalGap { expected, got, .. }) => {
+                assert_eq!((expected, got), (3, 5));
+            }
+            other => panic!("expected a gap, got {other:?}"),
+        }
+        // Re-appending a taken seq is refused too.
+        assert!(j.append(&r2).await.is_err());
+
+        let all = j.read_after("bank", 0, 10).await?;
+        assert_eq!(all.len(), 2);
+        assert_eq!(all[0].state, RecordState::Executed);
+        assert_eq!(all[0].fingerprint.as_ref(), Some(&fp));
+        assert_eq!(all[0].request, r1.request);
+        assert_eq!(all[0].txn_id, r1.txn_id);
+        assert_eq!(all[0].timestamp, r1.timestamp);
+
+        j.save_checkpoint("bank", "b", 1).await?;
+        j.save_checkpoint("bank", "b", 2).await?;
+        assert_eq!(j.checkpoint("bank", "b").await?, 2);
+        assert_eq!(j.checkpoint("bank", "c").await?, 0);
+
+        // Reopening finds the pending record and reports it in doubt.
+        drop(j);
+        let j = journal(&dir).await;
+        let g = j.open_group("bank", "ignored").await?;
+        assert_eq!((g.epoch, g.head, g.primary.as_str()), (1, 2, "a"));
+        assert_eq!(g.unsealed.len(), 1);
+        assert_eq!(g.unsealed[0].seq, 2);
+        assert_eq!(g.unsealed[0].state, RecordState::InDoubt);
+
+        j.set_primary("bank", 2, "b").await?;
+        let g = j.open_group("bank", "a").await?;
+        assert_eq!((g.epoch, g.primary.as_str()), (2, "b"));
+        assert!(matches!(
+            j.seal("bank", 9, &Outcome::Skipped).await,
+            Err(JournalError::NoSuchRecord { seq: 9, .. })
+        ));
+        Ok(())
+    }
+}

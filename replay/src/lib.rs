@@ -1,0 +1,36 @@
+//! regroup's transport-free core: transaction records, the durable [`Journal`], and the
+//! [`Replayer`] that drives one partition through the journal via an [`Applier`].
+//!
+//! # Design
+//!
+//! **Purpose.** Transaction-level replication: every update the primary executed is one
+//! [`Record`] in its group's journal, and every other partition re-executes the records in
+//! the same order.
+//!
+//! **Path of a record.** The proxy's router appends it *pending* before forwarding
+//! (write-ahead), then seals it `executed` with the primary's [`Fingerprint`] (status and
+//! body hash), `skipped`, or `in_doubt` when the primary's answer was lost. A replayer per
+//! replica reads sealed records after the replica's checkpoint, applies each through its
+//! [`Applier`], compares the answer with the fingerprint ([`Compare`]), saves the checkpoint,
+//! and moves on.
+//!
+//! **Guarantees.** Records are dense per group (a gap is an error, [`JournalError::JournalGap`]);
+//! a record is durable before it is forwarded; a replica never sees an unsealed record, so a
+//! replica cannot have applied an in-doubt transaction; a replica whose answer differs is
+//! reported diverged and not driven further.
+//!
+//! **Failure modes and their cost.** The checkpoint is saved after the replica answered:
+//! if the proxy dies in between, the record is sent again on restart. Without the app-side
+//! exactly-once checkpoint that is a double application, which the fingerprint check
+//! usually catches (and reports as divergence) rather than prevents.
+
+pub mod applier;
+pub mod headers;
+pub mod journal;
+pub mod record;
+pub mod replayer;
+
+pub use applier::{Applier, ApplyError};
+pub use journal::{GroupState, Journal, JournalError, Outcome, SqlJournal};
+pub use record::{Compare, Fingerprint, Record, RecordState, RecordedRequest};
+pub use replayer::{Backoff, ReplayExit, ReplayObserver, Replayer};

@@ -1,0 +1,424 @@
+//! The replayer: drives one partition's cursor through its group's sealed records, in
+//! order, through an [`Applier`], checking each answer against the primary's fingerprint.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::watch;
+
+use crate::applier::{ApplyError, Applier};
+use crate::journal::{Journal, JournalError};
+use crate::record::{Compare, Record, RecordState};
+
+/// What the replayer reports about its partition as it goes.
+pub trait ReplayObserver: Send + Sync + 'static {
+    /// The partition has applied (or, for skipped records, passed) everything up to `seq`.
+    fn applied(&self, seq: u64);
+    /// An attempt to apply `seq` failed; `attempt` counts consecutive failures from 1.
+    fn apply_failed(&self, seq: u64, attempt: u32, error: &ApplyError);
+    /// The partition's answer to `seq` differs from the primary's: it is diverged and the
+    /// replayer stops.
+    fn diverged(&self, seq: u64, reason: &str);
+}
+
+/// Why a replayer stopped.
+#[derive(Debug, PartialEq, Eq)]
+pub enum ReplayExit {
+    /// Asked to stop, or the group's sealed-head channel closed.
+    Stopped,
+    /// The partition's answer differed from the primary's at this seq.
+    Diverged(u64),
+}
+
+/// Backoff between attempts to apply one record.
+#[derive(Debug, Clone, Copy)]
+pub struct Backoff {
+    /// The first wait.
+    pub initial: Duration,
+    /// The longest wait.
+    pub max: Duration,
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Backoff {
+            initial: Duration::from_millis(25),
+            max: Duration::from_secs(1),
+        }
+    }
+}
+
+impl Backoff {
+    fn delay(&self, attempt: u32) -> Duration {
+        let factor = 1u32 << attempt.saturating_sub(1).min(16);
+        self.initial.saturating_mul(factor).min(self.max)
+    }
+}
+
+/// Replays one group's journal on one partition.
+pub struct Replayer {
+    group: String,
+    partition: String,
+    journal: Arc<dyn Journal>,
+    applier: Arc<dyn Applier>,
+    compare: Compare,
+    backoff: Backoff,
+    batch: u64,
+}
+
+impl std::fmt::Debug for Replayer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Replayer")
+            .field("group", &self.group)
+            .field("partition", &self.partition)
+            .field("compare", &self.compare)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Replayer {
+    /// A replayer for `partition` of `group`.
+    pub fn new(
+        group: &str,
+        partition: &str,
+        journal: Arc<dyn Journal>,
+        applier: Arc<dyn Applier>,
+    ) -> Self {
+        Replayer {
+            group: group.to_owned(),
+            partition: partition.to_owned(),
+            journal,
+            applier,
+            compare: Compare::default(),
+            backoff: Backoff::default(),
+            batch: 256,
+        }
+    }
+
+    /// Sets how answers are compared with the primary's.
+    pub fn compare(mut self, compare: Compare) -> Self {
+        self.compare = compare;
+        self
+    }
+
+    /// Sets the retry backoff.
+    pub fn backoff(mut self, backoff: Backoff) -> Self {
+        self.backoff = backoff;
+        self
+    }
+
+    /// Replays from the partition's durable checkpoint, following `sealed` (the highest
+    /// seq up to which every record is sealed), until `stop` turns true or `sealed` closes.
+    /// The checkpoint is saved after every record, before the next one is sent.
+    pub async fn run(
+        self,
+        mut sealed: watch::Receiver<u64>,
+        mut stop: watch::Receiver<bool>,
+        observer: Arc<dyn ReplayObserver>,
+    ) -> ReplayExit {
+        let Some(mut applied) = self
+            .retry_journal(&mut stop, || {
+                self.journal.checkpoint(&self.group, &self.partition)
+            })
+            .await
+        else {
+            return ReplayExit::Stopped;
+        };
+        observer.applied(applied);
+        loop {
+            let target = *sealed.borrow_and_update();
+            if target <= applied {
+                tokio::select! {
+                    changed = sealed.changed() => if changed.is_err() { return ReplayExit::Stopped },
+                    _ = stop.changed() => return ReplayExit::Stopped,
+                }
+                continue;
+            }
+            let limit = (target - applied).min(self.batch);
+            let Some(records) = self
+                .retry_journal(&mut stop, || {
+                    self.journal.read_after(&self.group, applied, limit)
+                })
+                .await
+            else {
+                return ReplayExit::Stopped;
+            };
+            for record in records {
+                if *stop.borrow() {
+                    return ReplayExit::Stopped;
+                }
+                if record.seq != applied + 1 || !record.state.is_sealed() {
+                    tracing::error!(group = %self.group, partition = %self.partition,
+                        seq = record.seq, expected = applied + 1, state = record.state.as_str(),
+                        "journal is not dense and sealed where the group says it is; waiting");
+                    break;
+                }
+                if record.state == RecordState::Executed {
+                    match self.apply(&record, &mut stop, observer.as_ref()).await {
+                        Step::Applied => {}
+                        Step::Stopped => return ReplayExit::Stopped,
+                        Step::Diverged(reason) => {
+                            tracing::warn!(group = %self.group, partition = %self.partition,
+                                seq = record.seq, %reason, "partition diverged");
+                            let _ = self
+                                .journal
+                                .save_checkpoint(&self.group, &self.partition, record.seq)
+                                .await;
+                            observer.diverged(record.seq, &reason);
+                            return ReplayExit::Diverged(record.seq);
+                        }
+                    }
+                }
+                let seq = record.seq;
+                if self
+                    .retry_journal(&mut stop, || {
+                        self.journal
+                            .save_checkpoint(&self.group, &self.partition, seq)
+                    })
+                    .await
+                    .is_none()
+                {
+                    return ReplayExit::Stopped;
+                }
+                applied = seq;
+                observer.applied(applied);
+            }
+        }
+    }
+
+    async fn apply(
+        &self,
+        record: &Record,
+        stop: &mut watch::Receiver<bool>,
+        observer: &dyn ReplayObserver,
+    ) -> Step {
+        let mut attempt = 0u32;
+        loop {
+            match self.applier.apply(record).await {
+                Ok(answer) => {
+                    let Some(expected) = &record.fingerprint else {
+                        // Resolved as executed by an operator: nothing to compare with.
+                        return Step::Applied;
+                    };
+                    return match self.compare.mismatch(expected, &answer) {
+                        None => Step::Applied,
+                        Some(reason) => Step::Diverged(format!("seq {}: {reason}", record.seq)),
+                    };
+                }
+                Err(e) => {
+                    attempt = attempt.saturating_add(1);
+                    observer.apply_failed(record.seq, attempt, &e);
+                    tracing::debug!(group = %self.group, partition = %self.partition,
+                        seq = record.seq, attempt, error = %e, "replay attempt failed");
+                    if !self.sleep_or_stop(attempt, stop).await {
+                        return Step::Stopped;
+                    }
+                }
+            }
+        }
+    }
+
+    async fn retry_journal<T, F, Fut>(
+        &self,
+        stop: &mut watch::Receiver<bool>,
+        mut op: F,
+    ) -> Option<T>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<T, JournalError>>,
+    {
+        let mut attempt = 0u32;
+        loop {
+            match op().await {
+                Ok(v) => return Some(v),
+                Err(e) => {
+                    attempt = attempt.saturating_add(1);
+                    tracing::warn!(group = %self.group, partition = %self.partition,
+                        attempt, error = %e, "journal access failed; retrying");
+                    if !self.sleep_or_stop(attempt, stop).await {
+                        return None;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Waits out the backoff; false when asked to stop meanwhile.
+    async fn sleep_or_stop(&self, attempt: u32, stop: &mut watch::Receiver<bool>) -> bool {
+        if *stop.borrow() {
+            return false;
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(self.backoff.delay(attempt)) => !*stop.borrow(),
+            _ = stop.changed() => false,
+        }
+    }
+}
+
+enum Step {
+    Applied,
+    Stopped,
+    Diverged(String),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::journal::{Outcome, SqlJournal};
+    use crate::record::{Fingerprint, RecordedRequest};
+    use bytes::Bytes;
+    use std::sync::Mutex;
+
+    /// An applier that answers with the request body, failing the first `fail` attempts.
+    struct Echo {
+        fail: Mutex<u32>,
+        seen: Mutex<Vec<u64>>,
+        corrupt_seq: Option<u64>,
+    }
+
+    #[async_trait::async_trait]
+    impl Applier for Echo {
+        async fn apply(&self, record: &Record) -> Result<Fingerprint, ApplyError> {
+            {
+                let mut fail = self.fail.lock().map_err(|_| ApplyError::NoAnswer("poisoned".into()))?;
+                if *fail > 0 {
+                    *fail -= 1;
+                    return Err(ApplyError::Unreachable("refused".into()));
+                }
+            }
+            if let Ok(mut seen) = self.seen.lock() {
+                seen.push(record.seq);
+            }
+            if self.corrupt_seq == Some(record.seq) {
+                return Ok(Fingerprint::of(200, b"something else"));
+            }
+            Ok(Fingerprint::of(200, &record.request.body))
+        }
+    }
+
+    #[derive(Default)]
+    struct Log(Mutex<Vec<String>>);
+
+    impl ReplayObserver for Log {
+        fn applied(&self, seq: u64) {
+            if let Ok(mut l) = self.0.lock() {
+                l.push(format!("applied {seq}"));
+            }
+        }
+        fn apply_failed(&self, seq: u64, attempt: u32, _: &ApplyError) {
+            if let Ok(mut l) = self.0.lock() {
+                l.push(format!("failed {seq} #{attempt}"));
+            }
+        }
+        fn diverged(&self, seq: u64, reason: &str) {
+            if let Ok(mut l) = self.0.lock() {
+                l.push(format!("diverged {seq}: {reason}"));
+            }
+        }
+    }
+
+    async fn journal_with(dir: &tempfile::TempDir, n: u64, skip: &[u64]) -> Arc<SqlJournal> {
+        let url = format!("sqlite://{}", dir.path().join("j.db").display());
+        let j = SqlJournal::connect(&url).await.expect("journal opens");
+        j.open_group("g", "a").await.expect("group opens");
+        for seq in 1..=n {
+            let body = format!("body {seq}");
+            let r = Record::pending(
+                "g",
+                seq,
+                1,
+                RecordedRequest {
+                    method: "POST".into(),
+                    uri: "/".into(),
+                    headers: vec![],
+                    body: Bytes::from(body.clone()),
+                },
+            );
+            j.append(&r).await.expect("append");
+            let outcome = if skip.contains(&seq) {
+                Outcome::Skipped
+            } else {
+                Outcome::Executed(Some(Fingerprint::of(200, body.as_bytes())))
+            };
+            j.seal("g", seq, &outcome).await.expect("seal");
+        }
+        Arc::new(j)
+    }
+
+    #[tokio::test]
+    #[allow(clippy::unwrap_used)]
+    async fn replays_in_order_skips_skipped_retries_and_resumes() {
+        let dir = tempfile::tempdir().unwrap();
+        let j = journal_with(&dir, 5, &[3]).await;
+        let echo = Arc::new(Echo {
+            fail: Mutex::new(2),
+            seen: Mutex::new(vec![]),
+            corrupt_seq: None,
+        });
+        let (sealed_tx, sealed) = watch::channel(4u64);
+        let (stop_tx, stop) = watch::channel(false);
+        let log = Arc::new(Log::default());
+        let r = Replayer::new("g", "b", j.clone(), echo.clone());
+        let task = tokio::spawn(r.run(sealed, stop, log.clone()));
+        // Only up to the sealed head (4) is replayed.
+        for _ in 0..200 {
+            if j.checkpoint("g", "b").await.unwrap() == 4 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(*echo.seen.lock().unwrap(), vec![1, 2, 4]);
+        sealed_tx.send(5).unwrap();
+        for _ in 0..200 {
+            if j.checkpoint("g", "b").await.unwrap() == 5 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        stop_tx.send(true).unwrap();
+        assert_eq!(task.await.unwrap(), ReplayExit::Stopped);
+        assert_eq!(*echo.seen.lock().unwrap(), vec![1, 2, 4, 5]);
+        let log = log.0.lock().unwrap().clone();
+        assert_eq!(&log[..3], ["applied 0", "failed 1 #1", "failed 1 #2"]);
+
+        // A new replayer resumes from the checkpoint: nothing is sent twice.
+        let (_sealed_tx, sealed) = watch::channel(5u64);
+        let (stop_tx, stop) = watch::channel(false);
+        let again = Arc::new(Echo {
+            fail: Mutex::new(0),
+            seen: Mutex::new(vec![]),
+            corrupt_seq: None,
+        });
+        let task = tokio::spawn(Replayer::new("g", "b", j.clone(), again.clone()).run(
+            sealed,
+            stop,
+            Arc::new(Log::default()),
+        ));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        stop_tx.send(true).unwrap();
+        assert_eq!(task.await.unwrap(), ReplayExit::Stopped);
+        assert!(again.seen.lock().unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    #[allow(clippy::unwrap_used)]
+    async fn a_different_answer_marks_the_partition_diverged() {
+        let dir = tempfile::tempdir().unwrap();
+        let j = journal_with(&dir, 3, &[]).await;
+        let echo = Arc::new(Echo {
+            fail: Mutex::new(0),
+            seen: Mutex::new(vec![]),
+            corrupt_seq: Some(2),
+        });
+        let (_sealed_tx, sealed) = watch::channel(3u64);
+        let (_stop_tx, stop) = watch::channel(false);
+        let log = Arc::new(Log::default());
+        let exit = Replayer::new("g", "b", j.clone(), echo.clone())
+            .run(sealed, stop, log.clone())
+            .await;
+        assert_eq!(exit, ReplayExit::Diverged(2));
+        assert_eq!(*echo.seen.lock().unwrap(), vec![1, 2]);
+        let log = log.0.lock().unwrap().clone();
+        assert!(log[2].starts_with("diverged 2: seq 2: body hash"), "{log:?}");
+    }
+}

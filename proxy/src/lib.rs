@@ -1,1 +1,51 @@
-//! stub
+//! regroup's network-facing gateway: configuration, request classification, the update
+//! path (serialize, journal ahead, forward to the primary, seal), balanced reads, HTTP
+//! replay, supervision and the admin API.
+//!
+//! # Design
+//!
+//! **Request path.** [`route::Regroup`] picks the group by path prefix and classifies the
+//! request ([`classify`]). An update takes the group's write slot, is appended to the
+//! journal *pending*, forwarded to the primary with the replay headers, sealed with the
+//! primary's answer and answered with `Regroup-Seq` ([`update`]). A read goes to tower's
+//! p2c balancer over the partitions that are `available` ([`read`]).
+//!
+//! **Replication.** One replayer per replica ([`replicate`], [`applier`]) follows the
+//! group's sealed head and replays records in order with `Regroup-Replay: 1`.
+//!
+//! **Supervision.** Heartbeats with a time-out and a retry count ([`supervise`]) drive
+//! each partition's [`status::PartitionStatus`].
+//!
+//! **Guarantees.** An update is durable in the journal before the primary sees it; a
+//! client is answered only after the primary's answer is durable; a record whose outcome
+//! is unknown is *in doubt*, shown in `/status`, and blocks later updates of its group
+//! until resolved, so replicas never apply out of order and nothing is guessed.
+//!
+//! **Failure modes.** Primary unreachable before sending: 502, record skipped. Connection
+//! broken or time-out after sending: 502 `in_doubt`, later updates wait up to
+//! `failover_wait_ms` then 503. Journal down: 503, nothing forwarded. No readable
+//! partition within `read_wait_ms`: 503.
+
+pub mod admin;
+pub mod applier;
+pub mod classify;
+pub mod config;
+pub mod error;
+pub mod forward;
+pub mod group;
+pub mod partition;
+mod read;
+mod replicate;
+pub mod route;
+pub mod server;
+pub mod status;
+mod supervise;
+mod update;
+
+pub use admin::{Admin, StatusDoc};
+pub use config::{Config, ConfigError};
+pub use error::ProxyError;
+pub use group::Group;
+pub use route::{Regroup, RegroupLayer};
+pub use server::{Bound, Proxy, serve};
+pub use status::PartitionStatus;

@@ -1,0 +1,234 @@
+//! The admin API on `admin_listen`: `GET /status` (JSON), `POST /groups/{group}/resolve`
+//! (settle an in-doubt record; bearer token when configured), `GET /health`.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode, header};
+use http_body_util::BodyExt;
+use serde::{Deserialize, Serialize};
+use time::OffsetDateTime;
+
+use crate::error::ProxyError;
+use crate::forward::{ProxyBody, full};
+use crate::group::{Group, GroupView};
+use crate::partition::PartitionView;
+use crate::status::PartitionStatus;
+
+/// `GET /status`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StatusDoc {
+    /// Every group.
+    pub groups: Vec<GroupStatus>,
+}
+
+/// One group in `/status`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct GroupStatus {
+    /// Name.
+    pub name: String,
+    /// The primary partition's name.
+    pub primary: String,
+    /// The primary's term.
+    pub epoch: u64,
+    /// Highest seq in the journal.
+    pub head: u64,
+    /// Highest seq up to which every record is sealed.
+    pub sealed: u64,
+    /// Records whose execution is unknown; updates wait until they are resolved.
+    pub in_doubt: Vec<u64>,
+    /// The partitions.
+    pub partitions: Vec<PartitionStatusDoc>,
+}
+
+/// One partition in `/status`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PartitionStatusDoc {
+    /// Name.
+    pub name: String,
+    /// Base URL.
+    pub url: String,
+    /// `available`, `catching_up`, `suspect`, `unavailable` or `diverged`.
+    pub status: String,
+    /// Highest seq applied.
+    pub applied: u64,
+    /// When the status last changed (RFC 3339).
+    pub since: String,
+    /// Why it changed.
+    pub reason: String,
+}
+
+impl From<GroupView> for GroupStatus {
+    fn from(g: GroupView) -> Self {
+        GroupStatus {
+            name: g.name,
+            primary: g.primary,
+            epoch: g.epoch,
+            head: g.head,
+            sealed: g.sealed,
+            in_doubt: g.in_doubt,
+            partitions: g.partitions.into_iter().map(Into::into).collect(),
+        }
+    }
+}
+
+impl From<PartitionView> for PartitionStatusDoc {
+    fn from(p: PartitionView) -> Self {
+        PartitionStatusDoc {
+            name: p.name,
+            url: p.url,
+            status: p.status.as_str().to_owned(),
+            applied: p.applied,
+            since: regroup_replay::record::format_timestamp(p.since),
+            reason: p.reason,
+        }
+    }
+}
+
+/// The body of `POST /groups/{group}/resolve`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ResolveRequest {
+    /// The in-doubt record.
+    pub seq: u64,
+    /// `executed` or `skipped`.
+    pub outcome: ResolveOutcome,
+}
+
+/// How an operator settles an in-doubt record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ResolveOutcome {
+    /// The primary did execute it: replicas replay it.
+    Executed,
+    /// The primary did not execute it: nobody replays it.
+    Skipped,
+}
+
+/// Serves the admin API for `groups`.
+#[derive(Debug, Clone)]
+pub struct Admin {
+    groups: Arc<Vec<Arc<Group>>>,
+    token: Option<String>,
+}
+
+impl Admin {
+    pub(crate) fn new(groups: Vec<Arc<Group>>, token: Option<String>) -> Self {
+        Admin {
+            groups: Arc::new(groups),
+            token,
+        }
+    }
+
+    /// The status document.
+    pub fn status(&self) -> StatusDoc {
+        StatusDoc {
+            groups: self.groups.iter().map(|g| g.view().into()).collect(),
+        }
+    }
+
+    /// Handles one admin request.
+    pub async fn handle<B>(&self, req: Request<B>) -> Response<ProxyBody>
+    where
+        B: http_body::Body<Data = Bytes>,
+        B::Error: std::fmt::Display,
+    {
+        match self.route(req).await {
+            Ok(resp) => resp,
+            Err(e) => e.into_response(),
+        }
+    }
+
+    async fn route<B>(&self, req: Request<B>) -> Result<Response<ProxyBody>, ProxyError>
+    where
+        B: http_body::Body<Data = Bytes>,
+        B::Error: std::fmt::Display,
+    {
+        let path = req.uri().path().to_owned();
+        let segments: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
+        match (req.method(), segments.as_slice()) {
+            (&Method::GET, ["health"]) => Ok(json(StatusCode::OK, &serde_json::json!({"status": "ok"}))),
+            (&Method::GET, ["status"]) => Ok(json(StatusCode::OK, &self.status())),
+            (&Method::POST, ["groups", group, "resolve"]) => {
+                self.authorize(&req)?;
+                let group = self.group(group)?;
+                let body = req
+                    .into_body()
+                    .collect()
+                    .await
+                    .map_err(|e| ProxyError::BadRequest(format!("cannot read body: {e}")))?
+                    .to_bytes();
+                let ask: ResolveRequest = serde_json::from_slice(&body).map_err(|e| {
+                    ProxyError::BadRequest(format!(
+                        "body must be {{\"seq\": N, \"outcome\": \"executed\"|\"skipped\"}}: {e}"
+                    ))
+                })?;
+                let record = group
+                    .resolve(ask.seq, ask.outcome == ResolveOutcome::Executed)
+                    .await?;
+                Ok(json(
+                    StatusCode::OK,
+                    &serde_json::json!({
+                        "group": group.name(),
+                        "seq": record.seq,
+                        "state": record.state.as_str(),
+                    }),
+                ))
+            }
+            _ => Err(ProxyError::NoGroup(path)),
+        }
+    }
+
+    fn authorize<B>(&self, req: &Request<B>) -> Result<(), ProxyError> {
+        let Some(token) = &self.token else {
+            return Ok(());
+        };
+        let given = req
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "));
+        if given == Some(token.as_str()) {
+            Ok(())
+        } else {
+            Err(ProxyError::Unauthorized)
+        }
+    }
+
+    fn group(&self, name: &str) -> Result<Arc<Group>, ProxyError> {
+        self.groups
+            .iter()
+            .find(|g| g.name() == name)
+            .cloned()
+            .ok_or_else(|| ProxyError::BadRequest(format!("no group named {name:?}")))
+    }
+}
+
+fn json<T: Serialize>(status: StatusCode, value: &T) -> Response<ProxyBody> {
+    let body = serde_json::to_vec_pretty(value).unwrap_or_default();
+    let mut resp = Response::new(full(body));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("application/json"),
+    );
+    resp
+}
+
+/// Parses a status name from `/status` (for clients such as the CLI and tests).
+pub fn parse_status(s: &str) -> Option<PartitionStatus> {
+    [
+        PartitionStatus::Available,
+        PartitionStatus::CatchingUp,
+        PartitionStatus::Suspect,
+        PartitionStatus::Unavailable,
+        PartitionStatus::Diverged,
+    ]
+    .into_iter()
+    .find(|p| p.as_str() == s)
+}
+
+/// `now` in status format, for callers that print documents.
+pub fn now_rfc3339() -> String {
+    regroup_replay::record::format_timestamp(OffsetDateTime::now_utc())
+}

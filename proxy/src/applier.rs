@@ -1,0 +1,63 @@
+//! The HTTP [`Applier`]: sends a journal record to a partition as a replay and returns the
+//! fingerprint of its answer.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use http_body_util::BodyExt;
+use regroup_replay::{Applier, ApplyError, Fingerprint, Record};
+
+use crate::forward::Upstream;
+use crate::partition::Partition;
+use crate::update::{error_chain, record_request};
+
+/// Replays records on one partition over HTTP, with `Regroup-Replay: 1`.
+#[derive(Debug, Clone)]
+pub struct HttpApplier {
+    client: Upstream,
+    partition: Arc<Partition>,
+    timeout: Duration,
+}
+
+impl HttpApplier {
+    /// An applier for `partition`; an answer slower than `timeout` counts as no answer.
+    pub fn new(client: Upstream, partition: Arc<Partition>, timeout: Duration) -> Self {
+        HttpApplier {
+            client,
+            partition,
+            timeout,
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl Applier for HttpApplier {
+    async fn apply(&self, record: &Record) -> Result<Fingerprint, ApplyError> {
+        let req = record_request(record, self.partition.base(), true)
+            .map_err(|e| ApplyError::Unreachable(format!("cannot build request: {e}")))?;
+        let answer = tokio::time::timeout(self.timeout, async {
+            let resp = self.client.request(req).await.map_err(|e| {
+                if e.is_connect() {
+                    ApplyError::Unreachable(error_chain(&e))
+                } else {
+                    ApplyError::NoAnswer(error_chain(&e))
+                }
+            })?;
+            let status = resp.status().as_u16();
+            let body = resp
+                .into_body()
+                .collect()
+                .await
+                .map_err(|e| ApplyError::NoAnswer(error_chain(&e)))?
+                .to_bytes();
+            Ok(Fingerprint::of(status, &body))
+        })
+        .await;
+        answer.unwrap_or_else(|_| {
+            Err(ApplyError::NoAnswer(format!(
+                "no answer within {} ms",
+                self.timeout.as_millis()
+            )))
+        })
+    }
+}

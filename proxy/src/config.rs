@@ -1,0 +1,479 @@
+//! Configuration: one TOML file, every key documented, unknown keys rejected.
+//!
+//! Defaults are named constants beside the keys they fill. [`Config::load`] parses and
+//! [`Config::validate`]s; errors name the file and the line and column or key at fault.
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use http::{Method, Uri};
+use regroup_replay::Compare;
+use serde::Deserialize;
+
+use crate::classify::Kind;
+
+/// Default client-facing address.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
+/// Default admin address (status, admin verbs).
+pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:8081";
+/// Default journal: a SQLite file in the working directory.
+pub const DEFAULT_JOURNAL: &str = "sqlite://regroup-journal.db";
+/// Default health-check path.
+pub const DEFAULT_HEALTH_PATH: &str = "/health";
+/// Default request body limit for updates (1 MiB).
+pub const DEFAULT_MAX_BODY_BYTES: usize = 1024 * 1024;
+/// Default heartbeat interval.
+pub const DEFAULT_HEARTBEAT_INTERVAL_MS: u64 = 200;
+/// Default heartbeat time-out.
+pub const DEFAULT_HEARTBEAT_TIMEOUT_MS: u64 = 200;
+/// Default number of consecutive missed heartbeats before a partition is unavailable.
+pub const DEFAULT_HEARTBEAT_RETRIES: u32 = 3;
+/// Default bound on how long an update waits for its group to be able to take it
+/// (an in-doubt record being resolved, later a failover).
+pub const DEFAULT_FAILOVER_WAIT_MS: u64 = 5000;
+/// Default time-out for the primary's answer to an update.
+pub const DEFAULT_UPDATE_TIMEOUT_MS: u64 = 30_000;
+/// Default bound on how long a read waits for an eligible partition.
+pub const DEFAULT_READ_WAIT_MS: u64 = 2000;
+/// Default number of records a replica may lag and still serve reads.
+pub const DEFAULT_MAX_READ_LAG: u64 = 16;
+
+/// The whole configuration file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Client-facing proxy address.
+    #[serde(default = "default_listen")]
+    pub listen: SocketAddr,
+    /// Admin address: `GET /status`, admin verbs.
+    #[serde(default = "default_admin_listen")]
+    pub admin_listen: SocketAddr,
+    /// Journal URL: `sqlite://path` (created if missing) or `postgres://…`.
+    #[serde(default = "default_journal")]
+    pub journal: String,
+    /// Bearer token required by admin verbs (`resolve`). Overridden by the
+    /// `REGROUP_ADMIN_TOKEN` environment variable. Unset: admin verbs are open to whoever
+    /// reaches `admin_listen` (loopback by default).
+    #[serde(default)]
+    pub admin_token: Option<String>,
+    /// The redundancy groups.
+    pub groups: Vec<GroupConfig>,
+}
+
+/// Which of the primary's answers are replayed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ReplayPolicy {
+    /// Every update the primary executed, failed ones too (the default: apps change state
+    /// on failed requests).
+    #[default]
+    All,
+    /// Only 2xx answers.
+    Success,
+}
+
+/// One redundancy group.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GroupConfig {
+    /// The group's name (journal key).
+    pub name: String,
+    /// Requests whose path starts with this prefix go to this group (default `/`: all).
+    #[serde(default = "default_prefix")]
+    pub path_prefix: String,
+    /// The health-check path on every partition.
+    #[serde(default = "default_health_path")]
+    pub health_path: String,
+    /// Replay every executed update (`all`) or only 2xx answers (`success`).
+    #[serde(default)]
+    pub replay: ReplayPolicy,
+    /// How replica answers are compared with the primary's: `status_and_body` or `status`.
+    #[serde(default)]
+    pub compare: Compare,
+    /// Largest update body accepted, in bytes; larger gets 413 and is not journaled.
+    #[serde(default = "default_max_body")]
+    pub max_body_bytes: usize,
+    /// Heartbeat interval in milliseconds.
+    #[serde(default = "default_hb_interval")]
+    pub heartbeat_interval_ms: u64,
+    /// Heartbeat time-out in milliseconds.
+    #[serde(default = "default_hb_timeout")]
+    pub heartbeat_timeout_ms: u64,
+    /// Consecutive missed heartbeats before a partition is unavailable.
+    #[serde(default = "default_hb_retries")]
+    pub heartbeat_retries: u32,
+    /// How long an update waits for the group to take it before 503.
+    #[serde(default = "default_failover_wait")]
+    pub failover_wait_ms: u64,
+    /// How long the primary has to answer an update before it is in doubt.
+    #[serde(default = "default_update_timeout")]
+    pub update_timeout_ms: u64,
+    /// How long a read waits for an eligible partition before 503.
+    #[serde(default = "default_read_wait")]
+    pub read_wait_ms: u64,
+    /// How many records a replica may lag and still serve reads.
+    #[serde(default = "default_max_read_lag")]
+    pub max_read_lag: u64,
+    /// Classification overrides, first match wins; unmatched requests are classified by
+    /// method (POST, PUT, PATCH, DELETE update; everything else reads).
+    #[serde(default)]
+    pub routes: Vec<RouteRule>,
+    /// The partitions; the first is the primary when the group is new.
+    pub partitions: Vec<PartitionConfig>,
+}
+
+/// A classification rule.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteRule {
+    /// The method it applies to (`*` or absent: any).
+    #[serde(default)]
+    pub method: Option<String>,
+    /// Path pattern: `*` matches one segment, a trailing `**` any rest.
+    pub path: String,
+    /// `read` or `update`.
+    pub kind: Kind,
+}
+
+/// One partition.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PartitionConfig {
+    /// Its name, unique in the group.
+    pub name: String,
+    /// Its base URL, `http://host:port`.
+    pub url: String,
+    /// Failover preference among equally caught-up partitions (higher first).
+    #[serde(default)]
+    pub priority: i32,
+}
+
+fn default_listen() -> SocketAddr {
+    parse_const(DEFAULT_LISTEN)
+}
+fn default_admin_listen() -> SocketAddr {
+    parse_const(DEFAULT_ADMIN_LISTEN)
+}
+fn parse_const(s: &str) -> SocketAddr {
+    s.parse()
+        .unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 0)))
+}
+fn default_journal() -> String {
+    DEFAULT_JOURNAL.to_owned()
+}
+fn default_prefix() -> String {
+    "/".to_owned()
+}
+fn default_health_path() -> String {
+    DEFAULT_HEALTH_PATH.to_owned()
+}
+fn default_max_body() -> usize {
+    DEFAULT_MAX_BODY_BYTES
+}
+fn default_hb_interval() -> u64 {
+    DEFAULT_HEARTBEAT_INTERVAL_MS
+}
+fn default_hb_timeout() -> u64 {
+    DEFAULT_HEARTBEAT_TIMEOUT_MS
+}
+fn default_hb_retries() -> u32 {
+    DEFAULT_HEARTBEAT_RETRIES
+}
+fn default_failover_wait() -> u64 {
+    DEFAULT_FAILOVER_WAIT_MS
+}
+fn default_update_timeout() -> u64 {
+    DEFAULT_UPDATE_TIMEOUT_MS
+}
+fn default_read_wait() -> u64 {
+    DEFAULT_READ_WAIT_MS
+}
+fn default_max_read_lag() -> u64 {
+    DEFAULT_MAX_READ_LAG
+}
+
+/// A configuration that cannot be used. The message names the file and where.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML for this schema.
+    #[error("{path}:{line}:{column}: {message}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// 1-based line.
+        line: usize,
+        /// 1-based column.
+        column: usize,
+        /// What is wrong.
+        message: String,
+    },
+    /// A value is out of range or inconsistent with another.
+    #[error("{path}: {key}: {message}")]
+    Invalid {
+        /// The file.
+        path: PathBuf,
+        /// The key at fault, e.g. `groups[0].partitions[1].name`.
+        key: String,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+impl Config {
+    /// Reads, parses and validates `path`.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Config::parse(&text, path)
+    }
+
+    /// Parses and validates `text`; `path` is only used in messages.
+    pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
+        let config: Config = toml::from_str(text).map_err(|e| {
+            let (line, column) = e
+                .span()
+                .map(|span| line_col(text, span.start))
+                .unwrap_or((1, 1));
+            ConfigError::Parse {
+                path: path.to_owned(),
+                line,
+                column,
+                message: e.message().trim().to_owned(),
+            }
+        })?;
+        config.validate(path)?;
+        Ok(config)
+    }
+
+    /// Checks what serde cannot: names unique and non-empty, URLs usable, limits sane.
+    pub fn validate(&self, path: &Path) -> Result<(), ConfigError> {
+        let invalid = |key: String, message: String| ConfigError::Invalid {
+            path: path.to_owned(),
+            key,
+            message,
+        };
+        if self.groups.is_empty() {
+            return Err(invalid("groups".into(), "at least one group is required".into()));
+        }
+        if !(self.journal.starts_with("sqlite:")
+            || self.journal.starts_with("postgres://")
+            || self.journal.starts_with("postgresql://"))
+        {
+            return Err(invalid(
+                "journal".into(),
+                format!(
+                    "{:?} is not a sqlite:// or postgres:// URL",
+                    self.journal
+                ),
+            ));
+        }
+        let mut group_names = HashSet::new();
+        let mut prefixes = HashSet::new();
+        for (gi, g) in self.groups.iter().enumerate() {
+            let key = |k: &str| format!("groups[{gi}].{k}");
+            if g.name.trim().is_empty() {
+                return Err(invalid(key("name"), "must not be empty".into()));
+            }
+            if !group_names.insert(g.name.as_str()) {
+                return Err(invalid(key("name"), format!("duplicate group name {:?}", g.name)));
+            }
+            if !g.path_prefix.starts_with('/') {
+                return Err(invalid(key("path_prefix"), "must start with '/'".into()));
+            }
+            if !prefixes.insert(g.path_prefix.as_str()) {
+                return Err(invalid(
+                    key("path_prefix"),
+                    format!("{:?} is already used by another group", g.path_prefix),
+                ));
+            }
+            if !g.health_path.starts_with('/') {
+                return Err(invalid(key("health_path"), "must start with '/'".into()));
+            }
+            for (k, v) in [
+                ("heartbeat_interval_ms", g.heartbeat_interval_ms),
+                ("heartbeat_timeout_ms", g.heartbeat_timeout_ms),
+                ("failover_wait_ms", g.failover_wait_ms),
+                ("update_timeout_ms", g.update_timeout_ms),
+                ("read_wait_ms", g.read_wait_ms),
+            ] {
+                if v == 0 {
+                    return Err(invalid(key(k), "must be greater than 0".into()));
+                }
+            }
+            if g.heartbeat_retries == 0 {
+                return Err(invalid(key("heartbeat_retries"), "must be at least 1".into()));
+            }
+            if g.max_body_bytes == 0 {
+                return Err(invalid(key("max_body_bytes"), "must be greater than 0".into()));
+            }
+            for (ri, r) in g.routes.iter().enumerate() {
+                if let Some(m) = &r.method {
+                    if m != "*" && Method::from_bytes(m.as_bytes()).is_err() {
+                        return Err(invalid(
+                            key(&format!("routes[{ri}].method")),
+                            format!("{m:?} is not an HTTP method"),
+                        ));
+                    }
+                }
+                if !r.path.starts_with('/') {
+                    return Err(invalid(
+                        key(&format!("routes[{ri}].path")),
+                        "must start with '/'".into(),
+                    ));
+                }
+            }
+            if g.partitions.is_empty() {
+                return Err(invalid(key("partitions"), "at least one partition is required".into()));
+            }
+            let mut names = HashSet::new();
+            for (pi, p) in g.partitions.iter().enumerate() {
+                let pkey = |k: &str| key(&format!("partitions[{pi}].{k}"));
+                if p.name.trim().is_empty() {
+                    return Err(invalid(pkey("name"), "must not be empty".into()));
+                }
+                if !names.insert(p.name.as_str()) {
+                    return Err(invalid(
+                        pkey("name"),
+                        format!("duplicate partition name {:?} in group {:?}", p.name, g.name),
+                    ));
+                }
+                base_uri(&p.url).map_err(|m| invalid(pkey("url"), m))?;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl GroupConfig {
+    /// Heartbeat interval.
+    pub fn heartbeat_interval(&self) -> Duration {
+        Duration::from_millis(self.heartbeat_interval_ms)
+    }
+    /// Heartbeat time-out.
+    pub fn heartbeat_timeout(&self) -> Duration {
+        Duration::from_millis(self.heartbeat_timeout_ms)
+    }
+    /// Bound on an update's wait for the group.
+    pub fn failover_wait(&self) -> Duration {
+        Duration::from_millis(self.failover_wait_ms)
+    }
+    /// Time-out for the primary's answer.
+    pub fn update_timeout(&self) -> Duration {
+        Duration::from_millis(self.update_timeout_ms)
+    }
+    /// Bound on a read's wait for a partition.
+    pub fn read_wait(&self) -> Duration {
+        Duration::from_millis(self.read_wait_ms)
+    }
+}
+
+/// Parses a partition base URL: `http://host:port` with no path beyond `/`.
+pub fn base_uri(url: &str) -> Result<Uri, String> {
+    let uri: Uri = url
+        .parse()
+        .map_err(|e| format!("{url:?} is not a URL: {e}"))?;
+    if uri.scheme_str() != Some("http") {
+        return Err(format!("{url:?} must start with http://"));
+    }
+    if uri.authority().is_none() {
+        return Err(format!("{url:?} has no host"));
+    }
+    if !matches!(uri.path(), "" | "/") || uri.query().is_some() {
+        return Err(format!("{url:?} must not have a path or query"));
+    }
+    Ok(uri)
+}
+
+fn line_col(text: &str, offset: usize) -> (usize, usize) {
+    let before = text.get(..offset).unwrap_or(text);
+    let line = before.matches('\n').count() + 1;
+    let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+    (line, column)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+listen = "127.0.0.1:0"
+admin_listen = "127.0.0.1:0"
+journal = "sqlite://j.db"
+[[groups]]
+name = "bank"
+[[groups.partitions]]
+name = "a"
+url = "http://127.0.0.1:9001"
+[[groups.partitions]]
+name = "b"
+url = "http://127.0.0.1:9002"
+"#;
+
+    fn err(text: &str) -> String {
+        match Config::parse(text, Path::new("regroup.toml")) {
+            Ok(_) => panic!("accepted:\n{text}"),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    #[test]
+    fn good_config_gets_documented_defaults() {
+        let c = Config::parse(GOOD, Path::new("x.toml")).expect("valid");
+        let g = &c.groups[0];
+        assert_eq!(g.health_path, "/health");
+        assert_eq!(g.max_body_bytes, 1024 * 1024);
+        assert_eq!(g.heartbeat_retries, 3);
+        assert_eq!(g.replay, ReplayPolicy::All);
+        assert_eq!(g.partitions[1].name, "b");
+    }
+
+    #[test]
+    fn unknown_key_is_named_with_line_and_column() {
+        let text = GOOD.replace("name = \"bank\"", "name = \"bank\"\nhearbeat_retries = 3");
+        let e = err(&text);
+        assert!(e.starts_with("regroup.toml:7:1: unknown field `hearbeat_retries`"), "{e}");
+    }
+
+    #[test]
+    fn malformed_toml_is_located() {
+        let e = err("listen = \"127.0.0.1:0\"\n[[groups]\n");
+        assert!(e.starts_with("regroup.toml:2:"), "{e}");
+    }
+
+    #[test]
+    fn duplicate_partition_names_the_key() {
+        let text = GOOD.replace("name = \"b\"", "name = \"a\"");
+        assert_eq!(
+            err(&text),
+            "regroup.toml: groups[0].partitions[1].name: duplicate partition name \"a\" in group \"bank\""
+        );
+    }
+
+    #[test]
+    fn bad_values_are_named() {
+        let e = err(&GOOD.replace("http://127.0.0.1:9002", "ftp://x"));
+        assert_eq!(
+            e,
+            "regroup.toml: groups[0].partitions[1].url: \"ftp://x\" must start with http://"
+        );
+        let e = err(&GOOD.replace("sqlite://j.db", "mysql://x"));
+        assert_eq!(
+            e,
+            "regroup.toml: journal: \"mysql://x\" is not a sqlite:// or postgres:// URL"
+        );
+        let e = err(&GOOD.replace("name = \"bank\"", "name = \"bank\"\nheartbeat_retries = 0"));
+        assert_eq!(e, "regroup.toml: groups[0].heartbeat_retries: must be at least 1");
+    }
+}

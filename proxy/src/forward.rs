@@ -1,0 +1,182 @@
+//! Forwarding: the pooled upstream client and the header rules of a correct reverse proxy.
+//!
+//! hyper does not strip hop-by-hop headers, so this module drops `Connection` and every
+//! header it names, `Keep-Alive`, `Proxy-*`, `TE`, `Trailer`, `Transfer-Encoding` and
+//! `Upgrade`, in both directions, and adds `Forwarded` and `X-Forwarded-*` on the way in.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Request, Response, Uri};
+use http_body_util::combinators::UnsyncBoxBody;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+
+/// A boxed error, as tower and hyper exchange them.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// The body type the proxy sends and returns.
+pub type ProxyBody = UnsyncBoxBody<Bytes, BoxError>;
+
+/// The pooled HTTP/1 client used for every partition.
+pub type Upstream = Client<HttpConnector, ProxyBody>;
+
+/// A body holding `bytes`.
+pub fn full(bytes: impl Into<Bytes>) -> ProxyBody {
+    Full::new(bytes.into()).map_err(|never| match never {}).boxed_unsync()
+}
+
+/// Boxes a streaming body from hyper.
+pub fn stream(body: Incoming) -> ProxyBody {
+    body.map_err(BoxError::from).boxed_unsync()
+}
+
+/// A client with a keep-alive pool sized for a proxy.
+pub fn upstream_client() -> Upstream {
+    let mut connector = HttpConnector::new();
+    connector.set_nodelay(true);
+    connector.set_connect_timeout(Some(Duration::from_secs(2)));
+    Client::builder(TokioExecutor::new())
+        .pool_idle_timeout(Duration::from_secs(30))
+        .pool_max_idle_per_host(256)
+        .build(connector)
+}
+
+const HOP_BY_HOP: [&str; 9] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+];
+
+/// Removes hop-by-hop headers, including every header named by `Connection`.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+        .collect();
+    for name in named {
+        headers.remove(name);
+    }
+    for name in HOP_BY_HOP {
+        headers.remove(name);
+    }
+}
+
+/// Removes the replay headers a client might send: only regroup sets them.
+pub fn strip_replay_headers(headers: &mut HeaderMap) {
+    for name in regroup_replay::headers::ALL {
+        headers.remove(name);
+    }
+}
+
+/// Adds `Forwarded`, `X-Forwarded-For`, `X-Forwarded-Proto` and `X-Forwarded-Host` for
+/// a request received from `client`.
+pub fn add_forwarded(headers: &mut HeaderMap, client: Option<SocketAddr>) {
+    let Some(client) = client else { return };
+    let ip = client.ip();
+    let host = headers
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .map(str::to_owned);
+    let xff = match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
+        Some(prev) => format!("{prev}, {ip}"),
+        None => ip.to_string(),
+    };
+    if let Ok(v) = HeaderValue::from_str(&xff) {
+        headers.insert("x-forwarded-for", v);
+    }
+    let node = if ip.is_ipv6() {
+        format!("\"[{ip}]\"")
+    } else {
+        ip.to_string()
+    };
+    let mut fwd = format!("for={node};proto=http");
+    if let Some(h) = &host {
+        fwd.push_str(&format!(";host=\"{h}\""));
+    }
+    if let Ok(v) = HeaderValue::from_str(&fwd) {
+        headers.append(header::FORWARDED, v);
+    }
+    headers.insert("x-forwarded-proto", HeaderValue::from_static("http"));
+    if let Some(v) = host.and_then(|h| HeaderValue::from_str(&h).ok()) {
+        headers.insert("x-forwarded-host", v);
+    }
+}
+
+/// The URI of `path_and_query` on the partition at `base`.
+pub fn upstream_uri(base: &Uri, path_and_query: &str) -> Result<Uri, http::Error> {
+    let mut parts = base.clone().into_parts();
+    parts.path_and_query = Some(path_and_query.parse()?);
+    Ok(Uri::from_parts(parts)?)
+}
+
+/// Prepares an upstream response for the client: hop-by-hop headers dropped.
+pub fn client_response(resp: Response<Incoming>) -> Response<ProxyBody> {
+    let (mut parts, body) = resp.into_parts();
+    strip_hop_by_hop(&mut parts.headers);
+    Response::from_parts(parts, stream(body))
+}
+
+/// Prepares a client request for a partition: hop-by-hop and replay headers dropped,
+/// forwarded headers added. The URI is left for the chosen partition to complete.
+pub fn prepare_request<B>(req: Request<B>, client: Option<SocketAddr>) -> Request<B> {
+    let (mut parts, body) = req.into_parts();
+    strip_hop_by_hop(&mut parts.headers);
+    strip_replay_headers(&mut parts.headers);
+    add_forwarded(&mut parts.headers, client);
+    parts.version = http::Version::HTTP_11;
+    Request::from_parts(parts, body)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hop_by_hop_and_named_headers_are_dropped() {
+        let mut h = HeaderMap::new();
+        h.insert("connection", HeaderValue::from_static("close, x-secret"));
+        h.insert("x-secret", HeaderValue::from_static("1"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert("transfer-encoding", HeaderValue::from_static("chunked"));
+        h.insert("upgrade", HeaderValue::from_static("websocket"));
+        h.insert("content-type", HeaderValue::from_static("text/plain"));
+        h.insert("regroup-seq", HeaderValue::from_static("99"));
+        strip_hop_by_hop(&mut h);
+        strip_replay_headers(&mut h);
+        let left: Vec<_> = h.keys().map(|k| k.as_str()).collect();
+        assert_eq!(left, ["content-type"]);
+    }
+
+    #[test]
+    fn forwarded_headers_extend_the_chain() {
+        let mut h = HeaderMap::new();
+        h.insert("host", HeaderValue::from_static("bank.example"));
+        h.insert("x-forwarded-for", HeaderValue::from_static("10.0.0.1"));
+        add_forwarded(&mut h, Some(SocketAddr::from(([127, 0, 0, 2], 5000))));
+        assert_eq!(h["x-forwarded-for"], "10.0.0.1, 127.0.0.2");
+        assert_eq!(h["forwarded"], "for=127.0.0.2;proto=http;host=\"bank.example\"");
+        assert_eq!(h["x-forwarded-host"], "bank.example");
+    }
+
+    #[test]
+    fn upstream_uri_keeps_path_and_query() {
+        let base: Uri = "http://127.0.0.1:9001".parse().expect("uri");
+        let u = upstream_uri(&base, "/a/b?c=1&d").expect("uri");
+        assert_eq!(u.to_string(), "http://127.0.0.1:9001/a/b?c=1&d");
+    }
+}

@@ -1,0 +1,160 @@
+//! A partition: one application instance with its own copy of the database, as the group
+//! tracks it (health, replay progress, divergence, status history).
+
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use http::Uri;
+use time::OffsetDateTime;
+
+use crate::status::PartitionStatus;
+
+/// What supervision last learned about a partition.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Health {
+    /// Answered its last heartbeat.
+    Up,
+    /// Missed `n` consecutive heartbeats.
+    Missed(u32),
+}
+
+#[derive(Debug)]
+struct State {
+    health: Health,
+    diverged: Option<String>,
+    status: PartitionStatus,
+    since: OffsetDateTime,
+    reason: String,
+}
+
+/// One partition of a group.
+#[derive(Debug)]
+pub struct Partition {
+    name: String,
+    url: String,
+    base: Uri,
+    priority: i32,
+    applied: AtomicU64,
+    state: Mutex<State>,
+}
+
+/// A point-in-time view of a partition, for status and decisions.
+#[derive(Debug, Clone)]
+pub struct PartitionView {
+    /// Name.
+    pub name: String,
+    /// Base URL.
+    pub url: String,
+    /// Derived status.
+    pub status: PartitionStatus,
+    /// When the status last changed.
+    pub since: OffsetDateTime,
+    /// Why it changed.
+    pub reason: String,
+    /// Highest seq applied.
+    pub applied: u64,
+}
+
+impl Partition {
+    pub(crate) fn new(name: &str, url: &str, base: Uri, priority: i32, applied: u64) -> Self {
+        Partition {
+            name: name.to_owned(),
+            url: url.to_owned(),
+            base,
+            priority,
+            applied: AtomicU64::new(applied),
+            state: Mutex::new(State {
+                // Not yet checked: treated as one missed heartbeat (no reads) until the
+                // first heartbeat answers.
+                health: Health::Missed(1),
+                diverged: None,
+                status: PartitionStatus::Suspect,
+                since: OffsetDateTime::now_utc(),
+                reason: "not yet checked".to_owned(),
+            }),
+        }
+    }
+
+    /// The partition's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Its base URI.
+    pub fn base(&self) -> &Uri {
+        &self.base
+    }
+
+    /// Failover preference.
+    pub fn priority(&self) -> i32 {
+        self.priority
+    }
+
+    /// Highest seq applied.
+    pub fn applied(&self) -> u64 {
+        self.applied.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn set_applied(&self, seq: u64) {
+        self.applied.fetch_max(seq, Ordering::AcqRel);
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub(crate) fn health(&self) -> Health {
+        self.lock().health
+    }
+
+    /// Records a heartbeat (or proxied request) outcome; returns the new health.
+    pub(crate) fn set_health(&self, health: Health) {
+        self.lock().health = health;
+    }
+
+    pub(crate) fn set_diverged(&self, reason: &str) {
+        self.lock().diverged = Some(reason.to_owned());
+    }
+
+    pub(crate) fn diverged(&self) -> Option<String> {
+        self.lock().diverged.clone()
+    }
+
+    /// Stores a newly derived status; logs and returns true when it changed.
+    pub(crate) fn update_status(
+        &self,
+        group: &str,
+        status: PartitionStatus,
+        reason: impl FnOnce() -> String,
+    ) -> bool {
+        let mut s = self.lock();
+        if s.status == status {
+            return false;
+        }
+        let reason = reason();
+        tracing::info!(group, partition = %self.name, from = %s.status, to = %status,
+            %reason, "partition status changed");
+        s.status = status;
+        s.since = OffsetDateTime::now_utc();
+        s.reason = reason;
+        true
+    }
+
+    /// The current status.
+    pub fn status(&self) -> PartitionStatus {
+        self.lock().status
+    }
+
+    /// A snapshot for `/status`.
+    pub fn view(&self) -> PartitionView {
+        let s = self.lock();
+        PartitionView {
+            name: self.name.clone(),
+            url: self.url.clone(),
+            status: s.status,
+            since: s.since,
+            reason: s.reason.clone(),
+            applied: self.applied(),
+        }
+    }
+}

@@ -1,0 +1,197 @@
+//! The read path: requests balanced over the partitions that are available and within the
+//! allowed lag, with tower's power-of-two-choices balancer over peak-EWMA latency.
+//!
+//! tower's `Balance` never evicts an endpoint by itself and waits forever with none, so
+//! [`membership`] inserts and removes endpoints as statuses change, and every read waits
+//! at most `read_wait_ms` for an eligible partition before a 503.
+
+use std::collections::HashSet;
+use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use futures_util::Stream;
+use http::{Request, Response};
+use hyper::body::Incoming;
+use tokio::sync::{Mutex, mpsc};
+use tower::balance::p2c::Balance;
+use tower::discover::Change;
+use tower::load::{CompleteOnResponse, PeakEwma};
+use tower::{Service, ServiceExt};
+
+use crate::error::ProxyError;
+use crate::forward::{BoxError, ProxyBody, Upstream, upstream_uri};
+use crate::group::Group;
+use crate::partition::{Health, Partition};
+use crate::status::PartitionStatus;
+use crate::update::error_chain;
+
+type Endpoint = PeakEwma<ReadEndpoint, CompleteOnResponse>;
+type Changes = Pin<Box<dyn Stream<Item = Result<Change<usize, Endpoint>, Infallible>> + Send>>;
+
+/// The group's read balancer.
+pub(crate) struct Reads {
+    balance: Mutex<Balance<Changes, Request<ProxyBody>>>,
+}
+
+impl std::fmt::Debug for Reads {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Reads").finish_non_exhaustive()
+    }
+}
+
+/// A read failed at a partition.
+#[derive(Debug, thiserror::Error)]
+#[error("partition {partition}: {reason}")]
+struct EndpointError {
+    partition: String,
+    reason: String,
+}
+
+/// Forwards a prepared read to one partition.
+#[derive(Clone)]
+struct ReadEndpoint {
+    client: Upstream,
+    partition: Arc<Partition>,
+}
+
+impl Service<Request<ProxyBody>> for ReadEndpoint {
+    type Response = Response<Incoming>;
+    type Error = EndpointError;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, mut req: Request<ProxyBody>) -> Self::Future {
+        let partition = self.partition.clone();
+        let pq = req
+            .uri()
+            .path_and_query()
+            .map_or("/", |pq| pq.as_str())
+            .to_owned();
+        let uri = upstream_uri(partition.base(), &pq);
+        let client = self.client.clone();
+        Box::pin(async move {
+            *req.uri_mut() = uri.map_err(|e| EndpointError {
+                partition: partition.name().to_owned(),
+                reason: e.to_string(),
+            })?;
+            client.request(req).await.map_err(|e| {
+                if e.is_connect() {
+                    // A proxied request that cannot connect counts as a missed heartbeat.
+                    let missed = match partition.health() {
+                        Health::Up => 1,
+                        Health::Missed(n) => n.saturating_add(1),
+                    };
+                    partition.set_health(Health::Missed(missed));
+                }
+                EndpointError {
+                    partition: partition.name().to_owned(),
+                    reason: error_chain(&e),
+                }
+            })
+        })
+    }
+}
+
+impl Reads {
+    /// Starts the balancer and the task that keeps its endpoints in step with statuses.
+    pub(crate) fn start(group: &Arc<Group>) -> Reads {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let changes: Changes = Box::pin(futures_util::stream::unfold(rx, |mut rx| async move {
+            rx.recv().await.map(|c| (Ok(c), rx))
+        }));
+        tokio::spawn(membership(group.clone(), tx));
+        Reads {
+            balance: Mutex::new(Balance::new(changes)),
+        }
+    }
+
+    /// Sends a prepared read to the least loaded of two random eligible partitions.
+    pub(crate) async fn call(
+        &self,
+        group: &Group,
+        req: Request<ProxyBody>,
+    ) -> Result<Response<Incoming>, ProxyError> {
+        let wait = group.config.read_wait();
+        let fut = tokio::time::timeout(wait, async {
+            let mut balance = self.balance.lock().await;
+            balance.ready().await?;
+            Ok::<_, BoxError>(balance.call(req))
+        })
+        .await;
+        let fut = match fut {
+            Ok(Ok(fut)) => fut,
+            Ok(Err(e)) => {
+                return Err(ProxyError::NoPartition {
+                    group: group.name().to_owned(),
+                    reason: e.to_string(),
+                });
+            }
+            Err(_) => {
+                return Err(ProxyError::NoPartition {
+                    group: group.name().to_owned(),
+                    reason: format!("none available within {} ms", wait.as_millis()),
+                });
+            }
+        };
+        fut.await.map_err(|e| match e.downcast::<EndpointError>() {
+            Ok(e) => ProxyError::Upstream {
+                group: group.name().to_owned(),
+                partition: e.partition,
+                reason: e.reason,
+            },
+            Err(e) => ProxyError::Upstream {
+                group: group.name().to_owned(),
+                partition: "?".into(),
+                reason: e.to_string(),
+            },
+        })
+    }
+}
+
+/// Keeps the balancer's endpoints equal to the set of available partitions.
+async fn membership(group: Arc<Group>, tx: mpsc::UnboundedSender<Change<usize, Endpoint>>) {
+    let mut current: HashSet<usize> = HashSet::new();
+    let mut stop = group.stop.subscribe();
+    loop {
+        let notified = group.changed.notified();
+        let eligible: HashSet<usize> = group
+            .partitions
+            .iter()
+            .enumerate()
+            .filter(|(_, p)| p.status() == PartitionStatus::Available)
+            .map(|(i, _)| i)
+            .collect();
+        for &i in current.difference(&eligible) {
+            if tx.send(Change::Remove(i)).is_err() {
+                return;
+            }
+        }
+        for &i in eligible.difference(&current) {
+            let endpoint = ReadEndpoint {
+                client: group.client.clone(),
+                partition: group.partitions[i].clone(),
+            };
+            let svc = PeakEwma::new(
+                endpoint,
+                Duration::from_millis(1),
+                Duration::from_secs(10).as_nanos() as f64,
+                CompleteOnResponse::default(),
+            );
+            if tx.send(Change::Insert(i, svc)).is_err() {
+                return;
+            }
+        }
+        current = eligible;
+        tokio::select! {
+            _ = notified => {}
+            _ = stop.changed() => return,
+        }
+    }
+}

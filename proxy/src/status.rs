@@ -1,0 +1,43 @@
+//! Partition status: what the group knows about each partition, as shown in `/status`.
+
+use serde::Serialize;
+
+/// A partition's status, derived from supervision, replay progress and divergence.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PartitionStatus {
+    /// Answering heartbeats and within the allowed lag: takes reads (and updates, when
+    /// primary).
+    Available,
+    /// Answering heartbeats but behind the journal by more than the allowed lag:
+    /// replaying, takes no reads.
+    CatchingUp,
+    /// Missed at least one heartbeat (or a proxied request failed to connect), fewer than
+    /// the configured retries: takes no reads.
+    Suspect,
+    /// Missed `heartbeat_retries` consecutive heartbeats: takes no traffic; its replayer
+    /// keeps retrying and it resumes from its checkpoint when it answers again.
+    Unavailable,
+    /// Answered a replay differently from the primary: quarantined, takes no traffic,
+    /// replays stop until it is rebuilt.
+    Diverged,
+}
+
+impl PartitionStatus {
+    /// The name used in `/status`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PartitionStatus::Available => "available",
+            PartitionStatus::CatchingUp => "catching_up",
+            PartitionStatus::Suspect => "suspect",
+            PartitionStatus::Unavailable => "unavailable",
+            PartitionStatus::Diverged => "diverged",
+        }
+    }
+}
+
+impl std::fmt::Display for PartitionStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}

@@ -1,0 +1,67 @@
+//! Supervision: the patent's periodic messages, time-outs and retry counts. Every
+//! `heartbeat_interval_ms` each partition gets `GET <health_path>`; no 2xx within
+//! `heartbeat_timeout_ms` is a miss. One miss makes it `suspect`, `heartbeat_retries`
+//! consecutive misses `unavailable`; one answer makes it healthy again.
+
+use std::sync::Arc;
+
+use http::Request;
+use tokio::time::MissedTickBehavior;
+
+use crate::forward::{full, upstream_uri};
+use crate::group::Group;
+use crate::partition::{Health, Partition};
+
+/// Starts one heartbeat task per partition of `group`.
+pub(crate) fn start(group: &Arc<Group>) {
+    for p in &group.partitions {
+        tokio::spawn(heartbeat(group.clone(), p.clone()));
+    }
+}
+
+/// Checks every partition once, concurrently; used before the proxy opens so the first
+/// reads find the healthy partitions.
+pub(crate) async fn check_all(group: &Arc<Group>) {
+    let checks = group.partitions.iter().map(|p| beat(group, p));
+    futures_util::future::join_all(checks).await;
+    group.refresh_all();
+}
+
+async fn heartbeat(group: Arc<Group>, partition: Arc<Partition>) {
+    let mut tick = tokio::time::interval(group.config.heartbeat_interval());
+    tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let mut stop = group.stop.subscribe();
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stop.changed() => return,
+        }
+        beat(&group, &partition).await;
+        group.refresh(&partition);
+    }
+}
+
+async fn beat(group: &Group, partition: &Partition) {
+    let ok = match upstream_uri(partition.base(), &group.config.health_path) {
+        Ok(uri) => {
+            let req = Request::get(uri).body(full(bytes::Bytes::new()));
+            match req {
+                Ok(req) => matches!(
+                    tokio::time::timeout(group.config.heartbeat_timeout(), group.client.request(req)).await,
+                    Ok(Ok(resp)) if resp.status().is_success()
+                ),
+                Err(_) => false,
+            }
+        }
+        Err(_) => false,
+    };
+    let health = if ok {
+        Health::Up
+    } else {
+        match partition.health() {
+            Health::Up => Health::Missed(1),
+            Health::Missed(n) => Health::Missed(n.saturating_add(1)),
+        }
+    };
+    partition.set_health(health);
+}

@@ -1,1 +1,237 @@
-fn main(){}
+//! The `regroup` command: `serve`, `check`, `status`, `resolve` and `demo`.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Context, bail};
+use clap::{Parser, Subcommand, ValueEnum};
+use regroup::client::HttpClient;
+use regroup_proxy::admin::StatusDoc;
+use regroup_proxy::{Config, server};
+
+#[allow(dead_code, unreachable_pub, missing_docs)]
+#[path = "../examples/bank.rs"]
+mod bank;
+mod demo;
+
+#[derive(Parser)]
+#[command(name = "regroup", version, about = "Transaction-level replication for a redundancy group of application instances")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the proxy.
+    Serve {
+        /// The TOML config file.
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Validate a config file (and that its journal is reachable) without serving.
+    Check {
+        /// The TOML config file.
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Print every group's status as a table.
+    Status {
+        /// The admin URL, e.g. http://127.0.0.1:8081.
+        #[arg(long, default_value = "http://127.0.0.1:8081")]
+        admin: String,
+        /// Print the raw JSON instead.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Settle an in-doubt update: it was `executed` by the primary, or `skipped`.
+    Resolve {
+        /// The admin URL.
+        #[arg(long, default_value = "http://127.0.0.1:8081")]
+        admin: String,
+        /// The group.
+        #[arg(long)]
+        group: String,
+        /// The in-doubt record.
+        #[arg(long)]
+        seq: u64,
+        /// What happened to it.
+        outcome: Outcome,
+        /// Admin bearer token (default: $REGROUP_ADMIN_TOKEN).
+        #[arg(long, env = "REGROUP_ADMIN_TOKEN", hide_env_values = true)]
+        token: Option<String>,
+    },
+    /// Run a redundancy group of three bank partitions behind the proxy, on SQLite files
+    /// in a fresh directory.
+    Demo(demo::DemoArgs),
+    /// Run the example bank application (used by `demo` and the tests).
+    #[command(hide = true)]
+    Bank {
+        /// Address to listen on.
+        #[arg(long, default_value = "127.0.0.1:9001")]
+        listen: String,
+        /// Database URL.
+        #[arg(long, default_value = "sqlite://bank.db")]
+        db: String,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Outcome {
+    Executed,
+    Skipped,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,sea_orm_migration=warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Serve { config } => {
+            let config = Config::load(&config)?;
+            server::serve(config, shutdown_signal(), |b| {
+                println!(
+                    "regroup listening on http://{} (admin http://{})",
+                    b.listen, b.admin
+                );
+            })
+            .await?;
+            Ok(())
+        }
+        Command::Check { config: path } => {
+            let config = Config::load(&path)?;
+            regroup_replay::SqlJournal::probe(&config.journal)
+                .await
+                .with_context(|| {
+                    format!(
+                        "{}: journal {}",
+                        path.display(),
+                        server::redact(&config.journal)
+                    )
+                })?;
+            let partitions: usize = config.groups.iter().map(|g| g.partitions.len()).sum();
+            println!(
+                "{}: ok ({} group(s), {partitions} partition(s), journal {})",
+                path.display(),
+                config.groups.len(),
+                server::redact(&config.journal)
+            );
+            Ok(())
+        }
+        Command::Status { admin, json } => {
+            let url = format!("{}/status", admin.trim_end_matches('/'));
+            let answer = HttpClient::new().get(&url).await?;
+            if answer.status != 200 {
+                bail!("{url} answered {}: {}", answer.status, String::from_utf8_lossy(&answer.body));
+            }
+            if json {
+                println!("{}", String::from_utf8_lossy(&answer.body));
+            } else {
+                print!("{}", status_table(&answer.json()?));
+            }
+            Ok(())
+        }
+        Command::Resolve {
+            admin,
+            group,
+            seq,
+            outcome,
+            token,
+        } => {
+            let url = format!("{}/groups/{group}/resolve", admin.trim_end_matches('/'));
+            let outcome = match outcome {
+                Outcome::Executed => "executed",
+                Outcome::Skipped => "skipped",
+            };
+            let body = serde_json::json!({"seq": seq, "outcome": outcome});
+            let answer = HttpClient::new()
+                .send("POST", &url, Some(&body), token.as_deref())
+                .await?;
+            if answer.status != 200 {
+                let v: serde_json::Value = answer.json().unwrap_or_default();
+                bail!(
+                    "resolve refused ({}): {}",
+                    answer.status,
+                    v["message"].as_str().unwrap_or("no message")
+                );
+            }
+            println!("group {group}: record {seq} resolved as {outcome}");
+            Ok(())
+        }
+        Command::Demo(args) => demo::run(args).await,
+        Command::Bank { listen, db } => bank::serve(&listen, &db).await,
+    }
+}
+
+/// Completes on Ctrl-C or SIGTERM.
+pub(crate) async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {}
+        _ = term => {}
+    }
+}
+
+fn status_table(doc: &StatusDoc) -> String {
+    let mut out = String::new();
+    for g in &doc.groups {
+        out.push_str(&format!(
+            "group {}  primary {}  epoch {}  head {}  sealed {}",
+            g.name, g.primary, g.epoch, g.head, g.sealed
+        ));
+        if !g.in_doubt.is_empty() {
+            out.push_str(&format!("  IN DOUBT {:?}", g.in_doubt));
+        }
+        out.push('\n');
+        out.push_str(&format!(
+            "  {:<12} {:<28} {:<12} {:>8}  {}\n",
+            "PARTITION", "URL", "STATUS", "APPLIED", "SINCE / REASON"
+        ));
+        for p in &g.partitions {
+            let role = if p.name == g.primary { "*" } else { " " };
+            out.push_str(&format!(
+                "{role} {:<12} {:<28} {:<12} {:>8}  {} {}\n",
+                p.name, p.url, p.status, p.applied, p.since, p.reason
+            ));
+        }
+    }
+    out
+}

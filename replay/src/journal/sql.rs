@@ -40,6 +40,42 @@ impl SqlJournal {
         Ok(SqlJournal { db })
     }
 
+    /// Checks that `url` can hold a journal without changing anything: a SQLite file's
+    /// directory must exist (and the file, if present, must open); a PostgreSQL server
+    /// must accept the connection.
+    pub async fn probe(url: &str) -> Result<(), JournalError> {
+        if let Some(rest) = url.strip_prefix("sqlite:") {
+            let path = rest.trim_start_matches("//");
+            let path = path.split('?').next().unwrap_or(path);
+            if path.is_empty() || path == ":memory:" {
+                return Ok(());
+            }
+            let path = std::path::Path::new(path);
+            let dir = match path.parent() {
+                Some(d) if !d.as_os_str().is_empty() => d,
+                _ => std::path::Path::new("."),
+            };
+            if !dir.is_dir() {
+                return Err(JournalError::Database(format!(
+                    "directory {} does not exist",
+                    dir.display()
+                )));
+            }
+            if !path.exists() {
+                return Ok(());
+            }
+        }
+        let mut opts = ConnectOptions::new(url.to_owned());
+        opts.sqlx_logging(false)
+            .connect_timeout(Duration::from_secs(5))
+            .acquire_timeout(Duration::from_secs(5))
+            .max_connections(1);
+        let db = Database::connect(opts).await?;
+        db.ping().await?;
+        db.close().await?;
+        Ok(())
+    }
+
     /// The underlying connection.
     pub fn connection(&self) -> &DatabaseConnection {
         &self.db

@@ -131,7 +131,16 @@ async fn run_group(args: &DemoArgs, dir: &Path, partitions: &[Partition]) -> any
     println!();
 
     let outcome = match args.workload {
-        Some(n) => workload(&proxy_url, &admin_url, partitions, n, args.concurrency.max(1)).await,
+        Some(n) => {
+            workload(
+                &proxy_url,
+                &admin_url,
+                partitions,
+                n,
+                args.concurrency.max(1),
+            )
+            .await
+        }
         None => {
             println!("Press Ctrl-C to stop.");
             crate::shutdown_signal().await;
@@ -224,10 +233,18 @@ async fn workload(
             )
             .await?;
         if a.status != 201 {
-            bail!("creating an account answered {}: {}", a.status, String::from_utf8_lossy(&a.body));
+            bail!(
+                "creating an account answered {}: {}",
+                a.status,
+                String::from_utf8_lossy(&a.body)
+            );
         }
         let v: serde_json::Value = a.json()?;
-        ids.push(v["id"].as_i64().ok_or_else(|| anyhow!("account without id: {v}"))?);
+        ids.push(
+            v["id"]
+                .as_i64()
+                .ok_or_else(|| anyhow!("account without id: {v}"))?,
+        );
     }
     println!("driving {n} transfers through the proxy with {concurrency} concurrent clients");
     let next = Arc::new(AtomicU64::new(0));
@@ -251,17 +268,24 @@ async fn workload(
                     let from = ids[rng.random_range(0..ids.len())];
                     let mut to = ids[rng.random_range(0..ids.len())];
                     if to == from {
-                        to = ids[(ids.iter().position(|&i| i == from).unwrap_or(0) + 1) % ids.len()];
+                        to =
+                            ids[(ids.iter().position(|&i| i == from).unwrap_or(0) + 1) % ids.len()];
                     }
                     (from, to, rng.random_range(1..=4000))
                 };
                 let a = http
-                    .post(&url, &serde_json::json!({"from": from, "to": to, "amount": amount}))
+                    .post(
+                        &url,
+                        &serde_json::json!({"from": from, "to": to, "amount": amount}),
+                    )
                     .await?;
                 match a.status {
                     201 => ok.fetch_add(1, Ordering::Relaxed),
                     409 => refused.fetch_add(1, Ordering::Relaxed),
-                    s => bail!("transfer answered {s}: {}", String::from_utf8_lossy(&a.body)),
+                    s => bail!(
+                        "transfer answered {s}: {}",
+                        String::from_utf8_lossy(&a.body)
+                    ),
                 };
             }
             Ok::<_, anyhow::Error>(())
@@ -298,7 +322,10 @@ async fn workload(
             break;
         }
         if Instant::now() > deadline {
-            bail!("partitions did not catch up within 60 s: {}", lagging.join(", "));
+            bail!(
+                "partitions did not catch up within 60 s: {}",
+                lagging.join(", ")
+            );
         }
         println!("waiting for replicas: {}", lagging.join(", "));
         tokio::time::sleep(Duration::from_millis(250)).await;

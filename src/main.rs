@@ -15,7 +15,11 @@ mod bank;
 mod demo;
 
 #[derive(Parser)]
-#[command(name = "regroup", version, about = "Transaction-level replication for a redundancy group of application instances")]
+#[command(
+    name = "regroup",
+    version,
+    about = "Transaction-level replication for a redundancy group of application instances"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -86,8 +90,9 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,sea_orm_migration=warn")),
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+                tracing_subscriber::EnvFilter::new("info,sea_orm_migration=warn")
+            }),
         )
         .with_writer(std::io::stderr)
         .init();
@@ -147,7 +152,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let url = format!("{}/status", admin.trim_end_matches('/'));
             let answer = HttpClient::new().get(&url).await?;
             if answer.status != 200 {
-                bail!("{url} answered {}: {}", answer.status, String::from_utf8_lossy(&answer.body));
+                bail!(
+                    "{url} answered {}: {}",
+                    answer.status,
+                    String::from_utf8_lossy(&answer.body)
+                );
             }
             if json {
                 println!("{}", String::from_utf8_lossy(&answer.body));

@@ -74,7 +74,12 @@ impl MigrationTrait for Migration {
                 Table::create()
                     .table(Group::Table)
                     .if_not_exists()
-                    .col(ColumnDef::new(Group::Name).string().not_null().primary_key())
+                    .col(
+                        ColumnDef::new(Group::Name)
+                            .string()
+                            .not_null()
+                            .primary_key(),
+                    )
                     .col(ColumnDef::new(Group::Epoch).big_integer().not_null())
                     .col(ColumnDef::new(Group::PrimaryName).string().null())
                     .to_owned(),

@@ -147,7 +147,9 @@ impl Admin {
         let path = req.uri().path().to_owned();
         let segments: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
         match (req.method(), segments.as_slice()) {
-            (&Method::GET, ["health"]) => Ok(json(StatusCode::OK, &serde_json::json!({"status": "ok"}))),
+            (&Method::GET, ["health"]) => {
+                Ok(json(StatusCode::OK, &serde_json::json!({"status": "ok"})))
+            }
             (&Method::GET, ["status"]) => Ok(json(StatusCode::OK, &self.status())),
             (&Method::POST, ["groups", group, "resolve"]) => {
                 self.authorize(&req)?;

@@ -265,7 +265,10 @@ impl Config {
             message,
         };
         if self.groups.is_empty() {
-            return Err(invalid("groups".into(), "at least one group is required".into()));
+            return Err(invalid(
+                "groups".into(),
+                "at least one group is required".into(),
+            ));
         }
         if !(self.journal.starts_with("sqlite:")
             || self.journal.starts_with("postgres://")
@@ -273,10 +276,7 @@ impl Config {
         {
             return Err(invalid(
                 "journal".into(),
-                format!(
-                    "{:?} is not a sqlite:// or postgres:// URL",
-                    self.journal
-                ),
+                format!("{:?} is not a sqlite:// or postgres:// URL", self.journal),
             ));
         }
         let mut group_names = HashSet::new();
@@ -287,7 +287,10 @@ impl Config {
                 return Err(invalid(key("name"), "must not be empty".into()));
             }
             if !group_names.insert(g.name.as_str()) {
-                return Err(invalid(key("name"), format!("duplicate group name {:?}", g.name)));
+                return Err(invalid(
+                    key("name"),
+                    format!("duplicate group name {:?}", g.name),
+                ));
             }
             if !g.path_prefix.starts_with('/') {
                 return Err(invalid(key("path_prefix"), "must start with '/'".into()));
@@ -313,10 +316,16 @@ impl Config {
                 }
             }
             if g.heartbeat_retries == 0 {
-                return Err(invalid(key("heartbeat_retries"), "must be at least 1".into()));
+                return Err(invalid(
+                    key("heartbeat_retries"),
+                    "must be at least 1".into(),
+                ));
             }
             if g.max_body_bytes == 0 {
-                return Err(invalid(key("max_body_bytes"), "must be greater than 0".into()));
+                return Err(invalid(
+                    key("max_body_bytes"),
+                    "must be greater than 0".into(),
+                ));
             }
             for (ri, r) in g.routes.iter().enumerate() {
                 if let Some(m) = &r.method {
@@ -335,7 +344,10 @@ impl Config {
                 }
             }
             if g.partitions.is_empty() {
-                return Err(invalid(key("partitions"), "at least one partition is required".into()));
+                return Err(invalid(
+                    key("partitions"),
+                    "at least one partition is required".into(),
+                ));
             }
             let mut names = HashSet::new();
             for (pi, p) in g.partitions.iter().enumerate() {
@@ -346,7 +358,10 @@ impl Config {
                 if !names.insert(p.name.as_str()) {
                     return Err(invalid(
                         pkey("name"),
-                        format!("duplicate partition name {:?} in group {:?}", p.name, g.name),
+                        format!(
+                            "duplicate partition name {:?} in group {:?}",
+                            p.name, g.name
+                        ),
                     ));
                 }
                 base_uri(&p.url).map_err(|m| invalid(pkey("url"), m))?;
@@ -443,7 +458,10 @@ url = "http://127.0.0.1:9002"
     fn unknown_key_is_named_with_line_and_column() {
         let text = GOOD.replace("name = \"bank\"", "name = \"bank\"\nhearbeat_retries = 3");
         let e = err(&text);
-        assert!(e.starts_with("regroup.toml:7:1: unknown field `hearbeat_retries`"), "{e}");
+        assert!(
+            e.starts_with("regroup.toml:7:1: unknown field `hearbeat_retries`"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -474,6 +492,9 @@ url = "http://127.0.0.1:9002"
             "regroup.toml: journal: \"mysql://x\" is not a sqlite:// or postgres:// URL"
         );
         let e = err(&GOOD.replace("name = \"bank\"", "name = \"bank\"\nheartbeat_retries = 0"));
-        assert_eq!(e, "regroup.toml: groups[0].heartbeat_retries: must be at least 1");
+        assert_eq!(
+            e,
+            "regroup.toml: groups[0].heartbeat_retries: must be at least 1"
+        );
     }
 }

@@ -28,7 +28,9 @@ pub type Upstream = Client<HttpConnector, ProxyBody>;
 
 /// A body holding `bytes`.
 pub fn full(bytes: impl Into<Bytes>) -> ProxyBody {
-    Full::new(bytes.into()).map_err(|never| match never {}).boxed_unsync()
+    Full::new(bytes.into())
+        .map_err(|never| match never {})
+        .boxed_unsync()
 }
 
 /// Boxes a streaming body from hyper.
@@ -169,7 +171,10 @@ mod tests {
         h.insert("x-forwarded-for", HeaderValue::from_static("10.0.0.1"));
         add_forwarded(&mut h, Some(SocketAddr::from(([127, 0, 0, 2], 5000))));
         assert_eq!(h["x-forwarded-for"], "10.0.0.1, 127.0.0.2");
-        assert_eq!(h["forwarded"], "for=127.0.0.2;proto=http;host=\"bank.example\"");
+        assert_eq!(
+            h["forwarded"],
+            "for=127.0.0.2;proto=http;host=\"bank.example\""
+        );
         assert_eq!(h["x-forwarded-host"], "bank.example");
     }
 

@@ -203,39 +203,38 @@ impl Group {
     fn derive_status(&self, p: &Partition) -> bool {
         let retries = self.config.heartbeat_retries;
         let sealed = *self.sealed.borrow();
-        let (status, reason): (PartitionStatus, Box<dyn FnOnce() -> String>) =
-            if let Some(why) = p.diverged() {
-                (PartitionStatus::Diverged, Box::new(move || why))
-            } else {
-                match p.health() {
-                    Health::Missed(n) if n >= retries => (
-                        PartitionStatus::Unavailable,
-                        Box::new(move || format!("{n} consecutive heartbeats missed")),
-                    ),
-                    Health::Missed(n) => (
-                        PartitionStatus::Suspect,
-                        Box::new(move || format!("{n} heartbeat(s) missed")),
-                    ),
-                    Health::Up => {
-                        let applied = p.applied();
-                        if !self.is_primary(p)
-                            && applied.saturating_add(self.config.max_read_lag) < sealed
-                        {
-                            (
-                                PartitionStatus::CatchingUp,
-                                Box::new(move || {
-                                    format!("applied {applied} of {sealed}: replaying")
-                                }),
-                            )
-                        } else {
-                            (
-                                PartitionStatus::Available,
-                                Box::new(move || format!("answering, applied {applied}")),
-                            )
-                        }
+        let (status, reason): (PartitionStatus, Box<dyn FnOnce() -> String>) = if let Some(why) =
+            p.diverged()
+        {
+            (PartitionStatus::Diverged, Box::new(move || why))
+        } else {
+            match p.health() {
+                Health::Missed(n) if n >= retries => (
+                    PartitionStatus::Unavailable,
+                    Box::new(move || format!("{n} consecutive heartbeats missed")),
+                ),
+                Health::Missed(n) => (
+                    PartitionStatus::Suspect,
+                    Box::new(move || format!("{n} heartbeat(s) missed")),
+                ),
+                Health::Up => {
+                    let applied = p.applied();
+                    if !self.is_primary(p)
+                        && applied.saturating_add(self.config.max_read_lag) < sealed
+                    {
+                        (
+                            PartitionStatus::CatchingUp,
+                            Box::new(move || format!("applied {applied} of {sealed}: replaying")),
+                        )
+                    } else {
+                        (
+                            PartitionStatus::Available,
+                            Box::new(move || format!("answering, applied {applied}")),
+                        )
                     }
                 }
-            };
+            }
+        };
         p.update_status(self.name(), status, reason)
     }
 

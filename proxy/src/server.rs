@@ -145,7 +145,9 @@ pub async fn serve(
     })?;
     let proxy = Proxy::start(&config).await?;
     let bound = Bound {
-        listen: listener.local_addr().map_err(|e| ProxyError::BadRequest(e.to_string()))?,
+        listen: listener
+            .local_addr()
+            .map_err(|e| ProxyError::BadRequest(e.to_string()))?,
         admin: admin_listener
             .local_addr()
             .map_err(|e| ProxyError::BadRequest(e.to_string()))?,

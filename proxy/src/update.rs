@@ -45,7 +45,9 @@ where
         .collect()
         .await
         .map_err(|e| {
-            if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() {
+            if e.downcast_ref::<http_body_util::LengthLimitError>()
+                .is_some()
+            {
                 ProxyError::BodyTooLarge { limit }
             } else {
                 ProxyError::BadRequest(format!("cannot read request body: {e}"))
@@ -162,14 +164,18 @@ async fn execute(
         }
     };
     let fingerprint = Fingerprint::of(parts.status.as_u16(), &body);
-    let outcome =
-        if group.config.replay == ReplayPolicy::Success && !parts.status.is_success() {
-            Outcome::Skipped
-        } else {
-            Outcome::Executed(Some(fingerprint.clone()))
-        };
+    let outcome = if group.config.replay == ReplayPolicy::Success && !parts.status.is_success() {
+        Outcome::Skipped
+    } else {
+        Outcome::Executed(Some(fingerprint.clone()))
+    };
     if let Err(e) = seal(&group, seq, &outcome).await {
-        return Err(in_doubt(&group, seq, format!("executed, but the answer could not be journaled: {e}")).await);
+        return Err(in_doubt(
+            &group,
+            seq,
+            format!("executed, but the answer could not be journaled: {e}"),
+        )
+        .await);
     }
     record.fingerprint = Some(fingerprint);
     group.sealed_through(seq);
@@ -234,7 +240,11 @@ async fn seal(group: &Group, seq: u64, outcome: &Outcome) -> Result<(), ProxyErr
 async fn in_doubt(group: &Group, seq: u64, reason: String) -> ProxyError {
     tracing::error!(group = %group.name(), seq, %reason,
         "update in doubt: later updates wait until it is resolved");
-    if let Err(e) = group.journal.seal(group.name(), seq, &Outcome::InDoubt).await {
+    if let Err(e) = group
+        .journal
+        .seal(group.name(), seq, &Outcome::InDoubt)
+        .await
+    {
         // Still pending in the journal: a restart finds it and reports it in doubt too.
         tracing::warn!(group = %group.name(), seq, error = %e, "could not mark record in doubt");
     }

@@ -213,11 +213,17 @@ mod tests {
     #[test]
     fn compare_names_what_differs() {
         let p = Fingerprint::of(201, b"a");
-        assert_eq!(Compare::Status.mismatch(&p, &Fingerprint::of(201, b"b")), None);
+        assert_eq!(
+            Compare::Status.mismatch(&p, &Fingerprint::of(201, b"b")),
+            None
+        );
         let why = Compare::StatusAndBody.mismatch(&p, &Fingerprint::of(201, b"b"));
         assert!(why.is_some_and(|w| w.starts_with("body hash")));
         let why = Compare::Status.mismatch(&p, &Fingerprint::of(409, b"a"));
-        assert_eq!(why.as_deref(), Some("status 409 differs from the primary's 201"));
+        assert_eq!(
+            why.as_deref(),
+            Some("status 409 differs from the primary's 201")
+        );
     }
 
     #[test]

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 
-use crate::applier::{ApplyError, Applier};
+use crate::applier::{Applier, ApplyError};
 use crate::journal::{Journal, JournalError};
 use crate::record::{Compare, Record, RecordState};
 
@@ -280,7 +280,10 @@ mod tests {
     impl Applier for Echo {
         async fn apply(&self, record: &Record) -> Result<Fingerprint, ApplyError> {
             {
-                let mut fail = self.fail.lock().map_err(|_| ApplyError::NoAnswer("poisoned".into()))?;
+                let mut fail = self
+                    .fail
+                    .lock()
+                    .map_err(|_| ApplyError::NoAnswer("poisoned".into()))?;
                 if *fail > 0 {
                     *fail -= 1;
                     return Err(ApplyError::Unreachable("refused".into()));
@@ -419,6 +422,9 @@ mod tests {
         assert_eq!(exit, ReplayExit::Diverged(2));
         assert_eq!(*echo.seen.lock().unwrap(), vec![1, 2]);
         let log = log.0.lock().unwrap().clone();
-        assert!(log[2].starts_with("diverged 2: seq 2: body hash"), "{log:?}");
+        assert!(
+            log[2].starts_with("diverged 2: seq 2: body hash"),
+            "{log:?}"
+        );
     }
 }

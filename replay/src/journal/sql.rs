@@ -216,10 +216,10 @@ impl Journal for SqlJournal {
             .select_records(
                 group,
                 |q| {
-                    q.and_where(Expr::col(R::State).is_in([
-                        RecordState::Pending.as_str(),
-                        RecordState::InDoubt.as_str(),
-                    ]));
+                    q.and_where(
+                        Expr::col(R::State)
+                            .is_in([RecordState::Pending.as_str(), RecordState::InDoubt.as_str()]),
+                    );
                 },
                 None,
             )
@@ -254,7 +254,11 @@ impl Journal for SqlJournal {
                     .as_ref()
                     .map(|f| i32::from(f.status))
                     .into(),
-                record.fingerprint.as_ref().map(|f| f.body_hash.clone()).into(),
+                record
+                    .fingerprint
+                    .as_ref()
+                    .map(|f| f.body_hash.clone())
+                    .into(),
             ])
             .to_owned();
         // One proxy writes a group (the router serializes its updates), so checking the head
@@ -409,7 +413,8 @@ mod tests {
         let r1 = Record::pending("bank", 1, 1, request("{}"));
         j.append(&r1).await?;
         let fp = Fingerprint::of(201, b"ok");
-        j.seal("bank", 1, &Outcome::Executed(Some(fp.clone()))).await?;
+        j.seal("bank", 1, &Outcome::Executed(Some(fp.clone())))
+            .await?;
         let r2 = Record::pending("bank", 2, 1, request("{\"b\":2}"));
         j.append(&r2).await?;
 

@@ -1,0 +1,559 @@
+//! Shared harness for the end-to-end tests: real `regroup` processes (the proxy and the
+//! example bank) on `127.0.0.1:0` ports in temp dirs, killed on drop, and a bounded
+//! `eventually` poll instead of fixed sleeps.
+//!
+//! (`tests/support/mod.rs` rather than `support.rs`: cargo would build the latter as a
+//! test crate of its own.)
+
+#![allow(dead_code, unreachable_pub, missing_docs, clippy::unwrap_used)]
+
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use regroup::client::{Answer, HttpClient};
+use regroup_proxy::admin::StatusDoc;
+use serde_json::Value;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+
+pub const REGROUP: &str = env!("CARGO_BIN_EXE_regroup");
+
+/// Polls `check` every 25 ms until it returns `Some`, or panics after `timeout` naming
+/// `what` and the last observation.
+pub async fn eventually<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, String>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        match check().await {
+            Ok(v) => return v,
+            Err(last) => {
+                if Instant::now() > deadline {
+                    panic!("timed out after {timeout:?} waiting for {what}; last: {last}");
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+/// Spawns `regroup ARGS`, logging stderr to `log`, and returns the child and the first
+/// stdout line that starts with `prefix` (minus the prefix).
+async fn spawn_and_read(args: &[&str], log: &Path, prefix: &str) -> (Child, String) {
+    let log_file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .unwrap();
+    let mut child = Command::new(REGROUP)
+        .args(args)
+        .env("RUST_LOG", "info,sea_orm_migration=warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::from(log_file))
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let mut lines = BufReader::new(stdout).lines();
+    let line = tokio::time::timeout(Duration::from_secs(60), async {
+        while let Ok(Some(line)) = lines.next_line().await {
+            if let Some(rest) = line.strip_prefix(prefix) {
+                return Some(rest.to_owned());
+            }
+        }
+        None
+    })
+    .await
+    .ok()
+    .flatten();
+    let Some(line) = line else {
+        let log = std::fs::read_to_string(log).unwrap_or_default();
+        panic!("regroup {args:?} did not print {prefix:?}; its log:\n{log}");
+    };
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    (child, line)
+}
+
+fn kill9(child: &Child) {
+    sigkill(child.id());
+}
+
+/// SIGKILLs a process by pid.
+pub fn sigkill(pid: Option<u32>) {
+    if let Some(pid) = pid {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid as i32),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    }
+}
+
+/// One bank partition process.
+pub struct Bank {
+    pub name: String,
+    pub url: String,
+    pub db: String,
+    log: PathBuf,
+    child: Option<Child>,
+}
+
+impl Bank {
+    /// Starts a bank on a free port with its SQLite file in `dir`.
+    pub async fn start(dir: &Path, name: &str) -> Bank {
+        let db = format!("sqlite://{}", dir.join(format!("bank-{name}.db")).display());
+        let log = dir.join(format!("bank-{name}.log"));
+        let (child, url) = spawn_and_read(
+            &["bank", "--listen", "127.0.0.1:0", "--db", &db],
+            &log,
+            "bank listening on ",
+        )
+        .await;
+        Bank {
+            name: name.to_owned(),
+            url: url.trim().to_owned(),
+            db,
+            log,
+            child: Some(child),
+        }
+    }
+
+    /// SIGKILLs the process and waits for it to be gone.
+    pub async fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            kill9(&c);
+            let _ = c.wait().await;
+        }
+    }
+
+    /// Starts the process again on the same port and database (retrying while the port is
+    /// still held by the old socket).
+    pub async fn restart(&mut self) {
+        self.kill().await;
+        let listen = self.url.trim_start_matches("http://").to_owned();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let log_file = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&self.log)
+                .unwrap();
+            let mut child = Command::new(REGROUP)
+                .args(["bank", "--listen", &listen, "--db", &self.db])
+                .stdin(Stdio::null())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::from(log_file))
+                .kill_on_drop(true)
+                .spawn()
+                .unwrap();
+            let stdout = child.stdout.take().unwrap();
+            let mut lines = BufReader::new(stdout).lines();
+            if let Ok(Ok(Some(line))) =
+                tokio::time::timeout(Duration::from_secs(30), lines.next_line()).await
+            {
+                if line.starts_with("bank listening on ") {
+                    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+                    self.child = Some(child);
+                    return;
+                }
+            }
+            let _ = child.kill().await;
+            assert!(
+                Instant::now() < deadline,
+                "bank {} could not restart on {listen}",
+                self.name
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// `GET path` on this partition directly.
+    pub async fn get(&self, http: &HttpClient, path: &str) -> Answer {
+        http.get(&format!("{}{path}", self.url)).await.unwrap()
+    }
+}
+
+/// The proxy process.
+pub struct Proxy {
+    pub url: String,
+    pub admin: String,
+    pub config: PathBuf,
+    log: PathBuf,
+    child: Option<Child>,
+}
+
+impl Proxy {
+    /// Starts `regroup serve` on `config`.
+    pub async fn start(config: &Path) -> Proxy {
+        let log = config.with_extension("log");
+        let (child, line) = spawn_and_read(
+            &["serve", "--config", config.to_str().unwrap()],
+            &log,
+            "regroup listening on ",
+        )
+        .await;
+        // "http://A (admin http://B)"
+        let (url, admin) = line.split_once(" (admin ").unwrap();
+        Proxy {
+            url: url.to_owned(),
+            admin: admin.trim_end_matches(')').to_owned(),
+            config: config.to_owned(),
+            log,
+            child: Some(child),
+        }
+    }
+
+    /// The proxy's process id.
+    pub fn child_pid(&self) -> Option<u32> {
+        self.child.as_ref().and_then(|c| c.id())
+    }
+
+    /// SIGKILLs the proxy.
+    pub async fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            kill9(&c);
+            let _ = c.wait().await;
+        }
+    }
+
+    /// Starts it again with the same config (new ports when the config says `:0`).
+    pub async fn restart(&mut self) {
+        self.kill().await;
+        let again = Proxy::start(&self.config).await;
+        *self = again;
+    }
+
+    /// The proxy's log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// `GET /status`.
+    pub async fn status(&self, http: &HttpClient) -> StatusDoc {
+        http.get(&format!("{}/status", self.admin))
+            .await
+            .unwrap()
+            .json()
+            .unwrap()
+    }
+}
+
+/// A group of bank partitions behind a proxy, in its own temp dir.
+pub struct BankGroup {
+    pub dir: tempfile::TempDir,
+    pub banks: Vec<Bank>,
+    pub proxy: Proxy,
+    pub http: HttpClient,
+}
+
+impl BankGroup {
+    /// `n` banks and a proxy with the journal at `journal` (None: SQLite in the temp dir)
+    /// and `extra` lines added to the `[[groups]]` table.
+    pub async fn start(n: usize, journal: Option<&str>, extra: &str) -> BankGroup {
+        let dir = tempfile::tempdir().unwrap();
+        let mut banks = Vec::new();
+        for name in ["a", "b", "c", "d", "e"].iter().take(n) {
+            banks.push(Bank::start(dir.path(), name).await);
+        }
+        let journal = journal
+            .map(str::to_owned)
+            .unwrap_or_else(|| format!("sqlite://{}", dir.path().join("journal.db").display()));
+        let mut toml = format!(
+            "listen = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\njournal = \"{journal}\"\n\n[[groups]]\nname = \"bank\"\n{extra}\n"
+        );
+        for b in &banks {
+            toml.push_str(&format!(
+                "\n[[groups.partitions]]\nname = \"{}\"\nurl = \"{}\"\n",
+                b.name, b.url
+            ));
+        }
+        let config = dir.path().join("regroup.toml");
+        std::fs::write(&config, toml).unwrap();
+        let proxy = Proxy::start(&config).await;
+        BankGroup {
+            dir,
+            banks,
+            proxy,
+            http: HttpClient::new(),
+        }
+    }
+
+    /// `POST path` through the proxy.
+    pub async fn post(&self, path: &str, body: Value) -> anyhow::Result<Answer> {
+        self.http
+            .post(&format!("{}{path}", self.proxy.url), &body)
+            .await
+    }
+
+    /// `GET path` through the proxy.
+    pub async fn get(&self, path: &str) -> anyhow::Result<Answer> {
+        self.http.get(&format!("{}{path}", self.proxy.url)).await
+    }
+
+    /// Waits until every partition has applied the whole journal and none is diverged.
+    pub async fn wait_converged(&self, timeout: Duration) -> StatusDoc {
+        eventually(
+            "every partition to apply the whole journal",
+            timeout,
+            || async {
+                let doc: StatusDoc = self
+                    .http
+                    .get(&format!("{}/status", self.proxy.admin))
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .json()
+                    .map_err(|e| e.to_string())?;
+                let g = &doc.groups[0];
+                if let Some(p) = g.partitions.iter().find(|p| p.status == "diverged") {
+                    panic!("partition {} diverged: {}", p.name, p.reason);
+                }
+                let done = g.in_doubt.is_empty()
+                    && g.partitions
+                        .iter()
+                        .all(|p| p.applied == g.head && p.status == "available");
+                if done { Ok(doc) } else { Err(format!("{g:?}")) }
+            },
+        )
+        .await
+    }
+
+    /// Asserts that every partition returns byte-identical `GET /accounts` and
+    /// `GET /transfers`; returns the accounts and transfers.
+    pub async fn assert_identical(&self) -> (Vec<Value>, Vec<Value>) {
+        let first = &self.banks[0];
+        let accounts = first.get(&self.http, "/accounts").await;
+        let transfers = first.get(&self.http, "/transfers").await;
+        for b in &self.banks[1..] {
+            let a = b.get(&self.http, "/accounts").await;
+            let t = b.get(&self.http, "/transfers").await;
+            assert_eq!(
+                String::from_utf8_lossy(&a.body),
+                String::from_utf8_lossy(&accounts.body),
+                "accounts of {} differ from {}",
+                b.name,
+                first.name
+            );
+            assert_eq!(
+                String::from_utf8_lossy(&t.body),
+                String::from_utf8_lossy(&transfers.body),
+                "transfers of {} differ from {}",
+                b.name,
+                first.name
+            );
+        }
+        (accounts.json().unwrap(), transfers.json().unwrap())
+    }
+}
+
+/// Whether tests must not skip when a service is missing.
+pub fn in_ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| !v.is_empty() && v != "false" && v != "0")
+}
+
+/// What a load run saw.
+#[derive(Debug, Default)]
+pub struct LoadReport {
+    /// Transfers answered 201, as returned.
+    pub acked_transfers: Vec<Value>,
+    /// Accounts answered 201, as returned.
+    pub acked_accounts: Vec<Value>,
+    /// Initial balance by account name, for every creation attempted.
+    pub initial_balance: std::collections::HashMap<String, i64>,
+    /// Count of answers by status.
+    pub statuses: std::collections::BTreeMap<u16, u64>,
+    /// Requests that got no answer (connection errors), with the error.
+    pub errors: Vec<String>,
+}
+
+impl LoadReport {
+    pub fn count(&self, status: u16) -> u64 {
+        self.statuses.get(&status).copied().unwrap_or(0)
+    }
+
+    pub fn answered(&self) -> u64 {
+        self.statuses.values().sum()
+    }
+}
+
+/// Creates `n` accounts of 10 000 cents through the proxy, sequentially.
+pub async fn seed_accounts(g: &BankGroup, n: usize, report: &mut LoadReport) -> Vec<i64> {
+    let mut ids = Vec::new();
+    for i in 0..n {
+        let name = format!("seed-{i}");
+        report.initial_balance.insert(name.clone(), 10_000);
+        let a = g
+            .post(
+                "/accounts",
+                serde_json::json!({"name": name, "balance": 10_000}),
+            )
+            .await
+            .unwrap();
+        assert_eq!(a.status, 201, "{}", String::from_utf8_lossy(&a.body));
+        let v: Value = a.json().unwrap();
+        ids.push(v["id"].as_i64().unwrap());
+        report.acked_accounts.push(v);
+    }
+    ids
+}
+
+/// Runs `updates` mixed updates with `clients` concurrent clients through the proxy:
+/// ~10% account creations, ~4% invalid transfers (400 / 404), the rest transfers of random
+/// amounts (some refused with 409), plus a read after every fifth update. With
+/// `tolerate_errors` a request without an answer is recorded instead of failing the test.
+pub async fn run_load(
+    g: &BankGroup,
+    seed_ids: &[i64],
+    clients: usize,
+    updates: usize,
+    tolerate_errors: bool,
+    tag: &str,
+) -> LoadReport {
+    use rand::Rng;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::{Arc, Mutex};
+    let next = Arc::new(AtomicUsize::new(0));
+    let report = Arc::new(Mutex::new(LoadReport::default()));
+    let ids = Arc::new(Mutex::new(seed_ids.to_vec()));
+    let base = g.proxy.url.clone();
+    let mut tasks = Vec::new();
+    for c in 0..clients {
+        let (next, report, ids, http, base) = (
+            next.clone(),
+            report.clone(),
+            ids.clone(),
+            g.http.clone(),
+            base.clone(),
+        );
+        let tag = tag.to_owned();
+        tasks.push(tokio::spawn(async move {
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= updates {
+                    break;
+                }
+                let (path, body, name) = {
+                    let mut rng = rand::rng();
+                    let known = ids.lock().unwrap().clone();
+                    let roll: u32 = rng.random_range(0..100);
+                    if roll < 10 {
+                        let name = format!("{tag}-{c}-{i}");
+                        let balance = rng.random_range(0..5000i64);
+                        report
+                            .lock()
+                            .unwrap()
+                            .initial_balance
+                            .insert(name.clone(), balance);
+                        (
+                            "/accounts",
+                            serde_json::json!({"name": name, "balance": balance}),
+                            Some(name),
+                        )
+                    } else if roll < 12 {
+                        (
+                            "/transfers",
+                            serde_json::json!({"from": known[0], "to": known[1], "amount": 0}),
+                            None,
+                        )
+                    } else if roll < 14 {
+                        (
+                            "/transfers",
+                            serde_json::json!({"from": known[0], "to": 999_999, "amount": 5}),
+                            None,
+                        )
+                    } else {
+                        let from = known[rng.random_range(0..known.len())];
+                        let mut to = known[rng.random_range(0..known.len())];
+                        if to == from {
+                            to = if from == known[0] { known[1] } else { known[0] };
+                        }
+                        let amount = rng.random_range(1..3000i64);
+                        (
+                            "/transfers",
+                            serde_json::json!({"from": from, "to": to, "amount": amount}),
+                            None,
+                        )
+                    }
+                };
+                match http.post(&format!("{base}{path}"), &body).await {
+                    Ok(a) => {
+                        let mut r = report.lock().unwrap();
+                        *r.statuses.entry(a.status).or_default() += 1;
+                        if a.status == 201 {
+                            let v: Value = a.json().unwrap();
+                            if name.is_some() {
+                                ids.lock().unwrap().push(v["id"].as_i64().unwrap());
+                                r.acked_accounts.push(v);
+                            } else {
+                                r.acked_transfers.push(v);
+                            }
+                        }
+                    }
+                    Err(e) if tolerate_errors => {
+                        report.lock().unwrap().errors.push(format!("{e:#}"));
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                    Err(e) => panic!("update {i} failed: {e:#}"),
+                }
+                if i % 5 == 0 {
+                    match http.get(&format!("{base}/accounts")).await {
+                        Ok(a) => assert!(
+                            a.status == 200 || (tolerate_errors && a.status >= 500),
+                            "read answered {}: {}",
+                            a.status,
+                            String::from_utf8_lossy(&a.body)
+                        ),
+                        Err(e) if tolerate_errors => {
+                            report.lock().unwrap().errors.push(format!("read: {e:#}"))
+                        }
+                        Err(e) => panic!("read failed: {e:#}"),
+                    }
+                }
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    Arc::try_unwrap(report)
+        .map(|m| m.into_inner().unwrap())
+        .unwrap_or_default()
+}
+
+/// Asserts the bank invariants on converged data: money is conserved (every account's
+/// balance started at its creation balance, transfers only move money) and every
+/// acknowledged account and transfer is present, unchanged.
+pub fn assert_bank_invariants(report: &LoadReport, accounts: &[Value], transfers: &[Value]) {
+    let mut expected_total = 0i64;
+    for a in accounts {
+        let name = a["name"].as_str().unwrap();
+        expected_total += report
+            .initial_balance
+            .get(name)
+            .unwrap_or_else(|| panic!("account {name} was never requested"));
+        assert!(a["balance"].as_i64().unwrap() >= 0, "negative balance: {a}");
+    }
+    let total: i64 = accounts
+        .iter()
+        .map(|a| a["balance"].as_i64().unwrap())
+        .sum();
+    assert_eq!(total, expected_total, "money is not conserved");
+    let by_id =
+        |list: &[Value], id: i64| list.iter().find(|v| v["id"].as_i64() == Some(id)).cloned();
+    for t in &report.acked_transfers {
+        let id = t["id"].as_i64().unwrap();
+        assert_eq!(
+            by_id(transfers, id).as_ref(),
+            Some(t),
+            "acknowledged transfer {id} lost or changed"
+        );
+    }
+    for a in &report.acked_accounts {
+        let id = a["id"].as_i64().unwrap();
+        let found = by_id(accounts, id).unwrap_or_else(|| panic!("acknowledged account {id} lost"));
+        assert_eq!(found["name"], a["name"]);
+    }
+}

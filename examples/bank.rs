@@ -25,16 +25,17 @@ use std::io::Write as _;
 use std::sync::Arc;
 
 use axum::extract::rejection::{JsonRejection, PathRejection};
-use axum::extract::{Path, State};
+use axum::extract::{Extension, Path, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 use clap::Parser;
+use regroup_replay::{Answer, ExactlyOnce, ReplayContext, ReplayLayer, RunError};
 use sea_orm::sqlx::sqlite::{SqliteJournalMode, SqliteSynchronous};
 use sea_orm::{
     ActiveModelTrait, ActiveValue::Set, ConnectOptions, Database, DatabaseConnection,
-    DatabaseTransaction, DbErr, EntityTrait, QueryOrder, TransactionTrait,
+    DatabaseTransaction, DbErr, EntityTrait, QueryOrder,
 };
 use sea_orm_migration::MigratorTrait;
 use serde::Deserialize;
@@ -97,8 +98,10 @@ pub async fn serve(listen: &str, db: &str) -> anyhow::Result<()> {
 
 /// The bank's routes over `db`; run the migrations first (as [`serve`] does).
 pub fn app(db: DatabaseConnection) -> Router {
+    let once = ExactlyOnce::new(db.clone());
     let state = AppState {
         db,
+        once: once.clone(),
         writes: Arc::new(Mutex::new(())),
     };
     Router::new()
@@ -108,6 +111,9 @@ pub fn app(db: DatabaseConnection) -> Router {
         .route("/health", get(health))
         .fallback(|| async { ApiError::NotFound("route not found".to_owned()) })
         .with_state(state)
+        // regroup's replay context on every request, fencing of stale epochs, and the
+        // `/_regroup/applied` answers from the exactly-once records.
+        .layer(ReplayLayer::new().with_store(once))
 }
 
 /// Opens the database; a SQLite file is created if missing, in WAL mode with full fsync.
@@ -161,6 +167,8 @@ async fn shutdown_signal() {
 struct AppState {
     /// The pool; reads use it freely.
     db: DatabaseConnection,
+    /// Runs each update's database work exactly once per regroup transaction.
+    once: ExactlyOnce,
     /// Held around every write transaction, so writes never race each other (and SQLite
     /// never answers `SQLITE_BUSY`) and commit in the order they took the lock.
     writes: Arc<Mutex<()>>,
@@ -191,29 +199,55 @@ async fn health() -> Json<serde_json::Value> {
 
 async fn create_account(
     State(state): State<AppState>,
+    ctx: Option<Extension<ReplayContext>>,
     body: Result<Json<NewAccount>, JsonRejection>,
-) -> Result<(StatusCode, Json<account::Model>), ApiError> {
-    let Json(new) = body?;
-    if new.name.trim().is_empty() {
-        return Err(ApiError::BadRequest(
-            "account name must not be empty".to_owned(),
-        ));
-    }
-    if new.balance < 0 {
-        return Err(ApiError::BadRequest(format!(
-            "invalid balance {}: must not be negative",
-            new.balance
-        )));
-    }
+) -> Response {
     let _write = state.writes.lock().await;
-    let created = account::ActiveModel {
-        name: Set(new.name),
-        balance: Set(new.balance),
-        ..Default::default()
+    let ctx = ctx.map(|Extension(c)| c);
+    let answer = state
+        .once
+        .run(ctx.as_ref(), |txn| {
+            Box::pin(async move {
+                let Json(new) = body.map_err(|e| ApiError::from(e).answer())?;
+                if new.name.trim().is_empty() {
+                    return Err(
+                        ApiError::BadRequest("account name must not be empty".into()).answer(),
+                    );
+                }
+                if new.balance < 0 {
+                    return Err(ApiError::BadRequest(format!(
+                        "invalid balance {}: must not be negative",
+                        new.balance
+                    ))
+                    .answer());
+                }
+                let created = account::ActiveModel {
+                    name: Set(new.name),
+                    balance: Set(new.balance),
+                    ..Default::default()
+                }
+                .insert(txn)
+                .await
+                .map_err(|e| ApiError::from(e).answer())?;
+                Ok(Answer::json(201, &created))
+            })
+        })
+        .await;
+    respond(answer)
+}
+
+/// Turns the exactly-once helper's result into the HTTP answer.
+fn respond(answer: Result<Answer, RunError>) -> Response {
+    match answer {
+        Ok(a) => (
+            StatusCode::from_u16(a.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+            [(axum::http::header::CONTENT_TYPE, "application/json")],
+            a.body,
+        )
+            .into_response(),
+        Err(RunError::Fenced { .. }) => ApiError::Conflict("fenced".into()).into_response(),
+        Err(RunError::Db(e)) => ApiError::Database(e).into_response(),
     }
-    .insert(&state.db)
-    .await?;
-    Ok((StatusCode::CREATED, Json(created)))
 }
 
 async fn list_accounts(
@@ -250,9 +284,49 @@ async fn list_transfers(
 
 async fn create_transfer(
     State(state): State<AppState>,
+    ctx: Option<Extension<ReplayContext>>,
     body: Result<Json<NewTransfer>, JsonRejection>,
-) -> Result<(StatusCode, Json<transfer::Model>), ApiError> {
-    let Json(new) = body?;
+) -> Response {
+    let _write = state.writes.lock().await;
+    let ctx = ctx.map(|Extension(c)| c);
+    // Deterministic under replay: the primary's time and a UUID derived from the
+    // transaction, not the local clock and randomness (used only outside regroup).
+    let (created_at, reference) = match &ctx {
+        Some(c) => (c.now(), c.uuid()),
+        None => (time::OffsetDateTime::now_utc(), uuid::Uuid::now_v7()),
+    };
+    let answer = state
+        .once
+        .run(ctx.as_ref(), |txn| {
+            Box::pin(async move {
+                let Json(new) = body.map_err(|e| ApiError::from(e).answer())?;
+                let stamp = Stamp {
+                    created_at: regroup_replay::record::format_timestamp(created_at),
+                    reference: reference.to_string(),
+                };
+                match transfer_in(txn, &new, stamp).await {
+                    Ok(created) => Ok(Answer::json(201, &created)),
+                    Err(e) => Err(e.answer()),
+                }
+            })
+        })
+        .await;
+    respond(answer)
+}
+
+/// When and under which public reference a transfer is recorded.
+struct Stamp {
+    created_at: String,
+    reference: String,
+}
+
+/// The body of a transfer: reads both balances, checks them, moves the money and records
+/// the transfer, all inside `txn`.
+async fn transfer_in(
+    txn: &DatabaseTransaction,
+    new: &NewTransfer,
+    stamp: Stamp,
+) -> Result<transfer::Model, ApiError> {
     if new.amount <= 0 {
         return Err(ApiError::BadRequest(format!(
             "invalid amount {}: must be positive",
@@ -265,26 +339,6 @@ async fn create_transfer(
             new.from
         )));
     }
-    let _write = state.writes.lock().await;
-    let txn = state.db.begin().await?;
-    match transfer_in(&txn, &new).await {
-        Ok(created) => {
-            txn.commit().await?;
-            Ok((StatusCode::CREATED, Json(created)))
-        }
-        Err(e) => {
-            txn.rollback().await?;
-            Err(e)
-        }
-    }
-}
-
-/// The body of a transfer: reads both balances, checks them, moves the money and records
-/// the transfer, all inside `txn`.
-async fn transfer_in(
-    txn: &DatabaseTransaction,
-    new: &NewTransfer,
-) -> Result<transfer::Model, ApiError> {
     let from = account::Entity::find_by_id(new.from)
         .one(txn)
         .await?
@@ -318,6 +372,8 @@ async fn transfer_in(
         from_id: Set(new.from),
         to_id: Set(new.to),
         amount: Set(new.amount),
+        created_at: Set(stamp.created_at),
+        reference: Set(stamp.reference),
         ..Default::default()
     }
     .insert(txn)
@@ -345,6 +401,27 @@ enum ApiError {
 impl ApiError {
     fn account_not_found(id: i64) -> Self {
         Self::NotFound(format!("account {id} not found"))
+    }
+
+    /// The answer recorded (and sent) for this failure.
+    fn answer(self) -> Answer {
+        let (status, message) = self.parts();
+        Answer::json(status.as_u16(), &json!({ "error": message }))
+    }
+
+    fn parts(self) -> (StatusCode, String) {
+        match self {
+            Self::BadRequest(m) => (StatusCode::BAD_REQUEST, m),
+            Self::NotFound(m) => (StatusCode::NOT_FOUND, m),
+            Self::Conflict(m) => (StatusCode::CONFLICT, m),
+            Self::Database(e) => {
+                tracing::error!("database error: {e}");
+                (
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "database error".to_owned(),
+                )
+            }
+        }
     }
 }
 
@@ -382,18 +459,7 @@ fn lowercase_first(text: &str) -> String {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let (status, message) = match self {
-            Self::BadRequest(m) => (StatusCode::BAD_REQUEST, m),
-            Self::NotFound(m) => (StatusCode::NOT_FOUND, m),
-            Self::Conflict(m) => (StatusCode::CONFLICT, m),
-            Self::Database(e) => {
-                tracing::error!("database error: {e}");
-                (
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    "database error".to_owned(),
-                )
-            }
-        };
+        let (status, message) = self.parts();
         (status, Json(json!({ "error": message }))).into_response()
     }
 }
@@ -437,6 +503,11 @@ mod transfer {
         #[serde(rename = "to")]
         pub to_id: i64,
         pub amount: i64,
+        /// The primary's time of the transaction (RFC 3339).
+        pub created_at: String,
+        /// A public reference, a UUID derived from the transaction.
+        #[serde(rename = "ref")]
+        pub reference: String,
     }
 
     #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
@@ -455,7 +526,11 @@ struct Migrator;
 #[sea_orm_migration::async_trait::async_trait]
 impl MigratorTrait for Migrator {
     fn migrations() -> Vec<Box<dyn sea_orm_migration::MigrationTrait>> {
-        vec![Box::new(schema::Migration)]
+        vec![
+            Box::new(schema::Migration),
+            // regroup's exactly-once checkpoint table.
+            Box::new(regroup_migrations::AppliedMigration),
+        ]
     }
 }
 
@@ -489,6 +564,8 @@ mod schema {
         FromId,
         ToId,
         Amount,
+        CreatedAt,
+        Reference,
     }
 
     #[async_trait::async_trait]
@@ -514,6 +591,8 @@ mod schema {
                         .col(big_integer(Transfer::FromId))
                         .col(big_integer(Transfer::ToId))
                         .col(big_integer(Transfer::Amount))
+                        .col(string(Transfer::CreatedAt))
+                        .col(string(Transfer::Reference))
                         .foreign_key(
                             ForeignKey::create()
                                 .from(Transfer::Table, Transfer::FromId)

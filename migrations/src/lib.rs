@@ -4,8 +4,10 @@
 //! bookkeeping table (`regroup_migrations`) so the journal can share a database with an
 //! application without touching the application's `seaql_migrations`.
 
+mod applied_schema;
 mod journal_schema;
 
+pub use applied_schema::{Applied, AppliedMigration};
 pub use journal_schema::{Checkpoint, Group, Record};
 use sea_orm_migration::prelude::*;
 

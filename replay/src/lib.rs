@@ -1,5 +1,7 @@
 //! regroup's transport-free core: transaction records, the durable [`Journal`], and the
-//! [`Replayer`] that drives one partition through the journal via an [`Applier`].
+//! [`Replayer`] that drives one partition through the journal via an [`Applier`]; and what
+//! an application links: the [`ReplayContext`] and its [`ReplayLayer`], and [`ExactlyOnce`]
+//! application with sea-orm.
 //!
 //! # Design
 //!
@@ -25,12 +27,18 @@
 //! usually catches (and reports as divergence) rather than prevents.
 
 pub mod applier;
+pub mod context;
+pub mod exactly_once;
 pub mod headers;
 pub mod journal;
+pub mod layer;
 pub mod record;
 pub mod replayer;
 
 pub use applier::{Applier, ApplyError};
+pub use context::ReplayContext;
+pub use exactly_once::{Answer, AppliedRecord, ExactlyOnce, RunError, Work};
 pub use journal::{GroupState, Journal, JournalError, Outcome, SqlJournal};
+pub use layer::{AppliedStore, Replay, ReplayLayer};
 pub use record::{Compare, Fingerprint, Record, RecordState, RecordedRequest};
 pub use replayer::{Backoff, ReplayExit, ReplayObserver, Replayer};

@@ -1,0 +1,209 @@
+//! Exactly-once application with sea-orm: the handler's database work and the record of
+//! the transaction (`seq`, txn id, epoch, answer) commit together in the partition's
+//! `regroup_applied` table, so a transaction delivered twice is applied once and answered
+//! the same both times.
+
+use std::future::Future;
+use std::pin::Pin;
+
+use bytes::Bytes;
+use regroup_migrations::Applied;
+use sea_orm::sea_query::{Expr, ExprTrait, Func, Query};
+use sea_orm::{ConnectionTrait, DatabaseConnection, DatabaseTransaction, DbErr, TransactionTrait};
+
+use crate::context::ReplayContext;
+
+/// An answer as recorded: status and body.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Answer {
+    /// HTTP status code.
+    pub status: u16,
+    /// Body bytes.
+    pub body: Bytes,
+}
+
+impl Answer {
+    /// An answer with a JSON body.
+    pub fn json(status: u16, value: &impl serde::Serialize) -> Self {
+        Answer {
+            status,
+            body: Bytes::from(serde_json::to_vec(value).unwrap_or_default()),
+        }
+    }
+}
+
+/// Why a transaction was not run.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    /// The transaction's epoch is older than one this partition already applied: it comes
+    /// from a deposed primary.
+    #[error("fenced: epoch {epoch} is older than epoch {highest} already applied here")]
+    Fenced {
+        /// The transaction's epoch.
+        epoch: u64,
+        /// The highest epoch applied here.
+        highest: u64,
+    },
+    /// The database failed.
+    #[error("database error: {0}")]
+    Db(#[from] DbErr),
+}
+
+/// What a partition recorded for one seq.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AppliedRecord {
+    /// The seq.
+    pub seq: u64,
+    /// The epoch it was delivered in.
+    pub epoch: u64,
+    /// The answer given.
+    pub answer: Answer,
+}
+
+/// The work of one transaction: `Ok` commits it, `Err` rolls it back; either way the
+/// answer is recorded.
+pub type Work<'t> = Pin<Box<dyn Future<Output = Result<Answer, Answer>> + Send + 't>>;
+
+/// Runs handlers' database work exactly once per transaction.
+#[derive(Debug, Clone)]
+pub struct ExactlyOnce {
+    db: DatabaseConnection,
+}
+
+fn to_i64(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+impl ExactlyOnce {
+    /// Uses `db`, whose schema must include [`regroup_migrations::AppliedMigration`].
+    pub fn new(db: DatabaseConnection) -> Self {
+        ExactlyOnce { db }
+    }
+
+    /// Runs `work` in one database transaction that also records the transaction's seq and
+    /// answer. A seq already recorded is answered from the record and not executed again;
+    /// when `work` fails (`Err`), its changes roll back but its answer is still recorded.
+    /// Without a context (a request that did not come through regroup) `work` simply runs
+    /// in a transaction.
+    pub async fn run<F>(&self, ctx: Option<&ReplayContext>, work: F) -> Result<Answer, RunError>
+    where
+        F: for<'t> FnOnce(&'t DatabaseTransaction) -> Work<'t>,
+    {
+        let txn = self.db.begin().await?;
+        let Some(ctx) = ctx else {
+            return match work(&txn).await {
+                Ok(a) => {
+                    txn.commit().await?;
+                    Ok(a)
+                }
+                Err(a) => {
+                    txn.rollback().await?;
+                    Ok(a)
+                }
+            };
+        };
+        if let Some(done) = lookup(&txn, ctx.seq()).await? {
+            txn.rollback().await?;
+            tracing::debug!(
+                seq = ctx.seq(),
+                "transaction already applied: answering from the record"
+            );
+            return Ok(done.answer);
+        }
+        let (_, highest) = summary(&txn).await?;
+        if ctx.epoch() < highest {
+            txn.rollback().await?;
+            return Err(RunError::Fenced {
+                epoch: ctx.epoch(),
+                highest,
+            });
+        }
+        match work(&txn).await {
+            Ok(answer) => {
+                record(&txn, ctx, &answer).await?;
+                txn.commit().await?;
+                Ok(answer)
+            }
+            Err(answer) => {
+                txn.rollback().await?;
+                let txn = self.db.begin().await?;
+                record(&txn, ctx, &answer).await?;
+                txn.commit().await?;
+                Ok(answer)
+            }
+        }
+    }
+
+    /// The highest seq and the highest epoch applied here (0, 0 for none).
+    pub async fn applied(&self) -> Result<(u64, u64), DbErr> {
+        summary(&self.db).await
+    }
+
+    /// What was recorded for `seq`, if it was applied here.
+    pub async fn lookup(&self, seq: u64) -> Result<Option<AppliedRecord>, DbErr> {
+        lookup(&self.db, seq).await
+    }
+}
+
+async fn summary(db: &impl ConnectionTrait) -> Result<(u64, u64), DbErr> {
+    let q = Query::select()
+        .expr(Func::max(Expr::col(Applied::Seq)))
+        .expr(Func::max(Expr::col(Applied::Epoch)))
+        .from(Applied::Table)
+        .to_owned();
+    let Some(row) = db.query_one(&q).await? else {
+        return Ok((0, 0));
+    };
+    let seq: Option<i64> = row.try_get_by_index(0)?;
+    let epoch: Option<i64> = row.try_get_by_index(1)?;
+    let u = |v: Option<i64>| v.and_then(|v| u64::try_from(v).ok()).unwrap_or(0);
+    Ok((u(seq), u(epoch)))
+}
+
+async fn lookup(db: &impl ConnectionTrait, seq: u64) -> Result<Option<AppliedRecord>, DbErr> {
+    let q = Query::select()
+        .columns([Applied::Epoch, Applied::Status, Applied::Body])
+        .from(Applied::Table)
+        .and_where(Expr::col(Applied::Seq).eq(to_i64(seq)))
+        .to_owned();
+    let Some(row) = db.query_one(&q).await? else {
+        return Ok(None);
+    };
+    let epoch: i64 = row.try_get("", "epoch")?;
+    let status: i32 = row.try_get("", "status")?;
+    let body: Vec<u8> = row.try_get("", "body")?;
+    Ok(Some(AppliedRecord {
+        seq,
+        epoch: u64::try_from(epoch).unwrap_or(0),
+        answer: Answer {
+            status: u16::try_from(status).unwrap_or(500),
+            body: Bytes::from(body),
+        },
+    }))
+}
+
+async fn record(
+    txn: &DatabaseTransaction,
+    ctx: &ReplayContext,
+    answer: &Answer,
+) -> Result<(), DbErr> {
+    let insert = Query::insert()
+        .into_table(Applied::Table)
+        .columns([
+            Applied::Seq,
+            Applied::TxnId,
+            Applied::Epoch,
+            Applied::Status,
+            Applied::Body,
+        ])
+        .values_panic([
+            to_i64(ctx.seq()).into(),
+            ctx.txn_id().to_string().into(),
+            to_i64(ctx.epoch()).into(),
+            i32::from(answer.status).into(),
+            answer.body.to_vec().into(),
+        ])
+        .to_owned();
+    txn.execute(&insert).await?;
+    Ok(())
+}

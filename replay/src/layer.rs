@@ -1,0 +1,289 @@
+//! [`ReplayLayer`]: the application side of the wire contract, as a Tower layer for axum or
+//! plain hyper services.
+//!
+//! - Reads the replay headers into a [`ReplayContext`] request extension. Requests without
+//!   them (reads, or an app run without regroup) get no context and pass through.
+//! - Malformed replay headers get 400.
+//! - Fencing: an update whose `Regroup-Epoch` is older than the highest this partition has
+//!   seen gets 409 `fenced` (unless it is a re-delivery of a transaction already applied,
+//!   which the exactly-once helper answers from its record). With
+//!   [`ReplayLayer::require_regroup`], updates that did not come through regroup get 403.
+//! - With a store ([`ReplayLayer::with_store`]) it answers the proxy's questions:
+//!   `GET /_regroup/applied` → `{"applied": <highest seq>, "epoch": <highest epoch>}` and
+//!   `GET /_regroup/applied?seq=N` → `{"seq": N, "applied": true, "status": S, "epoch": E}`
+//!   or `{"seq": N, "applied": false}`.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll};
+
+use http::{Method, Request, Response, StatusCode, header};
+use tower::{Layer, Service};
+
+use crate::context::ReplayContext;
+use crate::exactly_once::{AppliedRecord, ExactlyOnce};
+
+/// The path the proxy asks about applied transactions.
+pub const APPLIED_PATH: &str = "/_regroup/applied";
+
+/// Where a partition's applied transactions are recorded.
+#[async_trait::async_trait]
+pub trait AppliedStore: Send + Sync + 'static {
+    /// The highest seq and the highest epoch applied.
+    async fn applied(&self) -> Result<(u64, u64), String>;
+    /// What was recorded for `seq`.
+    async fn lookup(&self, seq: u64) -> Result<Option<AppliedRecord>, String>;
+}
+
+#[async_trait::async_trait]
+impl AppliedStore for ExactlyOnce {
+    async fn applied(&self) -> Result<(u64, u64), String> {
+        ExactlyOnce::applied(self).await.map_err(|e| e.to_string())
+    }
+    async fn lookup(&self, seq: u64) -> Result<Option<AppliedRecord>, String> {
+        ExactlyOnce::lookup(self, seq)
+            .await
+            .map_err(|e| e.to_string())
+    }
+}
+
+/// Layer that gives requests a [`ReplayContext`]; see the module docs.
+///
+/// ```
+/// use regroup_replay::{ReplayContext, ReplayLayer};
+/// use tower::{ServiceBuilder, ServiceExt, service_fn};
+/// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+/// let svc = ServiceBuilder::new().layer(ReplayLayer::new()).service(service_fn(
+///     |req: http::Request<String>| async move {
+///         let seq = req.extensions().get::<ReplayContext>().map(|c| c.seq());
+///         Ok::<_, std::convert::Infallible>(http::Response::new(format!("{seq:?}")))
+///     },
+/// ));
+/// let req = http::Request::post("/transfers")
+///     .header("regroup-seq", "5")
+///     .header("regroup-txn-id", uuid::Uuid::now_v7().to_string())
+///     .header("regroup-epoch", "1")
+///     .header("regroup-timestamp", "2026-11-30T12:00:00Z")
+///     .body(String::new())
+///     .unwrap();
+/// assert_eq!(svc.oneshot(req).await.unwrap().into_body(), "Some(5)");
+/// # });
+/// ```
+#[derive(Clone, Default)]
+pub struct ReplayLayer {
+    store: Option<Arc<dyn AppliedStore>>,
+    require_regroup: bool,
+    highest_epoch: Arc<AtomicU64>,
+    loaded: Arc<tokio::sync::OnceCell<()>>,
+}
+
+impl std::fmt::Debug for ReplayLayer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ReplayLayer")
+            .field("store", &self.store.is_some())
+            .field("require_regroup", &self.require_regroup)
+            .field("highest_epoch", &self.highest_epoch.load(Ordering::Relaxed))
+            .finish()
+    }
+}
+
+impl ReplayLayer {
+    /// A layer that only reads the replay headers and fences stale epochs it has seen.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Answers `/_regroup/applied` from `store` and fences against the highest epoch it
+    /// has recorded.
+    pub fn with_store(mut self, store: impl AppliedStore) -> Self {
+        self.store = Some(Arc::new(store));
+        self
+    }
+
+    /// Refuses updates (POST, PUT, PATCH, DELETE) that did not come through regroup (403).
+    pub fn require_regroup(mut self, on: bool) -> Self {
+        self.require_regroup = on;
+        self
+    }
+}
+
+impl<S> Layer<S> for ReplayLayer {
+    type Service = Replay<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        Replay {
+            inner,
+            layer: self.clone(),
+        }
+    }
+}
+
+/// The service made by [`ReplayLayer`].
+#[derive(Debug, Clone)]
+pub struct Replay<S> {
+    inner: S,
+    layer: ReplayLayer,
+}
+
+impl<S> Replay<S> {
+    /// The wrapped service.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+
+    /// Unwraps the inner service.
+    pub fn into_inner(self) -> S {
+        self.inner
+    }
+}
+
+fn json<B: From<String>>(status: StatusCode, value: serde_json::Value) -> Response<B> {
+    let mut resp = Response::new(B::from(value.to_string()));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("application/json"),
+    );
+    resp
+}
+
+fn error<B: From<String>>(status: StatusCode, code: &str, message: String) -> Response<B> {
+    json(
+        status,
+        serde_json::json!({"error": code, "message": message}),
+    )
+}
+
+fn is_update(m: &Method) -> bool {
+    matches!(
+        *m,
+        Method::POST | Method::PUT | Method::PATCH | Method::DELETE
+    )
+}
+
+impl<S, ReqBody, ResBody> Service<Request<ReqBody>> for Replay<S>
+where
+    S: Service<Request<ReqBody>, Response = Response<ResBody>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    ReqBody: Send + 'static,
+    ResBody: From<String> + Send + 'static,
+{
+    type Response = Response<ResBody>;
+    type Error = S::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut req: Request<ReqBody>) -> Self::Future {
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        let layer = self.layer.clone();
+        Box::pin(async move {
+            if req.uri().path() == APPLIED_PATH && req.method() == Method::GET {
+                if let Some(store) = &layer.store {
+                    return Ok(applied(store.as_ref(), req.uri().query()).await);
+                }
+            }
+            let ctx = match ReplayContext::from_headers(req.headers()) {
+                Ok(ctx) => ctx,
+                Err(e) => {
+                    return Ok(error(
+                        StatusCode::BAD_REQUEST,
+                        "bad_replay_headers",
+                        e.to_string(),
+                    ));
+                }
+            };
+            match ctx {
+                Some(ctx) => {
+                    if let Some(resp) = layer.fence(&ctx).await {
+                        return Ok(resp);
+                    }
+                    req.extensions_mut().insert(ctx);
+                }
+                None if layer.require_regroup && is_update(req.method()) => {
+                    return Ok(error(
+                        StatusCode::FORBIDDEN,
+                        "not_through_regroup",
+                        "updates are only accepted through regroup".into(),
+                    ));
+                }
+                None => {}
+            }
+            inner.call(req).await
+        })
+    }
+}
+
+impl ReplayLayer {
+    /// 409 when `ctx` comes from an older epoch than this partition has seen (and is not a
+    /// re-delivery of an applied transaction).
+    async fn fence<B: From<String>>(&self, ctx: &ReplayContext) -> Option<Response<B>> {
+        if let Some(store) = &self.store {
+            self.loaded
+                .get_or_init(|| async {
+                    if let Ok((_, epoch)) = store.applied().await {
+                        self.highest_epoch.fetch_max(epoch, Ordering::AcqRel);
+                    }
+                })
+                .await;
+        }
+        let highest = self.highest_epoch.fetch_max(ctx.epoch(), Ordering::AcqRel);
+        if ctx.epoch() >= highest {
+            return None;
+        }
+        if let Some(store) = &self.store {
+            if matches!(store.lookup(ctx.seq()).await, Ok(Some(_))) {
+                return None;
+            }
+        }
+        Some(error(
+            StatusCode::CONFLICT,
+            "fenced",
+            format!(
+                "epoch {} is older than epoch {highest} already seen by this partition",
+                ctx.epoch()
+            ),
+        ))
+    }
+}
+
+async fn applied<B: From<String>>(store: &dyn AppliedStore, query: Option<&str>) -> Response<B> {
+    let seq = query
+        .unwrap_or("")
+        .split('&')
+        .find_map(|kv| kv.strip_prefix("seq="));
+    match seq {
+        None => match store.applied().await {
+            Ok((applied, epoch)) => json(
+                StatusCode::OK,
+                serde_json::json!({"applied": applied, "epoch": epoch}),
+            ),
+            Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, "store_unavailable", e),
+        },
+        Some(n) => {
+            let Ok(n) = n.parse::<u64>() else {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    "bad_seq",
+                    format!("seq {n:?} is not a number"),
+                );
+            };
+            match store.lookup(n).await {
+                Ok(Some(r)) => json(
+                    StatusCode::OK,
+                    serde_json::json!({"seq": n, "applied": true, "status": r.answer.status, "epoch": r.epoch}),
+                ),
+                Ok(None) => json(
+                    StatusCode::OK,
+                    serde_json::json!({"seq": n, "applied": false}),
+                ),
+                Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, "store_unavailable", e),
+            }
+        }
+    }
+}

@@ -1,6 +1,8 @@
 //! Three bank partitions behind the proxy: convergence under concurrent load, replay of
 //! failed updates, a replica killed and restarted, the proxy killed and restarted.
 
+#![allow(clippy::unwrap_used)]
+
 mod support;
 
 use std::time::Duration;
@@ -121,6 +123,10 @@ async fn proxy_killed_mid_load_loses_no_acknowledged_update() {
     g.proxy.restart().await;
     let doc = g.proxy.status(&g.http).await;
     let group = &doc.groups[0];
+    eprintln!(
+        "after the restart: head {}, sealed {}, in doubt {:?}",
+        group.head, group.sealed, group.in_doubt
+    );
     assert!(
         group.in_doubt.len() <= 1,
         "at most one update can be in flight: {group:?}"
@@ -163,6 +169,7 @@ async fn proxy_killed_mid_load_loses_no_acknowledged_update() {
         } else {
             "executed"
         };
+        eprintln!("record {seq} was in doubt after the restart; resolving it as {outcome}");
         let out = tokio::process::Command::new(REGROUP)
             .args([
                 "resolve",

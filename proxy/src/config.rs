@@ -198,15 +198,15 @@ fn default_max_read_lag() -> u64 {
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     /// The file could not be read.
-    #[error("cannot read config file {path}: {source}")]
+    #[error("cannot read config file {}: {error}", path.display())]
     Read {
         /// The file.
         path: PathBuf,
         /// Why.
-        source: std::io::Error,
+        error: std::io::Error,
     },
     /// The file is not valid TOML for this schema.
-    #[error("{path}:{line}:{column}: {message}")]
+    #[error("{}:{line}:{column}: {message}", path.display())]
     Parse {
         /// The file.
         path: PathBuf,
@@ -218,7 +218,7 @@ pub enum ConfigError {
         message: String,
     },
     /// A value is out of range or inconsistent with another.
-    #[error("{path}: {key}: {message}")]
+    #[error("{}: {key}: {message}", path.display())]
     Invalid {
         /// The file.
         path: PathBuf,
@@ -232,9 +232,9 @@ pub enum ConfigError {
 impl Config {
     /// Reads, parses and validates `path`.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        let text = std::fs::read_to_string(path).map_err(|error| ConfigError::Read {
             path: path.to_owned(),
-            source,
+            error,
         })?;
         Config::parse(&text, path)
     }
@@ -328,13 +328,14 @@ impl Config {
                 ));
             }
             for (ri, r) in g.routes.iter().enumerate() {
-                if let Some(m) = &r.method {
-                    if m != "*" && Method::from_bytes(m.as_bytes()).is_err() {
-                        return Err(invalid(
-                            key(&format!("routes[{ri}].method")),
-                            format!("{m:?} is not an HTTP method"),
-                        ));
-                    }
+                if let Some(m) = &r.method
+                    && m != "*"
+                    && Method::from_bytes(m.as_bytes()).is_err()
+                {
+                    return Err(invalid(
+                        key(&format!("routes[{ri}].method")),
+                        format!("{m:?} is not an HTTP method"),
+                    ));
                 }
                 if !r.path.starts_with('/') {
                     return Err(invalid(

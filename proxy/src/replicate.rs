@@ -23,7 +23,7 @@ impl ReplayObserver for Observer {
     }
 
     fn apply_failed(&self, seq: u64, attempt: u32, error: &ApplyError) {
-        if attempt == 1 || attempt % 20 == 0 {
+        if attempt == 1 || attempt.is_multiple_of(20) {
             tracing::info!(partition = %self.partition.name(), seq, attempt, %error,
                 "replay not delivered yet; retrying");
         }

@@ -36,10 +36,9 @@ where
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok())
+        && len > limit as u64
     {
-        if len > limit as u64 {
-            return Err(ProxyError::BodyTooLarge { limit });
-        }
+        return Err(ProxyError::BodyTooLarge { limit });
     }
     let body = Limited::new(body, limit)
         .collect()

@@ -183,10 +183,11 @@ where
         let mut inner = std::mem::replace(&mut self.inner, clone);
         let layer = self.layer.clone();
         Box::pin(async move {
-            if req.uri().path() == APPLIED_PATH && req.method() == Method::GET {
-                if let Some(store) = &layer.store {
-                    return Ok(applied(store.as_ref(), req.uri().query()).await);
-                }
+            if req.uri().path() == APPLIED_PATH
+                && req.method() == Method::GET
+                && let Some(store) = &layer.store
+            {
+                return Ok(applied(store.as_ref(), req.uri().query()).await);
             }
             let ctx = match ReplayContext::from_headers(req.headers()) {
                 Ok(ctx) => ctx,
@@ -236,10 +237,10 @@ impl ReplayLayer {
         if ctx.epoch() >= highest {
             return None;
         }
-        if let Some(store) = &self.store {
-            if matches!(store.lookup(ctx.seq()).await, Ok(Some(_))) {
-                return None;
-            }
+        if let Some(store) = &self.store
+            && matches!(store.lookup(ctx.seq()).await, Ok(Some(_)))
+        {
+            return None;
         }
         Some(error(
             StatusCode::CONFLICT,

@@ -24,6 +24,9 @@ impl SqlJournal {
     /// Connects to `url` (`sqlite://path` creates the file; `postgres://…` uses an existing
     /// database) and applies the journal migrations.
     pub async fn connect(url: &str) -> Result<Self, JournalError> {
+        // A pool hides why it cannot connect behind a time-out; one direct connection
+        // first gives the real reason (connection refused, no such database, ...).
+        Self::probe(url).await?;
         let mut opts = ConnectOptions::new(url.to_owned());
         opts.sqlx_logging(false)
             .connect_timeout(Duration::from_secs(5))
@@ -64,6 +67,18 @@ impl SqlJournal {
             if !path.exists() {
                 return Ok(());
             }
+        }
+        if url.starts_with("postgres") {
+            use sea_orm::sqlx::Connection as _;
+            let conn = tokio::time::timeout(
+                Duration::from_secs(5),
+                sea_orm::sqlx::PgConnection::connect(url),
+            )
+            .await
+            .map_err(|_| JournalError::Database("no answer within 5 s".into()))?
+            .map_err(|e| JournalError::Database(e.to_string()))?;
+            let _ = conn.close().await;
+            return Ok(());
         }
         let mut opts = ConnectOptions::new(url.to_owned());
         opts.sqlx_logging(false)

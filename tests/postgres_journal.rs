@@ -1,0 +1,142 @@
+//! Three bank partitions with the journal on PostgreSQL: a fresh database per run,
+//! convergence under concurrent load, the database dropped afterwards (also on failure).
+
+#![allow(clippy::unwrap_used)]
+
+mod support;
+
+use std::time::Duration;
+
+use sea_orm::{ConnectionTrait, Database, DatabaseConnection, Statement};
+use support::*;
+
+/// The server's maintenance database (trust auth on the test machines and in CI).
+const ADMIN_URL: &str = "postgres://postgres@127.0.0.1:5432/test";
+
+async fn connect_admin() -> Result<DatabaseConnection, String> {
+    // A plain TCP connect first: sqlx's pool reports a refused connection only as a
+    // time-out.
+    let addr = ADMIN_URL
+        .split_once('@')
+        .and_then(|(_, rest)| rest.split_once('/'))
+        .map_or("127.0.0.1:5432", |(addr, _)| addr);
+    tokio::time::timeout(Duration::from_secs(5), tokio::net::TcpStream::connect(addr))
+        .await
+        .map_err(|_| "no TCP connection within 5 s".to_owned())?
+        .map_err(|e| e.to_string())?;
+    let db = tokio::time::timeout(Duration::from_secs(10), Database::connect(ADMIN_URL))
+        .await
+        .map_err(|_| "no connection within 10 s".to_owned())?
+        .map_err(|e| e.to_string())?;
+    db.ping().await.map_err(|e| e.to_string())?;
+    Ok(db)
+}
+
+/// A fresh database, dropped (with its connections) when this is dropped.
+struct TempDatabase {
+    name: String,
+    url: String,
+}
+
+impl TempDatabase {
+    /// Creates `regroup_test_<random>`; `Err` when the server is not reachable.
+    async fn create() -> Result<TempDatabase, String> {
+        let admin = connect_admin().await?;
+        let name = format!("regroup_test_{:016x}", rand::random::<u64>());
+        admin
+            .execute_unprepared(&format!("CREATE DATABASE {name}"))
+            .await
+            .map_err(|e| format!("CREATE DATABASE {name}: {e}"))?;
+        let _ = admin.close().await;
+        let url = format!("postgres://postgres@127.0.0.1:5432/{name}");
+        Ok(TempDatabase { name, url })
+    }
+}
+
+impl Drop for TempDatabase {
+    fn drop(&mut self) {
+        // Drop runs inside the test's runtime, which cannot be blocked on: clean up from a
+        // thread with a runtime of its own.
+        let name = self.name.clone();
+        let done = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async {
+                let admin = connect_admin().await?;
+                admin
+                    .execute_unprepared(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                    .await
+                    .map_err(|e| e.to_string())?;
+                let _ = admin.close().await;
+                Ok::<_, String>(())
+            })
+        })
+        .join();
+        match done {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => eprintln!("could not drop test database {}: {e}", self.name),
+            Err(_) => eprintln!(
+                "could not drop test database {}: cleanup panicked",
+                self.name
+            ),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn three_partitions_journal_on_postgres_converge() {
+    let db = match TempDatabase::create().await {
+        Ok(db) => db,
+        Err(e) if in_ci() => {
+            panic!("PostgreSQL not reachable at {ADMIN_URL} (required in CI): {e}")
+        }
+        Err(e) => {
+            eprintln!("skipping: PostgreSQL not reachable at {ADMIN_URL}: {e}");
+            return;
+        }
+    };
+    // Declared after `db`, so dropped first: the proxy is gone before the database is.
+    let g = BankGroup::start(3, Some(&db.url), "").await;
+    let mut report = LoadReport::default();
+    let seeds = seed_accounts(&g, 8, &mut report).await;
+    let load = run_load(&g, &seeds, 16, 520, false, "pg").await;
+    assert_eq!(load.answered(), 520);
+    assert_eq!(
+        load.count(201) + load.count(409) + load.count(400) + load.count(404),
+        520,
+        "unexpected answers: {:?}",
+        load.statuses
+    );
+    report.acked_accounts.extend(load.acked_accounts);
+    report.acked_transfers.extend(load.acked_transfers);
+    report.initial_balance.extend(load.initial_balance);
+
+    let doc = g.wait_converged(Duration::from_secs(90)).await;
+    assert_eq!(doc.groups[0].head, 8 + 520);
+    assert_eq!(doc.groups[0].sealed, 8 + 520);
+    let (accounts, transfers) = g.assert_identical().await;
+    assert_bank_invariants(&report, &accounts, &transfers);
+    assert_eq!(transfers.len(), report.acked_transfers.len());
+
+    // The journal really is in PostgreSQL, every record sealed.
+    assert!(!g.dir.path().join("journal.db").exists());
+    let journal = Database::connect(&db.url).await.unwrap();
+    let row = journal
+        .query_one_raw(Statement::from_string(
+            journal.get_database_backend(),
+            "SELECT count(*), max(seq), count(*) FILTER (WHERE state = 'pending') \
+             FROM regroup_record WHERE group_name = 'bank'",
+        ))
+        .await
+        .unwrap()
+        .unwrap();
+    let counts: (i64, i64, i64) = (
+        row.try_get_by_index(0).unwrap(),
+        row.try_get_by_index(1).unwrap(),
+        row.try_get_by_index(2).unwrap(),
+    );
+    assert_eq!(counts, (528, 528, 0));
+    let _ = journal.close().await;
+}

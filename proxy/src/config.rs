@@ -445,6 +445,13 @@ url = "http://127.0.0.1:9002"
     }
 
     #[test]
+    fn the_sample_config_is_valid() {
+        let text = include_str!("../../examples/regroup.toml");
+        let c = Config::parse(text, Path::new("examples/regroup.toml")).expect("valid sample");
+        assert_eq!(c.groups[0].partitions.len(), 3);
+    }
+
+    #[test]
     fn good_config_gets_documented_defaults() {
         let c = Config::parse(GOOD, Path::new("x.toml")).expect("valid");
         let g = &c.groups[0];

@@ -65,6 +65,12 @@ enum Command {
         #[arg(long, env = "REGROUP_ADMIN_TOKEN", hide_env_values = true)]
         token: Option<String>,
     },
+    /// Move the primary role to a partition (planned switchover: no request fails).
+    Promote(RoleArgs),
+    /// Take a partition out of client traffic (moving the primary role away first).
+    Drain(RoleArgs),
+    /// Return a drained partition to service.
+    Undrain(RoleArgs),
     /// Run a redundancy group of three bank partitions behind the proxy, on SQLite files
     /// in a fresh directory.
     Demo(demo::DemoArgs),
@@ -78,6 +84,22 @@ enum Command {
         #[arg(long, default_value = "sqlite://bank.db")]
         db: String,
     },
+}
+
+#[derive(clap::Args)]
+struct RoleArgs {
+    /// The admin URL.
+    #[arg(long, default_value = "http://127.0.0.1:8081")]
+    admin: String,
+    /// The group.
+    #[arg(long)]
+    group: String,
+    /// The partition.
+    #[arg(long)]
+    partition: String,
+    /// Admin bearer token (default: $REGROUP_ADMIN_TOKEN).
+    #[arg(long, env = "REGROUP_ADMIN_TOKEN", hide_env_values = true)]
+    token: Option<String>,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -192,9 +214,35 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             println!("group {group}: record {seq} resolved as {outcome}");
             Ok(())
         }
+        Command::Promote(a) => role_verb("promote", a).await,
+        Command::Drain(a) => role_verb("drain", a).await,
+        Command::Undrain(a) => role_verb("undrain", a).await,
         Command::Demo(args) => demo::run(args).await,
         Command::Bank { listen, db } => bank::serve(&listen, &db).await,
     }
+}
+
+async fn role_verb(verb: &str, a: RoleArgs) -> anyhow::Result<()> {
+    let url = format!(
+        "{}/groups/{}/{verb}",
+        a.admin.trim_end_matches('/'),
+        a.group
+    );
+    let body = serde_json::json!({"partition": a.partition});
+    let answer = HttpClient::new()
+        .send("POST", &url, Some(&body), a.token.as_deref())
+        .await?;
+    if answer.status != 200 {
+        let v: serde_json::Value = answer.json().unwrap_or_default();
+        bail!(
+            "{verb} refused ({}): {}",
+            answer.status,
+            v["message"].as_str().unwrap_or("no message")
+        );
+    }
+    let g: regroup_proxy::admin::GroupStatus = answer.json()?;
+    print!("{}", status_table(&StatusDoc { groups: vec![g] }));
+    Ok(())
 }
 
 /// Completes on Ctrl-C or SIGTERM.

@@ -1,5 +1,6 @@
-//! The admin API on `admin_listen`: `GET /status` (JSON), `POST /groups/{group}/resolve`
-//! (settle an in-doubt record; bearer token when configured), `GET /health`.
+//! The admin API on `admin_listen`: `GET /status` (JSON), `GET /health`, and the admin
+//! verbs (bearer token when configured): `POST /groups/{group}/resolve` (settle an in-doubt
+//! record), `POST /groups/{group}/promote`, `/drain`, `/undrain` (`{"partition": NAME}`).
 
 use std::sync::Arc;
 
@@ -48,7 +49,7 @@ pub struct PartitionStatusDoc {
     pub name: String,
     /// Base URL.
     pub url: String,
-    /// `available`, `catching_up`, `suspect`, `unavailable` or `diverged`.
+    /// `available`, `catching_up`, `suspect`, `unavailable`, `diverged` or `draining`.
     pub status: String,
     /// Highest seq applied.
     pub applied: u64,
@@ -93,6 +94,14 @@ pub struct ResolveRequest {
     pub seq: u64,
     /// `executed` or `skipped`.
     pub outcome: ResolveOutcome,
+}
+
+/// The body of `POST /groups/{group}/promote|drain|undrain`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PartitionRequest {
+    /// The partition.
+    pub partition: String,
 }
 
 /// How an operator settles an in-doubt record.
@@ -177,6 +186,38 @@ impl Admin {
                     }),
                 ))
             }
+            (&Method::POST, ["groups", group, verb @ ("promote" | "drain" | "undrain")]) => {
+                self.authorize(&req)?;
+                let group = self.group(group)?;
+                let body = req
+                    .into_body()
+                    .collect()
+                    .await
+                    .map_err(|e| ProxyError::BadRequest(format!("cannot read body: {e}")))?
+                    .to_bytes();
+                let ask: PartitionRequest = serde_json::from_slice(&body).map_err(|e| {
+                    ProxyError::BadRequest(format!("body must be {{\"partition\": NAME}}: {e}"))
+                })?;
+                let index = group
+                    .partitions
+                    .iter()
+                    .position(|p| p.name() == ask.partition)
+                    .ok_or_else(|| {
+                        ProxyError::BadRequest(format!(
+                            "group {:?} has no partition {:?}",
+                            group.name(),
+                            ask.partition
+                        ))
+                    })?;
+                match *verb {
+                    "promote" => {
+                        crate::failover::move_role(&group, Some(index), true).await?;
+                    }
+                    "drain" => crate::failover::drain(&group, index).await?,
+                    _ => crate::failover::undrain(&group, index),
+                }
+                Ok(json(StatusCode::OK, &GroupStatus::from(group.view())))
+            }
             _ => Err(ProxyError::NoGroup(path)),
         }
     }
@@ -225,6 +266,7 @@ pub fn parse_status(s: &str) -> Option<PartitionStatus> {
         PartitionStatus::Suspect,
         PartitionStatus::Unavailable,
         PartitionStatus::Diverged,
+        PartitionStatus::Draining,
     ]
     .into_iter()
     .find(|p| p.as_str() == s)

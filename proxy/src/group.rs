@@ -1,11 +1,13 @@
 //! A redundancy group at run time: its partitions, the primary role and epoch, the journal
 //! head, the write slot that serializes updates, and in-doubt records.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 use regroup_replay::{Journal, Outcome, Record, RecordState};
-use tokio::sync::{Mutex, Notify, watch};
+use tokio::sync::{Mutex, watch};
+use tokio::task::JoinHandle;
 
 use crate::classify::Classifier;
 use crate::config::{GroupConfig, base_uri};
@@ -22,19 +24,41 @@ pub struct Group {
     pub(crate) journal: Arc<dyn Journal>,
     pub(crate) client: Upstream,
     primary: AtomicUsize,
-    epoch: AtomicU64,
+    /// The primary's term. Bumped (and made durable) before a new primary is chosen, so
+    /// no answer from a deposed primary can be sealed afterwards.
+    pub(crate) epoch: watch::Sender<u64>,
     /// Highest seq appended to the journal.
     head: AtomicU64,
     /// Highest seq up to which every record is sealed: what replicas may replay.
     pub(crate) sealed: watch::Sender<u64>,
     /// The lowest record whose execution is unknown, if any. Updates wait while set.
     pub(crate) in_doubt: watch::Sender<Option<u64>>,
+    /// The partition that may have executed the in-doubt record.
+    pub(crate) in_doubt_by: std::sync::Mutex<Option<usize>>,
     /// Serializes the group's updates (held from append to seal).
     pub(crate) write_slot: Mutex<()>,
-    /// Signalled whenever a partition's status may have changed.
-    pub(crate) changed: Notify,
+    /// Held while an answer is sealed, and while the epoch is bumped: a seal checks the
+    /// epoch it was sent in under it.
+    pub(crate) seal_gate: Mutex<()>,
+    /// One role change (failover, promote) at a time.
+    pub(crate) role_lock: Mutex<()>,
+    /// One settlement of an in-doubt record at a time.
+    pub(crate) settle_lock: Mutex<()>,
+    /// True while the primary role is moving: new updates wait.
+    pub(crate) switching: watch::Sender<bool>,
+    /// Bumped whenever a partition's status or the primary may have changed.
+    pub(crate) changed: watch::Sender<u64>,
     /// Set to stop the group's background tasks.
     pub(crate) stop: watch::Sender<bool>,
+    /// The running replayers, by partition index.
+    pub(crate) replayers: std::sync::Mutex<HashMap<usize, ReplayerHandle>>,
+}
+
+/// A running replayer and the way to stop it.
+#[derive(Debug)]
+pub(crate) struct ReplayerHandle {
+    pub(crate) stop: watch::Sender<bool>,
+    pub(crate) task: JoinHandle<()>,
 }
 
 impl std::fmt::Debug for Group {
@@ -119,13 +143,19 @@ impl Group {
             journal,
             client,
             primary: AtomicUsize::new(primary),
-            epoch: AtomicU64::new(state.epoch),
+            epoch: watch::Sender::new(state.epoch),
             head: AtomicU64::new(state.head),
             sealed: watch::Sender::new(sealed),
             in_doubt: watch::Sender::new(first_unsealed),
+            in_doubt_by: std::sync::Mutex::new(first_unsealed.map(|_| primary)),
             write_slot: Mutex::new(()),
-            changed: Notify::new(),
+            seal_gate: Mutex::new(()),
+            role_lock: Mutex::new(()),
+            settle_lock: Mutex::new(()),
+            switching: watch::Sender::new(false),
+            changed: watch::Sender::new(0),
             stop: watch::Sender::new(false),
+            replayers: std::sync::Mutex::new(HashMap::new()),
         });
         Ok(group)
     }
@@ -142,7 +172,7 @@ impl Group {
 
     /// The primary's term.
     pub fn epoch(&self) -> u64 {
-        self.epoch.load(Ordering::Acquire)
+        *self.epoch.borrow()
     }
 
     /// Highest seq in the journal.
@@ -161,8 +191,46 @@ impl Group {
         &self.partitions[i.min(self.partitions.len() - 1)]
     }
 
+    /// The primary's index in `partitions`.
+    pub(crate) fn primary_index(&self) -> usize {
+        self.primary
+            .load(Ordering::Acquire)
+            .min(self.partitions.len() - 1)
+    }
+
     pub(crate) fn is_primary(&self, p: &Partition) -> bool {
         std::ptr::eq(self.primary().as_ref(), p)
+    }
+
+    /// Hands the primary role to partition `index` (the caller made it durable).
+    pub(crate) fn set_primary(&self, index: usize) {
+        self.primary.store(index, Ordering::Release);
+        self.refresh_all();
+        self.bump();
+    }
+
+    /// Wakes everyone watching `changed`.
+    pub(crate) fn bump(&self) {
+        self.changed.send_modify(|v| *v = v.wrapping_add(1));
+    }
+
+    /// The partition that may have executed the in-doubt record.
+    pub(crate) fn in_doubt_by(&self) -> Option<usize> {
+        *self.in_doubt_by.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Records that `seq` is in doubt, possibly executed by partition `by`.
+    pub(crate) fn set_in_doubt(&self, seq: u64, by: usize) {
+        *self.in_doubt_by.lock().unwrap_or_else(|p| p.into_inner()) = Some(by);
+        self.in_doubt.send_replace(Some(seq));
+        self.bump();
+    }
+
+    /// Clears the in-doubt record.
+    pub(crate) fn clear_in_doubt(&self) {
+        *self.in_doubt_by.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        self.in_doubt.send_replace(None);
+        self.bump();
     }
 
     /// Marks `seq` sealed and advances what replicas may replay.
@@ -187,16 +255,14 @@ impl Group {
             changed |= self.derive_status(p);
         }
         if changed {
-            self.changed.notify_waiters();
-            self.changed.notify_one();
+            self.bump();
         }
     }
 
     /// Re-derives one partition's status.
     pub(crate) fn refresh(&self, p: &Partition) {
         if self.derive_status(p) {
-            self.changed.notify_waiters();
-            self.changed.notify_one();
+            self.bump();
         }
     }
 
@@ -254,6 +320,7 @@ impl Group {
     /// Settles an in-doubt record as `executed` (replicas replay it without comparing
     /// answers: the primary's was never seen) or `skipped` (nobody replays it).
     pub async fn resolve(&self, seq: u64, executed: bool) -> Result<Record, ProxyError> {
+        let _settling = self.settle_lock.lock().await;
         let current = *self.in_doubt.borrow();
         if current != Some(seq) {
             let record = self
@@ -294,7 +361,7 @@ impl Group {
         tracing::info!(group = %self.name(), seq, outcome = record.state.as_str(),
             "in-doubt record resolved by an operator");
         debug_assert!(record.state != RecordState::InDoubt);
-        self.in_doubt.send_replace(None);
+        self.clear_in_doubt();
         self.sealed_through(seq);
         Ok(record)
     }

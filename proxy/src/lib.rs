@@ -31,6 +31,7 @@ pub mod applier;
 pub mod classify;
 pub mod config;
 pub mod error;
+mod failover;
 pub mod forward;
 pub mod group;
 pub mod partition;

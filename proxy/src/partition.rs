@@ -2,7 +2,7 @@
 //! tracks it (health, replay progress, divergence, status history).
 
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use http::Uri;
 use time::OffsetDateTime;
@@ -35,6 +35,7 @@ pub struct Partition {
     base: Uri,
     priority: i32,
     applied: AtomicU64,
+    draining: AtomicBool,
     state: Mutex<State>,
 }
 
@@ -63,6 +64,7 @@ impl Partition {
             base,
             priority,
             applied: AtomicU64::new(applied),
+            draining: AtomicBool::new(false),
             state: Mutex::new(State {
                 // Not yet checked: treated as one missed heartbeat (no reads) until the
                 // first heartbeat answers.
@@ -97,6 +99,20 @@ impl Partition {
 
     pub(crate) fn set_applied(&self, seq: u64) {
         self.applied.fetch_max(seq, Ordering::AcqRel);
+    }
+
+    /// Whether an operator drained it.
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn set_draining(&self, on: bool) {
+        self.draining.store(on, Ordering::Release);
+    }
+
+    /// Answering heartbeats, not diverged, not drained: may take the primary role.
+    pub(crate) fn can_lead(&self) -> bool {
+        self.health() == Health::Up && self.diverged().is_none() && !self.is_draining()
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {

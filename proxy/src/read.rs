@@ -159,8 +159,9 @@ impl Reads {
 async fn membership(group: Arc<Group>, tx: mpsc::UnboundedSender<Change<usize, Endpoint>>) {
     let mut current: HashSet<usize> = HashSet::new();
     let mut stop = group.stop.subscribe();
+    let mut changed = group.changed.subscribe();
     loop {
-        let notified = group.changed.notified();
+        changed.borrow_and_update();
         let eligible: HashSet<usize> = group
             .partitions
             .iter()
@@ -190,7 +191,7 @@ async fn membership(group: Arc<Group>, tx: mpsc::UnboundedSender<Change<usize, E
         }
         current = eligible;
         tokio::select! {
-            _ = notified => {}
+            r = changed.changed() => if r.is_err() { return },
             _ = stop.changed() => return,
         }
     }

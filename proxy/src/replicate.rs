@@ -1,12 +1,15 @@
 //! Replication: one [`Replayer`] per replica of a group, reporting progress and divergence
-//! into the group's partition statuses.
+//! into the group's partition statuses. Replayers are started for every partition but the
+//! primary, stopped when a partition takes the primary role, and started for a deposed
+//! primary.
 
 use std::sync::{Arc, Weak};
 
 use regroup_replay::{ApplyError, ReplayExit, ReplayObserver, Replayer};
+use tokio::sync::watch;
 
 use crate::applier::HttpApplier;
-use crate::group::Group;
+use crate::group::{Group, ReplayerHandle};
 use crate::partition::Partition;
 
 struct Observer {
@@ -41,36 +44,76 @@ impl ReplayObserver for Observer {
 
 /// Starts a replayer for every partition of `group` except the primary.
 pub(crate) fn start(group: &Arc<Group>) {
-    for partition in &group.partitions {
-        if group.is_primary(partition) {
-            continue;
+    for index in 0..group.partitions.len() {
+        if index != group.primary_index() {
+            start_one(group, index);
         }
-        let applier = HttpApplier::new(
-            group.client.clone(),
-            partition.clone(),
-            group.config.update_timeout(),
-        );
-        let replayer = Replayer::new(
-            group.name(),
-            partition.name(),
-            group.journal.clone(),
-            Arc::new(applier),
-        )
-        .compare(group.config.compare);
-        let observer = Arc::new(Observer {
-            group: Arc::downgrade(group),
-            partition: partition.clone(),
+    }
+}
+
+/// Starts the replayer of partition `index` (no-op when it runs).
+pub(crate) fn start_one(group: &Arc<Group>, index: usize) {
+    let mut replayers = group.replayers.lock().unwrap_or_else(|p| p.into_inner());
+    if replayers.get(&index).is_some_and(|h| !h.task.is_finished()) {
+        return;
+    }
+    let Some(partition) = group.partitions.get(index).cloned() else {
+        return;
+    };
+    let applier = HttpApplier::new(
+        group.client.clone(),
+        partition.clone(),
+        group.config.update_timeout(),
+    );
+    let replayer = Replayer::new(
+        group.name(),
+        partition.name(),
+        group.journal.clone(),
+        Arc::new(applier),
+    )
+    .compare(group.config.compare);
+    let observer = Arc::new(Observer {
+        group: Arc::downgrade(group),
+        partition: partition.clone(),
+    });
+    let sealed = group.sealed.subscribe();
+    let (stop_tx, stop) = watch::channel(false);
+    let mut group_stop = group.stop.subscribe();
+    let own_stop = stop_tx.clone();
+    let name = format!("{}/{}", group.name(), partition.name());
+    let task = tokio::spawn(async move {
+        // The group stopping stops this replayer too.
+        let forward = tokio::spawn(async move {
+            let _ = group_stop.wait_for(|s| *s).await;
+            let _ = own_stop.send(true);
         });
-        let sealed = group.sealed.subscribe();
-        let stop = group.stop.subscribe();
-        let name = format!("{}/{}", group.name(), partition.name());
-        tokio::spawn(async move {
-            match replayer.run(sealed, stop, observer).await {
-                ReplayExit::Stopped => tracing::debug!(partition = %name, "replayer stopped"),
-                ReplayExit::Diverged(seq) => {
-                    tracing::warn!(partition = %name, seq, "replayer stopped at divergence")
-                }
+        match replayer.run(sealed, stop, observer).await {
+            ReplayExit::Stopped => tracing::debug!(partition = %name, "replayer stopped"),
+            ReplayExit::Diverged(seq) => {
+                tracing::warn!(partition = %name, seq, "replayer stopped at divergence")
             }
-        });
+        }
+        forward.abort();
+    });
+    replayers.insert(
+        index,
+        ReplayerHandle {
+            stop: stop_tx,
+            task,
+        },
+    );
+}
+
+/// Stops the replayer of partition `index` and waits until it has finished the record it
+/// was sending (so the partition receives nothing from it afterwards).
+pub(crate) async fn stop_one(group: &Group, index: usize) {
+    let handle = group
+        .replayers
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .remove(&index);
+    if let Some(h) = handle {
+        let _ = h.stop.send(true);
+        let _ = h.task.await;
     }
 }

@@ -24,7 +24,7 @@ use crate::forward::{BoxError, ProxyBody, upstream_client};
 use crate::group::Group;
 use crate::read::Reads;
 use crate::route::{ClientAddr, RegroupLayer, Routed};
-use crate::{replicate, supervise};
+use crate::{failover, replicate, supervise, update};
 
 /// The environment variable that overrides `admin_token`.
 pub const ADMIN_TOKEN_ENV: &str = "REGROUP_ADMIN_TOKEN";
@@ -59,6 +59,14 @@ impl Proxy {
             supervise::check_all(&group).await;
             supervise::start(&group);
             replicate::start(&group);
+            failover::start(&group);
+            let in_doubt = *group.in_doubt.borrow();
+            if let Some(seq) = in_doubt {
+                match journal.record(group.name(), seq).await {
+                    Ok(Some(record)) => update::spawn_settle(group.clone(), record),
+                    _ => tracing::warn!(group = %group.name(), seq, "in-doubt record not found"),
+                }
+            }
             let reads = Arc::new(Reads::start(&group));
             tracing::info!(group = %group.name(), primary = %group.primary().name(),
                 epoch = group.epoch(), head = group.head(), "group started");

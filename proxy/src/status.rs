@@ -21,6 +21,9 @@ pub enum PartitionStatus {
     /// Answered a replay differently from the primary: quarantined, takes no traffic,
     /// replays stop until it is rebuilt.
     Diverged,
+    /// Taken out of service by an operator (`regroup drain`): no client traffic; it keeps
+    /// replaying so it can come back (`regroup undrain`) caught up.
+    Draining,
 }
 
 impl PartitionStatus {
@@ -32,6 +35,7 @@ impl PartitionStatus {
             PartitionStatus::Suspect => "suspect",
             PartitionStatus::Unavailable => "unavailable",
             PartitionStatus::Diverged => "diverged",
+            PartitionStatus::Draining => "draining",
         }
     }
 }

@@ -92,6 +92,10 @@ pub trait Journal: Send + Sync + 'static {
     /// Records the outcome of `seq`. Durable when this returns.
     async fn seal(&self, group: &str, seq: u64, outcome: &Outcome) -> Result<(), JournalError>;
 
+    /// Changes the epoch of a record that is not sealed, before it is sent to a new
+    /// primary (it is then executed in that epoch). Durable when this returns.
+    async fn restamp(&self, group: &str, seq: u64, epoch: u64) -> Result<(), JournalError>;
+
     /// Up to `limit` records of `group` with seq greater than `after`, in order.
     async fn read_after(
         &self,

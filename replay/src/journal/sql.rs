@@ -314,6 +314,22 @@ impl Journal for SqlJournal {
         Ok(())
     }
 
+    async fn restamp(&self, group: &str, seq: u64, epoch: u64) -> Result<(), JournalError> {
+        let update = Query::update()
+            .table(R::Table)
+            .value(R::Epoch, to_i64(epoch))
+            .and_where(Expr::col(R::GroupName).eq(group))
+            .and_where(Expr::col(R::Seq).eq(to_i64(seq)))
+            .to_owned();
+        if self.db.execute(&update).await?.rows_affected() == 0 {
+            return Err(JournalError::NoSuchRecord {
+                group: group.to_owned(),
+                seq,
+            });
+        }
+        Ok(())
+    }
+
     async fn read_after(
         &self,
         group: &str,
@@ -466,6 +482,8 @@ mod tests {
         assert_eq!(g.unsealed[0].seq, 2);
         assert_eq!(g.unsealed[0].state, RecordState::InDoubt);
 
+        j.restamp("bank", 2, 2).await?;
+        assert_eq!(j.record("bank", 2).await?.map(|r| r.epoch), Some(2));
         j.set_primary("bank", 2, "b").await?;
         let g = j.open_group("bank", "a").await?;
         assert_eq!((g.epoch, g.primary.as_str()), (2, "b"));

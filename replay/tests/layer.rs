@@ -1,0 +1,495 @@
+//! `ReplayLayer`, `ExactlyOnce` and `ReplayContext` from the application's side, without
+//! sockets: every request goes through `tower::ServiceExt::oneshot` to an inner service that
+//! records whether it was called and which `ReplayContext` it saw.
+
+#![allow(clippy::unwrap_used)]
+
+use std::convert::Infallible;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use http::{Method, Request, Response, StatusCode};
+use rand::Rng;
+use regroup_replay::layer::APPLIED_PATH;
+use regroup_replay::{Answer, ExactlyOnce, ReplayContext, ReplayLayer, RunError};
+use sea_orm::{ConnectionTrait, Database, DatabaseConnection};
+use sea_orm_migration::{MigrationTrait, SchemaManager};
+use serde_json::{Value, json};
+use time::macros::datetime;
+use tower::{Layer, Service, ServiceExt, service_fn};
+use uuid::Uuid;
+
+const TXN: &str = "0190b6e0-0000-7000-8000-0000000000aa";
+
+/// What the inner service saw: one entry per call, with the context it was given.
+type Seen = Arc<Mutex<Vec<Option<ReplayContext>>>>;
+
+/// An inner service that records its calls and answers 200 "inner".
+fn inner() -> (
+    impl Service<
+        Request<String>,
+        Response = Response<String>,
+        Error = Infallible,
+        Future: Send + 'static,
+    > + Clone
+    + Send
+    + 'static,
+    Seen,
+) {
+    let seen: Seen = Arc::default();
+    let log = seen.clone();
+    let svc = service_fn(move |req: Request<String>| {
+        log.lock()
+            .unwrap()
+            .push(req.extensions().get::<ReplayContext>().cloned());
+        std::future::ready(Ok::<_, Infallible>(Response::new("inner".to_owned())))
+    });
+    (svc, seen)
+}
+
+/// A request with the full replay headers.
+fn update(seq: &str, epoch: &str) -> http::request::Builder {
+    Request::post("/transfers")
+        .header("regroup-seq", seq)
+        .header("regroup-txn-id", TXN)
+        .header("regroup-epoch", epoch)
+        .header("regroup-timestamp", "2026-11-30T12:00:00.123456Z")
+}
+
+async fn send<S>(svc: &S, req: Request<String>) -> (StatusCode, String)
+where
+    S: Service<Request<String>, Response = Response<String>, Error = Infallible> + Clone,
+{
+    let resp = svc.clone().oneshot(req).await.unwrap();
+    (resp.status(), resp.into_body())
+}
+
+async fn send_json<S>(svc: &S, req: Request<String>) -> (StatusCode, Value)
+where
+    S: Service<Request<String>, Response = Response<String>, Error = Infallible> + Clone,
+{
+    let (status, body) = send(svc, req).await;
+    let value = serde_json::from_str(&body).unwrap_or_else(|e| panic!("{e}: {body}"));
+    (status, value)
+}
+
+fn calls(seen: &Seen) -> usize {
+    seen.lock().unwrap().len()
+}
+
+#[tokio::test]
+async fn request_without_replay_headers_passes_through_without_context() {
+    let (svc, seen) = inner();
+    let svc = ReplayLayer::new().layer(svc);
+    let (status, body) = send(
+        &svc,
+        Request::post("/transfers").body(String::new()).unwrap(),
+    )
+    .await;
+    assert_eq!((status, body.as_str()), (StatusCode::OK, "inner"));
+    let (status, _) = send(&svc, Request::get("/accounts").body(String::new()).unwrap()).await;
+    assert_eq!(status, StatusCode::OK);
+    let seen = seen.lock().unwrap();
+    assert_eq!(seen.len(), 2);
+    assert!(seen.iter().all(Option::is_none), "{seen:?}");
+}
+
+#[tokio::test]
+async fn full_headers_give_the_context_exactly_as_sent() {
+    let (svc, seen) = inner();
+    let svc = ReplayLayer::new().layer(svc);
+    let (status, _) = send(&svc, update("12", "3").body(String::new()).unwrap()).await;
+    assert_eq!(status, StatusCode::OK);
+    let (status, _) = send(
+        &svc,
+        update("13", "3")
+            .header("regroup-replay", "1")
+            .body(String::new())
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    let seen = seen.lock().unwrap();
+    let primary = seen[0]
+        .as_ref()
+        .expect("a context on the primary's execution");
+    let replay = seen[1].as_ref().expect("a context on the replay");
+    let txn = Uuid::parse_str(TXN).unwrap();
+    let at = datetime!(2026-11-30 12:00:00.123456 UTC);
+    assert_eq!(
+        (
+            primary.seq(),
+            primary.txn_id(),
+            primary.epoch(),
+            primary.now(),
+            primary.is_replay()
+        ),
+        (12, txn, 3, at, false)
+    );
+    assert_eq!(
+        (
+            replay.seq(),
+            replay.txn_id(),
+            replay.epoch(),
+            replay.now(),
+            replay.is_replay()
+        ),
+        (13, txn, 3, at, true)
+    );
+}
+
+#[tokio::test]
+async fn malformed_replay_headers_get_400_and_the_inner_service_is_not_called() {
+    let (svc, seen) = inner();
+    let svc = ReplayLayer::new().layer(svc);
+
+    let (status, body) = send_json(&svc, update("x", "1").body(String::new()).unwrap()).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert_eq!(body["error"], "bad_replay_headers");
+    let message = body["message"].as_str().unwrap();
+    assert!(
+        message.starts_with("invalid replay header regroup-seq: "),
+        "{message}"
+    );
+
+    let no_timestamp = Request::post("/transfers")
+        .header("regroup-seq", "1")
+        .header("regroup-txn-id", TXN)
+        .header("regroup-epoch", "1")
+        .body(String::new())
+        .unwrap();
+    let (status, body) = send_json(&svc, no_timestamp).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert_eq!(
+        body,
+        json!({"error": "bad_replay_headers", "message": "invalid replay header regroup-timestamp: missing"})
+    );
+
+    let mut bad_txn = update("1", "1").body(String::new()).unwrap();
+    bad_txn.headers_mut().insert(
+        "regroup-txn-id",
+        http::HeaderValue::from_static("not-a-uuid"),
+    );
+    let (status, body) = send_json(&svc, bad_txn).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert_eq!(body["error"], "bad_replay_headers");
+    assert_eq!(calls(&seen), 0, "the inner service must not be called");
+}
+
+#[tokio::test]
+async fn stale_epoch_is_fenced_with_409_and_newer_epochs_pass() {
+    let (svc, seen) = inner();
+    let svc = ReplayLayer::new().layer(svc);
+    let (status, _) = send(&svc, update("1", "3").body(String::new()).unwrap()).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(calls(&seen), 1);
+
+    let (status, body) = send_json(&svc, update("2", "2").body(String::new()).unwrap()).await;
+    assert_eq!(status, StatusCode::CONFLICT);
+    assert_eq!(
+        body,
+        json!({"error": "fenced", "message": "epoch 2 is older than epoch 3 already seen by this partition"})
+    );
+    assert_eq!(calls(&seen), 1, "a fenced update must not reach the app");
+
+    let (status, _) = send(&svc, update("2", "3").body(String::new()).unwrap()).await;
+    assert_eq!(status, StatusCode::OK);
+    let (status, _) = send(&svc, update("3", "4").body(String::new()).unwrap()).await;
+    assert_eq!(status, StatusCode::OK);
+    // Epoch 3 is now older than the 4 seen.
+    let (status, _) = send(&svc, update("4", "3").body(String::new()).unwrap()).await;
+    assert_eq!(status, StatusCode::CONFLICT);
+    let seen = seen.lock().unwrap();
+    let epochs: Vec<u64> = seen.iter().map(|c| c.as_ref().unwrap().epoch()).collect();
+    assert_eq!(epochs, [3, 3, 4]);
+}
+
+#[tokio::test]
+async fn require_regroup_refuses_direct_updates_but_not_reads() {
+    let (svc, seen) = inner();
+    let svc = ReplayLayer::new().require_regroup(true).layer(svc);
+    for method in [Method::POST, Method::PUT, Method::PATCH, Method::DELETE] {
+        let req = Request::builder()
+            .method(method.clone())
+            .uri("/accounts")
+            .body(String::new())
+            .unwrap();
+        let (status, body) = send_json(&svc, req).await;
+        assert_eq!(status, StatusCode::FORBIDDEN, "{method}");
+        assert_eq!(
+            body,
+            json!({"error": "not_through_regroup", "message": "updates are only accepted through regroup"})
+        );
+    }
+    assert_eq!(calls(&seen), 0);
+    let (status, body) = send(&svc, Request::get("/accounts").body(String::new()).unwrap()).await;
+    assert_eq!((status, body.as_str()), (StatusCode::OK, "inner"));
+    let (status, _) = send(&svc, update("1", "1").body(String::new()).unwrap()).await;
+    assert_eq!(status, StatusCode::OK, "an update through regroup passes");
+    let seen = seen.lock().unwrap();
+    assert!(seen[0].is_none());
+    assert_eq!(seen[1].as_ref().map(ReplayContext::seq), Some(1));
+}
+
+// ---------------------------------------------------------------------------------------
+// With a store: ExactlyOnce on SQLite
+// ---------------------------------------------------------------------------------------
+
+/// A SQLite database in a temp dir with `regroup_applied` and a table `item(id, name)`.
+async fn database() -> (tempfile::TempDir, DatabaseConnection) {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}?mode=rwc", dir.path().join("app.db").display());
+    let db = Database::connect(&url).await.unwrap();
+    regroup_migrations::AppliedMigration
+        .up(&SchemaManager::new(&db))
+        .await
+        .unwrap();
+    db.execute_unprepared(
+        "CREATE TABLE item (id INTEGER PRIMARY KEY AUTOINCREMENT, name TEXT NOT NULL)",
+    )
+    .await
+    .unwrap();
+    (dir, db)
+}
+
+fn ctx(seq: u64, epoch: u64) -> ReplayContext {
+    ReplayContext::new(
+        seq,
+        Uuid::now_v7(),
+        epoch,
+        datetime!(2026-11-30 12:00:00 UTC),
+        false,
+    )
+}
+
+/// Runs a work that inserts an item named `name` and answers 201 with the new id (or, when
+/// `fail`, inserts and then answers `Err` 409), counting its calls.
+async fn insert_item(
+    once: &ExactlyOnce,
+    ctx: &ReplayContext,
+    name: &str,
+    fail: bool,
+    calls: &Arc<AtomicUsize>,
+) -> Result<Answer, RunError> {
+    let calls = calls.clone();
+    let name = name.to_owned();
+    once.run(Some(ctx), move |txn| {
+        Box::pin(async move {
+            calls.fetch_add(1, Ordering::SeqCst);
+            txn.execute_unprepared(&format!("INSERT INTO item (name) VALUES ('{name}')"))
+                .await
+                .map_err(|e| Answer::json(500, &json!({"error": e.to_string()})))?;
+            let row = txn
+                .query_one_raw(sea_orm::Statement::from_string(
+                    txn.get_database_backend(),
+                    "SELECT last_insert_rowid()",
+                ))
+                .await
+                .unwrap()
+                .unwrap();
+            let id: i64 = row.try_get_by_index(0).unwrap();
+            if fail {
+                Err(Answer::json(409, &json!({"error": "refused", "id": id})))
+            } else {
+                Ok(Answer::json(201, &json!({"id": id, "name": name})))
+            }
+        })
+    })
+    .await
+}
+
+async fn items(db: &DatabaseConnection) -> Vec<String> {
+    db.query_all_raw(sea_orm::Statement::from_string(
+        db.get_database_backend(),
+        "SELECT name FROM item ORDER BY id",
+    ))
+    .await
+    .unwrap()
+    .iter()
+    .map(|r| r.try_get_by_index::<String>(0).unwrap())
+    .collect()
+}
+
+#[tokio::test]
+async fn applied_endpoint_answers_from_the_store() {
+    let (_dir, db) = database().await;
+    let once = ExactlyOnce::new(db.clone());
+    let (svc, seen) = inner();
+    let svc = ReplayLayer::new().with_store(once.clone()).layer(svc);
+    let get = |q: &str| {
+        Request::get(format!("{APPLIED_PATH}{q}"))
+            .body(String::new())
+            .unwrap()
+    };
+
+    assert_eq!(
+        send_json(&svc, get("")).await,
+        (StatusCode::OK, json!({"applied": 0, "epoch": 0}))
+    );
+    let n = Arc::new(AtomicUsize::new(0));
+    for seq in [1, 2] {
+        let a = insert_item(&once, &ctx(seq, 1), "x", false, &n)
+            .await
+            .unwrap();
+        assert_eq!(a.status, 201);
+    }
+    assert_eq!(
+        send_json(&svc, get("")).await,
+        (StatusCode::OK, json!({"applied": 2, "epoch": 1}))
+    );
+    assert_eq!(
+        send_json(&svc, get("?seq=2")).await,
+        (
+            StatusCode::OK,
+            json!({"seq": 2, "applied": true, "status": 201, "epoch": 1})
+        )
+    );
+    assert_eq!(
+        send_json(&svc, get("?seq=9")).await,
+        (StatusCode::OK, json!({"seq": 9, "applied": false}))
+    );
+    let (status, body) = send_json(&svc, get("?seq=x")).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert_eq!(body["error"], "bad_seq");
+    assert_eq!(calls(&seen), 0, "the layer answers these itself");
+}
+
+#[tokio::test]
+async fn layer_with_store_fences_from_the_recorded_epoch_but_lets_applied_redeliveries_through() {
+    let (_dir, db) = database().await;
+    let once = ExactlyOnce::new(db.clone());
+    let n = Arc::new(AtomicUsize::new(0));
+    insert_item(&once, &ctx(1, 1), "a", false, &n)
+        .await
+        .unwrap();
+    insert_item(&once, &ctx(2, 2), "b", false, &n)
+        .await
+        .unwrap();
+
+    // A fresh layer (a restarted app) learns epoch 2 from the store.
+    let (svc, seen) = inner();
+    let svc = ReplayLayer::new().with_store(once).layer(svc);
+    let (status, body) = send_json(&svc, update("3", "1").body(String::new()).unwrap()).await;
+    assert_eq!(status, StatusCode::CONFLICT);
+    assert_eq!(body["error"], "fenced");
+    assert_eq!(calls(&seen), 0);
+    // seq 1 was applied (in epoch 1): its re-delivery reaches the app, which answers it
+    // from the record.
+    let (status, _) = send(&svc, update("1", "1").body(String::new()).unwrap()).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(calls(&seen), 1);
+}
+
+#[tokio::test]
+async fn exactly_once_runs_a_seq_once_and_answers_the_same_twice() {
+    let (_dir, db) = database().await;
+    let once = ExactlyOnce::new(db.clone());
+    let n = Arc::new(AtomicUsize::new(0));
+    let c = ctx(1, 1);
+    let first = insert_item(&once, &c, "a", false, &n).await.unwrap();
+    let second = insert_item(&once, &c, "a", false, &n).await.unwrap();
+    assert_eq!(first, second);
+    assert_eq!(first.status, 201);
+    assert_eq!(n.load(Ordering::SeqCst), 1, "the work ran more than once");
+    assert_eq!(items(&db).await, ["a"]);
+    assert_eq!(once.applied().await.unwrap(), (1, 1));
+}
+
+#[tokio::test]
+async fn exactly_once_failed_work_rolls_back_but_records_its_answer() {
+    let (_dir, db) = database().await;
+    let once = ExactlyOnce::new(db.clone());
+    let n = Arc::new(AtomicUsize::new(0));
+    let c = ctx(1, 1);
+    let first = insert_item(&once, &c, "doomed", true, &n).await.unwrap();
+    assert_eq!(first.status, 409);
+    assert!(
+        items(&db).await.is_empty(),
+        "the failed work's insert must roll back"
+    );
+    let record = once.lookup(1).await.unwrap().expect("the seq is recorded");
+    assert_eq!((record.seq, record.epoch), (1, 1));
+    assert_eq!(record.answer, first);
+
+    let second = insert_item(&once, &c, "doomed", true, &n).await.unwrap();
+    assert_eq!(second, first);
+    assert_eq!(n.load(Ordering::SeqCst), 1, "answered from the record");
+    assert!(items(&db).await.is_empty());
+}
+
+#[tokio::test]
+async fn exactly_once_fences_a_stale_epoch() {
+    let (_dir, db) = database().await;
+    let once = ExactlyOnce::new(db.clone());
+    let n = Arc::new(AtomicUsize::new(0));
+    insert_item(&once, &ctx(1, 2), "new", false, &n)
+        .await
+        .unwrap();
+    let stale = insert_item(&once, &ctx(2, 1), "stale", false, &n).await;
+    assert!(
+        matches!(
+            stale,
+            Err(RunError::Fenced {
+                epoch: 1,
+                highest: 2
+            })
+        ),
+        "{stale:?}"
+    );
+    assert_eq!(n.load(Ordering::SeqCst), 1);
+    assert_eq!(items(&db).await, ["new"]);
+    assert!(once.lookup(2).await.unwrap().is_none());
+    assert_eq!(once.applied().await.unwrap(), (1, 2));
+}
+
+#[test]
+fn contexts_with_the_same_txn_id_derive_the_same_values() {
+    let txn = Uuid::now_v7();
+    let now = datetime!(2026-11-30 12:00:00 UTC);
+    let a = ReplayContext::new(1, txn, 1, now, false);
+    let b = ReplayContext::new(1, txn, 2, now, true);
+    let other = ReplayContext::new(1, Uuid::now_v7(), 1, now, false);
+
+    let uuids = |c: &ReplayContext| (0..5).map(|_| c.uuid()).collect::<Vec<_>>();
+    let (ua, ub, uo) = (uuids(&a), uuids(&b), uuids(&other));
+    assert_eq!(ua, ub);
+    assert_ne!(ua, uo);
+    assert_eq!(
+        ua.iter().collect::<std::collections::HashSet<_>>().len(),
+        5,
+        "the n-th UUIDs differ from each other"
+    );
+
+    let draws = |c: &ReplayContext| {
+        let mut first = c.rng();
+        let mut second = c.rng();
+        (
+            (0..4).map(|_| first.random::<u64>()).collect::<Vec<_>>(),
+            (0..4).map(|_| second.random::<u64>()).collect::<Vec<_>>(),
+        )
+    };
+    let (ra, rb, ro) = (draws(&a), draws(&b), draws(&other));
+    assert_eq!(ra, rb);
+    assert_ne!(ra.0, ra.1, "the second generator is a different stream");
+    assert_ne!(ra.0, ro.0);
+    assert_ne!(ra.1, ro.1);
+}
+
+/// `Service::call` on the layer must not need `poll_ready` of a fresh clone to differ: the
+/// same service value answers several requests in a row.
+#[tokio::test]
+async fn one_service_value_answers_several_requests() {
+    let (svc, seen) = inner();
+    let mut svc = ReplayLayer::new().layer(svc);
+    for seq in ["1", "2", "3"] {
+        let resp = svc
+            .ready()
+            .await
+            .unwrap()
+            .call(update(seq, "1").body(String::new()).unwrap())
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), StatusCode::OK);
+    }
+    assert_eq!(calls(&seen), 3);
+}

@@ -81,13 +81,16 @@ impl App {
         App { url, log, task }
     }
 
-    /// Everything but heartbeats, in arrival order.
+    /// Everything but heartbeats and the proxy's questions about the app-side layer (which
+    /// this app does not run), in arrival order.
     fn seen(&self) -> Vec<Seen> {
         self.log
             .lock()
             .unwrap()
             .iter()
-            .filter(|s| !(s.method == "GET" && s.path == "/health"))
+            .filter(|s| {
+                !(s.method == "GET" && (s.path == "/health" || s.path.starts_with("/_regroup/")))
+            })
             .cloned()
             .collect()
     }

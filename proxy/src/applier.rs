@@ -4,10 +4,13 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::Bytes;
+use http::Request;
 use http_body_util::BodyExt;
+use regroup_replay::layer::APPLIED_PATH;
 use regroup_replay::{Applier, ApplyError, Fingerprint, Record};
 
-use crate::forward::Upstream;
+use crate::forward::{Upstream, full, upstream_uri};
 use crate::partition::Partition;
 use crate::update::{error_chain, record_request};
 
@@ -59,5 +62,37 @@ impl Applier for HttpApplier {
                 self.timeout.as_millis()
             )))
         })
+    }
+
+    async fn position(&self) -> Result<Option<u64>, ApplyError> {
+        let uri = upstream_uri(self.partition.base(), APPLIED_PATH)
+            .map_err(|e| ApplyError::Unreachable(e.to_string()))?;
+        let req = Request::get(uri)
+            .body(full(Bytes::new()))
+            .map_err(|e| ApplyError::Unreachable(e.to_string()))?;
+        let answer = tokio::time::timeout(self.timeout, async {
+            let resp = self.client.request(req).await.map_err(|e| {
+                if e.is_connect() {
+                    ApplyError::Unreachable(error_chain(&e))
+                } else {
+                    ApplyError::NoAnswer(error_chain(&e))
+                }
+            })?;
+            let ok = resp.status().is_success();
+            let body = resp
+                .into_body()
+                .collect()
+                .await
+                .map_err(|e| ApplyError::NoAnswer(error_chain(&e)))?
+                .to_bytes();
+            if !ok {
+                return Ok(None);
+            }
+            Ok(serde_json::from_slice::<serde_json::Value>(&body)
+                .ok()
+                .and_then(|v| v.get("applied").and_then(|a| a.as_u64())))
+        })
+        .await;
+        answer.unwrap_or_else(|_| Err(ApplyError::NoAnswer("no answer".into())))
     }
 }

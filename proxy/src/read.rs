@@ -49,6 +49,8 @@ impl std::fmt::Debug for Reads {
 struct EndpointError {
     partition: String,
     reason: String,
+    /// The connection was refused: the request never reached the partition.
+    not_sent: bool,
 }
 
 /// Forwards a prepared read to one partition.
@@ -80,6 +82,7 @@ impl Service<Request<ProxyBody>> for ReadEndpoint {
             *req.uri_mut() = uri.map_err(|e| EndpointError {
                 partition: partition.name().to_owned(),
                 reason: e.to_string(),
+                not_sent: false,
             })?;
             client.request(req).await.map_err(|e| {
                 if e.is_connect() {
@@ -93,6 +96,7 @@ impl Service<Request<ProxyBody>> for ReadEndpoint {
                 EndpointError {
                     partition: partition.name().to_owned(),
                     reason: error_chain(&e),
+                    not_sent: e.is_connect(),
                 }
             })
         })
@@ -112,12 +116,45 @@ impl Reads {
         }
     }
 
-    /// Sends a prepared read to the least loaded of two random eligible partitions.
+    /// Sends a prepared read to the least loaded of two random eligible partitions. A read
+    /// without a body whose partition refuses the connection is sent to another one (at
+    /// most twice the number of partitions in all); the refusing partition counts a missed heartbeat.
     pub(crate) async fn call(
         &self,
         group: &Group,
         req: Request<ProxyBody>,
     ) -> Result<Response<Incoming>, ProxyError> {
+        if !crate::route::has_no_body(&req) {
+            return self.call_once(group, req).await.map_err(|(e, _)| e);
+        }
+        let (parts, _) = req.into_parts();
+        let mut attempts = 2 * group.partitions.len().max(1);
+        loop {
+            let req = Request::from_parts(parts.clone(), crate::forward::full(bytes::Bytes::new()));
+            match self.call_once(group, req).await {
+                Ok(resp) => return Ok(resp),
+                Err((e, not_sent)) => {
+                    attempts -= 1;
+                    if !not_sent || attempts == 0 {
+                        return Err(e);
+                    }
+                    if let ProxyError::Upstream { partition, .. } = &e
+                        && let Some(p) = group.partitions.iter().find(|p| p.name() == partition)
+                    {
+                        group.refresh(p);
+                    }
+                    // Give the membership task a moment to drop the refusing partition.
+                    tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+                }
+            }
+        }
+    }
+
+    async fn call_once(
+        &self,
+        group: &Group,
+        req: Request<ProxyBody>,
+    ) -> Result<Response<Incoming>, (ProxyError, bool)> {
         let wait = group.config.read_wait();
         let fut = tokio::time::timeout(wait, async {
             let mut balance = self.balance.lock().await;
@@ -128,29 +165,41 @@ impl Reads {
         let fut = match fut {
             Ok(Ok(fut)) => fut,
             Ok(Err(e)) => {
-                return Err(ProxyError::NoPartition {
-                    group: group.name().to_owned(),
-                    reason: e.to_string(),
-                });
+                return Err((
+                    ProxyError::NoPartition {
+                        group: group.name().to_owned(),
+                        reason: e.to_string(),
+                    },
+                    false,
+                ));
             }
             Err(_) => {
-                return Err(ProxyError::NoPartition {
-                    group: group.name().to_owned(),
-                    reason: format!("none available within {} ms", wait.as_millis()),
-                });
+                return Err((
+                    ProxyError::NoPartition {
+                        group: group.name().to_owned(),
+                        reason: format!("none available within {} ms", wait.as_millis()),
+                    },
+                    false,
+                ));
             }
         };
         fut.await.map_err(|e| match e.downcast::<EndpointError>() {
-            Ok(e) => ProxyError::Upstream {
-                group: group.name().to_owned(),
-                partition: e.partition,
-                reason: e.reason,
-            },
-            Err(e) => ProxyError::Upstream {
-                group: group.name().to_owned(),
-                partition: "?".into(),
-                reason: e.to_string(),
-            },
+            Ok(e) => (
+                ProxyError::Upstream {
+                    group: group.name().to_owned(),
+                    partition: e.partition,
+                    reason: e.reason,
+                },
+                e.not_sent,
+            ),
+            Err(e) => (
+                ProxyError::Upstream {
+                    group: group.name().to_owned(),
+                    partition: "?".into(),
+                    reason: e.to_string(),
+                },
+                false,
+            ),
         })
     }
 }

@@ -147,6 +147,31 @@ where
     }
 }
 
+/// Whether a request carries no body, so it can be sent again to another partition when
+/// the first one refused the connection.
+pub(crate) fn has_no_body<B>(req: &Request<B>) -> bool {
+    let h = req.headers();
+    !h.contains_key(http::header::TRANSFER_ENCODING)
+        && h.get(http::header::CONTENT_LENGTH)
+            .is_none_or(|v| v.as_bytes() == b"0")
+}
+
+#[cfg(test)]
+mod body_tests {
+    use super::has_no_body;
+
+    #[test]
+    fn only_bodiless_requests_are_retried() {
+        let get = http::Request::get("/").body(()).expect("request");
+        assert!(has_no_body(&get));
+        let post = http::Request::post("/")
+            .header("content-length", "3")
+            .body(())
+            .expect("request");
+        assert!(!has_no_body(&post));
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::prefix_matches;

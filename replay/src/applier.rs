@@ -23,4 +23,11 @@ pub trait Applier: Send + Sync + 'static {
     /// Sends `record` to the partition as a replay and returns the fingerprint of its
     /// answer.
     async fn apply(&self, record: &Record) -> Result<Fingerprint, ApplyError>;
+
+    /// The highest seq the partition itself recorded as applied, when it keeps such a
+    /// record (the app-side exactly-once layer); `None` when it does not. A partition that
+    /// answers is the truth about where to resume, and re-delivery to it is harmless.
+    async fn position(&self) -> Result<Option<u64>, ApplyError> {
+        Ok(None)
+    }
 }

@@ -8,7 +8,7 @@ use std::pin::Pin;
 
 use bytes::Bytes;
 use regroup_migrations::Applied;
-use sea_orm::sea_query::{Expr, ExprTrait, Func, Query};
+use sea_orm::sea_query::{Expr, ExprTrait, Order, Query};
 use sea_orm::{ConnectionTrait, DatabaseConnection, DatabaseTransaction, DbErr, TransactionTrait};
 
 use crate::context::ReplayContext;
@@ -146,18 +146,23 @@ impl ExactlyOnce {
 }
 
 async fn summary(db: &impl ConnectionTrait) -> Result<(u64, u64), DbErr> {
+    // Epochs never decrease along seqs, so the last row holds both maxima (one index probe,
+    // not a scan).
     let q = Query::select()
-        .expr(Func::max(Expr::col(Applied::Seq)))
-        .expr(Func::max(Expr::col(Applied::Epoch)))
+        .columns([Applied::Seq, Applied::Epoch])
         .from(Applied::Table)
+        .order_by(Applied::Seq, Order::Desc)
+        .limit(1)
         .to_owned();
     let Some(row) = db.query_one(&q).await? else {
         return Ok((0, 0));
     };
-    let seq: Option<i64> = row.try_get_by_index(0)?;
-    let epoch: Option<i64> = row.try_get_by_index(1)?;
-    let u = |v: Option<i64>| v.and_then(|v| u64::try_from(v).ok()).unwrap_or(0);
-    Ok((u(seq), u(epoch)))
+    let seq: i64 = row.try_get("", "seq")?;
+    let epoch: i64 = row.try_get("", "epoch")?;
+    Ok((
+        u64::try_from(seq).unwrap_or(0),
+        u64::try_from(epoch).unwrap_or(0),
+    ))
 }
 
 async fn lookup(db: &impl ConnectionTrait, seq: u64) -> Result<Option<AppliedRecord>, DbErr> {

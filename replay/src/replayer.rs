@@ -125,6 +125,21 @@ impl Replayer {
             return ReplayExit::Stopped;
         };
         observer.applied(applied);
+        // A partition that keeps its own exactly-once record says where to resume (after a
+        // restore, or when the last checkpoint lagged), and re-delivery to it is harmless, so
+        // its checkpoint is saved in batches rather than after every record.
+        let Some(position) = self.position(&mut stop).await else {
+            return ReplayExit::Stopped;
+        };
+        let exactly_once = position.is_some();
+        if let Some(p) = position
+            && p != applied
+        {
+            tracing::info!(group = %self.group, partition = %self.partition, journal = applied,
+                partition_says = p, "resuming from the partition's own record");
+            applied = p;
+            observer.applied(applied);
+        }
         loop {
             let target = *sealed.borrow_and_update();
             if target <= applied {
@@ -154,9 +169,19 @@ impl Replayer {
                     break;
                 }
                 if record.state == RecordState::Executed {
-                    match self.apply(&record, &mut stop, observer.as_ref()).await {
+                    match self
+                        .apply(&record, exactly_once, &mut stop, observer.as_ref())
+                        .await
+                    {
                         Step::Applied => {}
                         Step::Stopped => return ReplayExit::Stopped,
+                        Step::Reposition(p) => {
+                            tracing::info!(group = %self.group, partition = %self.partition,
+                                was = applied, now = p, "partition came back elsewhere; resuming there");
+                            applied = p;
+                            observer.applied(applied);
+                            break;
+                        }
                         Step::Diverged(reason) => {
                             tracing::warn!(group = %self.group, partition = %self.partition,
                                 seq = record.seq, %reason, "partition diverged");
@@ -170,13 +195,15 @@ impl Replayer {
                     }
                 }
                 let seq = record.seq;
-                if self
-                    .retry_journal(&mut stop, || {
-                        self.journal
-                            .save_checkpoint(&self.group, &self.partition, seq)
-                    })
-                    .await
-                    .is_none()
+                let save = !exactly_once || seq >= target || seq.is_multiple_of(CHECKPOINT_EVERY);
+                if save
+                    && self
+                        .retry_journal(&mut stop, || {
+                            self.journal
+                                .save_checkpoint(&self.group, &self.partition, seq)
+                        })
+                        .await
+                        .is_none()
                 {
                     return ReplayExit::Stopped;
                 }
@@ -186,14 +213,40 @@ impl Replayer {
         }
     }
 
+    /// Asks the partition where it stands, retrying while it is unreachable.
+    async fn position(&self, stop: &mut watch::Receiver<bool>) -> Option<Option<u64>> {
+        let mut attempt = 0u32;
+        loop {
+            match self.applier.position().await {
+                Ok(p) => return Some(p),
+                Err(e) => {
+                    attempt = attempt.saturating_add(1);
+                    tracing::debug!(group = %self.group, partition = %self.partition,
+                        attempt, error = %e, "cannot ask the partition where it stands");
+                    if !self.sleep_or_stop(attempt, stop).await {
+                        return None;
+                    }
+                }
+            }
+        }
+    }
+
     async fn apply(
         &self,
         record: &Record,
+        exactly_once: bool,
         stop: &mut watch::Receiver<bool>,
         observer: &dyn ReplayObserver,
     ) -> Step {
         let mut attempt = 0u32;
         loop {
+            if attempt > 0
+                && exactly_once
+                && let Ok(Some(p)) = self.applier.position().await
+                && p + 1 != record.seq
+            {
+                return Step::Reposition(p);
+            }
             match self.applier.apply(record).await {
                 Ok(answer) => {
                     let Some(expected) = &record.fingerprint else {
@@ -259,7 +312,14 @@ enum Step {
     Applied,
     Stopped,
     Diverged(String),
+    /// The partition's own record says it stands elsewhere (restarted from a backup, or
+    /// already applied this record): resume after this seq.
+    Reposition(u64),
 }
+
+/// With an exactly-once partition, the journal checkpoint is saved every this many records
+/// (and whenever the replayer catches up).
+const CHECKPOINT_EVERY: u64 = 64;
 
 #[cfg(test)]
 mod tests {

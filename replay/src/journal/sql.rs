@@ -31,7 +31,9 @@ impl SqlJournal {
         opts.sqlx_logging(false)
             .connect_timeout(Duration::from_secs(5))
             .acquire_timeout(Duration::from_secs(10))
-            .max_connections(if url.starts_with("sqlite") { 4 } else { 8 })
+            // SQLite: one connection, so writers queue in the pool instead of sleeping in
+            // SQLite's busy handler.
+            .max_connections(if url.starts_with("sqlite") { 1 } else { 8 })
             .map_sqlx_sqlite_opts(|o| {
                 o.create_if_missing(true)
                     .journal_mode(SqliteJournalMode::Wal)

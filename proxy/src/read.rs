@@ -16,11 +16,11 @@ use std::time::Duration;
 use futures_util::Stream;
 use http::{Request, Response};
 use hyper::body::Incoming;
-use tokio::sync::{Mutex, mpsc};
+use tokio::sync::mpsc;
 use tower::balance::p2c::Balance;
 use tower::discover::Change;
 use tower::load::{CompleteOnResponse, PeakEwma};
-use tower::{Service, ServiceExt};
+use tower::Service;
 
 use crate::error::ProxyError;
 use crate::forward::{BoxError, ProxyBody, Upstream, upstream_uri};
@@ -34,7 +34,7 @@ type Changes = Pin<Box<dyn Stream<Item = Result<Change<usize, Endpoint>, Infalli
 
 /// The group's read balancer.
 pub(crate) struct Reads {
-    balance: Mutex<Balance<Changes, Request<ProxyBody>>>,
+    balance: std::sync::Mutex<Balance<Changes, Request<ProxyBody>>>,
 }
 
 impl std::fmt::Debug for Reads {
@@ -112,7 +112,7 @@ impl Reads {
         }));
         tokio::spawn(membership(group.clone(), tx));
         Reads {
-            balance: Mutex::new(Balance::new(changes)),
+            balance: std::sync::Mutex::new(Balance::new(changes)),
         }
     }
 
@@ -157,9 +157,21 @@ impl Reads {
     ) -> Result<Response<Incoming>, (ProxyError, bool)> {
         let wait = group.config.read_wait();
         let fut = tokio::time::timeout(wait, async {
-            let mut balance = self.balance.lock().await;
-            balance.ready().await?;
-            Ok::<_, BoxError>(balance.call(req))
+            // Ready and call under one short lock, never held across an await: the chosen
+            // endpoint's future runs outside it.
+            let mut req = Some(req);
+            std::future::poll_fn(|cx| {
+                let mut balance = self.balance.lock().unwrap_or_else(|p| p.into_inner());
+                match balance.poll_ready(cx) {
+                    Poll::Ready(Ok(())) => match req.take() {
+                        Some(r) => Poll::Ready(Ok(balance.call(r))),
+                        None => Poll::Ready(Err(BoxError::from("request already sent"))),
+                    },
+                    Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+                    Poll::Pending => Poll::Pending,
+                }
+            })
+            .await
         })
         .await;
         let fut = match fut {

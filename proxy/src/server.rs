@@ -13,7 +13,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
-use regroup_replay::{Journal, SqlJournal};
+use regroup_replay::{CachedJournal, Journal, SqlJournal};
 use tokio::net::TcpListener;
 use tower::{Service, ServiceBuilder};
 
@@ -43,7 +43,7 @@ impl Proxy {
         let journal = SqlJournal::connect(&config.journal)
             .await
             .map_err(|e| ProxyError::Journal(format!("{}: {e}", redact(&config.journal))))?;
-        Proxy::with_journal(config, Arc::new(journal)).await
+        Proxy::with_journal(config, Arc::new(CachedJournal::new(journal))).await
     }
 
     /// Starts every group on `journal`.

@@ -5,8 +5,10 @@
 //! checkpoint per partition. [`SqlJournal`] implements it on sea-orm (SQLite by default,
 //! PostgreSQL by URL); tests and other backends implement the same narrow trait.
 
+mod cache;
 mod sql;
 
+pub use cache::CachedJournal;
 pub use sql::SqlJournal;
 
 use crate::record::{Fingerprint, Record};

@@ -252,43 +252,51 @@ impl Journal for SqlJournal {
     async fn append(&self, record: &Record) -> Result<(), JournalError> {
         let headers = serde_json::to_string(&record.request.headers)
             .map_err(|e| JournalError::Database(format!("headers: {e}")))?;
+        let values: [sea_orm::sea_query::Expr; 12] = [
+            Expr::val(record.group.clone()),
+            Expr::val(to_i64(record.seq)),
+            Expr::val(record.txn_id.to_string()),
+            Expr::val(to_i64(record.epoch)),
+            Expr::val(record.timestamp_rfc3339()),
+            Expr::val(record.request.method.clone()),
+            Expr::val(record.request.uri.clone()),
+            Expr::val(headers),
+            Expr::val(record.request.body.to_vec()),
+            Expr::val(record.state.as_str()),
+            Expr::val(record.fingerprint.as_ref().map(|f| i32::from(f.status))),
+            Expr::val(record.fingerprint.as_ref().map(|f| f.body_hash.clone())),
+        ];
+        // One statement that inserts only when the record extends the journal by exactly
+        // one: `INSERT … SELECT … WHERE (SELECT COALESCE(MAX(seq), 0) …) = seq - 1`.
+        let head = Query::select()
+            .expr(Func::coalesce([
+                Func::max(Expr::col(R::Seq)).into(),
+                Expr::val(0i64),
+            ]))
+            .from(R::Table)
+            .and_where(Expr::col(R::GroupName).eq(record.group.as_str()))
+            .to_owned();
+        let select = Query::select()
+            .exprs(values)
+            .and_where(
+                Expr::from(sea_orm::sea_query::SubQueryStatement::from(head))
+                    .eq(to_i64(record.seq) - 1),
+            )
+            .to_owned();
         let insert = Query::insert()
             .into_table(R::Table)
             .columns(RECORD_COLUMNS)
-            .values_panic([
-                record.group.clone().into(),
-                to_i64(record.seq).into(),
-                record.txn_id.to_string().into(),
-                to_i64(record.epoch).into(),
-                record.timestamp_rfc3339().into(),
-                record.request.method.clone().into(),
-                record.request.uri.clone().into(),
-                headers.into(),
-                record.request.body.to_vec().into(),
-                record.state.as_str().into(),
-                record
-                    .fingerprint
-                    .as_ref()
-                    .map(|f| i32::from(f.status))
-                    .into(),
-                record
-                    .fingerprint
-                    .as_ref()
-                    .map(|f| f.body_hash.clone())
-                    .into(),
-            ])
+            .select_from(select)
+            .map_err(|e| JournalError::Database(e.to_string()))?
             .to_owned();
-        // One proxy writes a group (the router serializes its updates), so checking the head
-        // first is race-free; the primary key still refuses a duplicate seq outright.
-        let head = self.head(&record.group).await?;
-        if head + 1 != record.seq {
+        let inserted = self.db.execute(&insert).await?.rows_affected();
+        if inserted != 1 {
             return Err(JournalError::JournalGap {
                 group: record.group.clone(),
-                expected: head + 1,
+                expected: self.head(&record.group).await? + 1,
                 got: record.seq,
             });
         }
-        self.db.execute(&insert).await?;
         Ok(())
     }
 

@@ -17,10 +17,10 @@ use futures_util::Stream;
 use http::{Request, Response};
 use hyper::body::Incoming;
 use tokio::sync::mpsc;
+use tower::Service;
 use tower::balance::p2c::Balance;
 use tower::discover::Change;
 use tower::load::{CompleteOnResponse, PeakEwma};
-use tower::Service;
 
 use crate::error::ProxyError;
 use crate::forward::{BoxError, ProxyBody, Upstream, upstream_uri};

@@ -44,6 +44,16 @@ where
 /// Spawns `regroup ARGS`, logging stderr to `log`, and returns the child and the first
 /// stdout line that starts with `prefix` (minus the prefix).
 async fn spawn_and_read(args: &[&str], log: &Path, prefix: &str) -> (Child, String) {
+    spawn_and_read_env(args, &[], log, prefix).await
+}
+
+/// [`spawn_and_read`] with extra environment variables.
+async fn spawn_and_read_env(
+    args: &[&str],
+    env: &[(String, String)],
+    log: &Path,
+    prefix: &str,
+) -> (Child, String) {
     let log_file = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -52,6 +62,7 @@ async fn spawn_and_read(args: &[&str], log: &Path, prefix: &str) -> (Child, Stri
     let mut child = Command::new(REGROUP)
         .args(args)
         .env("RUST_LOG", "info,sea_orm_migration=warn")
+        .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::from(log_file))
@@ -105,10 +116,17 @@ pub struct Bank {
 impl Bank {
     /// Starts a bank on a free port with its SQLite file in `dir`.
     pub async fn start(dir: &Path, name: &str) -> Bank {
+        Bank::start_env(dir, name, &[]).await
+    }
+
+    /// Starts a bank with extra environment variables (fault injection, see
+    /// `examples/bank.rs`); a restart runs without them.
+    pub async fn start_env(dir: &Path, name: &str, env: &[(String, String)]) -> Bank {
         let db = format!("sqlite://{}", dir.join(format!("bank-{name}.db")).display());
         let log = dir.join(format!("bank-{name}.log"));
-        let (child, url) = spawn_and_read(
+        let (child, url) = spawn_and_read_env(
             &["bank", "--listen", "127.0.0.1:0", "--db", &db],
+            env,
             &log,
             "bank listening on ",
         )
@@ -119,6 +137,18 @@ impl Bank {
             db,
             log,
             child: Some(child),
+        }
+    }
+
+    /// The process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().and_then(|c| c.id())
+    }
+
+    /// Sends `signal` (e.g. SIGSTOP to make it stop answering, SIGCONT to resume).
+    pub fn signal(&self, signal: nix::sys::signal::Signal) {
+        if let Some(pid) = self.pid() {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), signal);
         }
     }
 
@@ -253,10 +283,20 @@ impl BankGroup {
     /// `n` banks and a proxy with the journal at `journal` (None: SQLite in the temp dir)
     /// and `extra` lines added to the `[[groups]]` table.
     pub async fn start(n: usize, journal: Option<&str>, extra: &str) -> BankGroup {
+        BankGroup::start_env(n, journal, extra, |_| Vec::new()).await
+    }
+
+    /// [`BankGroup::start`] with extra environment variables per bank name.
+    pub async fn start_env(
+        n: usize,
+        journal: Option<&str>,
+        extra: &str,
+        env: impl Fn(&str) -> Vec<(String, String)>,
+    ) -> BankGroup {
         let dir = tempfile::tempdir().unwrap();
         let mut banks = Vec::new();
         for name in ["a", "b", "c", "d", "e"].iter().take(n) {
-            banks.push(Bank::start(dir.path(), name).await);
+            banks.push(Bank::start_env(dir.path(), name, &env(name)).await);
         }
         let journal = journal
             .map(str::to_owned)
@@ -412,13 +452,66 @@ pub async fn run_load(
     tolerate_errors: bool,
     tag: &str,
 ) -> LoadReport {
+    run_load_until(
+        &g.target(),
+        seed_ids,
+        clients,
+        updates,
+        tolerate_errors,
+        tag,
+        None,
+    )
+    .await
+}
+
+/// Where a load goes: the proxy's URL and a client.
+#[derive(Clone)]
+pub struct Target {
+    pub url: String,
+    pub admin: String,
+    pub http: HttpClient,
+}
+
+impl Target {
+    /// `GET /status` on the proxy's admin address.
+    pub async fn status(&self) -> StatusDoc {
+        self.http
+            .get(&format!("{}/status", self.admin))
+            .await
+            .unwrap()
+            .json()
+            .unwrap()
+    }
+}
+
+impl BankGroup {
+    /// The load target (so a test can drive load while it restarts partitions).
+    pub fn target(&self) -> Target {
+        Target {
+            url: self.proxy.url.clone(),
+            admin: self.proxy.admin.clone(),
+            http: self.http.clone(),
+        }
+    }
+}
+
+/// [`run_load`] against `target` that also ends when `stop` turns true.
+pub async fn run_load_until(
+    g: &Target,
+    seed_ids: &[i64],
+    clients: usize,
+    updates: usize,
+    tolerate_errors: bool,
+    tag: &str,
+    stop: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
+) -> LoadReport {
     use rand::Rng;
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::sync::{Arc, Mutex};
     let next = Arc::new(AtomicUsize::new(0));
     let report = Arc::new(Mutex::new(LoadReport::default()));
     let ids = Arc::new(Mutex::new(seed_ids.to_vec()));
-    let base = g.proxy.url.clone();
+    let base = g.url.clone();
     let mut tasks = Vec::new();
     for c in 0..clients {
         let (next, report, ids, http, base) = (
@@ -429,10 +522,11 @@ pub async fn run_load(
             base.clone(),
         );
         let tag = tag.to_owned();
+        let stop = stop.clone();
         tasks.push(tokio::spawn(async move {
             loop {
                 let i = next.fetch_add(1, Ordering::Relaxed);
-                if i >= updates {
+                if i >= updates || stop.as_ref().is_some_and(|s| s.load(Ordering::Relaxed)) {
                     break;
                 }
                 let (path, body, name) = {

@@ -273,6 +273,11 @@ impl Group {
             p.diverged()
         {
             (PartitionStatus::Diverged, Box::new(move || why))
+        } else if p.is_draining() {
+            (
+                PartitionStatus::Draining,
+                Box::new(|| "drained by an operator".to_owned()),
+            )
         } else {
             match p.health() {
                 Health::Missed(n) if n >= retries => (

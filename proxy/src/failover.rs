@@ -224,7 +224,13 @@ pub(crate) async fn drain(group: &Arc<Group>, index: usize) -> Result<(), ProxyE
     {
         p.set_draining(false);
         group.refresh(p);
-        return Err(e);
+        return Err(match e {
+            ProxyError::Unavailable { group, reason } => ProxyError::Unavailable {
+                reason: format!("cannot drain primary {:?}: {reason}", p.name()),
+                group,
+            },
+            e => e,
+        });
     }
     tracing::info!(group = %group.name(), partition = %p.name(), "partition drained");
     Ok(())

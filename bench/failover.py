@@ -1,0 +1,306 @@
+#!/usr/bin/env python3
+"""The helper of bench/failover.sh: group state, one timed trial, the report.
+
+    failover.py settle ADMIN [--timeout S]
+        Waits until every partition of group 0 is `available`, has applied the journal's
+        head and nothing is in doubt; prints one JSON line (primary, epoch, head, partitions
+        name -> url). Exit 1 with the last state on stderr after --timeout seconds (60).
+    failover.py trial --pid PID --victim NAME --proxy URL [--max-time S] [--give-up S]
+        SIGKILLs PID, takes the kill time (monotonic clock, and the wall clock for the log),
+        then sends `POST /transfers {"from":1,"to":2,"amount":1}` through the proxy, one at
+        a time, each with a client time-out of --max-time seconds (6), until one answers
+        201; prints one JSON line: total_ms (kill -> the 201 answer), every attempt (status,
+        start and end in ms after the kill, body of a non-201 answer). Exit 1 when no 201
+        came within --give-up seconds (30).
+    failover.py report TRIALS.jsonl PROXY.log --interval MS --timeout MS --retries N
+                       [--command C] [--commit C] [--loadavg L]
+        Prints the markdown report: per-trial figures, median, max, min, the proxy's own
+        `failover: primary role moved ... took_ms=N` lines and the time from the kill to
+        the proxy marking the primary `unavailable` (from its log), and every non-201 answer
+        and every WARN/ERROR message of the proxy's log, counted.
+    failover.py splice BENCHMARKS.md REPORT.md
+        Replaces what lies between `<!-- failover:begin -->` and `<!-- failover:end -->`
+        (appends a `## Failover time` section with the markers when they are absent).
+"""
+
+import argparse
+import datetime
+import http.client
+import json
+import os
+import re
+import signal
+import statistics
+import sys
+import time
+import urllib.parse
+import urllib.request
+
+BEGIN = "<!-- failover:begin -->"
+END = "<!-- failover:end -->"
+BODY = b'{"from":1,"to":2,"amount":1}'
+
+
+# --- settle ---------------------------------------------------------------------------------
+def group_state(admin):
+    with urllib.request.urlopen(admin.rstrip("/") + "/status", timeout=2) as r:
+        return json.load(r)["groups"][0]
+
+
+def settle(args):
+    deadline = time.monotonic() + args.timeout
+    last = None
+    while True:
+        try:
+            g = group_state(args.admin)
+            last = g
+            ok = (not g["in_doubt"]
+                  and all(p["status"] == "available" and p["applied"] == g["head"]
+                          for p in g["partitions"]))
+            if ok:
+                print(json.dumps({
+                    "primary": g["primary"], "epoch": g["epoch"], "head": g["head"],
+                    "urls": {p["name"]: p["url"] for p in g["partitions"]},
+                }))
+                return 0
+        except (OSError, ValueError, KeyError) as e:
+            last = f"{type(e).__name__}: {e}"
+        if time.monotonic() > deadline:
+            if isinstance(last, dict):
+                last = "primary %s, head %s, in doubt %s; %s" % (
+                    last["primary"], last["head"], last["in_doubt"],
+                    ", ".join("%s %s applied %s (%s)" % (p["name"], p["status"], p["applied"],
+                                                         p.get("reason", ""))
+                              for p in last["partitions"]))
+            print(f"failover.py: the group did not settle within {args.timeout} s: {last}",
+                  file=sys.stderr)
+            return 1
+        time.sleep(0.05)
+
+
+# --- trial ----------------------------------------------------------------------------------
+def trial(args):
+    url = urllib.parse.urlsplit(args.proxy)
+    # A fresh connection per attempt (~0.1 ms on loopback): nothing of the client's
+    # connection state carries over from before the kill.
+    os.kill(args.pid, signal.SIGKILL)
+    t0 = time.monotonic()
+    wall0 = time.time()
+    attempts = []
+    while True:
+        start = time.monotonic()
+        status, body = None, ""
+        try:
+            conn = http.client.HTTPConnection(url.hostname, url.port, timeout=args.max_time)
+            conn.request("POST", "/transfers", body=BODY,
+                         headers={"content-type": "application/json"})
+            resp = conn.getresponse()
+            status = resp.status
+            data = resp.read()
+            conn.close()
+            if status != 201:
+                body = data.decode("utf-8", "replace")[:300]
+        except OSError as e:  # time-out, refused, reset
+            body = f"{type(e).__name__}: {e}"
+        end = time.monotonic()
+        attempts.append({
+            "status": status,
+            "start_ms": round((start - t0) * 1000, 3),
+            "end_ms": round((end - t0) * 1000, 3),
+            **({"body": body} if status != 201 else {}),
+        })
+        if status == 201:
+            print(json.dumps({"victim": args.victim, "total_ms": round((end - t0) * 1000, 3),
+                              "kill_wall": wall0, "attempts": attempts}))
+            return 0
+        if end - t0 > args.give_up:
+            print(json.dumps({"victim": args.victim, "total_ms": None, "kill_wall": wall0,
+                              "attempts": attempts}))
+            print(f"failover.py: no 201 within {args.give_up} s of the kill", file=sys.stderr)
+            return 1
+        time.sleep(0.01)
+
+
+# --- report ---------------------------------------------------------------------------------
+LOG_LINE = re.compile(r"^(\S+Z)\s+(TRACE|DEBUG|INFO|WARN|ERROR)\s+(\S+?):\s+(.*)$")
+ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def parse_log(path):
+    """(wall time, level, target, message, fields) of every event line of the proxy's log."""
+    events = []
+    for raw in open(path, errors="replace"):
+        line = ANSI.sub("", raw.rstrip("\n"))
+        m = LOG_LINE.match(line)
+        if not m:
+            continue
+        ts, level, target, rest = m.groups()
+        try:
+            when = datetime.datetime.fromisoformat(ts.replace("Z", "+00:00")).timestamp()
+        except ValueError:
+            continue
+        fields = dict(re.findall(r"(\w+)=(\"[^\"]*\"|\S+)", rest))
+        fields = {k: v.strip('"') for k, v in fields.items()}
+        # The message is what precedes the first `key=value`.
+        msg = re.split(r"\s\w+=", rest, maxsplit=1)[0].strip()
+        events.append((when, level, target, msg, fields))
+    return events
+
+
+def cpu_model():
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown"
+
+
+def fmt(v):
+    return "-" if v is None else f"{v:.0f}"
+
+
+def report(args):
+    trials = [json.loads(l) for l in open(args.trials) if l.strip()]
+    events = parse_log(args.log)
+    moved = [e for e in events if e[3] == "failover: primary role moved"]
+    down = [e for e in events if e[3] == "partition status changed"
+            and e[4].get("to") == "unavailable"]
+
+    rows = []
+    for i, t in enumerate(trials):
+        kill = t["kill_wall"]
+        nxt = trials[i + 1]["kill_wall"] if i + 1 < len(trials) else float("inf")
+        # The proxy's own lines between this kill and the next one.
+        mv = next((e for e in moved if kill <= e[0] < nxt), None)
+        dn = next((e for e in down if kill <= e[0] < nxt and e[4].get("partition") == t["victim"]),
+                  None)
+        bad = [a for a in t["attempts"] if a["status"] != 201]
+        rows.append({
+            "n": i + 1,
+            "victim": t["victim"],
+            "to": mv[4].get("to") if mv else "?",
+            "total": t["total_ms"],
+            "detect": (dn[0] - kill) * 1000 if dn else None,
+            "took": float(mv[4]["took_ms"]) if mv and "took_ms" in mv[4] else None,
+            "moved_at": (mv[0] - kill) * 1000 if mv else None,
+            "attempts": len(t["attempts"]),
+            "bad": bad,
+        })
+
+    totals = [r["total"] for r in rows if r["total"] is not None]
+    took = [r["took"] for r in rows if r["took"] is not None]
+    detect = [r["detect"] for r in rows if r["detect"] is not None]
+    now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    med = statistics.median(totals) if totals else None
+    out = [f"### Results of {now}", ""]
+    out.append(f"- command: `{args.command}`")
+    out.append(f"- machine: `nproc` {len(os.sched_getaffinity(0))}, {cpu_model()}; "
+               f"load average before the trials {args.loadavg}")
+    out.append(f"- commit {args.commit}; `heartbeat_interval_ms = {args.interval}`, "
+               f"`heartbeat_timeout_ms = {args.timeout}`, `heartbeat_retries = {args.retries}`, "
+               "other keys at their defaults")
+    out.append(f"- {len(trials)} trials; failover time = from the primary's SIGKILL to the "
+               "201 answer of the first `POST /transfers` through the proxy after it")
+    out.append("")
+    out.append("| | failover time | of which: kill -> primary `unavailable` (proxy log) "
+               "| hand-over `took_ms` (proxy log) |")
+    out.append("| --- | ---: | ---: | ---: |")
+    for label, f in (("median", statistics.median), ("max", max), ("min", min)):
+        out.append(f"| {label} | {fmt(f(totals)) if totals else '-'} ms "
+                   f"| {fmt(f(detect)) if detect else '-'} ms | {fmt(f(took)) if took else '-'} ms |")
+    goal = med is not None and med <= 1000 and len(totals) == len(trials)
+    out.append("")
+    out.append(f"Goal median <= 1000 ms: **{'met' if goal else 'NOT met'}** "
+               f"(median {fmt(med)} ms over {len(totals)} of {len(trials)} trials).")
+    out.append("")
+    out.append("| trial | killed | new primary | failover time | kill -> `unavailable` "
+               "| role moved (after kill) | `took_ms` | requests | non-201 answers |")
+    out.append("| ---: | --- | --- | ---: | ---: | ---: | ---: | ---: | --- |")
+    for r in rows:
+        bad = "; ".join(f"{a['status'] or 'no answer'} at {a['end_ms']:.0f} ms"
+                        for a in r["bad"]) or "none"
+        out.append(f"| {r['n']} | {r['victim']} | {r['to']} | {fmt(r['total'])} ms "
+                   f"| {fmt(r['detect'])} ms | {fmt(r['moved_at'])} ms | {fmt(r['took'])} ms "
+                   f"| {r['attempts']} | {bad} |")
+
+    bad_all = [(r["n"], a) for r in rows for a in r["bad"]]
+    out.append("")
+    if bad_all:
+        out.append(f"**Updates that failed instead of waiting: {len(bad_all)}**")
+        out.append("")
+        for n, a in bad_all:
+            out.append(f"- trial {n}: {a['status'] or 'no answer'} after "
+                       f"{a['end_ms'] - a['start_ms']:.0f} ms: `{a.get('body', '')[:200]}`")
+    else:
+        out.append("Every first update after a kill waited for the failover and got 201; "
+                   "no update failed.")
+    out.append("")
+
+    counts = {}
+    for when, level, _target, msg, _fields in events:
+        if level in ("WARN", "ERROR"):
+            counts[(level, msg)] = counts.get((level, msg), 0) + 1
+    if counts:
+        out.append("WARN and ERROR events in the proxy's log over the whole run:")
+        out.append("")
+        out.append("| level | message | count |")
+        out.append("| --- | --- | ---: |")
+        for (level, msg), n in sorted(counts.items(), key=lambda kv: (kv[0][0] != "ERROR", -kv[1])):
+            out.append(f"| {level} | {msg.replace('|', '/')} | {n} |")
+    print("\n".join(out))
+
+
+def splice(doc_path, report_path):
+    body = open(report_path).read().rstrip("\n")
+    doc = open(doc_path).read() if os.path.exists(doc_path) else ""
+    block = f"{BEGIN}\n{body}\n{END}"
+    if BEGIN in doc and END in doc:
+        head, rest = doc.split(BEGIN, 1)
+        _, tail = rest.split(END, 1)
+        doc = head + block + tail
+    else:
+        doc = doc.rstrip("\n") + ("\n\n" if doc else "") + "## Failover time\n\n" + block + "\n"
+    with open(doc_path, "w") as f:
+        f.write(doc)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+    s = sub.add_parser("settle")
+    s.add_argument("admin")
+    s.add_argument("--timeout", type=float, default=60)
+    t = sub.add_parser("trial")
+    t.add_argument("--pid", type=int, required=True)
+    t.add_argument("--victim", required=True, help="the killed partition's name")
+    t.add_argument("--proxy", required=True)
+    t.add_argument("--max-time", type=float, default=6)
+    t.add_argument("--give-up", type=float, default=30)
+    r = sub.add_parser("report")
+    r.add_argument("trials")
+    r.add_argument("log")
+    r.add_argument("--interval", required=True)
+    r.add_argument("--timeout", required=True)
+    r.add_argument("--retries", required=True)
+    r.add_argument("--command", default="bench/failover.sh")
+    r.add_argument("--commit", default="unknown")
+    r.add_argument("--loadavg", default="unknown")
+    sp = sub.add_parser("splice")
+    sp.add_argument("doc")
+    sp.add_argument("report")
+    args = p.parse_args()
+    if args.cmd == "settle":
+        return settle(args)
+    if args.cmd == "trial":
+        return trial(args)
+    if args.cmd == "report":
+        report(args)
+        return 0
+    splice(args.doc, args.report)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

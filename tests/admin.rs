@@ -1,0 +1,215 @@
+//! The admin API with a real proxy: bearer-token protection, and an operator settling an
+//! in-doubt update of a partition that does not run the app-side layer.
+
+#![allow(clippy::unwrap_used)]
+
+mod support;
+
+use std::time::Duration;
+
+use axum::Router;
+use axum::routing::{get, post};
+use support::*;
+
+/// An app without the app-side layer: `POST /ok` answers, `POST /hang` never does.
+async fn start_app() -> String {
+    let app = Router::new()
+        .route("/health", get(|| async { "ok" }))
+        .route(
+            "/ok",
+            post(|| async { (axum::http::StatusCode::CREATED, "{}") }),
+        )
+        .route(
+            "/hang",
+            post(|| async {
+                tokio::time::sleep(Duration::from_secs(3600)).await;
+                "never"
+            }),
+        );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    url
+}
+
+async fn start_proxy(dir: &std::path::Path, top: &str, group: &str, url: &str) -> Proxy {
+    let toml = format!(
+        "listen = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\njournal = \"sqlite://{}\"\n{top}\n[[groups]]\nname = \"app\"\n{group}\n[[groups.partitions]]\nname = \"a\"\nurl = \"{url}\"\n",
+        dir.join("journal.db").display()
+    );
+    let config = dir.join("regroup.toml");
+    std::fs::write(&config, toml).unwrap();
+    Proxy::start(&config).await
+}
+
+async fn regroup(args: &[&str]) -> std::process::Output {
+    tokio::process::Command::new(REGROUP)
+        .args(args)
+        .env_remove("REGROUP_ADMIN_TOKEN")
+        .output()
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn single_partition_admin_verbs_need_the_bearer_token() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = start_app().await;
+    let proxy = start_proxy(dir.path(), "admin_token = \"s3cret\"", "", &url).await;
+    let http = regroup::client::HttpClient::new();
+    let body = serde_json::json!({"partition": "a"});
+    for token in [None, Some("wrong")] {
+        let a = http
+            .send(
+                "POST",
+                &format!("{}/groups/app/drain", proxy.admin),
+                Some(&body),
+                token,
+            )
+            .await
+            .unwrap();
+        assert_eq!(a.status, 401);
+        let v: serde_json::Value = a.json().unwrap();
+        assert_eq!(v["error"], "unauthorized");
+    }
+    // Nothing changed.
+    let doc = proxy.status(&http).await;
+    assert_eq!(doc.groups[0].partitions[0].status, "available");
+    // The CLI names the refusal; with the token the verb works.
+    let out = regroup(&[
+        "drain",
+        "--admin",
+        &proxy.admin,
+        "--group",
+        "app",
+        "--partition",
+        "a",
+    ])
+    .await;
+    assert!(!out.status.success());
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr).trim(),
+        "error: drain refused (401): missing or wrong admin bearer token"
+    );
+    // With the token the verb runs: draining the only partition is refused for what it is,
+    // and nothing changes.
+    let out = regroup(&[
+        "drain",
+        "--admin",
+        &proxy.admin,
+        "--group",
+        "app",
+        "--partition",
+        "a",
+        "--token",
+        "s3cret",
+    ])
+    .await;
+    assert!(!out.status.success());
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr).trim(),
+        "error: drain refused (503): group \"app\" cannot take updates: cannot drain primary \"a\": no partition can take the primary role"
+    );
+    let doc = proxy.status(&http).await;
+    assert_eq!(doc.groups[0].partitions[0].status, "available");
+    let out = regroup(&[
+        "undrain",
+        "--admin",
+        &proxy.admin,
+        "--group",
+        "app",
+        "--partition",
+        "a",
+        "--token",
+        "s3cret",
+    ])
+    .await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Status stays open to read.
+    let a = http.get(&format!("{}/status", proxy.admin)).await.unwrap();
+    assert_eq!(a.status, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn single_partition_in_doubt_update_waits_for_the_operator() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = start_app().await;
+    let proxy = start_proxy(
+        dir.path(),
+        "",
+        "update_timeout_ms = 300\nfailover_wait_ms = 500",
+        &url,
+    )
+    .await;
+    let http = regroup::client::HttpClient::new();
+    let post = |path: &str| {
+        let http = http.clone();
+        let url = format!("{}{path}", proxy.url);
+        async move { http.post(&url, &serde_json::json!({})).await.unwrap() }
+    };
+    assert_eq!(post("/ok").await.status, 201);
+    // The primary takes the request and never answers: in doubt, not guessed.
+    let a = post("/hang").await;
+    assert_eq!(a.status, 502);
+    let v: serde_json::Value = a.json().unwrap();
+    assert_eq!(
+        (v["error"].as_str(), v["seq"].as_u64()),
+        (Some("in_doubt"), Some(2))
+    );
+    let doc = proxy.status(&http).await;
+    assert_eq!(doc.groups[0].in_doubt, vec![2]);
+    // Later updates wait for it, then get 503 naming what to do; nothing is journaled.
+    let a = post("/ok").await;
+    assert_eq!(a.status, 503);
+    let v: serde_json::Value = a.json().unwrap();
+    assert!(
+        v["message"].as_str().unwrap().contains(
+            "update 2 is in doubt and must be resolved first (regroup resolve --group app --seq 2"
+        ),
+        "{v}"
+    );
+    assert_eq!(proxy.status(&http).await.groups[0].head, 2);
+    // Resolving the wrong record is refused and changes nothing.
+    let out = regroup(&[
+        "resolve",
+        "--admin",
+        &proxy.admin,
+        "--group",
+        "app",
+        "--seq",
+        "1",
+        "skipped",
+    ])
+    .await;
+    assert!(!out.status.success());
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr).trim(),
+        "error: resolve refused (409): record 1 of group \"app\" is executed, not in doubt"
+    );
+    // The operator settles it; updates flow again.
+    let out = regroup(&[
+        "resolve",
+        "--admin",
+        &proxy.admin,
+        "--group",
+        "app",
+        "--seq",
+        "2",
+        "skipped",
+    ])
+    .await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let a = post("/ok").await;
+    assert_eq!(a.status, 201);
+    let doc = proxy.status(&http).await;
+    assert!(doc.groups[0].in_doubt.is_empty());
+    assert_eq!((doc.groups[0].head, doc.groups[0].sealed), (3, 3));
+}

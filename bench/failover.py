@@ -139,10 +139,14 @@ def parse_log(path):
             when = datetime.datetime.fromisoformat(ts.replace("Z", "+00:00")).timestamp()
         except ValueError:
             continue
-        fields = dict(re.findall(r"(\w+)=(\"[^\"]*\"|\S+)", rest))
-        fields = {k: v.strip('"') for k, v in fields.items()}
-        # The message is what precedes the first `key=value`.
-        msg = re.split(r"\s\w+=", rest, maxsplit=1)[0].strip()
+        # `message key=value key=value ...`; a value runs to the next ` key=` (values such
+        # as `reason=` hold spaces and are not quoted).
+        parts = re.split(r"\s(?=[A-Za-z_]+=)", rest)
+        msg = parts[0].strip()
+        fields = {}
+        for part in parts[1:]:
+            k, _, v = part.partition("=")
+            fields[k] = v.strip().strip('"')
         events.append((when, level, target, msg, fields))
     return events
 
@@ -177,6 +181,20 @@ def report(args):
         dn = next((e for e in down if kill <= e[0] < nxt and e[4].get("partition") == t["victim"]),
                   None)
         bad = [a for a in t["attempts"] if a["status"] != 201]
+        # What the proxy said about updates in this trial (beyond the role move itself).
+        notes = []
+        for e in events:
+            if not kill <= e[0] < nxt:
+                continue
+            if e[3] == "primary unreachable; waiting for the role to move":
+                notes.append("primary refused the connection; update waited")
+            elif e[3].startswith("update in doubt"):
+                notes.append("update **in doubt** (%s)" % e[4].get("reason", "?"))
+            elif e[3].startswith("in-doubt update settled"):
+                notes.append("in doubt settled on %s, status %s"
+                             % (e[4].get("partition", "?"), e[4].get("status", "?")))
+            elif e[1] in ("WARN", "ERROR") and e[3] != "failover: primary role moved":
+                notes.append(f"{e[1]} {e[3]}")
         rows.append({
             "n": i + 1,
             "victim": t["victim"],
@@ -187,6 +205,7 @@ def report(args):
             "moved_at": (mv[0] - kill) * 1000 if mv else None,
             "attempts": len(t["attempts"]),
             "bad": bad,
+            "notes": notes,
         })
 
     totals = [r["total"] for r in rows if r["total"] is not None]
@@ -216,14 +235,14 @@ def report(args):
                f"(median {fmt(med)} ms over {len(totals)} of {len(trials)} trials).")
     out.append("")
     out.append("| trial | killed | new primary | failover time | kill -> `unavailable` "
-               "| role moved (after kill) | `took_ms` | requests | non-201 answers |")
-    out.append("| ---: | --- | --- | ---: | ---: | ---: | ---: | ---: | --- |")
+               "| role moved (after kill) | `took_ms` | requests | non-201 answers | proxy log |")
+    out.append("| ---: | --- | --- | ---: | ---: | ---: | ---: | ---: | --- | --- |")
     for r in rows:
         bad = "; ".join(f"{a['status'] or 'no answer'} at {a['end_ms']:.0f} ms"
                         for a in r["bad"]) or "none"
         out.append(f"| {r['n']} | {r['victim']} | {r['to']} | {fmt(r['total'])} ms "
                    f"| {fmt(r['detect'])} ms | {fmt(r['moved_at'])} ms | {fmt(r['took'])} ms "
-                   f"| {r['attempts']} | {bad} |")
+                   f"| {r['attempts']} | {bad} | {'; '.join(r['notes']).replace('|', '/') or '-'} |")
 
     bad_all = [(r["n"], a) for r in rows for a in r["bad"]]
     out.append("")

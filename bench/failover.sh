@@ -87,12 +87,21 @@ TMP="$(mktemp -d "${TMPDIR:-/tmp}/regroup-failover.XXXXXX")"
 declare -A PID    # partition name -> pid of its current process
 REGROUP_PID=""
 cleanup() {
-    local pid
+    local pid alive
     for pid in "${PID[@]}" $REGROUP_PID; do
         kill -TERM "$pid" 2>/dev/null || true
     done
+    # The banks are disowned (see start_bank): poll instead of `wait`, at most 10 s.
+    for _ in $(seq 100); do
+        alive=0
+        for pid in "${PID[@]}" $REGROUP_PID; do
+            kill -0 "$pid" 2>/dev/null && alive=1
+        done
+        [[ $alive -eq 0 ]] && break
+        sleep 0.1
+    done
     for pid in "${PID[@]}" $REGROUP_PID; do
-        wait "$pid" 2>/dev/null || true
+        kill -KILL "$pid" 2>/dev/null || true
     done
     if [[ $KEEP -eq 1 ]]; then
         log "kept $TMP"
@@ -125,13 +134,14 @@ wait_line() {
 
 # Starts bank $1 on $TMP/bank-$1.db, listening on $2 (127.0.0.1:0 the first time, its old
 # address on a restart); sets BANK_URL and PID[$1]. Its stderr is appended to, so the log
-# of every incarnation is kept.
+# of every incarnation is kept. Disowned, so that bash does not print "Killed" for it.
 start_bank() {
     local name="$1" listen="$2" out="$TMP/bank-$1.out" line pid
     : >"$out"
     RUST_LOG=warn "$BIN" bank --listen "$listen" --db "sqlite://$TMP/bank-$name.db" \
         >"$out" 2>>"$out.err" </dev/null &
     pid="$!"
+    disown "$pid"
     PID[$name]="$pid"
     line="$(wait_line "$out" '^bank listening on ' "$pid")"
     BANK_URL="${line#bank listening on }"
@@ -207,7 +217,7 @@ for ((n = 1; n <= TRIALS; n++)); do
         exit 1
     fi
     cat "$TMP/trial-$n.json" >>"$RESULTS"
-    wait "$pid" 2>/dev/null || true
+    for _ in $(seq 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.01; done
     log "trial $n/$TRIALS: killed $victim, first 201 after $(python3 -c 'import json,sys; t=json.load(open(sys.argv[1])); print("%.0f ms, %d request(s)" % (t["total_ms"], len(t["attempts"])))' "$TMP/trial-$n.json")"
     # Same port and database: the proxy's config names this URL.
     start_bank "$victim" "${url#http://}"

@@ -291,6 +291,7 @@ fn respond(answer: Result<Answer, RunError>) -> Response {
         )
             .into_response(),
         Err(RunError::Fenced { .. }) => ApiError::Conflict("fenced".into()).into_response(),
+        Err(e @ RunError::SeqConflict { .. }) => ApiError::Conflict(e.to_string()).into_response(),
         Err(RunError::Db(e)) => ApiError::Database(e).into_response(),
     }
 }

@@ -44,6 +44,17 @@ pub enum RunError {
         /// The highest epoch applied here.
         highest: u64,
     },
+    /// This seq was applied here as another transaction: the partition's history and the
+    /// journal disagree (e.g. a journal reset, or a partition from another group).
+    #[error("seq {seq} was applied here as transaction {recorded}, not {offered}")]
+    SeqConflict {
+        /// The seq.
+        seq: u64,
+        /// The transaction recorded here.
+        recorded: String,
+        /// The transaction delivered now.
+        offered: String,
+    },
     /// The database failed.
     #[error("database error: {0}")]
     Db(#[from] DbErr),
@@ -54,6 +65,8 @@ pub enum RunError {
 pub struct AppliedRecord {
     /// The seq.
     pub seq: u64,
+    /// The transaction's id, as delivered.
+    pub txn_id: String,
     /// The epoch it was delivered in.
     pub epoch: u64,
     /// The answer given.
@@ -104,6 +117,15 @@ impl ExactlyOnce {
         };
         if let Some(done) = lookup(&txn, ctx.seq()).await? {
             txn.rollback().await?;
+            if done.txn_id != ctx.txn_id().to_string() {
+                // The same position with another transaction: this partition and the
+                // journal disagree about history. Never answer it from the wrong record.
+                return Err(RunError::SeqConflict {
+                    seq: ctx.seq(),
+                    recorded: done.txn_id,
+                    offered: ctx.txn_id().to_string(),
+                });
+            }
             tracing::debug!(
                 seq = ctx.seq(),
                 "transaction already applied: answering from the record"
@@ -167,7 +189,12 @@ async fn summary(db: &impl ConnectionTrait) -> Result<(u64, u64), DbErr> {
 
 async fn lookup(db: &impl ConnectionTrait, seq: u64) -> Result<Option<AppliedRecord>, DbErr> {
     let q = Query::select()
-        .columns([Applied::Epoch, Applied::Status, Applied::Body])
+        .columns([
+            Applied::TxnId,
+            Applied::Epoch,
+            Applied::Status,
+            Applied::Body,
+        ])
         .from(Applied::Table)
         .and_where(Expr::col(Applied::Seq).eq(to_i64(seq)))
         .to_owned();
@@ -177,8 +204,10 @@ async fn lookup(db: &impl ConnectionTrait, seq: u64) -> Result<Option<AppliedRec
     let epoch: i64 = row.try_get("", "epoch")?;
     let status: i32 = row.try_get("", "status")?;
     let body: Vec<u8> = row.try_get("", "body")?;
+    let txn_id: String = row.try_get("", "txn_id")?;
     Ok(Some(AppliedRecord {
         seq,
+        txn_id,
         epoch: u64::try_from(epoch).unwrap_or(0),
         answer: Answer {
             status: u16::try_from(status).unwrap_or(500),

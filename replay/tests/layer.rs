@@ -493,3 +493,28 @@ async fn one_service_value_answers_several_requests() {
     }
     assert_eq!(calls(&seen), 3);
 }
+
+#[tokio::test]
+async fn exactly_once_refuses_another_transaction_at_an_applied_seq() {
+    let (_dir, db) = database().await;
+    let once = ExactlyOnce::new(db.clone());
+    let n = Arc::new(AtomicUsize::new(0));
+    let first = ctx(1, 1);
+    insert_item(&once, &first, "a", false, &n).await.unwrap();
+    // Same seq, another transaction: never answered from the first one's record.
+    let other = ctx(1, 1);
+    let r = insert_item(&once, &other, "b", false, &n).await;
+    match r {
+        Err(RunError::SeqConflict {
+            seq: 1,
+            recorded,
+            offered,
+        }) => {
+            assert_eq!(recorded, first.txn_id().to_string());
+            assert_eq!(offered, other.txn_id().to_string());
+        }
+        other => panic!("expected a seq conflict, got {other:?}"),
+    }
+    assert_eq!(n.load(Ordering::SeqCst), 1);
+    assert_eq!(items(&db).await, ["a"]);
+}

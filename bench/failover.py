@@ -223,7 +223,7 @@ def report(args):
     out.append(f"- {len(trials)} trials; failover time = from the primary's SIGKILL to the "
                "201 answer of the first `POST /transfers` through the proxy after it")
     out.append("")
-    out.append("| | failover time | of which: kill -> primary `unavailable` (proxy log) "
+    out.append("| | failover time | kill -> primary `unavailable` (proxy log) "
                "| hand-over `took_ms` (proxy log) |")
     out.append("| --- | ---: | ---: | ---: |")
     for label, f in (("median", statistics.median), ("max", max), ("min", min)):
@@ -255,6 +255,12 @@ def report(args):
     else:
         out.append("Every first update after a kill waited for the failover and got 201; "
                    "no update failed.")
+    doubt = [r["n"] for r in rows if any("in doubt**" in n for n in r["notes"])]
+    if doubt:
+        out.append("")
+        out.append(f"The first update after the kill went **in doubt** in {len(doubt)} of "
+                   f"{len(rows)} trials (trial {', '.join(map(str, doubt))}): the proxy had "
+                   "sent it to the dead primary (see the proxy log column).")
     out.append("")
 
     counts = {}

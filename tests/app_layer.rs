@@ -407,6 +407,9 @@ async fn create_event(
         Err(RunError::Fenced { .. }) => {
             (StatusCode::CONFLICT, Json(json!({"error": "fenced"}))).into_response()
         }
+        Err(e @ RunError::SeqConflict { .. }) => {
+            (StatusCode::CONFLICT, Json(json!({"error": e.to_string()}))).into_response()
+        }
         Err(RunError::Db(e)) => (
             StatusCode::INTERNAL_SERVER_ERROR,
             Json(json!({"error": e.to_string()})),

@@ -163,17 +163,8 @@ impl Admin {
             (&Method::POST, ["groups", group, "resolve"]) => {
                 self.authorize(&req)?;
                 let group = self.group(group)?;
-                let body = req
-                    .into_body()
-                    .collect()
-                    .await
-                    .map_err(|e| ProxyError::BadRequest(format!("cannot read body: {e}")))?
-                    .to_bytes();
-                let ask: ResolveRequest = serde_json::from_slice(&body).map_err(|e| {
-                    ProxyError::BadRequest(format!(
-                        "body must be {{\"seq\": N, \"outcome\": \"executed\"|\"skipped\"}}: {e}"
-                    ))
-                })?;
+                let ask: ResolveRequest =
+                    read_json(req, "{\"seq\": N, \"outcome\": \"executed\"|\"skipped\"}").await?;
                 let record = group
                     .resolve(ask.seq, ask.outcome == ResolveOutcome::Executed)
                     .await?;
@@ -189,15 +180,7 @@ impl Admin {
             (&Method::POST, ["groups", group, verb @ ("promote" | "drain" | "undrain")]) => {
                 self.authorize(&req)?;
                 let group = self.group(group)?;
-                let body = req
-                    .into_body()
-                    .collect()
-                    .await
-                    .map_err(|e| ProxyError::BadRequest(format!("cannot read body: {e}")))?
-                    .to_bytes();
-                let ask: PartitionRequest = serde_json::from_slice(&body).map_err(|e| {
-                    ProxyError::BadRequest(format!("body must be {{\"partition\": NAME}}: {e}"))
-                })?;
+                let ask: PartitionRequest = read_json(req, "{\"partition\": NAME}").await?;
                 let index = group
                     .partitions
                     .iter()
@@ -245,6 +228,23 @@ impl Admin {
             .cloned()
             .ok_or_else(|| ProxyError::BadRequest(format!("no group named {name:?}")))
     }
+}
+
+/// Reads a JSON body of type `T`; a bad one is a 400 that shows the expected `shape`.
+async fn read_json<T, B>(req: Request<B>, shape: &str) -> Result<T, ProxyError>
+where
+    T: serde::de::DeserializeOwned,
+    B: http_body::Body<Data = Bytes>,
+    B::Error: std::fmt::Display,
+{
+    let body = req
+        .into_body()
+        .collect()
+        .await
+        .map_err(|e| ProxyError::BadRequest(format!("cannot read body: {e}")))?
+        .to_bytes();
+    serde_json::from_slice(&body)
+        .map_err(|e| ProxyError::BadRequest(format!("body must be {shape}: {e}")))
 }
 
 fn json<T: Serialize>(status: StatusCode, value: &T) -> Response<ProxyBody> {

@@ -33,11 +33,12 @@ impl HttpApplier {
     }
 }
 
-#[async_trait::async_trait]
-impl Applier for HttpApplier {
-    async fn apply(&self, record: &Record) -> Result<Fingerprint, ApplyError> {
-        let req = record_request(record, self.partition.base(), true)
-            .map_err(|e| ApplyError::Unreachable(format!("cannot build request: {e}")))?;
+impl HttpApplier {
+    /// Sends `req` and reads the whole answer within the time-out.
+    async fn exchange(
+        &self,
+        req: Request<crate::forward::ProxyBody>,
+    ) -> Result<(u16, Bytes), ApplyError> {
         let answer = tokio::time::timeout(self.timeout, async {
             let resp = self.client.request(req).await.map_err(|e| {
                 if e.is_connect() {
@@ -53,7 +54,7 @@ impl Applier for HttpApplier {
                 .await
                 .map_err(|e| ApplyError::NoAnswer(error_chain(&e)))?
                 .to_bytes();
-            Ok(Fingerprint::of(status, &body))
+            Ok((status, body))
         })
         .await;
         answer.unwrap_or_else(|_| {
@@ -63,6 +64,16 @@ impl Applier for HttpApplier {
             )))
         })
     }
+}
+
+#[async_trait::async_trait]
+impl Applier for HttpApplier {
+    async fn apply(&self, record: &Record) -> Result<Fingerprint, ApplyError> {
+        let req = record_request(record, self.partition.base(), true)
+            .map_err(|e| ApplyError::Unreachable(format!("cannot build request: {e}")))?;
+        let (status, body) = self.exchange(req).await?;
+        Ok(Fingerprint::of(status, &body))
+    }
 
     async fn position(&self) -> Result<Option<u64>, ApplyError> {
         let uri = upstream_uri(self.partition.base(), APPLIED_PATH)
@@ -70,29 +81,13 @@ impl Applier for HttpApplier {
         let req = Request::get(uri)
             .body(full(Bytes::new()))
             .map_err(|e| ApplyError::Unreachable(e.to_string()))?;
-        let answer = tokio::time::timeout(self.timeout, async {
-            let resp = self.client.request(req).await.map_err(|e| {
-                if e.is_connect() {
-                    ApplyError::Unreachable(error_chain(&e))
-                } else {
-                    ApplyError::NoAnswer(error_chain(&e))
-                }
-            })?;
-            let ok = resp.status().is_success();
-            let body = resp
-                .into_body()
-                .collect()
-                .await
-                .map_err(|e| ApplyError::NoAnswer(error_chain(&e)))?
-                .to_bytes();
-            if !ok {
-                return Ok(None);
-            }
-            Ok(serde_json::from_slice::<serde_json::Value>(&body)
-                .ok()
-                .and_then(|v| v.get("applied").and_then(|a| a.as_u64())))
-        })
-        .await;
-        answer.unwrap_or_else(|_| Err(ApplyError::NoAnswer("no answer".into())))
+        let (status, body) = self.exchange(req).await?;
+        if !(200..300).contains(&status) {
+            // Not an app-side layer: the journal checkpoint is the only record.
+            return Ok(None);
+        }
+        Ok(serde_json::from_slice::<serde_json::Value>(&body)
+            .ok()
+            .and_then(|v| v.get("applied").and_then(|a| a.as_u64())))
     }
 }

@@ -99,7 +99,8 @@ def report(args):
     out.append("")
     out.append(f"- machine: `nproc` {len(os.sched_getaffinity(0))}, {cpu_model()}; "
                f"load average before the runs {args.loadavg}")
-    out.append(f"- commit {args.commit}; nginx {args.nginx_version}; wrk {args.wrk_version}")
+    out.append(f"- commit {args.commit}; nginx {args.nginx_version}; wrk {args.wrk_version}; "
+               f"regroup `journal_sync = \"{args.journal_sync}\"`")
     out.append(f"- {args.rounds} interleaved rounds x {args.duration} s per target; "
                "figures are medians over the rounds")
     out.append("")
@@ -131,13 +132,15 @@ def report(args):
     print("\n".join(out))
 
 
-def splice(doc_path, report_path):
+def splice(doc_path, report_path, sync="full"):
+    begin, end = (BEGIN, END) if sync == "full" else (
+        f"<!-- bench-{sync}:begin -->", f"<!-- bench-{sync}:end -->")
     body = open(report_path).read().rstrip("\n")
     doc = open(doc_path).read() if os.path.exists(doc_path) else ""
-    block = f"{BEGIN}\n{body}\n{END}"
-    if BEGIN in doc and END in doc:
-        head, rest = doc.split(BEGIN, 1)
-        _, tail = rest.split(END, 1)
+    block = f"{begin}\n{body}\n{end}"
+    if begin in doc and end in doc:
+        head, rest = doc.split(begin, 1)
+        _, tail = rest.split(end, 1)
         doc = head + block + tail
     else:
         doc = doc.rstrip("\n") + ("\n\n" if doc else "") + block + "\n"
@@ -146,8 +149,8 @@ def splice(doc_path, report_path):
 
 
 def main():
-    if len(sys.argv) == 4 and sys.argv[1] == "--splice":
-        splice(sys.argv[2], sys.argv[3])
+    if len(sys.argv) in (4, 5) and sys.argv[1] == "--splice":
+        splice(*sys.argv[2:])
         return
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("results")
@@ -157,6 +160,7 @@ def main():
     p.add_argument("--wrk-version", default="unknown")
     p.add_argument("--commit", default="unknown")
     p.add_argument("--loadavg", default="unknown")
+    p.add_argument("--journal-sync", default="full")
     report(p.parse_args())
 
 

@@ -12,6 +12,9 @@
 #   --rounds N      interleaved rounds (default 5; env BENCH_ROUNDS)
 #   --duration S    seconds per wrk run (default 5; env BENCH_DURATION)
 #   --keep          keep the temporary directory (configs, logs, raw wrk output)
+#   --journal-sync M  the proxy's `journal_sync`: `full` (default) or `append`; with
+#                   --write, `append` goes between `<!-- bench-append:begin -->` and
+#                   `<!-- bench-append:end -->`
 #
 # What it does:
 #   1. `cargo build --release` (binary target/release/regroup).
@@ -42,9 +45,11 @@ ROUNDS="${BENCH_ROUNDS:-5}"
 DURATION="${BENCH_DURATION:-5}"
 WRITE=0
 KEEP=0
+SYNC=full
 while [[ $# -gt 0 ]]; do
     case "$1" in
         --write) WRITE=1 ;;
+        --journal-sync) SYNC="$2"; shift ;;
         --keep) KEEP=1 ;;
         --rounds) ROUNDS="$2"; shift ;;
         --duration) DURATION="$2"; shift ;;
@@ -152,6 +157,7 @@ cat >"$TMP/regroup.toml" <<EOF
 listen = "127.0.0.1:0"
 admin_listen = "127.0.0.1:0"
 journal = "sqlite://$TMP/regroup-journal.db"
+journal_sync = "$SYNC"
 
 [[groups]]
 name = "bank"
@@ -308,10 +314,11 @@ python3 "$ROOT/bench/report.py" "$RESULTS" \
     --nginx-version "$("$NGINX" -v 2>&1 | sed 's/^nginx version: //')" \
     --wrk-version "$(wrk -v 2>&1 | head -1 | awk '{print $2}')" \
     --loadavg "$LOADAVG" \
+    --journal-sync "$SYNC" \
     --commit "$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown)$(git -C "$ROOT" diff --quiet HEAD 2>/dev/null || echo ' (dirty)')" \
     >"$REPORT"
 cat "$REPORT"
 if [[ $WRITE -eq 1 ]]; then
-    python3 "$ROOT/bench/report.py" --splice "$ROOT/BENCHMARKS.md" "$REPORT"
+    python3 "$ROOT/bench/report.py" --splice "$ROOT/BENCHMARKS.md" "$REPORT" "$SYNC"
     log "wrote the report into BENCHMARKS.md"
 fi

@@ -53,6 +53,10 @@ pub struct Config {
     /// Journal URL: `sqlite://path` (created if missing) or `postgres://…`.
     #[serde(default = "default_journal")]
     pub journal: String,
+    /// When journal writes wait for the disk: `full` (every write, the default) or `append`
+    /// (records before they are forwarded; seals ride on the next record's flush).
+    #[serde(default)]
+    pub journal_sync: regroup_replay::JournalSync,
     /// Bearer token required by admin verbs (`resolve`). Overridden by the
     /// `REGROUP_ADMIN_TOKEN` environment variable. Unset: admin verbs are open to whoever
     /// reaches `admin_listen` (loopback by default).
@@ -459,6 +463,7 @@ url = "http://127.0.0.1:9002"
         assert_eq!(g.max_body_bytes, 1024 * 1024);
         assert_eq!(g.heartbeat_retries, 3);
         assert_eq!(g.replay, ReplayPolicy::All);
+        assert_eq!(c.journal_sync, regroup_replay::JournalSync::Full);
         assert_eq!(g.partitions[1].name, "b");
     }
 

@@ -40,7 +40,7 @@ pub struct Proxy {
 impl Proxy {
     /// Connects the configured journal and starts every group.
     pub async fn start(config: &Config) -> Result<Proxy, ProxyError> {
-        let journal = SqlJournal::connect(&config.journal)
+        let journal = SqlJournal::connect_with(&config.journal, config.journal_sync)
             .await
             .map_err(|e| ProxyError::Journal(format!("{}: {e}", redact(&config.journal))))?;
         Proxy::with_journal(config, Arc::new(CachedJournal::new(journal))).await

@@ -9,7 +9,7 @@ mod cache;
 mod sql;
 
 pub use cache::CachedJournal;
-pub use sql::SqlJournal;
+pub use sql::{JournalSync, SqlJournal};
 
 use crate::record::{Fingerprint, Record};
 

@@ -164,9 +164,11 @@ async fn execute(
     group: Arc<Group>,
     request: RecordedRequest,
 ) -> Result<Response<ProxyBody>, ProxyError> {
-    let deadline = Instant::now() + group.config.failover_wait();
+    let started = Instant::now();
+    let deadline = started + group.config.failover_wait();
     let _slot = take_write_slot(&group, deadline).await?;
     wait_for_primary(&group, deadline).await?;
+    let slotted = Instant::now();
     let seq = group.head() + 1;
     let mut record = Record::pending(group.name(), seq, group.epoch(), request);
     group
@@ -175,13 +177,25 @@ async fn execute(
         .await
         .map_err(|e| ProxyError::Journal(e.to_string()))?;
     group.set_head(seq);
+    let appended = Instant::now();
     loop {
         let (index, epoch) = (group.primary_index(), group.epoch());
         restamp(&group, &mut record, epoch).await?;
         match forward(&group, &record, index, epoch).await {
             Forwarded::Answer(parts, body) => {
+                let answered = Instant::now();
                 return match seal_answer(&group, &mut record, epoch, &parts, &body).await {
-                    Ok(()) => Ok(client_answer(parts, body, seq)),
+                    Ok(()) => {
+                        tracing::debug!(
+                            seq,
+                            wait_us = (slotted - started).as_micros() as u64,
+                            append_us = (appended - slotted).as_micros() as u64,
+                            primary_us = (answered - appended).as_micros() as u64,
+                            seal_us = answered.elapsed().as_micros() as u64,
+                            "update timings"
+                        );
+                        Ok(client_answer(parts, body, seq))
+                    }
                     Err(reason) => in_doubt(group.clone(), record, index, deadline, reason).await,
                 };
             }

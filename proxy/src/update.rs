@@ -219,6 +219,11 @@ async fn execute(
                 }
             }
             Forwarded::Unknown(reason) => {
+                // A broken exchange with the primary counts as a missed heartbeat, so a dead
+                // primary is noticed as fast as when it refuses connections.
+                if group.epoch() == epoch {
+                    miss(&group, &group.partitions[index]);
+                }
                 return in_doubt(group.clone(), record, index, deadline, reason).await;
             }
         }

@@ -38,7 +38,9 @@ pub mod replayer;
 pub use applier::{Applier, ApplyError};
 pub use context::ReplayContext;
 pub use exactly_once::{Answer, AppliedRecord, ExactlyOnce, RunError, Work};
-pub use journal::{CachedJournal, JournalSync, GroupState, Journal, JournalError, Outcome, SqlJournal};
+pub use journal::{
+    CachedJournal, GroupState, Journal, JournalError, JournalSync, Outcome, SqlJournal,
+};
 pub use layer::{AppliedStore, Replay, ReplayLayer};
 pub use record::{Compare, Fingerprint, Record, RecordState, RecordedRequest};
 pub use replayer::{Backoff, ReplayExit, ReplayObserver, Replayer};

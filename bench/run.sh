@@ -12,6 +12,8 @@
 #   --rounds N      interleaved rounds (default 5; env BENCH_ROUNDS)
 #   --duration S    seconds per wrk run (default 5; env BENCH_DURATION)
 #   --keep          keep the temporary directory (configs, logs, raw wrk output)
+#   REGROUP_LOG     the proxy's RUST_LOG (default info), e.g.
+#                   info,regroup_proxy::update=debug for per-update timings
 #   --journal-sync M  the proxy's `journal_sync`: `full` (default) or `append`; with
 #                   --write, `append` goes between `<!-- bench-append:begin -->` and
 #                   `<!-- bench-append:end -->`
@@ -175,7 +177,7 @@ url = "${BANK[b]}"
 name = "c"
 url = "${BANK[c]}"
 EOF
-RUST_LOG=info "$BIN" serve --config "$TMP/regroup.toml" \
+RUST_LOG="${REGROUP_LOG:-info}" "$BIN" serve --config "$TMP/regroup.toml" \
     >"$TMP/regroup.out" 2>"$TMP/regroup.out.err" </dev/null &
 REGROUP_PID="$!"
 PIDS+=("$REGROUP_PID")

@@ -87,6 +87,10 @@ pub struct GroupConfig {
     /// Requests whose path starts with this prefix go to this group (default `/`: all).
     #[serde(default = "default_prefix")]
     pub path_prefix: String,
+    /// Remove `path_prefix` from the path before forwarding (`/bank/accounts` reaches the
+    /// partitions as `/accounts`).
+    #[serde(default)]
+    pub strip_prefix: bool,
     /// The health-check path on every partition.
     #[serde(default = "default_health_path")]
     pub health_path: String,

@@ -86,13 +86,15 @@ fn prefix_matches(prefix: &str, path: &str) -> bool {
             && (prefix.ends_with('/') || path.as_bytes().get(prefix.len()) == Some(&b'/')))
 }
 
-impl<S, B> Service<Request<B>> for Regroup<S>
+impl<S, B, ResB> Service<Request<B>> for Regroup<S>
 where
-    S: Service<Request<B>, Response = Response<ProxyBody>> + Clone + Send + 'static,
+    S: Service<Request<B>, Response = Response<ResB>> + Clone + Send + 'static,
     S::Future: Send + 'static,
     S::Error: Into<BoxError>,
     B: http_body::Body<Data = Bytes> + Send + 'static,
     B::Error: Into<BoxError>,
+    ResB: http_body::Body<Data = Bytes> + Send + 'static,
+    ResB::Error: Into<BoxError>,
 {
     type Response = Response<ProxyBody>;
     type Error = BoxError;
@@ -111,7 +113,10 @@ where
             .cloned()
         else {
             let fut = self.inner.call(req);
-            return Box::pin(async move { fut.await.map_err(Into::into) });
+            return Box::pin(async move {
+                let resp = fut.await.map_err(Into::into)?;
+                Ok(resp.map(|b| b.map_err(Into::into).boxed_unsync()))
+            });
         };
         Box::pin(async move {
             let resp = match dispatch(routed, req).await {
@@ -132,6 +137,7 @@ where
     B::Error: Into<BoxError>,
 {
     let client = req.extensions().get::<ClientAddr>().map(|c| c.0);
+    let req = strip_prefix(&routed.group.config, req)?;
     let kind = routed
         .group
         .classifier
@@ -145,6 +151,29 @@ where
             Ok(forward::client_response(resp))
         }
     }
+}
+
+/// With `strip_prefix`, removes the group's path prefix before the request is classified,
+/// journaled and forwarded (`/bank/accounts?x` reaches the partitions as `/accounts?x`).
+fn strip_prefix<B>(
+    config: &crate::config::GroupConfig,
+    mut req: Request<B>,
+) -> Result<Request<B>, ProxyError> {
+    let prefix = config.path_prefix.trim_end_matches('/');
+    if !config.strip_prefix || prefix.is_empty() {
+        return Ok(req);
+    }
+    let pq = req.uri().path_and_query().map_or("/", |pq| pq.as_str());
+    let rest = pq.strip_prefix(prefix).unwrap_or(pq);
+    let rest = if rest.is_empty() || rest.starts_with('?') {
+        format!("/{rest}")
+    } else {
+        rest.to_owned()
+    };
+    *req.uri_mut() = rest
+        .parse()
+        .map_err(|e| ProxyError::BadRequest(format!("bad request target {rest:?}: {e}")))?;
+    Ok(req)
 }
 
 /// Whether a request carries no body, so it can be sent again to another partition when
@@ -175,6 +204,23 @@ mod body_tests {
 #[cfg(test)]
 mod tests {
     use super::prefix_matches;
+
+    #[test]
+    fn strip_prefix_keeps_the_rest_and_the_query() {
+        let text = "[[groups]]\nname = \"g\"\npath_prefix = \"/bank\"\nstrip_prefix = true\n[[groups.partitions]]\nname = \"a\"\nurl = \"http://127.0.0.1:1\"\n";
+        let config = crate::Config::parse(text, std::path::Path::new("x.toml")).expect("valid");
+        let g = &config.groups[0];
+        for (from, to) in [
+            ("/bank/accounts?x=1", "/accounts?x=1"),
+            ("/bank", "/"),
+            ("/bank?q", "/?q"),
+            ("/bank/", "/"),
+        ] {
+            let req = http::Request::get(from).body(()).expect("request");
+            let req = super::strip_prefix(g, req).expect("stripped");
+            assert_eq!(req.uri().to_string(), to, "from {from}");
+        }
+    }
 
     #[test]
     fn prefixes_match_whole_segments() {

@@ -582,6 +582,24 @@ async fn three_partitions_wall_clock_handler_diverges_on_first_replay() {
             assert_eq!(p.applied, 0, "{p:?}");
         }
     }
+    // A diverged partition is quarantined: every read through the proxy is the primary's.
+    let primary = g
+        .http
+        .get(&format!("{}/events", g.apps[0].url))
+        .await
+        .unwrap();
+    for _ in 0..30 {
+        let read = g
+            .http
+            .get(&format!("{}/events", g.proxy.url))
+            .await
+            .unwrap();
+        assert_eq!(read.status, 200);
+        assert_eq!(
+            read.body, primary.body,
+            "a read was served by a diverged partition"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

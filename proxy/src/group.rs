@@ -219,9 +219,14 @@ impl Group {
         *self.in_doubt_by.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Records that partition `by` may have executed the in-doubt record.
+    pub(crate) fn set_in_doubt_by(&self, by: usize) {
+        *self.in_doubt_by.lock().unwrap_or_else(|p| p.into_inner()) = Some(by);
+    }
+
     /// Records that `seq` is in doubt, possibly executed by partition `by`.
     pub(crate) fn set_in_doubt(&self, seq: u64, by: usize) {
-        *self.in_doubt_by.lock().unwrap_or_else(|p| p.into_inner()) = Some(by);
+        self.set_in_doubt_by(by);
         self.in_doubt.send_replace(Some(seq));
         self.bump();
     }

@@ -494,6 +494,8 @@ pub(crate) async fn settle(
                             group.clear_in_doubt();
                             return Settled::Answer(parts, body);
                         }
+                        // Answered by a primary deposed meanwhile: it has executed it.
+                        group.set_in_doubt_by(index);
                     }
                     Forwarded::NotSent(reason) => {
                         tracing::debug!(seq, %reason, "settling: primary unreachable");
@@ -501,7 +503,7 @@ pub(crate) async fn settle(
                     }
                     Forwarded::Unknown(reason) => {
                         tracing::warn!(seq, %reason, "settling: no answer; it may have executed there");
-                        *group.in_doubt_by.lock().unwrap_or_else(|p| p.into_inner()) = Some(index);
+                        group.set_in_doubt_by(index);
                     }
                 }
             }

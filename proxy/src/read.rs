@@ -49,8 +49,6 @@ impl std::fmt::Debug for Reads {
 struct EndpointError {
     partition: String,
     reason: String,
-    /// The connection was refused: the request never reached the partition.
-    not_sent: bool,
 }
 
 /// Forwards a prepared read to one partition.
@@ -82,7 +80,6 @@ impl Service<Request<ProxyBody>> for ReadEndpoint {
             *req.uri_mut() = uri.map_err(|e| EndpointError {
                 partition: partition.name().to_owned(),
                 reason: e.to_string(),
-                not_sent: false,
             })?;
             client.request(req).await.map_err(|e| {
                 if e.is_connect() {
@@ -96,7 +93,6 @@ impl Service<Request<ProxyBody>> for ReadEndpoint {
                 EndpointError {
                     partition: partition.name().to_owned(),
                     reason: error_chain(&e),
-                    not_sent: e.is_connect(),
                 }
             })
         })
@@ -117,15 +113,16 @@ impl Reads {
     }
 
     /// Sends a prepared read to the least loaded of two random eligible partitions. A read
-    /// without a body whose partition refuses the connection is sent to another one (at
-    /// most twice the number of partitions in all); the refusing partition counts a missed heartbeat.
+    /// without a body whose partition fails (refused or broken connection) is sent again,
+    /// to the partitions left (at most twice the number of partitions in all); a refusing
+    /// partition counts a missed heartbeat.
     pub(crate) async fn call(
         &self,
         group: &Group,
         req: Request<ProxyBody>,
     ) -> Result<Response<Incoming>, ProxyError> {
         if !crate::route::has_no_body(&req) {
-            return self.call_once(group, req).await.map_err(|(e, _)| e);
+            return self.call_once(group, req).await;
         }
         let (parts, _) = req.into_parts();
         let mut attempts = 2 * group.partitions.len().max(1);
@@ -133,9 +130,11 @@ impl Reads {
             let req = Request::from_parts(parts.clone(), crate::forward::full(bytes::Bytes::new()));
             match self.call_once(group, req).await {
                 Ok(resp) => return Ok(resp),
-                Err((e, not_sent)) => {
+                Err(e) => {
                     attempts -= 1;
-                    if !not_sent || attempts == 0 {
+                    // A read changes nothing, so one without a body is safe to send again,
+                    // whether the connection was refused or broke before the answer.
+                    if !matches!(e, ProxyError::Upstream { .. }) || attempts == 0 {
                         return Err(e);
                     }
                     if let ProxyError::Upstream { partition, .. } = &e
@@ -154,7 +153,7 @@ impl Reads {
         &self,
         group: &Group,
         req: Request<ProxyBody>,
-    ) -> Result<Response<Incoming>, (ProxyError, bool)> {
+    ) -> Result<Response<Incoming>, ProxyError> {
         let wait = group.config.read_wait();
         let fut = tokio::time::timeout(wait, async {
             // Ready and call under one short lock, never held across an await: the chosen
@@ -177,41 +176,29 @@ impl Reads {
         let fut = match fut {
             Ok(Ok(fut)) => fut,
             Ok(Err(e)) => {
-                return Err((
-                    ProxyError::NoPartition {
-                        group: group.name().to_owned(),
-                        reason: e.to_string(),
-                    },
-                    false,
-                ));
+                return Err(ProxyError::NoPartition {
+                    group: group.name().to_owned(),
+                    reason: e.to_string(),
+                });
             }
             Err(_) => {
-                return Err((
-                    ProxyError::NoPartition {
-                        group: group.name().to_owned(),
-                        reason: format!("none available within {} ms", wait.as_millis()),
-                    },
-                    false,
-                ));
+                return Err(ProxyError::NoPartition {
+                    group: group.name().to_owned(),
+                    reason: format!("none available within {} ms", wait.as_millis()),
+                });
             }
         };
         fut.await.map_err(|e| match e.downcast::<EndpointError>() {
-            Ok(e) => (
-                ProxyError::Upstream {
-                    group: group.name().to_owned(),
-                    partition: e.partition,
-                    reason: e.reason,
-                },
-                e.not_sent,
-            ),
-            Err(e) => (
-                ProxyError::Upstream {
-                    group: group.name().to_owned(),
-                    partition: "?".into(),
-                    reason: e.to_string(),
-                },
-                false,
-            ),
+            Ok(e) => ProxyError::Upstream {
+                group: group.name().to_owned(),
+                partition: e.partition,
+                reason: e.reason,
+            },
+            Err(e) => ProxyError::Upstream {
+                group: group.name().to_owned(),
+                partition: "?".into(),
+                reason: e.to_string(),
+            },
         })
     }
 }

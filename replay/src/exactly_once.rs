@@ -115,7 +115,15 @@ impl ExactlyOnce {
                 }
             };
         };
-        if let Some(done) = lookup(&txn, ctx.seq()).await? {
+        // One index probe in the common case: the newest record tells both whether this seq
+        // is the latest one applied (a re-delivery) and the highest epoch seen.
+        let newest = newest(&txn).await?;
+        let applied = match &newest {
+            Some(n) if n.seq == ctx.seq() => newest.clone(),
+            Some(n) if n.seq > ctx.seq() => lookup(&txn, ctx.seq()).await?,
+            _ => None,
+        };
+        if let Some(done) = applied {
             txn.rollback().await?;
             if done.txn_id != ctx.txn_id().to_string() {
                 // The same position with another transaction: this partition and the
@@ -132,7 +140,7 @@ impl ExactlyOnce {
             );
             return Ok(done.answer);
         }
-        let (_, highest) = summary(&txn).await?;
+        let highest = newest.map_or(0, |n| n.epoch);
         if ctx.epoch() < highest {
             txn.rollback().await?;
             return Err(RunError::Fenced {
@@ -201,11 +209,15 @@ async fn lookup(db: &impl ConnectionTrait, seq: u64) -> Result<Option<AppliedRec
     let Some(row) = db.query_one(&q).await? else {
         return Ok(None);
     };
+    applied_record(seq, &row).map(Some)
+}
+
+fn applied_record(seq: u64, row: &sea_orm::QueryResult) -> Result<AppliedRecord, DbErr> {
     let epoch: i64 = row.try_get("", "epoch")?;
     let status: i32 = row.try_get("", "status")?;
     let body: Vec<u8> = row.try_get("", "body")?;
     let txn_id: String = row.try_get("", "txn_id")?;
-    Ok(Some(AppliedRecord {
+    Ok(AppliedRecord {
         seq,
         txn_id,
         epoch: u64::try_from(epoch).unwrap_or(0),
@@ -213,7 +225,29 @@ async fn lookup(db: &impl ConnectionTrait, seq: u64) -> Result<Option<AppliedRec
             status: u16::try_from(status).unwrap_or(500),
             body: Bytes::from(body),
         },
-    }))
+    })
+}
+
+/// The record with the highest seq (epochs never decrease along seqs, so it also holds the
+/// highest epoch).
+async fn newest(db: &impl ConnectionTrait) -> Result<Option<AppliedRecord>, DbErr> {
+    let q = Query::select()
+        .columns([
+            Applied::Seq,
+            Applied::TxnId,
+            Applied::Epoch,
+            Applied::Status,
+            Applied::Body,
+        ])
+        .from(Applied::Table)
+        .order_by(Applied::Seq, Order::Desc)
+        .limit(1)
+        .to_owned();
+    let Some(row) = db.query_one(&q).await? else {
+        return Ok(None);
+    };
+    let seq: i64 = row.try_get("", "seq")?;
+    applied_record(u64::try_from(seq).unwrap_or(0), &row).map(Some)
 }
 
 async fn record(

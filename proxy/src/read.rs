@@ -155,24 +155,28 @@ impl Reads {
         req: Request<ProxyBody>,
     ) -> Result<Response<Incoming>, ProxyError> {
         let wait = group.config.read_wait();
-        let fut = tokio::time::timeout(wait, async {
-            // Ready and call under one short lock, never held across an await: the chosen
-            // endpoint's future runs outside it.
-            let mut req = Some(req);
-            std::future::poll_fn(|cx| {
-                let mut balance = self.balance.lock().unwrap_or_else(|p| p.into_inner());
-                match balance.poll_ready(cx) {
-                    Poll::Ready(Ok(())) => match req.take() {
-                        Some(r) => Poll::Ready(Ok(balance.call(r))),
-                        None => Poll::Ready(Err(BoxError::from("request already sent"))),
-                    },
-                    Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
-                    Poll::Pending => Poll::Pending,
-                }
-            })
-            .await
-        })
-        .await;
+        // Ready and call under one short lock, never held across an await: the chosen
+        // endpoint's future runs outside it.
+        let mut req = Some(req);
+        let mut ready_and_call = |cx: &mut Context<'_>| {
+            let mut balance = self.balance.lock().unwrap_or_else(|p| p.into_inner());
+            match balance.poll_ready(cx) {
+                Poll::Ready(Ok(())) => match req.take() {
+                    Some(r) => Poll::Ready(Ok(balance.call(r))),
+                    None => Poll::Ready(Err(BoxError::from("request already sent"))),
+                },
+                Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+                Poll::Pending => Poll::Pending,
+            }
+        };
+        // Usually a partition is ready at once; only a wait arms the timer.
+        let first = std::future::poll_fn(|cx| Poll::Ready(ready_and_call(cx))).await;
+        let fut = match first {
+            Poll::Ready(r) => Ok(r),
+            Poll::Pending => {
+                tokio::time::timeout(wait, std::future::poll_fn(&mut ready_and_call)).await
+            }
+        };
         let fut = match fut {
             Ok(Ok(fut)) => fut,
             Ok(Err(e)) => {

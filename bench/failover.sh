@@ -61,6 +61,9 @@ RETRIES=3
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 log() { echo "failover: $*" >&2; }
+SCRIPT="bench/failover.sh"
+# shellcheck source=bench/lib.sh
+source "$ROOT/bench/lib.sh"
 HELPER="$ROOT/bench/failover.py"
 
 # --- 1. build and tools --------------------------------------------------------------------
@@ -68,17 +71,6 @@ log "cargo build --release"
 cargo build --release >&2
 BIN="$ROOT/target/release/regroup"
 
-apt_install() {
-    if ! command -v apt-get >/dev/null; then
-        echo "bench/failover.sh: $* missing and no apt-get to install it" >&2
-        exit 1
-    fi
-    local sudo=""
-    [[ $EUID -ne 0 ]] && sudo="sudo"
-    $sudo apt-get update -qq >&2
-    log "apt-get install $*"
-    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "$@" >&2
-}
 command -v python3 >/dev/null || apt_install python3
 command -v curl >/dev/null || apt_install curl
 
@@ -112,25 +104,6 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-# Waits (up to 30 s) for a line matching $2 in file $1 and prints it; fails if process $3 died.
-wait_line() {
-    local file="$1" pattern="$2" pid="$3" line
-    for _ in $(seq 300); do
-        line="$(grep -m1 -E "$pattern" "$file" 2>/dev/null || true)"
-        if [[ -n "$line" ]]; then
-            echo "$line"
-            return 0
-        fi
-        if ! kill -0 "$pid" 2>/dev/null; then
-            echo "bench/failover.sh: process $pid exited; its output:" >&2
-            cat "$file" "$file.err" 2>/dev/null >&2 || true
-            return 1
-        fi
-        sleep 0.05
-    done
-    echo "bench/failover.sh: no line /$pattern/ in $file within 30 s" >&2
-    return 1
-}
 
 # Starts bank $1 on $TMP/bank-$1.db, listening on $2 (127.0.0.1:0 the first time, its old
 # address on a restart); sets BANK_URL and PID[$1]. Its stderr is appended to, so the log

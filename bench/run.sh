@@ -64,6 +64,9 @@ done
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 log() { echo "bench: $*" >&2; }
+SCRIPT="bench/run.sh"
+# shellcheck source=bench/lib.sh
+source "$ROOT/bench/lib.sh"
 
 # --- 1. build ------------------------------------------------------------------------------
 log "cargo build --release"
@@ -71,21 +74,6 @@ cargo build --release >&2
 BIN="$ROOT/target/release/regroup"
 
 # --- 2. tools ------------------------------------------------------------------------------
-APT_UPDATED=0
-apt_install() {
-    if ! command -v apt-get >/dev/null; then
-        echo "bench/run.sh: $* missing and no apt-get to install it" >&2
-        exit 1
-    fi
-    local sudo=""
-    [[ $EUID -ne 0 ]] && sudo="sudo"
-    if [[ $APT_UPDATED -eq 0 ]]; then
-        $sudo apt-get update -qq >&2
-        APT_UPDATED=1
-    fi
-    log "apt-get install $*"
-    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "$@" >&2
-}
 NGINX="$(command -v nginx || true)"
 [[ -z "$NGINX" && -x /usr/sbin/nginx ]] && NGINX=/usr/sbin/nginx
 if [[ -z "$NGINX" ]]; then
@@ -116,25 +104,6 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-# Waits (up to 30 s) for a line matching $2 in file $1 and prints it; fails if process $3 died.
-wait_line() {
-    local file="$1" pattern="$2" pid="$3" line
-    for _ in $(seq 300); do
-        line="$(grep -m1 -E "$pattern" "$file" 2>/dev/null || true)"
-        if [[ -n "$line" ]]; then
-            echo "$line"
-            return 0
-        fi
-        if ! kill -0 "$pid" 2>/dev/null; then
-            echo "bench/run.sh: process $pid exited; its output:" >&2
-            cat "$file" "$file.err" 2>/dev/null >&2 || true
-            return 1
-        fi
-        sleep 0.1
-    done
-    echo "bench/run.sh: no line /$pattern/ in $file within 30 s" >&2
-    return 1
-}
 
 # Starts a bank named $1 on $TMP/bank-$1.db; sets BANK_URL.
 start_bank() {

@@ -129,9 +129,21 @@ async fn single_partition_admin_verbs_need_the_bearer_token() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    // Status stays open to read.
+    // Status stays open to read, as JSON and as the CLI's table.
     let a = http.get(&format!("{}/status", proxy.admin)).await.unwrap();
     assert_eq!(a.status, 200);
+    let out = regroup(&["status", "--admin", &proxy.admin]).await;
+    assert!(out.status.success());
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        table.starts_with("group app  primary a  epoch 1  head 0  sealed 0\n"),
+        "{table}"
+    );
+    let row = table
+        .lines()
+        .find(|l| l.starts_with("* a "))
+        .unwrap_or_default();
+    assert!(row.contains(&url) && row.contains("available"), "{table}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -300,3 +300,44 @@ async fn failover_with_no_partition_left_answers_503_and_applies_nothing() {
         "the refused update was applied somewhere: {accounts:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn failover_prefers_priority_among_equally_caught_up_partitions() {
+    let mut g = BankGroup::start(3, None, FAST).await;
+    // Give c the higher priority (b would win the tie on name otherwise).
+    let config = std::fs::read_to_string(&g.proxy.config).unwrap();
+    let c_url = format!("url = \"{}\"\n", g.banks[2].url);
+    std::fs::write(
+        &g.proxy.config,
+        config.replace(&c_url, &format!("{c_url}priority = 5\n")),
+    )
+    .unwrap();
+    g.proxy.restart().await;
+    let a = g
+        .post("/accounts", serde_json::json!({"name": "x", "balance": 5}))
+        .await
+        .unwrap();
+    assert_eq!(a.status, 201);
+    g.wait_converged(Duration::from_secs(10)).await;
+    g.banks[0].kill().await;
+    let doc = eventually("the role to move", Duration::from_secs(10), || async {
+        let d = g.proxy.status(&g.http).await;
+        if d.groups[0].primary != "a" {
+            Ok(d)
+        } else {
+            Err(format!("{:?}", d.groups[0]))
+        }
+    })
+    .await;
+    assert_eq!(
+        (doc.groups[0].primary.as_str(), doc.groups[0].epoch),
+        ("c", 2)
+    );
+    // The epoch is durable: a restarted proxy keeps c and epoch 2.
+    g.proxy.restart().await;
+    let doc = g.proxy.status(&g.http).await;
+    assert_eq!(
+        (doc.groups[0].primary.as_str(), doc.groups[0].epoch),
+        ("c", 2)
+    );
+}

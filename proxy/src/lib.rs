@@ -13,18 +13,23 @@
 //! **Replication.** One replayer per replica ([`replicate`], [`applier`]) follows the
 //! group's sealed head and replays records in order with `Regroup-Replay: 1`.
 //!
-//! **Supervision.** Heartbeats with a time-out and a retry count ([`supervise`]) drive
-//! each partition's [`status::PartitionStatus`].
+//! **Supervision and failover.** Heartbeats with a time-out and a retry count
+//! ([`supervise`]) and failed proxied connections drive each partition's
+//! [`status::PartitionStatus`]; when the primary becomes unavailable, [`failover`] fences it
+//! with a new durable epoch and hands the role to the most caught-up healthy partition.
+//! `promote` and `drain` do the same after the update in flight has finished.
 //!
 //! **Guarantees.** An update is durable in the journal before the primary sees it; a
 //! client is answered only after the primary's answer is durable; a record whose outcome
 //! is unknown is *in doubt*, shown in `/status`, and blocks later updates of its group
 //! until resolved, so replicas never apply out of order and nothing is guessed.
 //!
-//! **Failure modes.** Primary unreachable before sending: 502, record skipped. Connection
-//! broken or time-out after sending: 502 `in_doubt`, later updates wait up to
-//! `failover_wait_ms` then 503. Journal down: 503, nothing forwarded. No readable
-//! partition within `read_wait_ms`: 503.
+//! **Failure modes.** Primary unreachable before sending: the update waits for a failover
+//! (up to `failover_wait_ms`, then 503; the record is skipped). Connection broken or time-out
+//! after sending: the record is in doubt and settled exactly when possible (re-sent to a
+//! partition running the app-side layer, or executed by a new primary), its client waiting;
+//! otherwise 502 `in_doubt`, and later updates wait up to `failover_wait_ms` then 503. Journal
+//! down: 503, nothing forwarded. No readable partition within `read_wait_ms`: 503.
 
 pub mod admin;
 pub mod applier;

@@ -7,15 +7,15 @@
 //! **Request path.** [`route::Regroup`] picks the group by path prefix and classifies the
 //! request ([`classify`]). An update takes the group's write slot, is appended to the
 //! journal *pending*, forwarded to the primary with the replay headers, sealed with the
-//! primary's answer and answered with `Regroup-Seq` ([`update`]). A read goes to tower's
-//! p2c balancer over the partitions that are `available` ([`read`]).
+//! primary's answer and answered with `Regroup-Seq` (`update.rs`). A read goes to tower's
+//! p2c balancer over the partitions that are `available` (`read.rs`).
 //!
-//! **Replication.** One replayer per replica ([`replicate`], [`applier`]) follows the
+//! **Replication.** One replayer per replica (`replicate.rs`, [`applier`]) follows the
 //! group's sealed head and replays records in order with `Regroup-Replay: 1`.
 //!
 //! **Supervision and failover.** Heartbeats with a time-out and a retry count
-//! ([`supervise`]) and failed proxied connections drive each partition's
-//! [`status::PartitionStatus`]; when the primary becomes unavailable, [`failover`] fences it
+//! (`supervise.rs`) and failed proxied connections drive each partition's
+//! [`status::PartitionStatus`]; when the primary becomes unavailable, `failover.rs` fences it
 //! with a new durable epoch and hands the role to the most caught-up healthy partition.
 //! `promote` and `drain` do the same after the update in flight has finished.
 //!

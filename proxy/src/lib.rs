@@ -40,7 +40,7 @@ mod failover;
 pub mod forward;
 pub mod group;
 pub mod partition;
-mod read;
+pub mod read;
 mod replicate;
 pub mod route;
 pub mod server;

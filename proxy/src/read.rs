@@ -32,9 +32,61 @@ use crate::update::error_chain;
 type Endpoint = PeakEwma<ReadEndpoint, CompleteOnResponse>;
 type Changes = Pin<Box<dyn Stream<Item = Result<Change<usize, Endpoint>, Infallible>> + Send>>;
 
+/// How fresh a read must be, from the client's `Regroup-Consistency` header (and
+/// `Regroup-Position` for `session`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Consistency {
+    /// Any available partition within the allowed lag (the default), balanced.
+    Any,
+    /// Only a partition that has applied at least this seq (read-your-writes: pass the
+    /// `Regroup-Seq` of your last update as `Regroup-Position`); the primary when none has.
+    Session(u64),
+    /// The primary.
+    Primary,
+}
+
+/// The header that picks a read's [`Consistency`].
+pub const CONSISTENCY_HEADER: &str = "regroup-consistency";
+/// The position a `session` read must see.
+pub const POSITION_HEADER: &str = "regroup-position";
+
+impl Consistency {
+    /// Reads (and removes) the consistency headers; malformed ones are a 400.
+    pub fn take_from(headers: &mut http::HeaderMap) -> Result<Consistency, ProxyError> {
+        let text =
+            |h: Option<http::HeaderValue>, name: &str| -> Result<Option<String>, ProxyError> {
+                h.map(|v| {
+                    v.to_str()
+                        .map(|s| s.trim().to_ascii_lowercase())
+                        .map_err(|_| ProxyError::BadRequest(format!("header {name} is not text")))
+                })
+                .transpose()
+            };
+        let mode = text(headers.remove(CONSISTENCY_HEADER), CONSISTENCY_HEADER)?;
+        let position = text(headers.remove(POSITION_HEADER), POSITION_HEADER)?;
+        match mode.as_deref() {
+            None | Some("any") => Ok(Consistency::Any),
+            Some("primary") => Ok(Consistency::Primary),
+            Some("session") => match position {
+                None => Ok(Consistency::Any),
+                Some(p) => p.parse().map(Consistency::Session).map_err(|_| {
+                    ProxyError::BadRequest(format!(
+                        "header {POSITION_HEADER} must be a seq (a number), not {p:?}"
+                    ))
+                }),
+            },
+            Some(other) => Err(ProxyError::BadRequest(format!(
+                "header {CONSISTENCY_HEADER} must be any, session or primary, not {other:?}"
+            ))),
+        }
+    }
+}
+
 /// The group's read balancer.
 pub(crate) struct Reads {
     balance: std::sync::Mutex<Balance<Changes, Request<ProxyBody>>>,
+    /// Rotates `session` reads over the partitions fresh enough to serve them.
+    next: std::sync::atomic::AtomicUsize,
 }
 
 impl std::fmt::Debug for Reads {
@@ -109,7 +161,45 @@ impl Reads {
         tokio::spawn(membership(group.clone(), tx));
         Reads {
             balance: std::sync::Mutex::new(Balance::new(changes)),
+            next: std::sync::atomic::AtomicUsize::new(0),
         }
+    }
+
+    /// Sends a prepared read as `consistency` asks: balanced (`any`), to a partition that has
+    /// applied the client's position (`session`, else the primary), or to the primary.
+    pub(crate) async fn call_consistent(
+        &self,
+        group: &Group,
+        req: Request<ProxyBody>,
+        consistency: Consistency,
+    ) -> Result<Response<Incoming>, ProxyError> {
+        let index = match consistency {
+            Consistency::Any => return self.call(group, req).await,
+            Consistency::Primary => group.primary_index(),
+            Consistency::Session(position) => {
+                let primary = group.primary_index();
+                let fresh: Vec<usize> = (0..group.partitions.len())
+                    .filter(|&i| {
+                        let p = &group.partitions[i];
+                        i != primary
+                            && p.status() == PartitionStatus::Available
+                            && p.applied() >= position
+                    })
+                    .chain(std::iter::once(primary))
+                    .collect();
+                let turn = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                fresh[turn % fresh.len()]
+            }
+        };
+        let mut endpoint = ReadEndpoint {
+            client: group.client.clone(),
+            partition: group.partitions[index].clone(),
+        };
+        endpoint.call(req).await.map_err(|e| ProxyError::Upstream {
+            group: group.name().to_owned(),
+            partition: e.partition,
+            reason: e.reason,
+        })
     }
 
     /// Sends a prepared read to the least loaded of two random eligible partitions. A read
@@ -246,5 +336,62 @@ async fn membership(group: Arc<Group>, tx: mpsc::UnboundedSender<Change<usize, E
             r = changed.changed() => if r.is_err() { return },
             _ = stop.changed() => return,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(pairs: &[(&'static str, &'static str)]) -> http::HeaderMap {
+        let mut h = http::HeaderMap::new();
+        for (k, v) in pairs {
+            h.insert(*k, http::HeaderValue::from_static(v));
+        }
+        h
+    }
+
+    #[test]
+    fn consistency_headers_are_read_and_removed() {
+        let mut h = headers(&[
+            ("regroup-consistency", "Session"),
+            ("regroup-position", "42"),
+        ]);
+        assert_eq!(
+            Consistency::take_from(&mut h).ok(),
+            Some(Consistency::Session(42))
+        );
+        assert!(h.is_empty(), "the headers must not reach the partition");
+        let mut h = headers(&[("regroup-consistency", "primary")]);
+        assert_eq!(
+            Consistency::take_from(&mut h).ok(),
+            Some(Consistency::Primary)
+        );
+        let mut h = headers(&[("regroup-consistency", "session")]);
+        assert_eq!(Consistency::take_from(&mut h).ok(), Some(Consistency::Any));
+        assert_eq!(
+            Consistency::take_from(&mut headers(&[])).ok(),
+            Some(Consistency::Any)
+        );
+    }
+
+    #[test]
+    fn bad_consistency_headers_are_named() {
+        let e = Consistency::take_from(&mut headers(&[("regroup-consistency", "strong")]));
+        assert_eq!(
+            e.err().map(|e| e.to_string()).as_deref(),
+            Some("header regroup-consistency must be any, session or primary, not \"strong\"")
+        );
+        let mut h = headers(&[
+            ("regroup-consistency", "session"),
+            ("regroup-position", "x"),
+        ]);
+        assert_eq!(
+            Consistency::take_from(&mut h)
+                .err()
+                .map(|e| e.to_string())
+                .as_deref(),
+            Some("header regroup-position must be a seq (a number), not \"x\"")
+        );
     }
 }

@@ -19,7 +19,7 @@ use crate::classify::Kind;
 use crate::error::ProxyError;
 use crate::forward::{self, BoxError, ProxyBody};
 use crate::group::Group;
-use crate::read::Reads;
+use crate::read::{Consistency, Reads};
 use crate::update;
 
 /// The client's address, as a request extension (set by the server per connection).
@@ -145,9 +145,13 @@ where
     match kind {
         Kind::Update => update::handle(routed.group, req, client).await,
         Kind::Read => {
-            let req = req.map(|b| b.map_err(Into::into).boxed_unsync());
+            let mut req = req.map(|b| b.map_err(Into::into).boxed_unsync());
+            let consistency = Consistency::take_from(req.headers_mut())?;
             let req = forward::prepare_request(req, client);
-            let resp = routed.reads.call(&routed.group, req).await?;
+            let resp = routed
+                .reads
+                .call_consistent(&routed.group, req, consistency)
+                .await?;
             Ok(forward::client_response(resp))
         }
     }

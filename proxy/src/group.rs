@@ -295,9 +295,15 @@ impl Group {
                 ),
                 Health::Up => {
                     let applied = p.applied();
-                    if !self.is_primary(p)
-                        && applied.saturating_add(self.config.max_read_lag) < sealed
-                    {
+                    // Hysteresis: an available replica falls behind past `max_read_lag`, and
+                    // comes back once within half of it, so a replica hovering at the limit
+                    // does not flap (and churn the read balancer) with every record.
+                    let lag = if p.status() == PartitionStatus::Available {
+                        self.config.max_read_lag
+                    } else {
+                        self.config.max_read_lag / 2
+                    };
+                    if !self.is_primary(p) && applied.saturating_add(lag) < sealed {
                         (
                             PartitionStatus::CatchingUp,
                             Box::new(move || format!("applied {applied} of {sealed}: replaying")),

@@ -127,6 +127,9 @@ async fn run_group(args: &DemoArgs, dir: &Path, partitions: &[Partition]) -> any
         "  curl -s -XPOST {proxy_url}/transfers -H 'content-type: application/json' -d '{{\"from\":1,\"to\":2,\"amount\":250}}'"
     );
     println!("  curl -s {proxy_url}/accounts");
+    println!(
+        "  curl -s {proxy_url}/accounts -H 'regroup-consistency: primary'   # read your writes"
+    );
     println!("  cargo run --release -- status --admin {admin_url}");
     println!();
 

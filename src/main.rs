@@ -71,6 +71,15 @@ enum Command {
     Drain(RoleArgs),
     /// Return a drained partition to service.
     Undrain(RoleArgs),
+    /// Lift a diverged partition's quarantine once it has been rebuilt.
+    Rejoin {
+        #[command(flatten)]
+        role: RoleArgs,
+        /// The seq the rebuilt copy includes (default: its checkpoint, or what its
+        /// app-side layer says).
+        #[arg(long)]
+        applied: Option<u64>,
+    },
     /// Run a redundancy group of three bank partitions behind the proxy, on SQLite files
     /// in a fresh directory.
     Demo(demo::DemoArgs),
@@ -215,21 +224,25 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             println!("group {group}: record {seq} resolved as {outcome}");
             Ok(())
         }
-        Command::Promote(a) => role_verb("promote", a).await,
-        Command::Drain(a) => role_verb("drain", a).await,
-        Command::Undrain(a) => role_verb("undrain", a).await,
+        Command::Promote(a) => role_verb("promote", a, None).await,
+        Command::Drain(a) => role_verb("drain", a, None).await,
+        Command::Undrain(a) => role_verb("undrain", a, None).await,
+        Command::Rejoin { role, applied } => role_verb("rejoin", role, applied).await,
         Command::Demo(args) => demo::run(args).await,
         Command::Bank { listen, db } => bank::serve(&listen, &db).await,
     }
 }
 
-async fn role_verb(verb: &str, a: RoleArgs) -> anyhow::Result<()> {
+async fn role_verb(verb: &str, a: RoleArgs, applied: Option<u64>) -> anyhow::Result<()> {
     let url = format!(
         "{}/groups/{}/{verb}",
         a.admin.trim_end_matches('/'),
         a.group
     );
-    let body = serde_json::json!({"partition": a.partition});
+    let mut body = serde_json::json!({"partition": a.partition});
+    if let Some(n) = applied {
+        body["applied"] = n.into();
+    }
     let answer = HttpClient::new()
         .send("POST", &url, Some(&body), a.token.as_deref())
         .await?;

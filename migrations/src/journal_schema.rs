@@ -64,6 +64,9 @@ pub enum Checkpoint {
     Partition,
     /// The highest seq the partition applied (0 for none).
     Applied,
+    /// Why the partition was found diverged, until an operator rejoins it (added by the
+    /// `quarantine` migration).
+    Diverged,
 }
 
 #[async_trait::async_trait]

@@ -6,6 +6,7 @@
 
 mod applied_schema;
 mod journal_schema;
+mod quarantine;
 
 pub use applied_schema::{Applied, AppliedMigration};
 pub use journal_schema::{Checkpoint, Group, Record};
@@ -18,7 +19,10 @@ pub struct JournalMigrator;
 #[async_trait::async_trait]
 impl MigratorTrait for JournalMigrator {
     fn migrations() -> Vec<Box<dyn MigrationTrait>> {
-        vec![Box::new(journal_schema::Migration)]
+        vec![
+            Box::new(journal_schema::Migration),
+            Box::new(quarantine::Migration),
+        ]
     }
 
     fn migration_table_name() -> DynIden {

@@ -1,6 +1,7 @@
 //! The admin API on `admin_listen`: `GET /status` (JSON), `GET /health`, and the admin
 //! verbs (bearer token when configured): `POST /groups/{group}/resolve` (settle an in-doubt
-//! record), `POST /groups/{group}/promote`, `/drain`, `/undrain` (`{"partition": NAME}`).
+//! record), `POST /groups/{group}/promote`, `/drain`, `/undrain` (`{"partition": NAME}`),
+//! `/rejoin` (`{"partition": NAME, "applied": SEQ}`: lift a diverged partition's quarantine).
 
 use std::sync::Arc;
 
@@ -104,6 +105,18 @@ pub struct PartitionRequest {
     pub partition: String,
 }
 
+/// The body of `POST /groups/{group}/rejoin`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RejoinRequest {
+    /// The diverged partition, rebuilt.
+    pub partition: String,
+    /// The seq the rebuilt copy includes (default: its checkpoint, or what its app-side
+    /// layer says).
+    #[serde(default)]
+    pub applied: Option<u64>,
+}
+
 /// How an operator settles an in-doubt record.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -177,21 +190,20 @@ impl Admin {
                     }),
                 ))
             }
+            (&Method::POST, ["groups", group, "rejoin"]) => {
+                self.authorize(&req)?;
+                let group = self.group(group)?;
+                let ask: RejoinRequest =
+                    read_json(req, "{\"partition\": NAME, \"applied\": SEQ (optional)}").await?;
+                let index = self.partition(&group, &ask.partition)?;
+                crate::replicate::rejoin(&group, index, ask.applied).await?;
+                Ok(json(StatusCode::OK, &GroupStatus::from(group.view())))
+            }
             (&Method::POST, ["groups", group, verb @ ("promote" | "drain" | "undrain")]) => {
                 self.authorize(&req)?;
                 let group = self.group(group)?;
                 let ask: PartitionRequest = read_json(req, "{\"partition\": NAME}").await?;
-                let index = group
-                    .partitions
-                    .iter()
-                    .position(|p| p.name() == ask.partition)
-                    .ok_or_else(|| {
-                        ProxyError::BadRequest(format!(
-                            "group {:?} has no partition {:?}",
-                            group.name(),
-                            ask.partition
-                        ))
-                    })?;
+                let index = self.partition(&group, &ask.partition)?;
                 match *verb {
                     "promote" => {
                         crate::failover::move_role(&group, Some(index), true).await?;
@@ -219,6 +231,19 @@ impl Admin {
         } else {
             Err(ProxyError::Unauthorized)
         }
+    }
+
+    fn partition(&self, group: &Group, name: &str) -> Result<usize, ProxyError> {
+        group
+            .partitions
+            .iter()
+            .position(|p| p.name() == name)
+            .ok_or_else(|| {
+                ProxyError::BadRequest(format!(
+                    "group {:?} has no partition {name:?}",
+                    group.name()
+                ))
+            })
     }
 
     fn group(&self, name: &str) -> Result<Arc<Group>, ProxyError> {

@@ -114,9 +114,18 @@ impl Group {
                 .checkpoint(&config.name, &p.name)
                 .await
                 .map_err(|e| ProxyError::Journal(e.to_string()))?;
-            partitions.push(Arc::new(Partition::new(
-                &p.name, &p.url, base, p.priority, applied,
-            )));
+            let partition = Partition::new(&p.name, &p.url, base, p.priority, applied);
+            // A quarantine outlives restarts: never serve a diverged copy, not even briefly.
+            if let Some(reason) = journal
+                .diverged(&config.name, &p.name)
+                .await
+                .map_err(|e| ProxyError::Journal(e.to_string()))?
+            {
+                tracing::warn!(group = %config.name, partition = %p.name, %reason,
+                    "partition is quarantined as diverged (regroup rejoin lifts it)");
+                partition.set_diverged(&reason);
+            }
+            partitions.push(Arc::new(partition));
         }
         let primary = partitions
             .iter()

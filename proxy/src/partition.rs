@@ -132,6 +132,14 @@ impl Partition {
         self.lock().diverged = Some(reason.to_owned());
     }
 
+    /// Returns a quarantined partition to service, resuming at `applied` when given.
+    pub(crate) fn clear_diverged(&self, applied: Option<u64>) {
+        self.lock().diverged = None;
+        if let Some(a) = applied {
+            self.applied.store(a, Ordering::Release);
+        }
+    }
+
     pub(crate) fn diverged(&self) -> Option<String> {
         self.lock().diverged.clone()
     }

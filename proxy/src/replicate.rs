@@ -117,3 +117,43 @@ pub(crate) async fn stop_one(group: &Group, index: usize) {
         let _ = h.task.await;
     }
 }
+
+/// Returns a diverged partition to service after an operator rebuilt it (for example from a
+/// snapshot of a healthy partition): its quarantine is lifted durably and its replayer
+/// starts again, from `applied` when given (the seq the rebuilt copy includes), else from
+/// its checkpoint (a partition with the app-side layer says itself where it stands).
+pub(crate) async fn rejoin(
+    group: &Arc<Group>,
+    index: usize,
+    applied: Option<u64>,
+) -> Result<(), crate::error::ProxyError> {
+    use crate::error::ProxyError;
+    let p = &group.partitions[index];
+    if p.diverged().is_none() {
+        return Err(ProxyError::BadRequest(format!(
+            "partition {:?} of group {:?} is not diverged",
+            p.name(),
+            group.name()
+        )));
+    }
+    stop_one(group, index).await;
+    let journal_err = |e: regroup_replay::JournalError| ProxyError::Journal(e.to_string());
+    if let Some(a) = applied {
+        group
+            .journal
+            .save_checkpoint(group.name(), p.name(), a)
+            .await
+            .map_err(journal_err)?;
+    }
+    group
+        .journal
+        .set_diverged(group.name(), p.name(), None)
+        .await
+        .map_err(journal_err)?;
+    p.clear_diverged(applied);
+    group.refresh(p);
+    tracing::info!(group = %group.name(), partition = %p.name(), ?applied,
+        "partition rejoined by an operator");
+    start_one(group, index);
+    Ok(())
+}

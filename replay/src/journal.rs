@@ -120,6 +120,17 @@ pub trait Journal: Send + Sync + 'static {
         applied: u64,
     ) -> Result<(), JournalError>;
 
+    /// Why `partition` is quarantined as diverged, if it is.
+    async fn diverged(&self, group: &str, partition: &str) -> Result<Option<String>, JournalError>;
+
+    /// Durably quarantines `partition` (`Some(reason)`) or returns it to service (`None`).
+    async fn set_diverged(
+        &self,
+        group: &str,
+        partition: &str,
+        reason: Option<&str>,
+    ) -> Result<(), JournalError>;
+
     /// Durably records a new primary and epoch for the group.
     async fn set_primary(&self, group: &str, epoch: u64, primary: &str)
     -> Result<(), JournalError>;

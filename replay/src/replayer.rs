@@ -125,6 +125,19 @@ impl Replayer {
             return ReplayExit::Stopped;
         };
         observer.applied(applied);
+        // A quarantined partition stays so until an operator rejoins it.
+        let Some(quarantined) = self
+            .retry_journal(&mut stop, || {
+                self.journal.diverged(&self.group, &self.partition)
+            })
+            .await
+        else {
+            return ReplayExit::Stopped;
+        };
+        if let Some(reason) = quarantined {
+            observer.diverged(applied, &reason);
+            return ReplayExit::Diverged(applied);
+        }
         // A partition that keeps its own exactly-once record says where to resume (after a
         // restore, or when the last checkpoint lagged), and re-delivery to it is harmless, so
         // its checkpoint is saved in batches rather than after every record.
@@ -189,6 +202,15 @@ impl Replayer {
                                 .journal
                                 .save_checkpoint(&self.group, &self.partition, record.seq)
                                 .await;
+                            // Durable: the quarantine outlives a restart of the proxy.
+                            self.retry_journal(&mut stop, || {
+                                self.journal.set_diverged(
+                                    &self.group,
+                                    &self.partition,
+                                    Some(&reason),
+                                )
+                            })
+                            .await;
                             observer.diverged(record.seq, &reason);
                             return ReplayExit::Diverged(record.seq);
                         }
@@ -480,6 +502,14 @@ mod tests {
             .run(sealed, stop, log.clone())
             .await;
         assert_eq!(exit, ReplayExit::Diverged(2));
+        assert_eq!(*echo.seen.lock().unwrap(), vec![1, 2]);
+        // The quarantine is durable: a new replayer (a restarted proxy) sends nothing.
+        let (_sealed_tx, sealed) = watch::channel(3u64);
+        let (_stop_tx, stop) = watch::channel(false);
+        let again = Replayer::new("g", "b", j.clone(), echo.clone())
+            .run(sealed, stop, Arc::new(Log::default()))
+            .await;
+        assert_eq!(again, ReplayExit::Diverged(2));
         assert_eq!(*echo.seen.lock().unwrap(), vec![1, 2]);
         let log = log.0.lock().unwrap().clone();
         assert!(

@@ -163,6 +163,19 @@ impl<J: Journal> Journal for CachedJournal<J> {
         self.inner.save_checkpoint(group, partition, applied).await
     }
 
+    async fn diverged(&self, group: &str, partition: &str) -> Result<Option<String>, JournalError> {
+        self.inner.diverged(group, partition).await
+    }
+
+    async fn set_diverged(
+        &self,
+        group: &str,
+        partition: &str,
+        reason: Option<&str>,
+    ) -> Result<(), JournalError> {
+        self.inner.set_diverged(group, partition, reason).await
+    }
+
     async fn set_primary(
         &self,
         group: &str,

@@ -442,6 +442,49 @@ impl Journal for SqlJournal {
         Ok(())
     }
 
+    async fn diverged(&self, group: &str, partition: &str) -> Result<Option<String>, JournalError> {
+        let q = Query::select()
+            .column(Checkpoint::Diverged)
+            .from(Checkpoint::Table)
+            .and_where(Expr::col(Checkpoint::GroupName).eq(group))
+            .and_where(Expr::col(Checkpoint::Partition).eq(partition))
+            .to_owned();
+        Ok(match self.db.query_one(&q).await? {
+            Some(row) => row.try_get::<Option<String>>("", "diverged")?,
+            None => None,
+        })
+    }
+
+    async fn set_diverged(
+        &self,
+        group: &str,
+        partition: &str,
+        reason: Option<&str>,
+    ) -> Result<(), JournalError> {
+        let upsert = Query::insert()
+            .into_table(Checkpoint::Table)
+            .columns([
+                Checkpoint::GroupName,
+                Checkpoint::Partition,
+                Checkpoint::Applied,
+                Checkpoint::Diverged,
+            ])
+            .values_panic([
+                group.into(),
+                partition.into(),
+                0i64.into(),
+                reason.map(str::to_owned).into(),
+            ])
+            .on_conflict(
+                OnConflict::columns([Checkpoint::GroupName, Checkpoint::Partition])
+                    .update_column(Checkpoint::Diverged)
+                    .to_owned(),
+            )
+            .to_owned();
+        self.db.execute(&upsert).await?;
+        Ok(())
+    }
+
     async fn set_primary(
         &self,
         group: &str,
@@ -528,6 +571,20 @@ mod tests {
         assert_eq!(g.unsealed[0].seq, 2);
         assert_eq!(g.unsealed[0].state, RecordState::InDoubt);
 
+        assert_eq!(j.diverged("bank", "b").await?, None);
+        j.set_diverged("bank", "b", Some("seq 1: status 409 differs"))
+            .await?;
+        assert_eq!(
+            j.diverged("bank", "b").await?.as_deref(),
+            Some("seq 1: status 409 differs")
+        );
+        assert_eq!(
+            j.checkpoint("bank", "b").await?,
+            2,
+            "quarantine keeps the checkpoint"
+        );
+        j.set_diverged("bank", "b", None).await?;
+        assert_eq!(j.diverged("bank", "b").await?, None);
         j.restamp("bank", 2, 2).await?;
         assert_eq!(j.record("bank", 2).await?.map(|r| r.epoch), Some(2));
         j.set_primary("bank", 2, "b").await?;

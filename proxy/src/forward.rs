@@ -63,6 +63,10 @@ const HOP_BY_HOP: [&str; 9] = [
 
 /// Removes hop-by-hop headers, including every header named by `Connection`.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    // One pass without allocation in the common case (no hop-by-hop header at all).
+    if !headers.keys().any(is_hop_by_hop) {
+        return;
+    }
     let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()
@@ -78,8 +82,23 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
+fn is_hop_by_hop(name: &HeaderName) -> bool {
+    *name == header::CONNECTION
+        || *name == header::TE
+        || *name == header::TRAILER
+        || *name == header::TRANSFER_ENCODING
+        || *name == header::UPGRADE
+        || *name == header::PROXY_AUTHENTICATE
+        || *name == header::PROXY_AUTHORIZATION
+        || name.as_str() == "keep-alive"
+        || name.as_str() == "proxy-connection"
+}
+
 /// Removes the replay headers a client might send: only regroup sets them.
 pub fn strip_replay_headers(headers: &mut HeaderMap) {
+    if !headers.keys().any(|k| k.as_str().starts_with("regroup-")) {
+        return;
+    }
     for name in regroup_replay::headers::ALL {
         headers.remove(name);
     }

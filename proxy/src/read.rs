@@ -53,6 +53,9 @@ pub const POSITION_HEADER: &str = "regroup-position";
 impl Consistency {
     /// Reads (and removes) the consistency headers; malformed ones are a 400.
     pub fn take_from(headers: &mut http::HeaderMap) -> Result<Consistency, ProxyError> {
+        if !headers.keys().any(|k| k.as_str().starts_with("regroup-")) {
+            return Ok(Consistency::Any);
+        }
         let text =
             |h: Option<http::HeaderValue>, name: &str| -> Result<Option<String>, ProxyError> {
                 h.map(|v| {

@@ -124,6 +124,19 @@ def report(args):
     for label, a, b, metric in RATIOS:
         v = med[a][metric] / med[b][metric]
         out.append(f"| {label} | {v:.2f}x | | |")
+    # Rounds are interleaved, so each round compares targets under the same conditions: the
+    # per-round ratios show how much of a verdict is noise.
+    paired = []
+    for label, a, b, metric, _cmp, _bound in FLOORS:
+        if metric != "rps" or a not in runs or b not in runs:
+            continue
+        rs = [x[metric] / y[metric] for x, y in zip(runs[a], runs[b]) if y[metric]]
+        if rs:
+            paired.append(f"{label}: " + " ".join(f"{r:.2f}" for r in rs)
+                          + f" (median {statistics.median(rs):.2f}x)")
+    if paired:
+        out.append("")
+        out.append("Per-round ratios (same round, same conditions): " + "; ".join(paired) + ".")
     bad = {t: n for t, n in failed.items() if n}
     if bad:
         out.append("")

@@ -78,21 +78,8 @@ async fn soak_three_partitions_under_chaos() {
     };
     let (load, actions) = tokio::join!(load, chaos);
     eprintln!("{actions} chaos actions, answers {:?}", load.statuses);
-    assert!(
-        load.errors.is_empty(),
-        "client requests failed: {:?}",
-        load.errors
-    );
-    let failed: u64 = load
-        .statuses
-        .iter()
-        .filter(|(s, _)| ![201, 400, 404, 409].contains(*s))
-        .map(|(_, n)| n)
-        .sum();
-    assert_eq!(failed, 0, "client requests failed: {:?}", load.statuses);
-    report.acked_accounts.extend(load.acked_accounts);
-    report.acked_transfers.extend(load.acked_transfers);
-    report.initial_balance.extend(load.initial_balance);
+    assert_no_failed_request(&load);
+    merge(&mut report, load);
     g.wait_converged(Duration::from_secs(60)).await;
     let (accounts, transfers) = g.assert_identical().await;
     assert_bank_invariants(&report, &accounts, &transfers);

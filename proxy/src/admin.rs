@@ -9,13 +9,11 @@ use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode, header};
 use http_body_util::BodyExt;
 use serde::{Deserialize, Serialize};
-use time::OffsetDateTime;
 
 use crate::error::ProxyError;
 use crate::forward::{ProxyBody, full};
 use crate::group::{Group, GroupView};
 use crate::partition::PartitionView;
-use crate::status::PartitionStatus;
 
 /// `GET /status`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -281,23 +279,4 @@ fn json<T: Serialize>(status: StatusCode, value: &T) -> Response<ProxyBody> {
         header::HeaderValue::from_static("application/json"),
     );
     resp
-}
-
-/// Parses a status name from `/status` (for clients such as the CLI and tests).
-pub fn parse_status(s: &str) -> Option<PartitionStatus> {
-    [
-        PartitionStatus::Available,
-        PartitionStatus::CatchingUp,
-        PartitionStatus::Suspect,
-        PartitionStatus::Unavailable,
-        PartitionStatus::Diverged,
-        PartitionStatus::Draining,
-    ]
-    .into_iter()
-    .find(|p| p.as_str() == s)
-}
-
-/// `now` in status format, for callers that print documents.
-pub fn now_rfc3339() -> String {
-    regroup_replay::record::format_timestamp(OffsetDateTime::now_utc())
 }

@@ -123,9 +123,18 @@ impl Partition {
         self.lock().health
     }
 
-    /// Records a heartbeat (or proxied request) outcome; returns the new health.
+    /// Records a heartbeat outcome.
     pub(crate) fn set_health(&self, health: Health) {
         self.lock().health = health;
+    }
+
+    /// Counts one more consecutive miss (a heartbeat, or a proxied request that failed).
+    pub(crate) fn record_miss(&self) {
+        let mut s = self.lock();
+        s.health = match s.health {
+            Health::Up => Health::Missed(1),
+            Health::Missed(n) => Health::Missed(n.saturating_add(1)),
+        };
     }
 
     pub(crate) fn set_diverged(&self, reason: &str) {

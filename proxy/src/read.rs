@@ -25,7 +25,7 @@ use tower::load::{CompleteOnResponse, PeakEwma};
 use crate::error::ProxyError;
 use crate::forward::{BoxError, ProxyBody, Upstream, upstream_uri};
 use crate::group::Group;
-use crate::partition::{Health, Partition};
+use crate::partition::Partition;
 use crate::status::PartitionStatus;
 use crate::update::error_chain;
 
@@ -139,11 +139,7 @@ impl Service<Request<ProxyBody>> for ReadEndpoint {
             client.request(req).await.map_err(|e| {
                 if e.is_connect() {
                     // A proxied request that cannot connect counts as a missed heartbeat.
-                    let missed = match partition.health() {
-                        Health::Up => 1,
-                        Health::Missed(n) => n.saturating_add(1),
-                    };
-                    partition.set_health(Health::Missed(missed));
+                    partition.record_miss();
                 }
                 EndpointError {
                     partition: partition.name().to_owned(),

@@ -55,13 +55,9 @@ async fn beat(group: &Group, partition: &Partition) {
         }
         Err(_) => false,
     };
-    let health = if ok {
-        Health::Up
+    if ok {
+        partition.set_health(Health::Up);
     } else {
-        match partition.health() {
-            Health::Up => Health::Missed(1),
-            Health::Missed(n) => Health::Missed(n.saturating_add(1)),
-        }
-    };
-    partition.set_health(health);
+        partition.record_miss();
+    }
 }

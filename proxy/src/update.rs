@@ -16,7 +16,6 @@ use crate::config::ReplayPolicy;
 use crate::error::ProxyError;
 use crate::forward::{self, BoxError, ProxyBody};
 use crate::group::Group;
-use crate::partition::Health;
 use crate::status::PartitionStatus;
 
 /// Handles one update end to end. The journaled part runs in its own task: a client that
@@ -282,11 +281,7 @@ async fn restamp(group: &Group, record: &mut Record, epoch: u64) -> Result<(), P
 
 /// A proxied update that could not connect counts as a missed heartbeat.
 fn miss(group: &Group, p: &crate::partition::Partition) {
-    let missed = match p.health() {
-        Health::Up => 1,
-        Health::Missed(n) => n.saturating_add(1),
-    };
-    p.set_health(Health::Missed(missed));
+    p.record_miss();
     group.refresh(p);
 }
 

@@ -166,33 +166,13 @@ impl ExactlyOnce {
 
     /// The highest seq and the highest epoch applied here (0, 0 for none).
     pub async fn applied(&self) -> Result<(u64, u64), DbErr> {
-        summary(&self.db).await
+        Ok(newest(&self.db).await?.map_or((0, 0), |n| (n.seq, n.epoch)))
     }
 
     /// What was recorded for `seq`, if it was applied here.
     pub async fn lookup(&self, seq: u64) -> Result<Option<AppliedRecord>, DbErr> {
         lookup(&self.db, seq).await
     }
-}
-
-async fn summary(db: &impl ConnectionTrait) -> Result<(u64, u64), DbErr> {
-    // Epochs never decrease along seqs, so the last row holds both maxima (one index probe,
-    // not a scan).
-    let q = Query::select()
-        .columns([Applied::Seq, Applied::Epoch])
-        .from(Applied::Table)
-        .order_by(Applied::Seq, Order::Desc)
-        .limit(1)
-        .to_owned();
-    let Some(row) = db.query_one(&q).await? else {
-        return Ok((0, 0));
-    };
-    let seq: i64 = row.try_get("", "seq")?;
-    let epoch: i64 = row.try_get("", "epoch")?;
-    Ok((
-        u64::try_from(seq).unwrap_or(0),
-        u64::try_from(epoch).unwrap_or(0),
-    ))
 }
 
 async fn lookup(db: &impl ConnectionTrait, seq: u64) -> Result<Option<AppliedRecord>, DbErr> {

@@ -652,3 +652,30 @@ pub fn assert_bank_invariants(report: &LoadReport, accounts: &[Value], transfers
         assert_eq!(found["name"], a["name"]);
     }
 }
+
+/// Adds `r` to `report`.
+pub fn merge(report: &mut LoadReport, r: LoadReport) {
+    report.acked_accounts.extend(r.acked_accounts);
+    report.acked_transfers.extend(r.acked_transfers);
+    report.initial_balance.extend(r.initial_balance);
+    for (k, v) in r.statuses {
+        *report.statuses.entry(k).or_default() += v;
+    }
+    report.errors.extend(r.errors);
+}
+
+/// Every answer was a bank answer: no 5xx from the proxy, no connection error.
+pub fn assert_no_failed_request(r: &LoadReport) {
+    assert!(
+        r.errors.is_empty(),
+        "client requests failed: {:?}",
+        r.errors
+    );
+    let failed: u64 = r
+        .statuses
+        .iter()
+        .filter(|(s, _)| ![201, 400, 404, 409].contains(*s))
+        .map(|(_, n)| n)
+        .sum();
+    assert_eq!(failed, 0, "client requests failed: {:?}", r.statuses);
+}

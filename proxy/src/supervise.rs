@@ -46,10 +46,20 @@ async fn beat(group: &Group, partition: &Partition) {
         Ok(uri) => {
             let req = Request::get(uri).body(full(bytes::Bytes::new()));
             match req {
-                Ok(req) => matches!(
-                    tokio::time::timeout(group.config.heartbeat_timeout(), group.client.request(req)).await,
-                    Ok(Ok(resp)) if resp.status().is_success()
-                ),
+                // The body is read too, so the pooled connection is reused by the next beat
+                // instead of a new one being opened every interval.
+                Ok(req) => tokio::time::timeout(group.config.heartbeat_timeout(), async {
+                    let resp = group.client.request(req).await.ok()?;
+                    let ok = resp.status().is_success();
+                    http_body_util::BodyExt::collect(resp.into_body())
+                        .await
+                        .ok()?;
+                    Some(ok)
+                })
+                .await
+                .ok()
+                .flatten()
+                .unwrap_or(false),
                 Err(_) => false,
             }
         }

@@ -26,7 +26,7 @@ use hyper_util::rt::TokioExecutor;
 use rand::Rng;
 use regroup::client::HttpClient;
 use regroup_proxy::admin::StatusDoc;
-use regroup_replay::{Answer, ExactlyOnce, Fingerprint, Journal, ReplayContext, ReplayLayer};
+use regroup_replay::{Answer, ExactlyOnce, Fingerprint, Log, ReplayContext, ReplayLayer};
 use regroup_replay::{RunError, SqlJournal};
 use sea_orm::{
     ActiveModelTrait, ActiveValue::Set, Database, DatabaseConnection, EntityTrait, QueryOrder,

@@ -50,6 +50,9 @@ pub enum Record {
     Status,
     /// Hex SHA-256 of the primary's response body, once executed.
     BodyHash,
+    /// The partitions that may have executed it, as a JSON array (added by the
+    /// `executors` migration).
+    Executors,
 }
 
 /// Columns of `regroup_checkpoint`: how far each partition has applied its group's journal.

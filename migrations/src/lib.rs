@@ -5,6 +5,7 @@
 //! application without touching the application's `seaql_migrations`.
 
 mod applied_schema;
+mod executors;
 mod journal_schema;
 mod quarantine;
 
@@ -22,6 +23,7 @@ impl MigratorTrait for JournalMigrator {
         vec![
             Box::new(journal_schema::Migration),
             Box::new(quarantine::Migration),
+            Box::new(executors::Migration),
         ]
     }
 

@@ -143,16 +143,11 @@ async fn hand_over(
     let old = group.primary_index();
     let journal_err = |e: regroup_replay::JournalError| ProxyError::Journal(e.to_string());
     // Fence the deposed primary: no answer of the old epoch is sealed after this.
-    let epoch = {
+    let (was, epoch) = {
         let _gate = group.seal_gate.lock().await;
-        let epoch = group.epoch() + 1;
-        group
-            .journal
-            .set_primary(group.name(), epoch, group.partitions[old].name())
-            .await
-            .map_err(journal_err)?;
-        group.epoch.send_replace(epoch);
-        epoch
+        let was = group.epoch();
+        group.epoch.send_replace(was + 1);
+        (was, was + 1)
     };
     // Catch the candidate up to the sealed head (frozen now), re-choosing if it fails.
     let limit = Instant::now() + Duration::from_secs(if planned { 30 } else { 3600 });
@@ -193,19 +188,24 @@ async fn hand_over(
     };
     let sealed = *group.sealed.borrow();
     let new_name = group.partitions[new].name().to_owned();
-    group
-        .journal
-        .set_primary(group.name(), epoch, &new_name)
-        .await
-        .map_err(journal_err)?;
     // The old primary executed every sealed record; it resumes from there as a replica.
-    if let Err(e) = group
+    group
         .journal
         .save_checkpoint(group.name(), group.partitions[old].name(), sealed)
         .await
-    {
-        tracing::warn!(group = %group.name(), error = %e, "could not save the old primary's checkpoint");
-    }
+        .map_err(journal_err)?;
+    group
+        .journal
+        .set_role(
+            group.name(),
+            was,
+            &regroup_replay::StoredRole {
+                epoch,
+                primary: new_name.clone(),
+            },
+        )
+        .await
+        .map_err(journal_err)?;
     group.partitions[old].set_applied(sealed);
     group.partitions[new].set_applied(sealed);
     group.set_primary(new);

@@ -129,15 +129,15 @@ impl Group {
         }
         let primary = partitions
             .iter()
-            .position(|p| p.name() == state.primary)
+            .position(|p| p.name() == state.role.primary)
             .unwrap_or_else(|| {
-                tracing::warn!(group = %config.name, stored = %state.primary,
+                tracing::warn!(group = %config.name, stored = %state.role.primary,
                     "stored primary is no longer configured; using the first partition");
                 0
             });
-        let first_unsealed = state.unsealed.iter().map(|r| r.seq).min();
-        let sealed = first_unsealed.map_or(state.head, |s| s - 1);
-        for r in &state.unsealed {
+        let first_unsealed = state.log.unsealed.iter().map(|r| r.seq).min();
+        let sealed = first_unsealed.map_or(state.log.head, |s| s - 1);
+        for r in &state.log.unsealed {
             tracing::warn!(group = %config.name, seq = r.seq, "record found in doubt at start; \
                 later updates wait until it is resolved (regroup resolve)");
         }
@@ -152,8 +152,8 @@ impl Group {
             journal,
             client,
             primary: AtomicUsize::new(primary),
-            epoch: watch::Sender::new(state.epoch),
-            head: AtomicU64::new(state.head),
+            epoch: watch::Sender::new(state.role.epoch),
+            head: AtomicU64::new(state.log.head),
             sealed: watch::Sender::new(sealed),
             in_doubt: watch::Sender::new(first_unsealed),
             in_doubt_by: std::sync::Mutex::new(first_unsealed.map(|_| primary)),

@@ -170,6 +170,7 @@ async fn execute(
     let slotted = Instant::now();
     let seq = group.head() + 1;
     let mut record = Record::pending(group.name(), seq, group.epoch(), request);
+    record.add_executor(group.primary().name());
     group
         .journal
         .append(&record)
@@ -179,7 +180,7 @@ async fn execute(
     let appended = Instant::now();
     loop {
         let (index, epoch) = (group.primary_index(), group.epoch());
-        restamp(&group, &mut record, epoch).await?;
+        restamp(&group, &mut record, epoch, index).await?;
         match forward(&group, &record, index, epoch).await {
             Forwarded::Answer(parts, body) => {
                 let answered = Instant::now();
@@ -267,14 +268,21 @@ fn client_answer(parts: http::response::Parts, body: Bytes, seq: u64) -> Respons
 }
 
 /// Gives a record that has not been executed the current epoch before it is sent.
-async fn restamp(group: &Group, record: &mut Record, epoch: u64) -> Result<(), ProxyError> {
-    if record.epoch != epoch {
+async fn restamp(
+    group: &Group,
+    record: &mut Record,
+    epoch: u64,
+    index: usize,
+) -> Result<(), ProxyError> {
+    let executor = group.partitions[index].name();
+    if record.epoch != epoch || !record.may_have_executed(executor) {
         group
             .journal
-            .restamp(group.name(), record.seq, epoch)
+            .restamp(group.name(), record.seq, epoch, executor)
             .await
             .map_err(|e| ProxyError::Journal(e.to_string()))?;
         record.epoch = epoch;
+        record.add_executor(executor);
     }
     Ok(())
 }
@@ -404,14 +412,6 @@ async fn in_doubt(
     let seq = record.seq;
     tracing::warn!(group = %group.name(), seq, %reason,
         "update in doubt: settling it before later updates run");
-    if let Err(e) = group
-        .journal
-        .seal(group.name(), seq, &Outcome::InDoubt)
-        .await
-    {
-        // Still pending in the journal: a restart finds it and reports it in doubt too.
-        tracing::warn!(group = %group.name(), seq, error = %e, "could not mark record in doubt");
-    }
     group.set_in_doubt(seq, executed_by);
     match settle(&group, record.clone(), Some(deadline)).await {
         Settled::Answer(parts, body) => {
@@ -477,7 +477,7 @@ pub(crate) async fn settle(
             let by = group.in_doubt_by();
             let safe = primary.status() != PartitionStatus::Unavailable
                 && (by != Some(index) || has_exactly_once(group, primary, seq).await);
-            if safe && restamp(group, &mut record, epoch).await.is_ok() {
+            if safe && restamp(group, &mut record, epoch, index).await.is_ok() {
                 match forward(group, &record, index, epoch).await {
                     Forwarded::Answer(parts, body) => {
                         if seal_answer(group, &mut record, epoch, &parts, &body)

@@ -1,27 +1,62 @@
-//! The journal: the durable, ordered record of every group's transactions.
+//! The journal: the durable, ordered record of every group's transactions, behind three
+//! narrow seams.
 //!
-//! The router appends a record *before* it forwards the update (write-ahead) and seals it
-//! with the primary's answer; replayers read sealed records in order and keep a durable
-//! checkpoint per partition. [`SqlJournal`] implements it on sea-orm (SQLite by default,
-//! PostgreSQL by URL); tests and other backends implement the same narrow trait.
+//! - [`Log`]: an append-only sequence of records per group. An append is a compare-and-set
+//!   on the expected last position (`seq - 1`), so two writers can never both append at one
+//!   position; a record then receives at most one seal (its outcome) and, while unsealed, may
+//!   be restamped with a new epoch and a new partition that may execute it.
+//! - [`RoleStore`]: the group's role (epoch and primary) with compare-and-set on the epoch.
+//! - [`Checkpoints`]: per partition, the applied position and the quarantine.
+//!
+//! [`Journal`] is the three together. [`SqlJournal`] implements it on sea-orm (SQLite by
+//! default, PostgreSQL by URL), [`MemoryJournal`] in memory (tests and the simulation), and
+//! [`CachedJournal`] wraps either with an in-memory tail for replayers. Every implementation
+//! passes the same conformance suite (`conformance`, behind the `conformance` feature).
 
 mod cache;
+#[cfg(feature = "conformance")]
+pub mod conformance;
+mod lease;
+mod memory;
 mod sql;
 
 pub use cache::CachedJournal;
+pub use lease::{Lease, Owner, OwnerInfo};
+pub use memory::MemoryJournal;
 pub use sql::{JournalSync, SqlJournal};
 
 use crate::record::{Fingerprint, Record};
 
-/// What went wrong in the journal. Messages name the group and record concerned.
-#[derive(Debug, thiserror::Error)]
+/// What went wrong in the journal. Messages name the group and record concerned. Callers
+/// match on the kind: a [`JournalError::Conflict`] or [`JournalError::Fenced`] means someone
+/// else changed the journal, an [`JournalError::Unavailable`] may be retried when it says so.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum JournalError {
-    /// The backing database failed.
-    #[error("journal database error: {0}")]
-    Database(String),
+    /// The backing store failed or could not be reached.
+    #[error("journal unavailable: {reason}")]
+    Unavailable {
+        /// What failed.
+        reason: String,
+        /// Whether the same call may succeed when tried again.
+        retryable: bool,
+    },
+    /// A compare-and-set found something other than what it expected.
+    #[error("journal conflict in group {group:?}: {what}")]
+    Conflict {
+        /// The group.
+        group: String,
+        /// What was expected and what was found.
+        what: String,
+    },
+    /// This process no longer owns the journal: another took it over.
+    #[error("journal is owned by {holder}: this process was fenced off")]
+    Fenced {
+        /// Who owns it now.
+        holder: String,
+    },
     /// An append did not extend the journal by exactly one (a lost race or a bug).
     #[error("journal gap in group {group:?}: expected seq {expected}, got {got}")]
-    JournalGap {
+    Gap {
         /// The group.
         group: String,
         /// The next seq the journal expected.
@@ -49,54 +84,104 @@ pub enum JournalError {
     },
 }
 
-impl From<sea_orm::DbErr> for JournalError {
-    fn from(e: sea_orm::DbErr) -> Self {
-        JournalError::Database(e.to_string())
+impl JournalError {
+    /// An unavailable store whose call may be retried.
+    pub fn unavailable(reason: impl Into<String>) -> Self {
+        JournalError::Unavailable {
+            reason: reason.into(),
+            retryable: true,
+        }
+    }
+
+    /// Whether the same call may succeed when tried again.
+    pub fn is_retryable(&self) -> bool {
+        matches!(
+            self,
+            JournalError::Unavailable {
+                retryable: true,
+                ..
+            }
+        )
     }
 }
 
-/// The outcome that seals (or un-seals) a record.
+impl From<sea_orm::DbErr> for JournalError {
+    fn from(e: sea_orm::DbErr) -> Self {
+        use sea_orm::DbErr;
+        let retryable = matches!(
+            e,
+            DbErr::Conn(_) | DbErr::ConnectionAcquire(_) | DbErr::Exec(_) | DbErr::Query(_)
+        );
+        JournalError::Unavailable {
+            reason: e.to_string(),
+            retryable,
+        }
+    }
+}
+
+/// The outcome that seals a record.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
     /// Executed by the primary with this answer (`None`: executed, answer unknown).
     Executed(Option<Fingerprint>),
     /// Not to be replayed.
     Skipped,
-    /// Execution unknown.
-    InDoubt,
 }
 
-/// A group's durable state, as loaded when the proxy starts.
+/// A group's log as found when the proxy opens it.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct GroupState {
-    /// The primary's term.
-    pub epoch: u64,
-    /// The partition holding the primary role.
-    pub primary: String,
-    /// The highest seq in the journal (0 for none).
+pub struct LogState {
+    /// The highest seq in the log (0 for none).
     pub head: u64,
     /// Records that are not sealed, in seq order. Any that were pending are returned (and
     /// stored) as in doubt: nobody is executing them any more.
     pub unsealed: Vec<Record>,
 }
 
-/// The durable, ordered journal of every group's transactions.
-#[async_trait::async_trait]
-pub trait Journal: Send + Sync + 'static {
-    /// Loads a group, creating it with `epoch` 1 and `primary` when it is new. Records
-    /// found pending become in doubt.
-    async fn open_group(&self, group: &str, primary: &str) -> Result<GroupState, JournalError>;
+/// The primary role as stored: who leads, in which term.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredRole {
+    /// The primary's term.
+    pub epoch: u64,
+    /// The partition holding the primary role.
+    pub primary: String,
+}
 
-    /// Appends a pending record; it must be exactly one past the group's head. Durable
-    /// when this returns.
+/// A group's durable state, as loaded when the proxy starts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GroupState {
+    /// The role.
+    pub role: StoredRole,
+    /// The log.
+    pub log: LogState,
+}
+
+/// The append-only log of a group's records.
+#[async_trait::async_trait]
+pub trait Log: Send + Sync + 'static {
+    /// Opens a group's log: records found pending become in doubt (stored so).
+    async fn open_log(&self, group: &str) -> Result<LogState, JournalError>;
+
+    /// Appends a pending record; it must be exactly one past the group's head
+    /// ([`JournalError::Gap`] otherwise). Durable when this returns.
     async fn append(&self, record: &Record) -> Result<(), JournalError>;
 
-    /// Records the outcome of `seq`. Durable when this returns.
+    /// Seals an unsealed record with its outcome. Sealing a sealed record again with the
+    /// same outcome is a no-op; with another outcome it is a [`JournalError::Conflict`].
+    /// Written when this returns; durable too unless the journal defers seals to the next
+    /// [`Log::flush`] (see [`Log::seals_durable`]).
     async fn seal(&self, group: &str, seq: u64, outcome: &Outcome) -> Result<(), JournalError>;
 
-    /// Changes the epoch of a record that is not sealed, before it is sent to a new
-    /// primary (it is then executed in that epoch). Durable when this returns.
-    async fn restamp(&self, group: &str, seq: u64, epoch: u64) -> Result<(), JournalError>;
+    /// Gives an unsealed record a new epoch and adds `executor` to the partitions that may
+    /// have executed it, before it is sent there. Durable when this returns; a sealed record
+    /// is a [`JournalError::Conflict`].
+    async fn restamp(
+        &self,
+        group: &str,
+        seq: u64,
+        epoch: u64,
+        executor: &str,
+    ) -> Result<(), JournalError>;
 
     /// Up to `limit` records of `group` with seq greater than `after`, in order.
     async fn read_after(
@@ -109,10 +194,42 @@ pub trait Journal: Send + Sync + 'static {
     /// One record.
     async fn record(&self, group: &str, seq: u64) -> Result<Option<Record>, JournalError>;
 
+    /// Whether a seal is durable when [`Log::seal`] returns (true), or only after the next
+    /// append or [`Log::flush`] (false).
+    fn seals_durable(&self) -> bool {
+        true
+    }
+
+    /// Makes everything written so far durable.
+    async fn flush(&self) -> Result<(), JournalError> {
+        Ok(())
+    }
+}
+
+/// The group's role, with compare-and-set on the epoch.
+#[async_trait::async_trait]
+pub trait RoleStore: Send + Sync + 'static {
+    /// The stored role, creating it as epoch 1 with `primary` when the group is new.
+    async fn role(&self, group: &str, primary: &str) -> Result<StoredRole, JournalError>;
+
+    /// Replaces the role if the stored epoch is still `expected_epoch`
+    /// ([`JournalError::Conflict`] otherwise). The new epoch must be higher.
+    async fn set_role(
+        &self,
+        group: &str,
+        expected_epoch: u64,
+        role: &StoredRole,
+    ) -> Result<(), JournalError>;
+}
+
+/// Per partition: how far it applied its group's journal, and its quarantine.
+#[async_trait::async_trait]
+pub trait Checkpoints: Send + Sync + 'static {
     /// The highest seq `partition` has applied (0 when it has never been checkpointed).
     async fn checkpoint(&self, group: &str, partition: &str) -> Result<u64, JournalError>;
 
-    /// Records that `partition` has applied up to `applied`.
+    /// Records that `partition` has applied up to `applied` (it may go down: a partition
+    /// restored from an older copy).
     async fn save_checkpoint(
         &self,
         group: &str,
@@ -120,7 +237,7 @@ pub trait Journal: Send + Sync + 'static {
         applied: u64,
     ) -> Result<(), JournalError>;
 
-    /// Why `partition` is quarantined as diverged, if it is.
+    /// Why `partition` is quarantined, if it is.
     async fn diverged(&self, group: &str, partition: &str) -> Result<Option<String>, JournalError>;
 
     /// Durably quarantines `partition` (`Some(reason)`) or returns it to service (`None`).
@@ -130,8 +247,17 @@ pub trait Journal: Send + Sync + 'static {
         partition: &str,
         reason: Option<&str>,
     ) -> Result<(), JournalError>;
-
-    /// Durably records a new primary and epoch for the group.
-    async fn set_primary(&self, group: &str, epoch: u64, primary: &str)
-    -> Result<(), JournalError>;
 }
+
+/// The whole journal: log, role store and checkpoints, plus the ownership lease.
+#[async_trait::async_trait]
+pub trait Journal: Log + RoleStore + Checkpoints + Lease {
+    /// Loads a group: its role (created with `primary` when new) and its log.
+    async fn open_group(&self, group: &str, primary: &str) -> Result<GroupState, JournalError> {
+        let role = self.role(group, primary).await?;
+        let log = self.open_log(group).await?;
+        Ok(GroupState { role, log })
+    }
+}
+
+impl<T: Log + RoleStore + Checkpoints + Lease> Journal for T {}

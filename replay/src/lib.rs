@@ -16,7 +16,7 @@
 //! [`Applier`], compares the answer with the fingerprint ([`Compare`]), saves the checkpoint,
 //! and moves on.
 //!
-//! **Guarantees.** Records are dense per group (a gap is an error, [`JournalError::JournalGap`]);
+//! **Guarantees.** Records are dense per group (a gap is an error, [`JournalError::Gap`]);
 //! a record is durable before it is forwarded; a replica never sees an unsealed record, so a
 //! replica cannot have applied an in-doubt transaction; a replica whose answer differs is
 //! reported diverged and not driven further.
@@ -39,7 +39,8 @@ pub use applier::{Applier, ApplyError};
 pub use context::ReplayContext;
 pub use exactly_once::{Answer, AppliedRecord, ExactlyOnce, RunError, Work};
 pub use journal::{
-    CachedJournal, GroupState, Journal, JournalError, JournalSync, Outcome, SqlJournal,
+    CachedJournal, Checkpoints, GroupState, Journal, JournalError, JournalSync, Lease, Log,
+    LogState, MemoryJournal, Outcome, Owner, OwnerInfo, RoleStore, SqlJournal, StoredRole,
 };
 pub use layer::{AppliedStore, Replay, ReplayLayer};
 pub use record::{Compare, Fingerprint, Record, RecordState, RecordedRequest};

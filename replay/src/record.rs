@@ -145,6 +145,10 @@ pub struct Record {
     /// The primary's answer, once executed (absent when an operator resolved an in-doubt
     /// record as executed without knowing the answer).
     pub fingerprint: Option<Fingerprint>,
+    /// The partitions it was sent to for execution, sorted: who may have executed it.
+    /// Recorded durably before each send, so a record in doubt (even after a restart)
+    /// knows which partitions must not be sent it again blindly.
+    pub executors: Vec<String>,
 }
 
 impl Record {
@@ -159,7 +163,22 @@ impl Record {
             request,
             state: RecordState::Pending,
             fingerprint: None,
+            executors: Vec::new(),
         }
+    }
+
+    /// Adds `partition` to the partitions that may have executed it (kept sorted, once).
+    pub fn add_executor(&mut self, partition: &str) {
+        if let Err(i) = self.executors.binary_search_by(|p| p.as_str().cmp(partition)) {
+            self.executors.insert(i, partition.to_owned());
+        }
+    }
+
+    /// Whether `partition` may have executed it.
+    pub fn may_have_executed(&self, partition: &str) -> bool {
+        self.executors
+            .binary_search_by(|p| p.as_str().cmp(partition))
+            .is_ok()
     }
 
     /// The timestamp as RFC 3339, as sent in `Regroup-Timestamp`.

@@ -346,7 +346,7 @@ const CHECKPOINT_EVERY: u64 = 64;
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::journal::{Outcome, SqlJournal};
+    use crate::journal::{Checkpoints, Journal, Log as _, Outcome, SqlJournal};
     use crate::record::{Fingerprint, RecordedRequest};
     use bytes::Bytes;
     use std::sync::Mutex;

@@ -7,7 +7,10 @@ use std::sync::Mutex;
 
 use async_trait::async_trait;
 
-use super::{GroupState, Journal, JournalError, Outcome};
+use super::{
+    Checkpoints, JournalError, Lease, Log, LogState, Outcome, Owner, OwnerInfo, RoleStore,
+    StoredRole,
+};
 use crate::record::{Record, RecordState};
 
 /// Records kept per group at most.
@@ -79,9 +82,9 @@ impl<J> CachedJournal<J> {
 }
 
 #[async_trait]
-impl<J: Journal> Journal for CachedJournal<J> {
-    async fn open_group(&self, group: &str, primary: &str) -> Result<GroupState, JournalError> {
-        let state = self.inner.open_group(group, primary).await?;
+impl<J: Log> Log for CachedJournal<J> {
+    async fn open_log(&self, group: &str) -> Result<LogState, JournalError> {
+        let state = self.inner.open_log(group).await?;
         self.with_tail(group, |t| *t = Tail::default());
         Ok(state)
     }
@@ -105,18 +108,24 @@ impl<J: Journal> Journal for CachedJournal<J> {
                         r.state = RecordState::Skipped;
                         r.fingerprint = None;
                     }
-                    Outcome::InDoubt => r.state = RecordState::InDoubt,
                 }
             }
         });
         Ok(())
     }
 
-    async fn restamp(&self, group: &str, seq: u64, epoch: u64) -> Result<(), JournalError> {
-        self.inner.restamp(group, seq, epoch).await?;
+    async fn restamp(
+        &self,
+        group: &str,
+        seq: u64,
+        epoch: u64,
+        executor: &str,
+    ) -> Result<(), JournalError> {
+        self.inner.restamp(group, seq, epoch, executor).await?;
         self.with_tail(group, |t| {
             if let Some(r) = t.get_mut(seq) {
                 r.epoch = epoch;
+                r.add_executor(executor);
             }
         });
         Ok(())
@@ -150,6 +159,33 @@ impl<J: Journal> Journal for CachedJournal<J> {
         self.inner.record(group, seq).await
     }
 
+    fn seals_durable(&self) -> bool {
+        self.inner.seals_durable()
+    }
+
+    async fn flush(&self) -> Result<(), JournalError> {
+        self.inner.flush().await
+    }
+}
+
+#[async_trait]
+impl<J: RoleStore> RoleStore for CachedJournal<J> {
+    async fn role(&self, group: &str, primary: &str) -> Result<StoredRole, JournalError> {
+        self.inner.role(group, primary).await
+    }
+
+    async fn set_role(
+        &self,
+        group: &str,
+        expected_epoch: u64,
+        role: &StoredRole,
+    ) -> Result<(), JournalError> {
+        self.inner.set_role(group, expected_epoch, role).await
+    }
+}
+
+#[async_trait]
+impl<J: Checkpoints> Checkpoints for CachedJournal<J> {
     async fn checkpoint(&self, group: &str, partition: &str) -> Result<u64, JournalError> {
         self.inner.checkpoint(group, partition).await
     }
@@ -175,21 +211,31 @@ impl<J: Journal> Journal for CachedJournal<J> {
     ) -> Result<(), JournalError> {
         self.inner.set_diverged(group, partition, reason).await
     }
+}
 
-    async fn set_primary(
-        &self,
-        group: &str,
-        epoch: u64,
-        primary: &str,
-    ) -> Result<(), JournalError> {
-        self.inner.set_primary(group, epoch, primary).await
+#[async_trait]
+impl<J: Lease> Lease for CachedJournal<J> {
+    async fn claim(&self, owner: &Owner, ttl: std::time::Duration) -> Result<u64, JournalError> {
+        self.inner.claim(owner, ttl).await
+    }
+
+    async fn renew(&self, ttl: std::time::Duration) -> Result<(), JournalError> {
+        self.inner.renew(ttl).await
+    }
+
+    async fn release(&self) -> Result<(), JournalError> {
+        self.inner.release().await
+    }
+
+    async fn owner(&self) -> Result<Option<OwnerInfo>, JournalError> {
+        self.inner.owner().await
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::journal::SqlJournal;
+    use crate::journal::{Journal, SqlJournal};
     use crate::record::{Fingerprint, RecordedRequest};
     use bytes::Bytes;
 
@@ -218,9 +264,11 @@ mod tests {
             } else {
                 Outcome::Executed(Some(Fingerprint::of(200, b"x")))
             };
-            j.seal("g", seq, &outcome).await.unwrap();
+            if seq < 5 {
+                j.seal("g", seq, &outcome).await.unwrap();
+            }
         }
-        j.restamp("g", 5, 2).await.unwrap();
+        j.restamp("g", 5, 2, "b").await.unwrap();
         for (after, limit) in [(0, 10), (2, 2), (4, 1), (5, 3)] {
             assert_eq!(
                 j.read_after("g", after, limit).await.unwrap(),

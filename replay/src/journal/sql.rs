@@ -11,7 +11,10 @@ use sea_orm::{ConnectOptions, ConnectionTrait, Database, DatabaseConnection, Que
 use sea_orm_migration::MigratorTrait;
 use uuid::Uuid;
 
-use super::{GroupState, Journal, JournalError, Outcome};
+use super::{
+    Checkpoints, JournalError, Lease, Log, LogState, Outcome, Owner, OwnerInfo, RoleStore,
+    StoredRole,
+};
 use crate::record::{Fingerprint, Record, RecordState, RecordedRequest, parse_timestamp};
 
 /// When the journal waits for the disk.
@@ -37,6 +40,7 @@ pub struct SqlJournal {
     db: DatabaseConnection,
     /// Seals and checkpoints (the same connection under [`JournalSync::Full`]).
     relaxed: DatabaseConnection,
+    sync: JournalSync,
 }
 
 impl SqlJournal {
@@ -78,7 +82,7 @@ impl SqlJournal {
                 Database::connect(opts).await?
             }
         };
-        Ok(SqlJournal { db, relaxed })
+        Ok(SqlJournal { db, relaxed, sync })
     }
 
     /// Checks that `url` can hold a journal without changing anything: a SQLite file's
@@ -97,10 +101,10 @@ impl SqlJournal {
                 _ => std::path::Path::new("."),
             };
             if !dir.is_dir() {
-                return Err(JournalError::Database(format!(
-                    "directory {} does not exist",
-                    dir.display()
-                )));
+                return Err(JournalError::Unavailable {
+                    reason: format!("directory {} does not exist", dir.display()),
+                    retryable: false,
+                });
             }
             if !path.exists() {
                 return Ok(());
@@ -113,8 +117,8 @@ impl SqlJournal {
                 sea_orm::sqlx::PgConnection::connect(url),
             )
             .await
-            .map_err(|_| JournalError::Database("no answer within 5 s".into()))?
-            .map_err(|e| JournalError::Database(e.to_string()))?;
+            .map_err(|_| JournalError::unavailable("no answer within 5 s"))?
+            .map_err(|e| JournalError::unavailable(e.to_string()))?;
             let _ = conn.close().await;
             return Ok(());
         }
@@ -135,7 +139,7 @@ impl SqlJournal {
     }
 }
 
-const RECORD_COLUMNS: [R; 12] = [
+const RECORD_COLUMNS: [R; 13] = [
     R::GroupName,
     R::Seq,
     R::TxnId,
@@ -148,6 +152,7 @@ const RECORD_COLUMNS: [R; 12] = [
     R::State,
     R::Status,
     R::BodyHash,
+    R::Executors,
 ];
 
 fn to_i64(v: u64) -> i64 {
@@ -184,6 +189,9 @@ fn row_to_record(group: &str, row: &QueryResult) -> Result<Record, JournalError>
         _ => None,
     };
     let body: Vec<u8> = row.try_get("", "body")?;
+    let executors: String = row.try_get("", "executors")?;
+    let executors: Vec<String> =
+        serde_json::from_str(&executors).map_err(|e| corrupt(format!("executors: {e}")))?;
     Ok(Record {
         group: group.to_owned(),
         seq,
@@ -198,6 +206,7 @@ fn row_to_record(group: &str, row: &QueryResult) -> Result<Record, JournalError>
         },
         state,
         fingerprint,
+        executors,
     })
 }
 
@@ -237,27 +246,8 @@ impl SqlJournal {
 }
 
 #[async_trait]
-impl Journal for SqlJournal {
-    async fn open_group(&self, group: &str, primary: &str) -> Result<GroupState, JournalError> {
-        let insert = Query::insert()
-            .into_table(Group::Table)
-            .columns([Group::Name, Group::Epoch, Group::PrimaryName])
-            .values_panic([group.into(), 1i64.into(), primary.into()])
-            .on_conflict(OnConflict::column(Group::Name).do_nothing().to_owned())
-            .to_owned();
-        self.db.execute(&insert).await?;
-        let q = Query::select()
-            .columns([Group::Epoch, Group::PrimaryName])
-            .from(Group::Table)
-            .and_where(Expr::col(Group::Name).eq(group))
-            .to_owned();
-        let row = self
-            .db
-            .query_one(&q)
-            .await?
-            .ok_or_else(|| JournalError::Database(format!("group {group:?} vanished")))?;
-        let epoch = to_u64(row.try_get::<i64>("", "epoch")?);
-        let stored_primary: Option<String> = row.try_get("", "primary_name")?;
+impl Log for SqlJournal {
+    async fn open_log(&self, group: &str) -> Result<LogState, JournalError> {
         let update = Query::update()
             .table(R::Table)
             .value(R::State, RecordState::InDoubt.as_str())
@@ -269,17 +259,12 @@ impl Journal for SqlJournal {
             .select_records(
                 group,
                 |q| {
-                    q.and_where(
-                        Expr::col(R::State)
-                            .is_in([RecordState::Pending.as_str(), RecordState::InDoubt.as_str()]),
-                    );
+                    q.and_where(Expr::col(R::State).is_in(UNSEALED));
                 },
                 None,
             )
             .await?;
-        Ok(GroupState {
-            epoch,
-            primary: stored_primary.unwrap_or_else(|| primary.to_owned()),
+        Ok(LogState {
             head: self.head(group).await?,
             unsealed,
         })
@@ -287,8 +272,10 @@ impl Journal for SqlJournal {
 
     async fn append(&self, record: &Record) -> Result<(), JournalError> {
         let headers = serde_json::to_string(&record.request.headers)
-            .map_err(|e| JournalError::Database(format!("headers: {e}")))?;
-        let values: [sea_orm::sea_query::Expr; 12] = [
+            .map_err(|e| corrupt_input(record, format!("headers: {e}")))?;
+        let executors = serde_json::to_string(&record.executors)
+            .map_err(|e| corrupt_input(record, format!("executors: {e}")))?;
+        let values: [sea_orm::sea_query::Expr; 13] = [
             Expr::val(record.group.clone()),
             Expr::val(to_i64(record.seq)),
             Expr::val(record.txn_id.to_string()),
@@ -298,9 +285,10 @@ impl Journal for SqlJournal {
             Expr::val(record.request.uri.clone()),
             Expr::val(headers),
             Expr::val(record.request.body.to_vec()),
-            Expr::val(record.state.as_str()),
-            Expr::val(record.fingerprint.as_ref().map(|f| i32::from(f.status))),
-            Expr::val(record.fingerprint.as_ref().map(|f| f.body_hash.clone())),
+            Expr::val(RecordState::Pending.as_str()),
+            Expr::val(None::<i32>),
+            Expr::val(None::<String>),
+            Expr::val(executors),
         ];
         // One statement that inserts only when the record extends the journal by exactly
         // one: `INSERT … SELECT … WHERE (SELECT COALESCE(MAX(seq), 0) …) = seq - 1`.
@@ -323,11 +311,11 @@ impl Journal for SqlJournal {
             .into_table(R::Table)
             .columns(RECORD_COLUMNS)
             .select_from(select)
-            .map_err(|e| JournalError::Database(e.to_string()))?
+            .map_err(|e| corrupt_input(record, e.to_string()))?
             .to_owned();
         let inserted = self.db.execute(&insert).await?.rows_affected();
         if inserted != 1 {
-            return Err(JournalError::JournalGap {
+            return Err(JournalError::Gap {
                 group: record.group.clone(),
                 expected: self.head(&record.group).await? + 1,
                 got: record.seq,
@@ -340,7 +328,6 @@ impl Journal for SqlJournal {
         let (state, fp) = match outcome {
             Outcome::Executed(fp) => (RecordState::Executed, fp.as_ref()),
             Outcome::Skipped => (RecordState::Skipped, None),
-            Outcome::InDoubt => (RecordState::InDoubt, None),
         };
         let update = Query::update()
             .table(R::Table)
@@ -349,28 +336,52 @@ impl Journal for SqlJournal {
             .value(R::BodyHash, fp.map(|f| f.body_hash.clone()))
             .and_where(Expr::col(R::GroupName).eq(group))
             .and_where(Expr::col(R::Seq).eq(to_i64(seq)))
+            .and_where(Expr::col(R::State).is_in(UNSEALED))
             .to_owned();
-        let done = self.relaxed.execute(&update).await?;
-        if done.rows_affected() == 0 {
+        if self.relaxed.execute(&update).await?.rows_affected() == 1 {
+            return Ok(());
+        }
+        match self.record(group, seq).await? {
+            None => Err(JournalError::NoSuchRecord {
+                group: group.to_owned(),
+                seq,
+            }),
+            Some(r) if r.state == state && r.fingerprint.as_ref() == fp => Ok(()),
+            Some(r) => Err(JournalError::Conflict {
+                group: group.to_owned(),
+                what: format!("record {seq} is already sealed {}", r.state.as_str()),
+            }),
+        }
+    }
+
+    async fn restamp(
+        &self,
+        group: &str,
+        seq: u64,
+        epoch: u64,
+        executor: &str,
+    ) -> Result<(), JournalError> {
+        let Some(mut record) = self.record(group, seq).await? else {
             return Err(JournalError::NoSuchRecord {
                 group: group.to_owned(),
                 seq,
             });
-        }
-        Ok(())
-    }
-
-    async fn restamp(&self, group: &str, seq: u64, epoch: u64) -> Result<(), JournalError> {
+        };
+        record.add_executor(executor);
+        let executors = serde_json::to_string(&record.executors)
+            .map_err(|e| corrupt_input(&record, format!("executors: {e}")))?;
         let update = Query::update()
             .table(R::Table)
             .value(R::Epoch, to_i64(epoch))
+            .value(R::Executors, executors)
             .and_where(Expr::col(R::GroupName).eq(group))
             .and_where(Expr::col(R::Seq).eq(to_i64(seq)))
+            .and_where(Expr::col(R::State).is_in(UNSEALED))
             .to_owned();
         if self.db.execute(&update).await?.rows_affected() == 0 {
-            return Err(JournalError::NoSuchRecord {
+            return Err(JournalError::Conflict {
                 group: group.to_owned(),
-                seq,
+                what: format!("record {seq} is sealed and cannot be restamped"),
             });
         }
         Ok(())
@@ -405,6 +416,89 @@ impl Journal for SqlJournal {
         Ok(v.pop())
     }
 
+    fn seals_durable(&self) -> bool {
+        self.sync == JournalSync::Full
+    }
+
+    async fn flush(&self) -> Result<(), JournalError> {
+        if self.sync == JournalSync::Full {
+            return Ok(());
+        }
+        // A write on the flushed connection: its commit makes everything written before it
+        // durable (SQLite syncs the whole WAL; PostgreSQL flushes WAL up to its commit).
+        let touch = Query::update()
+            .table(Group::Table)
+            .value(Group::Epoch, Expr::col(Group::Epoch))
+            .to_owned();
+        self.db.execute(&touch).await?;
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl RoleStore for SqlJournal {
+    async fn role(&self, group: &str, primary: &str) -> Result<StoredRole, JournalError> {
+        let insert = Query::insert()
+            .into_table(Group::Table)
+            .columns([Group::Name, Group::Epoch, Group::PrimaryName])
+            .values_panic([group.into(), 1i64.into(), primary.into()])
+            .on_conflict(OnConflict::column(Group::Name).do_nothing().to_owned())
+            .to_owned();
+        self.db.execute(&insert).await?;
+        let q = Query::select()
+            .columns([Group::Epoch, Group::PrimaryName])
+            .from(Group::Table)
+            .and_where(Expr::col(Group::Name).eq(group))
+            .to_owned();
+        let row = self.db.query_one(&q).await?.ok_or_else(|| JournalError::Unavailable {
+            reason: format!("group {group:?} vanished from the journal"),
+            retryable: false,
+        })?;
+        let stored: Option<String> = row.try_get("", "primary_name")?;
+        Ok(StoredRole {
+            epoch: to_u64(row.try_get::<i64>("", "epoch")?),
+            primary: stored.unwrap_or_else(|| primary.to_owned()),
+        })
+    }
+
+    async fn set_role(
+        &self,
+        group: &str,
+        expected_epoch: u64,
+        role: &StoredRole,
+    ) -> Result<(), JournalError> {
+        if role.epoch <= expected_epoch {
+            return Err(JournalError::Conflict {
+                group: group.to_owned(),
+                what: format!(
+                    "new epoch {} is not above the expected {expected_epoch}",
+                    role.epoch
+                ),
+            });
+        }
+        let update = Query::update()
+            .table(Group::Table)
+            .value(Group::Epoch, to_i64(role.epoch))
+            .value(Group::PrimaryName, role.primary.as_str())
+            .and_where(Expr::col(Group::Name).eq(group))
+            .and_where(Expr::col(Group::Epoch).eq(to_i64(expected_epoch)))
+            .to_owned();
+        if self.db.execute(&update).await?.rows_affected() == 0 {
+            let found = self.role(group, &role.primary).await?;
+            return Err(JournalError::Conflict {
+                group: group.to_owned(),
+                what: format!(
+                    "role at epoch {}, expected {expected_epoch}",
+                    found.epoch
+                ),
+            });
+        }
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl Checkpoints for SqlJournal {
     async fn checkpoint(&self, group: &str, partition: &str) -> Result<u64, JournalError> {
         let q = Query::select()
             .column(Checkpoint::Applied)
@@ -484,27 +578,41 @@ impl Journal for SqlJournal {
         self.db.execute(&upsert).await?;
         Ok(())
     }
+}
 
-    async fn set_primary(
-        &self,
-        group: &str,
-        epoch: u64,
-        primary: &str,
-    ) -> Result<(), JournalError> {
-        let update = Query::update()
-            .table(Group::Table)
-            .value(Group::Epoch, to_i64(epoch))
-            .value(Group::PrimaryName, primary)
-            .and_where(Expr::col(Group::Name).eq(group))
-            .to_owned();
-        self.db.execute(&update).await?;
+#[async_trait]
+impl Lease for SqlJournal {
+    async fn claim(&self, _owner: &Owner, _ttl: Duration) -> Result<u64, JournalError> {
+        Ok(1)
+    }
+
+    async fn renew(&self, _ttl: Duration) -> Result<(), JournalError> {
         Ok(())
+    }
+
+    async fn release(&self) -> Result<(), JournalError> {
+        Ok(())
+    }
+
+    async fn owner(&self) -> Result<Option<OwnerInfo>, JournalError> {
+        Ok(None)
+    }
+}
+
+const UNSEALED: [&str; 2] = ["pending", "in_doubt"];
+
+fn corrupt_input(record: &Record, reason: String) -> JournalError {
+    JournalError::Corrupt {
+        group: record.group.clone(),
+        seq: record.seq,
+        reason,
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::journal::Journal;
 
     fn request(body: &'static str) -> RecordedRequest {
         RecordedRequest {
@@ -525,10 +633,10 @@ mod tests {
 
     #[tokio::test]
     async fn append_seal_read_and_reopen() -> Result<(), JournalError> {
-        let dir = tempfile::tempdir().map_err(|e| JournalError::Database(e.to_string()))?;
+        let dir = tempfile::tempdir().map_err(|e| JournalError::unavailable(e.to_string()))?;
         let j = journal(&dir).await;
         let g = j.open_group("bank", "a").await?;
-        assert_eq!((g.epoch, g.head, g.primary.as_str()), (1, 0, "a"));
+        assert_eq!((g.role.epoch, g.log.head, g.role.primary.as_str()), (1, 0, "a"));
 
         let r1 = Record::pending("bank", 1, 1, request("{}"));
         j.append(&r1).await?;
@@ -541,7 +649,7 @@ mod tests {
         // Appending out of order is a gap, named precisely.
         let r5 = Record::pending("bank", 5, 1, request(""));
         match j.append(&r5).await {
-            Err(JournalError::JournalGap { expected, got, .. }) => {
+            Err(JournalError::Gap { expected, got, .. }) => {
                 assert_eq!((expected, got), (3, 5));
             }
             other => panic!("expected a gap, got {other:?}"),
@@ -566,10 +674,10 @@ mod tests {
         drop(j);
         let j = journal(&dir).await;
         let g = j.open_group("bank", "ignored").await?;
-        assert_eq!((g.epoch, g.head, g.primary.as_str()), (1, 2, "a"));
-        assert_eq!(g.unsealed.len(), 1);
-        assert_eq!(g.unsealed[0].seq, 2);
-        assert_eq!(g.unsealed[0].state, RecordState::InDoubt);
+        assert_eq!((g.role.epoch, g.log.head, g.role.primary.as_str()), (1, 2, "a"));
+        assert_eq!(g.log.unsealed.len(), 1);
+        assert_eq!(g.log.unsealed[0].seq, 2);
+        assert_eq!(g.log.unsealed[0].state, RecordState::InDoubt);
 
         assert_eq!(j.diverged("bank", "b").await?, None);
         j.set_diverged("bank", "b", Some("seq 1: status 409 differs"))
@@ -585,11 +693,21 @@ mod tests {
         );
         j.set_diverged("bank", "b", None).await?;
         assert_eq!(j.diverged("bank", "b").await?, None);
-        j.restamp("bank", 2, 2).await?;
-        assert_eq!(j.record("bank", 2).await?.map(|r| r.epoch), Some(2));
-        j.set_primary("bank", 2, "b").await?;
+        j.restamp("bank", 2, 2, "b").await?;
+        let r2 = j.record("bank", 2).await?;
+        assert_eq!(r2.as_ref().map(|r| r.epoch), Some(2));
+        assert_eq!(r2.map(|r| r.executors), Some(vec!["b".to_owned()]));
+        let role = StoredRole {
+            epoch: 2,
+            primary: "b".into(),
+        };
+        j.set_role("bank", 1, &role).await?;
+        assert!(matches!(
+            j.set_role("bank", 1, &role).await,
+            Err(JournalError::Conflict { .. })
+        ));
         let g = j.open_group("bank", "a").await?;
-        assert_eq!((g.epoch, g.primary.as_str()), (2, "b"));
+        assert_eq!((g.role.epoch, g.role.primary.as_str()), (2, "b"));
         assert!(matches!(
             j.seal("bank", 9, &Outcome::Skipped).await,
             Err(JournalError::NoSuchRecord { seq: 9, .. })

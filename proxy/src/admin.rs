@@ -193,21 +193,21 @@ impl Admin {
                 let group = self.group(group)?;
                 let ask: RejoinRequest =
                     read_json(req, "{\"partition\": NAME, \"applied\": SEQ (optional)}").await?;
-                let index = self.partition(&group, &ask.partition)?;
-                crate::replicate::rejoin(&group, index, ask.applied).await?;
+                let partition = self.partition(&group, &ask.partition)?;
+                crate::replicate::rejoin(&group, &partition, ask.applied).await?;
                 Ok(json(StatusCode::OK, &GroupStatus::from(group.view())))
             }
             (&Method::POST, ["groups", group, verb @ ("promote" | "drain" | "undrain")]) => {
                 self.authorize(&req)?;
                 let group = self.group(group)?;
                 let ask: PartitionRequest = read_json(req, "{\"partition\": NAME}").await?;
-                let index = self.partition(&group, &ask.partition)?;
+                let partition = self.partition(&group, &ask.partition)?;
                 match *verb {
                     "promote" => {
-                        crate::failover::move_role(&group, Some(index), true).await?;
+                        crate::failover::move_role(&group, Some(partition.name()), true).await?;
                     }
-                    "drain" => crate::failover::drain(&group, index).await?,
-                    _ => crate::failover::undrain(&group, index),
+                    "drain" => crate::failover::drain(&group, &partition).await?,
+                    _ => crate::failover::undrain(&group, &partition),
                 }
                 Ok(json(StatusCode::OK, &GroupStatus::from(group.view())))
             }
@@ -231,12 +231,12 @@ impl Admin {
         }
     }
 
-    fn partition(&self, group: &Group, name: &str) -> Result<usize, ProxyError> {
-        group
-            .partitions
-            .iter()
-            .position(|p| p.name() == name)
-            .ok_or_else(|| {
+    fn partition(
+        &self,
+        group: &Group,
+        name: &str,
+    ) -> Result<Arc<crate::partition::Partition>, ProxyError> {
+        group.member(name).ok_or_else(|| {
                 ProxyError::BadRequest(format!(
                     "group {:?} has no partition {name:?}",
                     group.name()

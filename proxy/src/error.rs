@@ -94,6 +94,9 @@ pub enum ProxyError {
     /// Admin verb without the right bearer token (401).
     #[error("missing or wrong admin bearer token")]
     Unauthorized,
+    /// The configuration disagrees with the journal (the proxy refuses to start).
+    #[error("{0}")]
+    Config(String),
 }
 
 impl ProxyError {
@@ -112,6 +115,7 @@ impl ProxyError {
             ProxyError::NoSuchRecord { .. } => "no_such_record",
             ProxyError::NotInDoubt { .. } => "not_in_doubt",
             ProxyError::Unauthorized => "unauthorized",
+            ProxyError::Config(_) => "config",
         }
     }
 
@@ -129,6 +133,7 @@ impl ProxyError {
             | ProxyError::Upstream { .. } => StatusCode::BAD_GATEWAY,
             ProxyError::NotInDoubt { .. } => StatusCode::CONFLICT,
             ProxyError::Unauthorized => StatusCode::UNAUTHORIZED,
+            ProxyError::Config(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
 

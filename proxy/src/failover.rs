@@ -4,16 +4,21 @@
 //! lead (answering heartbeats, not diverged, not drained) and has applied the most of the
 //! journal (ties: higher `priority`, then name) takes the role:
 //!
-//! 1. New updates wait (`switching`), bounded by their `failover_wait_ms`.
-//! 2. The epoch goes up by one, durably, under the seal gate: from now on no answer from
-//!    the deposed primary can be sealed; an update that was in flight there becomes in doubt.
-//! 3. The candidate replays what it lacks up to the sealed head; its replayer stops.
-//! 4. The candidate becomes primary (durable), the old primary's checkpoint is saved at the
-//!    sealed head and a replayer starts for it: when it returns it catches up like any
-//!    replica (and the fingerprint check, or its exactly-once record, meets any update it
-//!    executed in doubt).
-//! 5. Updates resume; an in-doubt update is executed by the new primary (same seq, txn id
-//!    and timestamp, new epoch) and its waiting client gets that answer.
+//! 1. Under the seal gate, the role is published as `{epoch + 1, old primary, handing
+//!    over}` (one value): from now on nothing is forwarded, and no answer of the old epoch
+//!    is sealed (an update in flight there becomes in doubt, with the old primary among
+//!    the partitions that may have executed it).
+//! 2. An in-doubt record is checked against the journal (a seal whose acknowledgement was
+//!    lost is adopted), then the candidate replays what it lacks up to the sealed head
+//!    (frozen now); its replayer stops.
+//! 3. The old primary's checkpoint is saved (an error aborts the hand-over), then the role
+//!    `{epoch + 1, candidate}` is stored with compare-and-set on the old epoch, then
+//!    published. A hand-over that fails publishes the old role again: nothing ran in the
+//!    new epoch.
+//! 4. Updates resume; an in-doubt update is executed by the new primary (same seq, txn id
+//!    and timestamp, new epoch) when it is not among those that may have executed it, and
+//!    its waiting client gets that answer. The old primary gets a replayer and catches up
+//!    like any replica when it returns.
 //!
 //! **Planned** (`promote`, `drain`): the same, but the write slot is taken first, so the
 //! update in flight finishes normally and nothing is in doubt: no client request fails.
@@ -24,11 +29,13 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use crate::error::ProxyError;
-use crate::group::Group;
+use crate::group::{Group, Role};
+use crate::partition::Partition;
 use crate::replicate;
 use crate::status::PartitionStatus;
 
-/// Starts the task that fails over when the primary becomes unavailable.
+/// Starts the task that fails over when the primary becomes unavailable, is quarantined,
+/// or stands behind the sealed head (its copy was restored from an older backup).
 pub(crate) fn start(group: &Arc<Group>) {
     let group = group.clone();
     tokio::spawn(async move {
@@ -36,14 +43,13 @@ pub(crate) fn start(group: &Arc<Group>) {
         let mut stop = group.stop.subscribe();
         loop {
             changed.borrow_and_update();
-            let primary = group.primary();
-            let lost =
-                primary.status() == PartitionStatus::Unavailable || primary.diverged().is_some();
-            if lost && has_candidate(&group) {
-                let from = primary.name().to_owned();
+            if let Some(why) = lost(&group)
+                && has_candidate(&group)
+            {
+                let from = group.role().primary;
                 let started = std::time::Instant::now();
                 match move_role(&group, None, false).await {
-                    Ok(to) => tracing::warn!(group = %group.name(), %from, %to,
+                    Ok(to) => tracing::warn!(group = %group.name(), %from, %to, %why,
                         epoch = group.epoch(), took_ms = started.elapsed().as_millis() as u64,
                         "failover: primary role moved"),
                     Err(e) => {
@@ -61,34 +67,58 @@ pub(crate) fn start(group: &Arc<Group>) {
     });
 }
 
+/// Why the primary can no longer lead, if it cannot.
+fn lost(group: &Group) -> Option<String> {
+    let Some(p) = group.primary() else {
+        return Some("the primary is no longer a member".into());
+    };
+    if p.status() == PartitionStatus::Unavailable {
+        return Some(format!("{:?} is unavailable", p.name()));
+    }
+    if let Some(why) = p.diverged() {
+        return Some(format!("{:?} is quarantined: {why}", p.name()));
+    }
+    if p.applied() < group.sealed() {
+        return Some(format!(
+            "{:?} stands at {} behind the sealed head {}",
+            p.name(),
+            p.applied(),
+            group.sealed()
+        ));
+    }
+    None
+}
+
 fn has_candidate(group: &Group) -> bool {
     choose(group, None).is_some()
 }
 
 /// The partition that should take the role: `target` if it can lead, else the one that
 /// can lead and has applied the most (ties: priority, then name), never the primary.
-fn choose(group: &Group, target: Option<usize>) -> Option<usize> {
-    let primary = group.primary_index();
-    let eligible = |i: usize| i != primary && group.partitions[i].can_lead();
+fn choose(group: &Group, target: Option<&str>) -> Option<Arc<Partition>> {
+    let primary = group.role().primary;
+    let members = group.members();
+    let eligible = |p: &&Arc<Partition>| p.name() != primary && p.can_lead();
     if let Some(t) = target {
-        return eligible(t).then_some(t);
+        return members.iter().filter(eligible).find(|p| p.name() == t).cloned();
     }
-    (0..group.partitions.len())
-        .filter(|&i| eligible(i))
-        .max_by(|&a, &b| {
-            let (pa, pb) = (&group.partitions[a], &group.partitions[b]);
-            pa.applied()
-                .cmp(&pb.applied())
-                .then(pa.priority().cmp(&pb.priority()))
-                .then(pb.name().cmp(pa.name()))
+    members
+        .iter()
+        .filter(eligible)
+        .max_by(|a, b| {
+            a.applied()
+                .cmp(&b.applied())
+                .then(a.priority().cmp(&b.priority()))
+                .then(b.name().cmp(a.name()))
         })
+        .cloned()
 }
 
 /// Moves the primary role to `target` (or the best candidate). `planned` waits for the
 /// update in flight to finish first. Returns the new primary's name.
 pub(crate) async fn move_role(
     group: &Arc<Group>,
-    target: Option<usize>,
+    target: Option<&str>,
     planned: bool,
 ) -> Result<String, ProxyError> {
     let _role = group.role_lock.lock().await;
@@ -97,29 +127,25 @@ pub(crate) async fn move_role(
         reason,
     };
     if let Some(t) = target
-        && t == group.primary_index()
+        && t == group.role().primary
     {
-        return Ok(group.partitions[t].name().to_owned());
+        return Ok(t.to_owned());
     }
     if choose(group, target).is_none() {
-        return Err(unavailable(match target {
+        return Err(unavailable(match target.and_then(|t| group.member(t)) {
             Some(t) => format!(
                 "partition {:?} cannot take the primary role (status {})",
-                group.partitions[t].name(),
-                group.partitions[t].status()
+                t.name(),
+                t.status()
             ),
             None => "no partition can take the primary role".into(),
         }));
     }
-    group.switching.send_replace(true);
-    group.bump();
     let slot = if planned {
         let wait = group.config.failover_wait();
         match tokio::time::timeout(wait, group.write_slot.lock()).await {
             Ok(slot) => Some(slot),
             Err(_) => {
-                group.switching.send_replace(false);
-                group.bump();
                 return Err(unavailable(
                     "the update in flight did not finish in time for the switchover".into(),
                 ));
@@ -128,27 +154,51 @@ pub(crate) async fn move_role(
     } else {
         None
     };
-    let result = hand_over(group, target, planned).await;
+    let was = {
+        let _gate = group.seal_gate.lock().await;
+        let was = group.role();
+        group.publish_role(Role {
+            epoch: was.epoch + 1,
+            primary: was.primary.clone(),
+            handing_over: true,
+        });
+        was
+    };
+    let result = hand_over(group, &was, target, planned).await;
+    if let Err(e) = &result {
+        group.transition(
+            "hand_over",
+            format!(
+                "abandoned, {:?} keeps the role in epoch {}: {e}",
+                was.primary, was.epoch
+            ),
+        );
+        group.publish_role(was);
+    }
     drop(slot);
-    group.switching.send_replace(false);
-    group.bump();
     result
 }
 
+/// `hand_over`: the role moves from `was` to the candidate in `was.epoch + 1`.
 async fn hand_over(
     group: &Arc<Group>,
-    target: Option<usize>,
+    was: &Role,
+    target: Option<&str>,
     planned: bool,
 ) -> Result<String, ProxyError> {
-    let old = group.primary_index();
     let journal_err = |e: regroup_replay::JournalError| ProxyError::Journal(e.to_string());
-    // Fence the deposed primary: no answer of the old epoch is sealed after this.
-    let (was, epoch) = {
-        let _gate = group.seal_gate.lock().await;
-        let was = group.epoch();
-        group.epoch.send_replace(was + 1);
-        (was, was + 1)
-    };
+    let epoch = was.epoch + 1;
+    // A seal whose acknowledgement was lost may have landed: the journal says.
+    if let Some(record) = group.in_doubt() {
+        let found = group
+            .journal
+            .record(group.name(), record.seq)
+            .await
+            .map_err(journal_err)?;
+        if let Some(found) = found.filter(|r| r.state.is_sealed()) {
+            crate::update::adopt(group, &found, was).await;
+        }
+    }
     // Catch the candidate up to the sealed head (frozen now), re-choosing if it fails.
     let limit = Instant::now() + Duration::from_secs(if planned { 30 } else { 3600 });
     let mut changed = group.changed.subscribe();
@@ -164,14 +214,13 @@ async fn hand_over(
             let _ = tokio::time::timeout(Duration::from_millis(200), changed.changed()).await;
             continue;
         };
-        let sealed = *group.sealed.borrow();
-        let p = &group.partitions[candidate];
-        if p.applied() >= sealed {
-            replicate::stop_one(group, candidate).await;
-            if p.applied() >= sealed && p.can_lead() {
+        let sealed = group.sealed();
+        if candidate.applied() >= sealed {
+            replicate::stop_one(group, candidate.name()).await;
+            if candidate.applied() >= sealed && candidate.can_lead() {
                 break candidate;
             }
-            replicate::start_one(group, candidate);
+            replicate::start_one(group, &candidate);
             continue;
         }
         if Instant::now() > limit {
@@ -179,47 +228,62 @@ async fn hand_over(
                 group: group.name().to_owned(),
                 reason: format!(
                     "partition {:?} did not catch up ({} of {sealed}) in time",
-                    p.name(),
-                    p.applied()
+                    candidate.name(),
+                    candidate.applied()
                 ),
             });
         }
         let _ = tokio::time::timeout(Duration::from_millis(50), changed.changed()).await;
     };
-    let sealed = *group.sealed.borrow();
-    let new_name = group.partitions[new].name().to_owned();
-    // The old primary executed every sealed record; it resumes from there as a replica.
-    group
-        .journal
-        .save_checkpoint(group.name(), group.partitions[old].name(), sealed)
-        .await
-        .map_err(journal_err)?;
+    let sealed = group.sealed();
+    // The old primary resumes as a replica from what it executed; saved first, so the new
+    // role is never durable while the old primary's position is not.
+    if let Some(old) = group.member(&was.primary) {
+        group
+            .journal
+            .save_checkpoint(group.name(), old.name(), old.applied())
+            .await
+            .map_err(journal_err)?;
+    }
     group
         .journal
         .set_role(
             group.name(),
-            was,
+            was.epoch,
             &regroup_replay::StoredRole {
                 epoch,
-                primary: new_name.clone(),
+                primary: new.name().to_owned(),
             },
         )
         .await
         .map_err(journal_err)?;
-    group.partitions[old].set_applied(sealed);
-    group.partitions[new].set_applied(sealed);
-    group.set_primary(new);
-    replicate::start_one(group, old);
-    Ok(new_name)
+    new.credit(sealed);
+    group.transition(
+        "hand_over",
+        format!(
+            "{:?} → {:?} in epoch {epoch} at sealed head {sealed}{}",
+            was.primary,
+            new.name(),
+            if planned { " (planned)" } else { "" }
+        ),
+    );
+    group.publish_role(Role {
+        epoch,
+        primary: new.name().to_owned(),
+        handing_over: false,
+    });
+    if let Some(old) = group.member(&was.primary) {
+        replicate::start_one(group, &old);
+    }
+    Ok(new.name().to_owned())
 }
 
-/// Takes partition `index` out of client traffic, moving the primary role away first
-/// when it holds it. It keeps replaying.
-pub(crate) async fn drain(group: &Arc<Group>, index: usize) -> Result<(), ProxyError> {
-    let p = &group.partitions[index];
+/// Takes partition `name` out of client traffic, moving the primary role away first when
+/// it holds it. It keeps replaying.
+pub(crate) async fn drain(group: &Arc<Group>, p: &Arc<Partition>) -> Result<(), ProxyError> {
     p.set_draining(true);
     group.refresh(p);
-    if index == group.primary_index()
+    if group.is_primary(p)
         && let Err(e) = move_role(group, None, true).await
     {
         p.set_draining(false);
@@ -232,14 +296,13 @@ pub(crate) async fn drain(group: &Arc<Group>, index: usize) -> Result<(), ProxyE
             e => e,
         });
     }
-    tracing::info!(group = %group.name(), partition = %p.name(), "partition drained");
+    group.transition("drain", format!("{:?} drained by an operator", p.name()));
     Ok(())
 }
 
 /// Returns a drained partition to service.
-pub(crate) fn undrain(group: &Group, index: usize) {
-    let p = &group.partitions[index];
+pub(crate) fn undrain(group: &Group, p: &Partition) {
     p.set_draining(false);
     group.refresh(p);
-    tracing::info!(group = %group.name(), partition = %p.name(), "partition back in service");
+    group.transition("undrain", format!("{:?} back in service", p.name()));
 }

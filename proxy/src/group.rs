@@ -1,11 +1,25 @@
-//! A redundancy group at run time: its partitions, the primary role and epoch, the journal
-//! head, the write slot that serializes updates, and in-doubt records.
+//! A redundancy group at run time: one explicit state, changed only by named transitions,
+//! each logged with its reason (and kept in the group's recent transitions for `/status`).
+//!
+//! | part | what it holds | changed by |
+//! | --- | --- | --- |
+//! | role | epoch, primary and whether a hand-over runs: **one value** ([`Role`]) | `hand_over` (failover, promote, drain) |
+//! | membership | partitions by stable id (their names) | the config today (a snapshot, so it can change at run time) |
+//! | sequencer | head, sealed head, the write slot | `append`, `seal` (update.rs) |
+//! | in doubt | the record whose execution is unknown, with the partitions that may have executed it (durable in the record) | `mark_in_doubt`, `settle`, `resolve` |
+//! | per partition | health, applied (may go *down*), quarantine, draining | heartbeats, replays, `rewind`, `quarantine`, `rejoin`, `drain` |
+//!
+//! **Lock order** (outermost first; never take an earlier one while holding a later one):
+//! `role_lock` → `write_slot` → `settle_lock` → `seal_gate` → the short `std::sync` locks
+//! (members, replayers, transitions, a partition's state). The `std::sync` locks are never
+//! held across an await.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use regroup_replay::{Journal, Outcome, Record, RecordState};
+use time::OffsetDateTime;
 use tokio::sync::{Mutex, watch};
 use tokio::task::JoinHandle;
 
@@ -13,45 +27,74 @@ use crate::classify::Classifier;
 use crate::config::{GroupConfig, base_uri};
 use crate::error::ProxyError;
 use crate::forward::Upstream;
+use crate::link::PartitionLink;
 use crate::partition::{Health, Partition, PartitionView};
 use crate::status::PartitionStatus;
+
+/// The primary role, published as one value: an update reads who leads and in which term
+/// in one look, so it can never pair a deposed primary with a new epoch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Role {
+    /// The primary's term.
+    pub epoch: u64,
+    /// The partition holding the role.
+    pub primary: String,
+    /// A hand-over to another partition runs: nothing is forwarded and no answer of an
+    /// older epoch is sealed until it ends.
+    pub handing_over: bool,
+}
+
+/// One named transition of the group's state, with its reason.
+#[derive(Debug, Clone)]
+pub struct Transition {
+    /// When it happened.
+    pub at: OffsetDateTime,
+    /// Its name (`hand_over`, `seal`, `mark_in_doubt`, `settle`, `rewind`, `quarantine`, ...).
+    pub name: &'static str,
+    /// What changed and why.
+    pub reason: String,
+}
+
+/// Transitions kept per group for `/status`.
+const TRANSITIONS_KEPT: usize = 64;
 
 /// One redundancy group.
 pub struct Group {
     pub(crate) config: GroupConfig,
     pub(crate) classifier: Classifier,
-    pub(crate) partitions: Vec<Arc<Partition>>,
+    members: std::sync::RwLock<Arc<[Arc<Partition>]>>,
     pub(crate) journal: Arc<dyn Journal>,
+    /// The pooled client of the read path.
     pub(crate) client: Upstream,
-    primary: AtomicUsize,
-    /// The primary's term. Bumped (and made durable) before a new primary is chosen, so
-    /// no answer from a deposed primary can be sealed afterwards.
-    pub(crate) epoch: watch::Sender<u64>,
+    /// How the core reaches partitions (updates, replays, heartbeats, positions).
+    pub(crate) link: Arc<dyn PartitionLink>,
+    role: watch::Sender<Role>,
     /// Highest seq appended to the journal.
     head: AtomicU64,
-    /// Highest seq up to which every record is sealed: what replicas may replay.
-    pub(crate) sealed: watch::Sender<u64>,
-    /// The lowest record whose execution is unknown, if any. Updates wait while set.
-    pub(crate) in_doubt: watch::Sender<Option<u64>>,
-    /// The partition that may have executed the in-doubt record.
-    pub(crate) in_doubt_by: std::sync::Mutex<Option<usize>>,
+    /// Highest seq up to which every record is sealed *durably*: what replicas may replay.
+    sealed: watch::Sender<u64>,
+    /// Highest seq sealed in the journal, durable or not yet flushed.
+    written: AtomicU64,
+    /// Wakes the flusher when a seal waits for the journal's next flush.
+    pub(crate) flush_wanted: tokio::sync::Notify,
+    /// The record whose execution is unknown, if any. Updates wait while set.
+    in_doubt: watch::Sender<Option<Record>>,
     /// Serializes the group's updates (held from append to seal).
     pub(crate) write_slot: Mutex<()>,
-    /// Held while an answer is sealed, and while the epoch is bumped: a seal checks the
-    /// epoch it was sent in under it.
+    /// Held while an answer is sealed and while a hand-over starts: a seal checks, under
+    /// it, that the epoch it was sent in still leads.
     pub(crate) seal_gate: Mutex<()>,
-    /// One role change (failover, promote) at a time.
+    /// One role change at a time.
     pub(crate) role_lock: Mutex<()>,
     /// One settlement of an in-doubt record at a time.
     pub(crate) settle_lock: Mutex<()>,
-    /// True while the primary role is moving: new updates wait.
-    pub(crate) switching: watch::Sender<bool>,
-    /// Bumped whenever a partition's status or the primary may have changed.
+    /// Bumped whenever a partition's status, the role or the in-doubt record changed.
     pub(crate) changed: watch::Sender<u64>,
     /// Set to stop the group's background tasks.
     pub(crate) stop: watch::Sender<bool>,
-    /// The running replayers, by partition index.
-    pub(crate) replayers: std::sync::Mutex<HashMap<usize, ReplayerHandle>>,
+    /// The running replayers, by partition name.
+    pub(crate) replayers: std::sync::Mutex<HashMap<String, ReplayerHandle>>,
+    transitions: std::sync::Mutex<VecDeque<Transition>>,
 }
 
 /// A running replayer and the way to stop it.
@@ -65,7 +108,7 @@ impl std::fmt::Debug for Group {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Group")
             .field("name", &self.config.name)
-            .field("epoch", &self.epoch())
+            .field("role", &*self.role.borrow())
             .field("head", &self.head())
             .finish_non_exhaustive()
     }
@@ -80,24 +123,33 @@ pub struct GroupView {
     pub primary: String,
     /// The primary's term.
     pub epoch: u64,
+    /// Whether the primary role is moving.
+    pub handing_over: bool,
     /// Highest seq in the journal.
     pub head: u64,
     /// Highest seq every partition may replay.
     pub sealed: u64,
     /// Seqs whose execution is unknown.
     pub in_doubt: Vec<u64>,
+    /// Who may have executed the in-doubt record.
+    pub in_doubt_executors: Vec<String>,
     /// The partitions.
     pub partitions: Vec<PartitionView>,
+    /// The latest transitions, oldest first.
+    pub transitions: Vec<Transition>,
 }
 
 impl Group {
     /// Loads the group's durable state from the journal and builds its partitions.
-    /// Records found pending are now in doubt.
+    /// Records found pending are now in doubt. A stored primary that the config no longer
+    /// names is refused: the role never moves silently.
     pub async fn open(
         config: GroupConfig,
         journal: Arc<dyn Journal>,
+        link: Arc<dyn PartitionLink>,
         client: Upstream,
     ) -> Result<Arc<Group>, ProxyError> {
+        let journal_err = |e: regroup_replay::JournalError| ProxyError::Journal(e.to_string());
         let first = config
             .partitions
             .first()
@@ -106,67 +158,97 @@ impl Group {
         let state = journal
             .open_group(&config.name, &first)
             .await
-            .map_err(|e| ProxyError::Journal(e.to_string()))?;
+            .map_err(journal_err)?;
+        if !config
+            .partitions
+            .iter()
+            .any(|p| p.name == state.role.primary)
+        {
+            return Err(ProxyError::Config(format!(
+                "group {:?}: the journal's primary {:?} (epoch {}) is not in the config; \
+                 put it back, move the role first (regroup promote) while it is still \
+                 configured, or point the group at a new journal",
+                config.name, state.role.primary, state.role.epoch
+            )));
+        }
         let mut partitions = Vec::with_capacity(config.partitions.len());
         for p in &config.partitions {
             let base = base_uri(&p.url).map_err(ProxyError::BadRequest)?;
             let applied = journal
                 .checkpoint(&config.name, &p.name)
                 .await
-                .map_err(|e| ProxyError::Journal(e.to_string()))?;
+                .map_err(journal_err)?;
             let partition = Partition::new(&p.name, &p.url, base, p.priority, applied);
             // A quarantine outlives restarts: never serve a diverged copy, not even briefly.
             if let Some(reason) = journal
                 .diverged(&config.name, &p.name)
                 .await
-                .map_err(|e| ProxyError::Journal(e.to_string()))?
+                .map_err(journal_err)?
             {
                 tracing::warn!(group = %config.name, partition = %p.name, %reason,
-                    "partition is quarantined as diverged (regroup rejoin lifts it)");
+                    "partition is quarantined (regroup rejoin lifts it)");
                 partition.set_diverged(&reason);
             }
             partitions.push(Arc::new(partition));
         }
-        let primary = partitions
-            .iter()
-            .position(|p| p.name() == state.role.primary)
-            .unwrap_or_else(|| {
-                tracing::warn!(group = %config.name, stored = %state.role.primary,
-                    "stored primary is no longer configured; using the first partition");
-                0
-            });
-        let first_unsealed = state.log.unsealed.iter().map(|r| r.seq).min();
-        let sealed = first_unsealed.map_or(state.log.head, |s| s - 1);
-        for r in &state.log.unsealed {
-            tracing::warn!(group = %config.name, seq = r.seq, "record found in doubt at start; \
-                later updates wait until it is resolved (regroup resolve)");
+        let first_unsealed = state.log.unsealed.first().cloned();
+        let sealed = first_unsealed
+            .as_ref()
+            .map_or(state.log.head, |r| r.seq - 1);
+        if let Some(r) = &first_unsealed {
+            tracing::warn!(group = %config.name, seq = r.seq, executors = ?r.executors,
+                "record found in doubt at start; later updates wait until it is settled");
         }
-        if let Some(p) = partitions.get(primary) {
+        if let Some(p) = partitions.iter().find(|p| p.name() == state.role.primary) {
             // The primary executed every sealed record.
-            p.set_applied(sealed);
+            p.credit(sealed);
         }
         let group = Arc::new(Group {
             classifier: Classifier::new(&config.routes),
             config,
-            partitions,
+            members: std::sync::RwLock::new(partitions.into()),
             journal,
             client,
-            primary: AtomicUsize::new(primary),
-            epoch: watch::Sender::new(state.role.epoch),
+            link,
+            role: watch::Sender::new(Role {
+                epoch: state.role.epoch,
+                primary: state.role.primary,
+                handing_over: false,
+            }),
             head: AtomicU64::new(state.log.head),
             sealed: watch::Sender::new(sealed),
+            written: AtomicU64::new(sealed),
+            flush_wanted: tokio::sync::Notify::new(),
             in_doubt: watch::Sender::new(first_unsealed),
-            in_doubt_by: std::sync::Mutex::new(first_unsealed.map(|_| primary)),
             write_slot: Mutex::new(()),
             seal_gate: Mutex::new(()),
             role_lock: Mutex::new(()),
             settle_lock: Mutex::new(()),
-            switching: watch::Sender::new(false),
             changed: watch::Sender::new(0),
             stop: watch::Sender::new(false),
             replayers: std::sync::Mutex::new(HashMap::new()),
+            transitions: std::sync::Mutex::new(VecDeque::new()),
         });
         Ok(group)
+    }
+
+    /// Starts the group's background work: one check of every partition (so the first
+    /// reads find the healthy ones), heartbeats, replayers, the failover watch, the flusher
+    /// of deferred seals, and the settlement of a record found in doubt.
+    pub async fn start(self: &Arc<Self>) {
+        crate::supervise::check_all(self).await;
+        crate::supervise::start(self);
+        crate::replicate::start(self);
+        crate::failover::start(self);
+        crate::update::start_flusher(self);
+        if self.in_doubt().is_some() {
+            crate::update::spawn_settle(self.clone());
+        }
+    }
+
+    /// Stops the group's background work.
+    pub fn stop(&self) {
+        self.stop.send_replace(true);
     }
 
     /// The group's name.
@@ -179,9 +261,42 @@ impl Group {
         &self.config
     }
 
+    /// The role, as one value.
+    pub fn role(&self) -> Role {
+        self.role.borrow().clone()
+    }
+
+    /// Watches the role.
+    pub(crate) fn watch_role(&self) -> watch::Receiver<Role> {
+        self.role.subscribe()
+    }
+
     /// The primary's term.
     pub fn epoch(&self) -> u64 {
-        *self.epoch.borrow()
+        self.role.borrow().epoch
+    }
+
+    /// The partitions, as a snapshot.
+    pub fn members(&self) -> Arc<[Arc<Partition>]> {
+        self.members
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// The partition named `name`.
+    pub fn member(&self, name: &str) -> Option<Arc<Partition>> {
+        self.members().iter().find(|p| p.name() == name).cloned()
+    }
+
+    /// The partition holding the primary role.
+    pub fn primary(&self) -> Option<Arc<Partition>> {
+        let name = self.role.borrow().primary.clone();
+        self.member(&name)
+    }
+
+    pub(crate) fn is_primary(&self, p: &Partition) -> bool {
+        self.role.borrow().primary == p.name()
     }
 
     /// Highest seq in the journal.
@@ -193,27 +308,44 @@ impl Group {
         self.head.store(seq, Ordering::Release);
     }
 
-    /// The partition holding the primary role.
-    pub fn primary(&self) -> &Arc<Partition> {
-        let i = self.primary.load(Ordering::Acquire);
-        // The index always comes from `partitions`, which is never empty.
-        &self.partitions[i.min(self.partitions.len() - 1)]
+    /// Highest seq up to which every record is durably sealed.
+    pub fn sealed(&self) -> u64 {
+        *self.sealed.borrow()
     }
 
-    /// The primary's index in `partitions`.
-    pub(crate) fn primary_index(&self) -> usize {
-        self.primary
-            .load(Ordering::Acquire)
-            .min(self.partitions.len() - 1)
+    pub(crate) fn watch_sealed(&self) -> watch::Receiver<u64> {
+        self.sealed.subscribe()
     }
 
-    pub(crate) fn is_primary(&self, p: &Partition) -> bool {
-        std::ptr::eq(self.primary().as_ref(), p)
+    /// The in-doubt record, if any.
+    pub(crate) fn in_doubt(&self) -> Option<Record> {
+        self.in_doubt.borrow().clone()
     }
 
-    /// Hands the primary role to partition `index` (the caller made it durable).
-    pub(crate) fn set_primary(&self, index: usize) {
-        self.primary.store(index, Ordering::Release);
+    pub(crate) fn in_doubt_seq(&self) -> Option<u64> {
+        self.in_doubt.borrow().as_ref().map(|r| r.seq)
+    }
+
+    /// Logs a named transition with its reason and keeps it for `/status`.
+    pub(crate) fn transition(&self, name: &'static str, reason: String) {
+        tracing::info!(group = %self.name(), transition = name, %reason, "group transition");
+        let mut t = self
+            .transitions
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if t.len() == TRANSITIONS_KEPT {
+            t.pop_front();
+        }
+        t.push_back(Transition {
+            at: OffsetDateTime::now_utc(),
+            name,
+            reason,
+        });
+    }
+
+    /// Publishes a new role (the caller made it durable, or is starting a hand-over).
+    pub(crate) fn publish_role(&self, role: Role) {
+        self.role.send_replace(role);
         self.refresh_all();
         self.bump();
     }
@@ -223,33 +355,48 @@ impl Group {
         self.changed.send_modify(|v| *v = v.wrapping_add(1));
     }
 
-    /// The partition that may have executed the in-doubt record.
-    pub(crate) fn in_doubt_by(&self) -> Option<usize> {
-        *self.in_doubt_by.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// Records that partition `by` may have executed the in-doubt record.
-    pub(crate) fn set_in_doubt_by(&self, by: usize) {
-        *self.in_doubt_by.lock().unwrap_or_else(|p| p.into_inner()) = Some(by);
-    }
-
-    /// Records that `seq` is in doubt, possibly executed by partition `by`.
-    pub(crate) fn set_in_doubt(&self, seq: u64, by: usize) {
-        self.set_in_doubt_by(by);
-        self.in_doubt.send_replace(Some(seq));
+    /// `mark_in_doubt`: `record`'s execution is unknown; later updates wait.
+    pub(crate) fn mark_in_doubt(&self, record: Record, reason: &str) {
+        self.transition(
+            "mark_in_doubt",
+            format!(
+                "record {} in doubt (may have executed: {:?}): {reason}",
+                record.seq, record.executors
+            ),
+        );
+        self.in_doubt.send_replace(Some(record));
         self.bump();
     }
 
-    /// Clears the in-doubt record.
-    pub(crate) fn clear_in_doubt(&self) {
-        *self.in_doubt_by.lock().unwrap_or_else(|p| p.into_inner()) = None;
-        self.in_doubt.send_replace(None);
+    /// Updates the in-doubt record after it was restamped for another partition.
+    pub(crate) fn update_in_doubt(&self, record: &Record) {
+        self.in_doubt.send_if_modified(|r| match r {
+            Some(current) if current.seq == record.seq => {
+                *current = record.clone();
+                true
+            }
+            _ => false,
+        });
+    }
+
+    /// Clears the in-doubt record `seq` (settled), and takes up the next unsealed record
+    /// if the journal holds one (only after a restart on an old journal).
+    pub(crate) async fn clear_in_doubt(&self, seq: u64) {
+        self.in_doubt
+            .send_if_modified(|r| r.take_if(|r| r.seq == seq).is_some());
+        if self.head() > seq
+            && let Ok(next) = self.journal.read_after(self.name(), seq, 1).await
+            && let Some(next) = next.into_iter().next()
+            && !next.state.is_sealed()
+        {
+            self.mark_in_doubt(next, "left unsealed below the journal's head");
+        }
         self.bump();
     }
 
-    /// Marks `seq` sealed and advances what replicas may replay.
+    /// Advances the durable sealed head to `seq` (every record up to it is sealed).
     pub(crate) fn sealed_through(&self, seq: u64) {
-        self.primary().set_applied(seq);
+        self.written.fetch_max(seq, Ordering::AcqRel);
         self.sealed.send_if_modified(|s| {
             if seq > *s {
                 *s = seq;
@@ -261,11 +408,30 @@ impl Group {
         self.refresh_all();
     }
 
+    /// Notes that `seq` is sealed in the journal but not yet durable (the journal defers
+    /// seals to its next flush); replicas do not see it until [`Group::flushed`].
+    pub(crate) fn sealed_unflushed(&self, seq: u64) {
+        self.written.fetch_max(seq, Ordering::AcqRel);
+        self.flush_wanted.notify_one();
+    }
+
+    /// Everything written before the flush that just completed is durable.
+    pub(crate) fn flushed(&self, written_before: u64) {
+        if written_before > self.sealed() {
+            self.sealed_through(written_before);
+        }
+    }
+
+    /// Highest seq sealed in the journal, durable or not.
+    pub(crate) fn written(&self) -> u64 {
+        self.written.load(Ordering::Acquire)
+    }
+
     /// Re-derives every partition's status (cheap: a few locks), notifying watchers of a
     /// change.
     pub(crate) fn refresh_all(&self) {
         let mut changed = false;
-        for p in &self.partitions {
+        for p in self.members().iter() {
             changed |= self.derive_status(p);
         }
         if changed {
@@ -282,7 +448,7 @@ impl Group {
 
     fn derive_status(&self, p: &Partition) -> bool {
         let retries = self.config.heartbeat_retries;
-        let sealed = *self.sealed.borrow();
+        let sealed = self.sealed();
         let (status, reason): (PartitionStatus, Box<dyn FnOnce() -> String>) = if let Some(why) =
             p.diverged()
         {
@@ -312,7 +478,7 @@ impl Group {
                     } else {
                         self.config.max_read_lag / 2
                     };
-                    if !self.is_primary(p) && applied.saturating_add(lag) < sealed {
+                    if applied.saturating_add(lag) < sealed {
                         (
                             PartitionStatus::CatchingUp,
                             Box::new(move || format!("applied {applied} of {sealed}: replaying")),
@@ -331,28 +497,40 @@ impl Group {
 
     /// A snapshot for `/status`.
     pub fn view(&self) -> GroupView {
+        let role = self.role();
+        let in_doubt = self.in_doubt();
         GroupView {
             name: self.name().to_owned(),
-            primary: self.primary().name().to_owned(),
-            epoch: self.epoch(),
+            primary: role.primary,
+            epoch: role.epoch,
+            handing_over: role.handing_over,
             head: self.head(),
-            sealed: *self.sealed.borrow(),
-            in_doubt: self.in_doubt.borrow().iter().copied().collect(),
-            partitions: self.partitions.iter().map(|p| p.view()).collect(),
+            sealed: self.sealed(),
+            in_doubt: in_doubt.iter().map(|r| r.seq).collect(),
+            in_doubt_executors: in_doubt.map(|r| r.executors).unwrap_or_default(),
+            partitions: self.members().iter().map(|p| p.view()).collect(),
+            transitions: self
+                .transitions
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .iter()
+                .cloned()
+                .collect(),
         }
     }
 
-    /// Settles an in-doubt record as `executed` (replicas replay it without comparing
-    /// answers: the primary's was never seen) or `skipped` (nobody replays it).
+    /// Settles an in-doubt record by an operator's word: `executed` (replicas replay it
+    /// without comparing answers: the primary's was never seen; the primary is credited
+    /// with it) or `skipped` (nobody replays it).
     pub async fn resolve(&self, seq: u64, executed: bool) -> Result<Record, ProxyError> {
         let _settling = self.settle_lock.lock().await;
-        let current = *self.in_doubt.borrow();
-        if current != Some(seq) {
+        let journal_err = |e: regroup_replay::JournalError| ProxyError::Journal(e.to_string());
+        if self.in_doubt_seq() != Some(seq) {
             let record = self
                 .journal
                 .record(self.name(), seq)
                 .await
-                .map_err(|e| ProxyError::Journal(e.to_string()))?;
+                .map_err(journal_err)?;
             return Err(match record {
                 None => ProxyError::NoSuchRecord {
                     group: self.name().to_owned(),
@@ -373,21 +551,30 @@ impl Group {
         self.journal
             .seal(self.name(), seq, &outcome)
             .await
-            .map_err(|e| ProxyError::Journal(e.to_string()))?;
+            .map_err(journal_err)?;
+        self.journal.flush().await.map_err(journal_err)?;
         let record = self
             .journal
             .record(self.name(), seq)
             .await
-            .map_err(|e| ProxyError::Journal(e.to_string()))?
+            .map_err(journal_err)?
             .ok_or_else(|| ProxyError::NoSuchRecord {
                 group: self.name().to_owned(),
                 seq,
             })?;
-        tracing::info!(group = %self.name(), seq, outcome = record.state.as_str(),
-            "in-doubt record resolved by an operator");
         debug_assert!(record.state != RecordState::InDoubt);
-        self.clear_in_doubt();
+        self.transition(
+            "settle",
+            format!(
+                "record {seq} resolved {} by an operator",
+                record.state.as_str()
+            ),
+        );
+        if executed && let Some(p) = self.primary() {
+            p.credit(seq);
+        }
         self.sealed_through(seq);
+        self.clear_in_doubt(seq).await;
         Ok(record)
     }
 }

@@ -39,13 +39,14 @@ pub mod error;
 mod failover;
 pub mod forward;
 pub mod group;
+pub mod link;
 pub mod partition;
 pub mod read;
 mod replicate;
 pub mod route;
 pub mod server;
 pub mod status;
-mod supervise;
+pub mod supervise;
 mod update;
 
 pub use admin::{Admin, StatusDoc};

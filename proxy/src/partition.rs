@@ -36,6 +36,7 @@ pub struct Partition {
     priority: i32,
     applied: AtomicU64,
     draining: AtomicBool,
+    own_record: AtomicBool,
     state: Mutex<State>,
 }
 
@@ -57,7 +58,9 @@ pub struct PartitionView {
 }
 
 impl Partition {
-    pub(crate) fn new(name: &str, url: &str, base: Uri, priority: i32, applied: u64) -> Self {
+    /// A partition as the group first knows it: not yet checked (no reads until its first
+    /// heartbeat answers), at `applied` by its checkpoint.
+    pub fn new(name: &str, url: &str, base: Uri, priority: i32, applied: u64) -> Self {
         Partition {
             name: name.to_owned(),
             url: url.to_owned(),
@@ -65,6 +68,7 @@ impl Partition {
             priority,
             applied: AtomicU64::new(applied),
             draining: AtomicBool::new(false),
+            own_record: AtomicBool::new(false),
             state: Mutex::new(State {
                 // Not yet checked: treated as one missed heartbeat (no reads) until the
                 // first heartbeat answers.
@@ -97,8 +101,25 @@ impl Partition {
         self.applied.load(Ordering::Acquire)
     }
 
+    /// Sets where the partition stands: replay progress, or a rewind (a copy restored from
+    /// an older backup stands *behind* where it stood).
     pub(crate) fn set_applied(&self, seq: u64) {
+        self.applied.store(seq, Ordering::Release);
+    }
+
+    /// Credits the partition with having executed `seq` (it answered it as primary).
+    pub(crate) fn credit(&self, seq: u64) {
         self.applied.fetch_max(seq, Ordering::AcqRel);
+    }
+
+    /// Whether it answered the app-side layer's `/_regroup/applied` (so it can say where it
+    /// stands, and a re-delivery to it is answered from its exactly-once record).
+    pub(crate) fn keeps_own_record(&self) -> bool {
+        self.own_record.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn set_keeps_own_record(&self, on: bool) {
+        self.own_record.store(on, Ordering::Release);
     }
 
     /// Whether an operator drained it.

@@ -27,10 +27,10 @@ use crate::forward::{BoxError, ProxyBody, Upstream, upstream_uri};
 use crate::group::Group;
 use crate::partition::Partition;
 use crate::status::PartitionStatus;
-use crate::update::error_chain;
+use crate::link::error_chain;
 
 type Endpoint = PeakEwma<ReadEndpoint, CompleteOnResponse>;
-type Changes = Pin<Box<dyn Stream<Item = Result<Change<usize, Endpoint>, Infallible>> + Send>>;
+type Changes = Pin<Box<dyn Stream<Item = Result<Change<String, Endpoint>, Infallible>> + Send>>;
 
 /// How fresh a read must be, from the client's `Regroup-Consistency` header (and
 /// `Regroup-Position` for `session`).
@@ -172,27 +172,32 @@ impl Reads {
         req: Request<ProxyBody>,
         consistency: Consistency,
     ) -> Result<Response<Incoming>, ProxyError> {
-        let index = match consistency {
+        let no_primary = || ProxyError::NoPartition {
+            group: group.name().to_owned(),
+            reason: "the primary is not a member".into(),
+        };
+        let partition = match consistency {
             Consistency::Any => return self.call(group, req).await,
-            Consistency::Primary => group.primary_index(),
+            Consistency::Primary => group.primary().ok_or_else(no_primary)?,
             Consistency::Session(position) => {
-                let primary = group.primary_index();
-                let fresh: Vec<usize> = (0..group.partitions.len())
-                    .filter(|&i| {
-                        let p = &group.partitions[i];
-                        i != primary
+                let primary = group.primary().ok_or_else(no_primary)?;
+                let members = group.members();
+                let mut fresh: Vec<&Arc<Partition>> = members
+                    .iter()
+                    .filter(|p| {
+                        p.name() != primary.name()
                             && p.status() == PartitionStatus::Available
                             && p.applied() >= position
                     })
-                    .chain(std::iter::once(primary))
                     .collect();
+                fresh.push(&primary);
                 let turn = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                fresh[turn % fresh.len()]
+                fresh[turn % fresh.len()].clone()
             }
         };
         let mut endpoint = ReadEndpoint {
             client: group.client.clone(),
-            partition: group.partitions[index].clone(),
+            partition,
         };
         endpoint.call(req).await.map_err(|e| ProxyError::Upstream {
             group: group.name().to_owned(),
@@ -214,7 +219,7 @@ impl Reads {
             return self.call_once(group, req).await;
         }
         let (parts, _) = req.into_parts();
-        let mut attempts = 2 * group.partitions.len().max(1);
+        let mut attempts = 2 * group.members().len().max(1);
         loop {
             let req = Request::from_parts(parts.clone(), crate::forward::full(bytes::Bytes::new()));
             match self.call_once(group, req).await {
@@ -227,9 +232,9 @@ impl Reads {
                         return Err(e);
                     }
                     if let ProxyError::Upstream { partition, .. } = &e
-                        && let Some(p) = group.partitions.iter().find(|p| p.name() == partition)
+                        && let Some(p) = group.member(partition)
                     {
-                        group.refresh(p);
+                        group.refresh(&p);
                     }
                     // Give the membership task a moment to drop the refusing partition.
                     tokio::time::sleep(std::time::Duration::from_millis(5)).await;
@@ -297,28 +302,30 @@ impl Reads {
 }
 
 /// Keeps the balancer's endpoints equal to the set of available partitions.
-async fn membership(group: Arc<Group>, tx: mpsc::UnboundedSender<Change<usize, Endpoint>>) {
-    let mut current: HashSet<usize> = HashSet::new();
+async fn membership(group: Arc<Group>, tx: mpsc::UnboundedSender<Change<String, Endpoint>>) {
+    let mut current: HashSet<String> = HashSet::new();
     let mut stop = group.stop.subscribe();
     let mut changed = group.changed.subscribe();
     loop {
         changed.borrow_and_update();
-        let eligible: HashSet<usize> = group
-            .partitions
+        let members = group.members();
+        let eligible: HashSet<String> = members
             .iter()
-            .enumerate()
-            .filter(|(_, p)| p.status() == PartitionStatus::Available)
-            .map(|(i, _)| i)
+            .filter(|p| p.status() == PartitionStatus::Available)
+            .map(|p| p.name().to_owned())
             .collect();
-        for &i in current.difference(&eligible) {
-            if tx.send(Change::Remove(i)).is_err() {
+        for name in current.difference(&eligible) {
+            if tx.send(Change::Remove(name.clone())).is_err() {
                 return;
             }
         }
-        for &i in eligible.difference(&current) {
+        for name in eligible.difference(&current) {
+            let Some(partition) = group.member(name) else {
+                continue;
+            };
             let endpoint = ReadEndpoint {
                 client: group.client.clone(),
-                partition: group.partitions[i].clone(),
+                partition,
             };
             let svc = PeakEwma::new(
                 endpoint,
@@ -326,7 +333,7 @@ async fn membership(group: Arc<Group>, tx: mpsc::UnboundedSender<Change<usize, E
                 Duration::from_secs(10).as_nanos() as f64,
                 CompleteOnResponse::default(),
             );
-            if tx.send(Change::Insert(i, svc)).is_err() {
+            if tx.send(Change::Insert(name.clone(), svc)).is_err() {
                 return;
             }
         }

@@ -1,14 +1,15 @@
 //! Replication: one [`Replayer`] per replica of a group, reporting progress and divergence
 //! into the group's partition statuses. Replayers are started for every partition but the
 //! primary, stopped when a partition takes the primary role, and started for a deposed
-//! primary.
+//! primary. `rewind` and `rejoin` move a partition's position by hand or by its own word.
 
 use std::sync::{Arc, Weak};
 
 use regroup_replay::{ApplyError, ReplayExit, ReplayObserver, Replayer};
 use tokio::sync::watch;
 
-use crate::applier::HttpApplier;
+use crate::applier::LinkApplier;
+use crate::error::ProxyError;
 use crate::group::{Group, ReplayerHandle};
 use crate::partition::Partition;
 
@@ -19,6 +20,8 @@ struct Observer {
 
 impl ReplayObserver for Observer {
     fn applied(&self, seq: u64) {
+        // The replayer is the only writer of a replica's position, and it may move it down
+        // (the partition's own record says it stands behind its checkpoint).
         self.partition.set_applied(seq);
         if let Some(g) = self.group.upgrade() {
             g.refresh(&self.partition);
@@ -33,10 +36,15 @@ impl ReplayObserver for Observer {
     }
 
     fn diverged(&self, seq: u64, reason: &str) {
-        tracing::error!(partition = %self.partition.name(), seq, %reason,
-            "partition diverged from the primary: quarantined");
         self.partition.set_diverged(reason);
         if let Some(g) = self.group.upgrade() {
+            g.transition(
+                "quarantine",
+                format!(
+                    "{:?} diverged from the primary at seq {seq}: {reason}",
+                    self.partition.name()
+                ),
+            );
             g.refresh(&self.partition);
         }
     }
@@ -44,24 +52,24 @@ impl ReplayObserver for Observer {
 
 /// Starts a replayer for every partition of `group` except the primary.
 pub(crate) fn start(group: &Arc<Group>) {
-    for index in 0..group.partitions.len() {
-        if index != group.primary_index() {
-            start_one(group, index);
+    for p in group.members().iter() {
+        if !group.is_primary(p) {
+            start_one(group, p);
         }
     }
 }
 
-/// Starts the replayer of partition `index` (no-op when it runs).
-pub(crate) fn start_one(group: &Arc<Group>, index: usize) {
+/// Starts the replayer of `partition` (no-op when it runs).
+pub(crate) fn start_one(group: &Arc<Group>, partition: &Arc<Partition>) {
     let mut replayers = group.replayers.lock().unwrap_or_else(|p| p.into_inner());
-    if replayers.get(&index).is_some_and(|h| !h.task.is_finished()) {
+    if replayers
+        .get(partition.name())
+        .is_some_and(|h| !h.task.is_finished())
+    {
         return;
     }
-    let Some(partition) = group.partitions.get(index).cloned() else {
-        return;
-    };
-    let applier = HttpApplier::new(
-        group.client.clone(),
+    let applier = LinkApplier::new(
+        group.link.clone(),
         partition.clone(),
         group.config.update_timeout(),
     );
@@ -76,7 +84,7 @@ pub(crate) fn start_one(group: &Arc<Group>, index: usize) {
         group: Arc::downgrade(group),
         partition: partition.clone(),
     });
-    let sealed = group.sealed.subscribe();
+    let sealed = group.watch_sealed();
     let (stop_tx, stop) = watch::channel(false);
     let mut group_stop = group.stop.subscribe();
     let own_stop = stop_tx.clone();
@@ -96,7 +104,7 @@ pub(crate) fn start_one(group: &Arc<Group>, index: usize) {
         forward.abort();
     });
     replayers.insert(
-        index,
+        partition.name().to_owned(),
         ReplayerHandle {
             stop: stop_tx,
             task,
@@ -104,31 +112,85 @@ pub(crate) fn start_one(group: &Arc<Group>, index: usize) {
     );
 }
 
-/// Stops the replayer of partition `index` and waits until it has finished the record it
+/// Stops the replayer of partition `name` and waits until it has finished the record it
 /// was sending (so the partition receives nothing from it afterwards).
-pub(crate) async fn stop_one(group: &Group, index: usize) {
+pub(crate) async fn stop_one(group: &Group, name: &str) {
     let handle = group
         .replayers
         .lock()
         .unwrap_or_else(|p| p.into_inner())
-        .remove(&index);
+        .remove(name);
     if let Some(h) = handle {
         let _ = h.stop.send(true);
         let _ = h.task.await;
     }
 }
 
-/// Returns a diverged partition to service after an operator rebuilt it (for example from a
-/// snapshot of a healthy partition): its quarantine is lifted durably and its replayer
-/// starts again, from `applied` when given (the seq the rebuilt copy includes), else from
-/// its checkpoint (a partition with the app-side layer says itself where it stands).
+/// `rewind`: `p` says it stands at `position`, behind where the group had it (its copy was
+/// restored from an older backup, or reset). It leaves the read set at once, its
+/// checkpoint goes back, and it replays from there. A position ahead of the sealed head
+/// (it applied something the journal does not hold as sealed) quarantines it instead.
+pub(crate) async fn rewind(group: &Arc<Group>, p: &Arc<Partition>, position: u64) {
+    let was = p.applied();
+    if position > group.head() {
+        let reason = format!(
+            "applied {position} by its own record, but the journal holds only {}",
+            group.head()
+        );
+        quarantine(group, p, &reason).await;
+        return;
+    }
+    p.set_applied(position);
+    group.refresh(p);
+    group.transition(
+        "rewind",
+        format!(
+            "{:?} stands at {position} by its own record, behind {was}: replaying from there",
+            p.name()
+        ),
+    );
+    if group.is_primary(p) {
+        // The failover task moves the role to a partition that holds every sealed record.
+        return;
+    }
+    stop_one(group, p.name()).await;
+    if let Err(e) = group
+        .journal
+        .save_checkpoint(group.name(), p.name(), position)
+        .await
+    {
+        tracing::warn!(group = %group.name(), partition = %p.name(), error = %e,
+            "cannot save the rewound checkpoint; the replayer asks the partition itself");
+    }
+    start_one(group, p);
+}
+
+/// `quarantine`: takes `p` out of service durably, with `reason`.
+pub(crate) async fn quarantine(group: &Arc<Group>, p: &Arc<Partition>, reason: &str) {
+    p.set_diverged(reason);
+    group.refresh(p);
+    group.transition("quarantine", format!("{:?}: {reason}", p.name()));
+    stop_one(group, p.name()).await;
+    if let Err(e) = group
+        .journal
+        .set_diverged(group.name(), p.name(), Some(reason))
+        .await
+    {
+        tracing::error!(group = %group.name(), partition = %p.name(), error = %e,
+            "cannot store the quarantine; it holds until this proxy restarts");
+    }
+}
+
+/// `rejoin`: returns a quarantined partition to service after an operator rebuilt it (for
+/// example from a snapshot of a healthy partition): its quarantine is lifted durably and
+/// its replayer starts again, from `applied` when given (the seq the rebuilt copy
+/// includes), else from its checkpoint (a partition with the app-side layer says itself
+/// where it stands).
 pub(crate) async fn rejoin(
     group: &Arc<Group>,
-    index: usize,
+    p: &Arc<Partition>,
     applied: Option<u64>,
-) -> Result<(), crate::error::ProxyError> {
-    use crate::error::ProxyError;
-    let p = &group.partitions[index];
+) -> Result<(), ProxyError> {
     if p.diverged().is_none() {
         return Err(ProxyError::BadRequest(format!(
             "partition {:?} of group {:?} is not diverged",
@@ -136,7 +198,7 @@ pub(crate) async fn rejoin(
             group.name()
         )));
     }
-    stop_one(group, index).await;
+    stop_one(group, p.name()).await;
     let journal_err = |e: regroup_replay::JournalError| ProxyError::Journal(e.to_string());
     if let Some(a) = applied {
         group
@@ -152,8 +214,10 @@ pub(crate) async fn rejoin(
         .map_err(journal_err)?;
     p.clear_diverged(applied);
     group.refresh(p);
-    tracing::info!(group = %group.name(), partition = %p.name(), ?applied,
-        "partition rejoined by an operator");
-    start_one(group, index);
+    group.transition(
+        "rejoin",
+        format!("{:?} rejoined by an operator (applied {applied:?})", p.name()),
+    );
+    start_one(group, p);
     Ok(())
 }

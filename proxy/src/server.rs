@@ -24,7 +24,7 @@ use crate::forward::{BoxError, ProxyBody, upstream_client};
 use crate::group::Group;
 use crate::read::Reads;
 use crate::route::{ClientAddr, RegroupLayer, Routed};
-use crate::{failover, replicate, supervise, update};
+use crate::link::{HttpLink, PartitionLink};
 
 /// The environment variable that overrides `admin_token`.
 pub const ADMIN_TOKEN_ENV: &str = "REGROUP_ADMIN_TOKEN";
@@ -52,23 +52,14 @@ impl Proxy {
         journal: Arc<dyn Journal>,
     ) -> Result<Proxy, ProxyError> {
         let client = upstream_client();
+        let link: Arc<dyn PartitionLink> = Arc::new(HttpLink::new(client.clone()));
         let mut routes = Vec::new();
         let mut groups = Vec::new();
         for gc in &config.groups {
-            let group = Group::open(gc.clone(), journal.clone(), client.clone()).await?;
-            supervise::check_all(&group).await;
-            supervise::start(&group);
-            replicate::start(&group);
-            failover::start(&group);
-            let in_doubt = *group.in_doubt.borrow();
-            if let Some(seq) = in_doubt {
-                match journal.record(group.name(), seq).await {
-                    Ok(Some(record)) => update::spawn_settle(group.clone(), record),
-                    _ => tracing::warn!(group = %group.name(), seq, "in-doubt record not found"),
-                }
-            }
+            let group = Group::open(gc.clone(), journal.clone(), link.clone(), client.clone()).await?;
+            group.start().await;
             let reads = Arc::new(Reads::start(&group));
-            tracing::info!(group = %group.name(), primary = %group.primary().name(),
+            tracing::info!(group = %group.name(), primary = %group.role().primary,
                 epoch = group.epoch(), head = group.head(), "group started");
             groups.push(group.clone());
             routes.push(Routed { group, reads });
@@ -124,7 +115,7 @@ impl Proxy {
 impl Drop for Proxy {
     fn drop(&mut self) {
         for r in &self.routes {
-            r.group.stop.send_replace(true);
+            r.group.stop();
         }
     }
 }

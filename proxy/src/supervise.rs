@@ -2,19 +2,30 @@
 //! `heartbeat_interval_ms` each partition gets `GET <health_path>`; no 2xx within
 //! `heartbeat_timeout_ms` is a miss. One miss makes it `suspect`, `heartbeat_retries`
 //! consecutive misses `unavailable`; one answer makes it healthy again.
+//!
+//! **A partition that comes back is asked where it stands** before it is healthy again:
+//! after any miss (and every [`POSITION_EVERY`] beats for a partition that keeps the
+//! app-side layer's record), its `/_regroup/applied` is read. Behind where the group had it
+//! (a copy restored from an older backup, or reset) → `rewind`: it leaves the read set and
+//! replays from there; ahead of the journal → `quarantine`. A partition without the app
+//! layer cannot say where it stands: a restored copy of it is only caught by the
+//! fingerprint check of the next replay.
 
 use std::sync::Arc;
 
-use http::Request;
 use tokio::time::MissedTickBehavior;
 
-use crate::forward::{full, upstream_uri};
 use crate::group::Group;
 use crate::partition::{Health, Partition};
+use crate::replicate;
+
+/// A partition that keeps its own record is asked where it stands every this many beats,
+/// even when it never missed one (a restart between two beats).
+pub const POSITION_EVERY: u64 = 5;
 
 /// Starts one heartbeat task per partition of `group`.
 pub(crate) fn start(group: &Arc<Group>) {
-    for p in &group.partitions {
+    for p in group.members().iter() {
         tokio::spawn(heartbeat(group.clone(), p.clone()));
     }
 }
@@ -22,7 +33,8 @@ pub(crate) fn start(group: &Arc<Group>) {
 /// Checks every partition once, concurrently; used before the proxy opens so the first
 /// reads find the healthy partitions.
 pub(crate) async fn check_all(group: &Arc<Group>) {
-    let checks = group.partitions.iter().map(|p| beat(group, p));
+    let members = group.members();
+    let checks = members.iter().map(|p| beat(group, p, 0));
     futures_util::future::join_all(checks).await;
     group.refresh_all();
 }
@@ -31,43 +43,54 @@ async fn heartbeat(group: Arc<Group>, partition: Arc<Partition>) {
     let mut tick = tokio::time::interval(group.config.heartbeat_interval());
     tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let mut stop = group.stop.subscribe();
+    let mut beats = 0u64;
     loop {
         tokio::select! {
             _ = tick.tick() => {}
             _ = stop.changed() => return,
         }
-        beat(&group, &partition).await;
+        beats = beats.wrapping_add(1);
+        beat(&group, &partition, beats).await;
         group.refresh(&partition);
     }
 }
 
-async fn beat(group: &Group, partition: &Partition) {
-    let ok = match upstream_uri(partition.base(), &group.config.health_path) {
-        Ok(uri) => {
-            let req = Request::get(uri).body(full(bytes::Bytes::new()));
-            match req {
-                // The body is read too, so the pooled connection is reused by the next beat
-                // instead of a new one being opened every interval.
-                Ok(req) => tokio::time::timeout(group.config.heartbeat_timeout(), async {
-                    let resp = group.client.request(req).await.ok()?;
-                    let ok = resp.status().is_success();
-                    http_body_util::BodyExt::collect(resp.into_body())
-                        .await
-                        .ok()?;
-                    Some(ok)
-                })
-                .await
-                .ok()
-                .flatten()
-                .unwrap_or(false),
-                Err(_) => false,
+async fn beat(group: &Arc<Group>, partition: &Arc<Partition>, n: u64) {
+    let timeout = group.config.heartbeat_timeout();
+    let came_back = partition.health() != Health::Up;
+    if let Err(reason) = group
+        .link
+        .health(partition, &group.config.health_path, timeout)
+        .await
+    {
+        tracing::trace!(partition = %partition.name(), %reason, "heartbeat missed");
+        partition.record_miss();
+        return;
+    }
+    let ask = came_back || (partition.keeps_own_record() && n.is_multiple_of(POSITION_EVERY));
+    if ask && partition.diverged().is_none() {
+        // Read before asking: the partition's own record is never behind what the group
+        // credited it with before the question, so "behind" below is a real rewind.
+        let before = partition.applied();
+        match group.link.position(partition, timeout).await {
+            Ok(Some(position)) => {
+                partition.set_keeps_own_record(true);
+                if position < before || position > group.head() {
+                    // Out of the read set while it is repositioned.
+                    partition.record_miss();
+                    group.refresh(partition);
+                    replicate::rewind(group, partition, position).await;
+                    return;
+                }
+            }
+            Ok(None) => partition.set_keeps_own_record(false),
+            Err(e) => {
+                tracing::debug!(partition = %partition.name(), error = %e,
+                    "cannot ask where it stands; it stays out of service this beat");
+                partition.record_miss();
+                return;
             }
         }
-        Err(_) => false,
-    };
-    if ok {
-        partition.set_health(Health::Up);
-    } else {
-        partition.record_miss();
     }
+    partition.set_health(Health::Up);
 }

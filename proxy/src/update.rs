@@ -1,5 +1,12 @@
-//! The update path: serialize, journal ahead, forward to the primary with the replay
-//! headers, seal with the primary's answer, answer the client with `Regroup-Seq`.
+//! The update path, the group's sequencer: serialize, journal ahead, forward to the
+//! primary with the replay headers, seal with the primary's answer, answer the client with
+//! `Regroup-Seq`; and what happens when any of it fails (`in_doubt`, `settle`).
+//!
+//! **The sequencer's rule.** At most one record is unsealed at any time, and it is the
+//! journal's head: every failure after an append (no answer, a journal error on restamp or
+//! seal, an append whose outcome is unknown) makes that record *the* in-doubt record, and
+//! later updates wait until it is settled. So a record can never stay pending below sealed
+//! ones, and replicas, which only see durably sealed records, never skip one.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -9,13 +16,15 @@ use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Request, Response};
 use http_body_util::{BodyExt, Limited};
-use regroup_replay::{Fingerprint, Outcome, Record, RecordedRequest, headers as rh};
+use regroup_replay::{Fingerprint, JournalError, Outcome, Record, RecordedRequest, headers as rh};
 use tokio::time::Instant;
 
 use crate::config::ReplayPolicy;
 use crate::error::ProxyError;
 use crate::forward::{self, BoxError, ProxyBody};
-use crate::group::Group;
+use crate::group::{Group, Role};
+use crate::link::{Answer, SendError};
+use crate::partition::Partition;
 use crate::status::PartitionStatus;
 
 /// Handles one update end to end. The journaled part runs in its own task: a client that
@@ -118,7 +127,7 @@ pub(crate) fn record_request(
 /// What became of one forward of a record to a partition.
 enum Forwarded {
     /// The partition answered.
-    Answer(http::response::Parts, Bytes),
+    Answer(Answer),
     /// The request never left: nothing was executed.
     NotSent(String),
     /// The request may have been executed; no answer came back (connection broken,
@@ -126,36 +135,67 @@ enum Forwarded {
     Unknown(String),
 }
 
-/// Sends `record` to partition `index` as the primary's execution, giving up with
-/// `Unknown` when the group's epoch moves past `epoch` meanwhile.
-async fn forward(group: &Group, record: &Record, index: usize, epoch: u64) -> Forwarded {
-    let Some(partition) = group.partitions.get(index) else {
-        return Forwarded::NotSent(format!("no partition {index}"));
-    };
-    let upstream = match record_request(record, partition.base(), false) {
-        Ok(r) => r,
-        Err(e) => return Forwarded::NotSent(format!("cannot build request: {e}")),
-    };
+/// Sends `record` to `primary` as the primary's execution in `epoch`, giving up with
+/// `Unknown` when the role moves past `epoch` meanwhile.
+async fn forward(group: &Group, record: &Record, primary: &Partition, epoch: u64) -> Forwarded {
     let timeout = group.config.update_timeout();
-    let exchange = tokio::time::timeout(timeout, async {
-        let resp = group.client.request(upstream).await?;
-        let (parts, body) = resp.into_parts();
-        let body = body.collect().await?.to_bytes();
-        Ok::<_, BoxError>((parts, body))
-    });
-    let mut epochs = group.epoch.subscribe();
-    let deposed = epochs.wait_for(|e| *e != epoch);
+    let send = group.link.send(primary, record, false, timeout);
+    let mut roles = group.watch_role();
+    let deposed = roles.wait_for(|r| r.epoch != epoch);
     tokio::select! {
-        answer = exchange => match answer {
-            Ok(Ok((parts, body))) => Forwarded::Answer(parts, body),
-            Ok(Err(e)) if is_connect_error(e.as_ref()) => Forwarded::NotSent(error_chain(e.as_ref())),
-            Ok(Err(e)) => Forwarded::Unknown(error_chain(e.as_ref())),
-            Err(_) => Forwarded::Unknown(format!("no answer within {} ms", timeout.as_millis())),
+        answer = send => match answer {
+            Ok(a) => Forwarded::Answer(a),
+            Err(SendError::NotSent(r)) => Forwarded::NotSent(r),
+            Err(SendError::Unknown(r)) => Forwarded::Unknown(r),
         },
         _ = deposed => Forwarded::Unknown(format!(
             "partition {:?} was deposed (epoch {epoch} ended) before it answered",
-            partition.name()
+            primary.name()
         )),
+    }
+}
+
+/// Makes `record` durable as sent to `primary` in `epoch` before it is sent: a new epoch,
+/// and `primary` among the partitions that may have executed it.
+async fn stamp(
+    group: &Group,
+    record: &mut Record,
+    epoch: u64,
+    primary: &str,
+) -> Result<(), JournalError> {
+    if record.epoch != epoch || !record.may_have_executed(primary) {
+        group
+            .journal
+            .restamp(group.name(), record.seq, epoch, primary)
+            .await?;
+        record.epoch = epoch;
+        record.add_executor(primary);
+    }
+    Ok(())
+}
+
+/// `append`: writes `record` ahead. An error whose outcome is unknown is checked against
+/// the journal itself: committed after all, not written (503, nothing changed), or unknown
+/// (the record is in doubt).
+async fn append(group: &Group, record: &Record) -> Result<(), ProxyError> {
+    let Err(e) = group.journal.append(record).await else {
+        return Ok(());
+    };
+    match group.journal.record(group.name(), record.seq).await {
+        Ok(Some(found)) if found.txn_id == record.txn_id => {
+            tracing::warn!(group = %group.name(), seq = record.seq, error = %e,
+                "append reported an error but committed");
+            Ok(())
+        }
+        Ok(_) => Err(ProxyError::Journal(e.to_string())),
+        Err(check) => {
+            group.set_head(record.seq);
+            group.mark_in_doubt(
+                record.clone(),
+                &format!("append failed ({e}) and the journal cannot say whether it committed ({check})"),
+            );
+            Err(ProxyError::Journal(e.to_string()))
+        }
     }
 }
 
@@ -166,25 +206,31 @@ async fn execute(
     let started = Instant::now();
     let deadline = started + group.config.failover_wait();
     let _slot = take_write_slot(&group, deadline).await?;
-    wait_for_primary(&group, deadline).await?;
+    let (role, _) = wait_for_primary(&group, deadline).await?;
     let slotted = Instant::now();
     let seq = group.head() + 1;
-    let mut record = Record::pending(group.name(), seq, group.epoch(), request);
-    record.add_executor(group.primary().name());
-    group
-        .journal
-        .append(&record)
-        .await
-        .map_err(|e| ProxyError::Journal(e.to_string()))?;
+    let mut record = Record::pending(group.name(), seq, role.epoch, request);
+    record.add_executor(&role.primary);
+    let written_before = group.written();
+    append(&group, &record).await?;
     group.set_head(seq);
+    // The append's flush made earlier seals durable too.
+    group.flushed(written_before);
     let appended = Instant::now();
     loop {
-        let (index, epoch) = (group.primary_index(), group.epoch());
-        restamp(&group, &mut record, epoch, index).await?;
-        match forward(&group, &record, index, epoch).await {
-            Forwarded::Answer(parts, body) => {
+        let (role, primary) = match wait_for_primary(&group, deadline).await {
+            Ok(leader) => leader,
+            // Appended, but nobody to send it to in time: never executed anywhere.
+            Err(e) => return skip_unexecuted(&group, record, e.to_string(), deadline).await,
+        };
+        if let Err(e) = stamp(&group, &mut record, role.epoch, primary.name()).await {
+            let reason = format!("cannot restamp it for {:?}: {e}", primary.name());
+            return in_doubt(&group, record, deadline, reason).await;
+        }
+        match forward(&group, &record, &primary, role.epoch).await {
+            Forwarded::Answer(answer) => {
                 let answered = Instant::now();
-                return match seal_answer(&group, &mut record, epoch, &parts, &body).await {
+                return match seal_answer(&group, &mut record, &role, &primary, &answer).await {
                     Ok(()) => {
                         tracing::debug!(
                             seq,
@@ -194,60 +240,84 @@ async fn execute(
                             seal_us = answered.elapsed().as_micros() as u64,
                             "update timings"
                         );
-                        Ok(client_answer(parts, body, seq))
+                        Ok(client_answer(answer, seq))
                     }
-                    Err(reason) => in_doubt(group.clone(), record, index, deadline, reason).await,
+                    Err(reason) => in_doubt(&group, record, deadline, reason).await,
                 };
             }
             Forwarded::NotSent(reason) => {
-                let primary = &group.partitions[index];
                 tracing::warn!(group = %group.name(), partition = %primary.name(), seq, %reason,
                     "primary unreachable; waiting for the role to move");
-                miss(&group, primary);
-                if !wait_for_new_epoch(&group, epoch, deadline).await {
-                    // Never executed anywhere: nothing to replay.
-                    seal(&group, seq, &Outcome::Skipped).await?;
-                    group.sealed_through(seq);
-                    return Err(ProxyError::Unavailable {
-                        group: group.name().to_owned(),
-                        reason: format!(
-                            "primary {:?} is unreachable ({reason}) and no partition took its place within {} ms",
-                            primary.name(),
-                            group.config.failover_wait_ms
-                        ),
-                    });
+                miss(&group, &primary);
+                if !wait_for_new_epoch(&group, role.epoch, deadline).await {
+                    let reason = format!(
+                        "primary {:?} is unreachable ({reason}) and no partition took its place within {} ms",
+                        primary.name(),
+                        group.config.failover_wait_ms
+                    );
+                    return skip_unexecuted(&group, record, reason, deadline).await;
                 }
             }
             Forwarded::Unknown(reason) => {
                 // A broken exchange with the primary counts as a missed heartbeat, so a dead
                 // primary is noticed as fast as when it refuses connections.
-                if group.epoch() == epoch {
-                    miss(&group, &group.partitions[index]);
+                if group.epoch() == role.epoch {
+                    miss(&group, &primary);
                 }
-                return in_doubt(group.clone(), record, index, deadline, reason).await;
+                return in_doubt(&group, record, deadline, reason).await;
             }
         }
     }
 }
 
-/// Seals `record` with the primary's answer, unless the epoch it was sent in has ended
-/// (then the answer came from a deposed primary and the record is in doubt).
+/// A record that no partition executed (every send was refused) is sealed `skipped`; the
+/// client gets 503. If even that seal fails, the record is in doubt like any other.
+async fn skip_unexecuted(
+    group: &Arc<Group>,
+    record: Record,
+    reason: String,
+    deadline: Instant,
+) -> Result<Response<ProxyBody>, ProxyError> {
+    match seal(group, record.seq, &Outcome::Skipped).await {
+        Ok(()) => {
+            sealed(group, record.seq);
+            Err(ProxyError::Unavailable {
+                group: group.name().to_owned(),
+                reason,
+            })
+        }
+        Err(e) => {
+            let reason = format!("{reason}; and it could not be sealed skipped: {e}");
+            in_doubt(group, record, deadline, reason).await
+        }
+    }
+}
+
+/// `seal`: records `answer` from `primary` as `record`'s outcome, unless the epoch it was
+/// sent in has ended (then the answer came from a deposed primary and the record is in
+/// doubt). The answer is credited to the partition that gave it.
 async fn seal_answer(
     group: &Group,
     record: &mut Record,
-    epoch: u64,
-    parts: &http::response::Parts,
-    body: &Bytes,
+    role: &Role,
+    primary: &Partition,
+    answer: &Answer,
 ) -> Result<(), String> {
-    let fingerprint = Fingerprint::of(parts.status.as_u16(), body);
-    let outcome = if group.config.replay == ReplayPolicy::Success && !parts.status.is_success() {
+    let status = answer.parts.status;
+    let fingerprint = Fingerprint::of(status.as_u16(), &answer.body);
+    let outcome = if group.config.replay == ReplayPolicy::Success && !status.is_success() {
         Outcome::Skipped
     } else {
         Outcome::Executed(Some(fingerprint.clone()))
     };
     let _gate = group.seal_gate.lock().await;
-    if group.epoch() != epoch {
-        return Err(format!("answered after epoch {epoch} ended"));
+    let now = group.role();
+    if now.epoch != role.epoch || now.primary != primary.name() {
+        return Err(format!(
+            "{:?} answered after its epoch {} ended",
+            primary.name(),
+            role.epoch
+        ));
     }
     if let Err(e) = seal(group, record.seq, &outcome).await {
         return Err(format!(
@@ -255,71 +325,98 @@ async fn seal_answer(
         ));
     }
     record.fingerprint = Some(fingerprint);
-    group.sealed_through(record.seq);
+    primary.credit(record.seq);
+    sealed(group, record.seq);
     Ok(())
 }
 
-fn client_answer(parts: http::response::Parts, body: Bytes, seq: u64) -> Response<ProxyBody> {
-    let mut resp = Response::from_parts(parts, forward::full(body));
+/// Advances the sealed head past `seq`, now or at the journal's next flush.
+fn sealed(group: &Group, seq: u64) {
+    if group.journal.seals_durable() {
+        group.sealed_through(seq);
+    } else {
+        group.sealed_unflushed(seq);
+    }
+}
+
+/// Flushes seals the journal defers (`journal_sync = "append"`) when no append came to
+/// carry them, so replicas never wait long for a seal that is not durable yet.
+pub(crate) fn start_flusher(group: &Arc<Group>) {
+    if group.journal.seals_durable() {
+        return;
+    }
+    let group = group.clone();
+    tokio::spawn(async move {
+        let mut stop = group.stop.subscribe();
+        loop {
+            tokio::select! {
+                _ = group.flush_wanted.notified() => {}
+                _ = stop.changed() => return,
+            }
+            // Let a following append carry the flush, if one comes at once.
+            tokio::time::sleep(FLUSH_AFTER).await;
+            let written = group.written();
+            if written <= group.sealed() {
+                continue;
+            }
+            match group.journal.flush().await {
+                Ok(()) => group.flushed(written),
+                Err(e) => {
+                    tracing::warn!(group = %group.name(), error = %e, "journal flush failed; retrying");
+                    group.flush_wanted.notify_one();
+                }
+            }
+        }
+    });
+}
+
+/// How long a deferred seal waits for an append to flush it before the flusher does.
+const FLUSH_AFTER: Duration = Duration::from_millis(2);
+
+fn client_answer(answer: Answer, seq: u64) -> Response<ProxyBody> {
+    let mut resp = Response::from_parts(answer.parts, forward::full(answer.body));
     forward::strip_hop_by_hop(resp.headers_mut());
     resp.headers_mut().remove(header::CONTENT_LENGTH);
     resp.headers_mut().insert(rh::SEQ, HeaderValue::from(seq));
     resp
 }
 
-/// Gives a record that has not been executed the current epoch before it is sent.
-async fn restamp(
-    group: &Group,
-    record: &mut Record,
-    epoch: u64,
-    index: usize,
-) -> Result<(), ProxyError> {
-    let executor = group.partitions[index].name();
-    if record.epoch != epoch || !record.may_have_executed(executor) {
-        group
-            .journal
-            .restamp(group.name(), record.seq, epoch, executor)
-            .await
-            .map_err(|e| ProxyError::Journal(e.to_string()))?;
-        record.epoch = epoch;
-        record.add_executor(executor);
-    }
-    Ok(())
-}
-
 /// A proxied update that could not connect counts as a missed heartbeat.
-fn miss(group: &Group, p: &crate::partition::Partition) {
+fn miss(group: &Group, p: &Partition) {
     p.record_miss();
     group.refresh(p);
 }
 
-/// Waits until the epoch moves past `epoch` (a failover happened); false at `deadline`.
+/// Waits until a new epoch leads (a hand-over ended); false at `deadline`.
 async fn wait_for_new_epoch(group: &Group, epoch: u64, deadline: Instant) -> bool {
-    let mut epochs = group.epoch.subscribe();
-    let mut switching = group.switching.subscribe();
-    let moved = async {
-        let _ = epochs.wait_for(|e| *e != epoch).await;
-        let _ = switching.wait_for(|s| !*s).await;
-    };
+    let mut roles = group.watch_role();
+    let moved = roles.wait_for(|r| r.epoch != epoch && !r.handing_over);
     tokio::time::timeout_at(deadline, moved).await.is_ok()
 }
 
-/// Waits until the group has a primary that can lead (or a failover found one); 503
-/// naming every partition's state at `deadline`. Nothing has been journaled yet.
-async fn wait_for_primary(group: &Group, deadline: Instant) -> Result<(), ProxyError> {
+/// Waits until the role is not moving and its primary can take updates; 503 naming every
+/// partition's state at `deadline`.
+async fn wait_for_primary(
+    group: &Group,
+    deadline: Instant,
+) -> Result<(Role, Arc<Partition>), ProxyError> {
     let mut changed = group.changed.subscribe();
     loop {
         changed.borrow_and_update();
-        let primary = group.primary();
-        if primary.status() != PartitionStatus::Unavailable && primary.diverged().is_none() {
-            return Ok(());
+        let role = group.role();
+        if !role.handing_over
+            && let Some(primary) = group.member(&role.primary)
+            && primary.status() != PartitionStatus::Unavailable
+            && primary.diverged().is_none()
+        {
+            return Ok((role, primary));
         }
         if tokio::time::timeout_at(deadline, changed.changed())
             .await
             .is_err()
         {
             let states: Vec<String> = group
-                .partitions
+                .members()
                 .iter()
                 .map(|p| format!("{} {}", p.name(), p.status()))
                 .collect();
@@ -335,58 +432,56 @@ async fn wait_for_primary(group: &Group, deadline: Instant) -> Result<(), ProxyE
     }
 }
 
-/// Takes the group's write slot once no record is in doubt and no failover is under way,
-/// waiting at most until `deadline`.
+/// Takes the group's write slot once no record is in doubt and no hand-over runs, waiting
+/// at most until `deadline`.
 async fn take_write_slot(
     group: &Group,
     deadline: Instant,
 ) -> Result<tokio::sync::MutexGuard<'_, ()>, ProxyError> {
-    let mut in_doubt = group.in_doubt.subscribe();
-    let mut switching = group.switching.subscribe();
+    let mut changed = group.changed.subscribe();
     let unavailable = |reason: String| ProxyError::Unavailable {
         group: group.name().to_owned(),
         reason,
     };
     loop {
-        let pending = *in_doubt.borrow_and_update();
-        if let Some(seq) = pending {
-            if tokio::time::timeout_at(deadline, in_doubt.changed())
+        changed.borrow_and_update();
+        let blocked = match group.in_doubt_seq() {
+            Some(seq) => Some(format!(
+                "update {seq} is in doubt and must be settled first (regroup resolve --group {} --seq {seq} executed|skipped)",
+                group.name()
+            )),
+            None if group.role().handing_over => Some(format!(
+                "the primary role is moving and did not settle within {} ms",
+                group.config.failover_wait_ms
+            )),
+            None => None,
+        };
+        if let Some(reason) = blocked {
+            if tokio::time::timeout_at(deadline, changed.changed())
                 .await
                 .is_err()
             {
-                return Err(unavailable(format!(
-                    "update {seq} is in doubt and must be resolved first (regroup resolve --group {} --seq {seq} executed|skipped)",
-                    group.name()
-                )));
-            }
-            continue;
-        }
-        if *switching.borrow_and_update() {
-            if tokio::time::timeout_at(deadline, switching.wait_for(|s| !*s))
-                .await
-                .is_err()
-            {
-                return Err(unavailable(format!(
-                    "the primary role is moving and did not settle within {} ms",
-                    group.config.failover_wait_ms
-                )));
+                return Err(unavailable(reason));
             }
             continue;
         }
         let guard = tokio::time::timeout_at(deadline, group.write_slot.lock())
             .await
             .map_err(|_| unavailable("timed out waiting for earlier updates".into()))?;
-        if group.in_doubt.borrow().is_none() && !*group.switching.borrow() {
+        if group.in_doubt_seq().is_none() && !group.role().handing_over {
             return Ok(guard);
         }
     }
 }
 
+/// Seals `seq`, retrying a few times: a seal is idempotent, so a retry after a lost
+/// acknowledgement is harmless.
 async fn seal(group: &Group, seq: u64, outcome: &Outcome) -> Result<(), ProxyError> {
     let mut last = None;
     for attempt in 0..3u32 {
         match group.journal.seal(group.name(), seq, outcome).await {
             Ok(()) => return Ok(()),
+            Err(e) if !e.is_retryable() => return Err(ProxyError::Journal(e.to_string())),
             Err(e) => {
                 tracing::warn!(group = %group.name(), seq, attempt, error = %e, "seal failed");
                 last = Some(e);
@@ -399,29 +494,21 @@ async fn seal(group: &Group, seq: u64, outcome: &Outcome) -> Result<(), ProxyErr
     ))
 }
 
-/// The record's execution is unknown: mark it in doubt (durably when the journal allows),
-/// try to settle it exactly until `deadline` (the waiting client then gets the answer), and
+/// The record's execution is unknown: it becomes the group's in-doubt record; try to
+/// settle it exactly until `deadline` (the waiting client then gets the answer), and
 /// otherwise keep trying in the background while later updates wait.
 async fn in_doubt(
-    group: Arc<Group>,
+    group: &Arc<Group>,
     record: Record,
-    executed_by: usize,
     deadline: Instant,
     reason: String,
 ) -> Result<Response<ProxyBody>, ProxyError> {
     let seq = record.seq;
-    tracing::warn!(group = %group.name(), seq, %reason,
-        "update in doubt: settling it before later updates run");
-    group.set_in_doubt(seq, executed_by);
-    match settle(&group, record.clone(), Some(deadline)).await {
-        Settled::Answer(parts, body) => {
-            // The waiting client gets the answer after all.
-            return Ok(client_answer(parts, body, seq));
-        }
-        Settled::ByOperator => {}
-        Settled::Pending => {
-            spawn_settle(group.clone(), record);
-        }
+    group.mark_in_doubt(record, &reason);
+    match settle(group, Some(deadline)).await {
+        Settled::Answer(answer) => return Ok(client_answer(answer, seq)),
+        Settled::Elsewhere => {}
+        Settled::Pending => spawn_settle(group.clone()),
     }
     Err(ProxyError::InDoubt {
         group: group.name().to_owned(),
@@ -430,11 +517,11 @@ async fn in_doubt(
     })
 }
 
-/// Keeps trying to settle an in-doubt record in the background.
-pub(crate) fn spawn_settle(group: Arc<Group>, record: Record) {
+/// Keeps trying to settle the group's in-doubt record in the background.
+pub(crate) fn spawn_settle(group: Arc<Group>) {
     tokio::spawn(async move {
-        if let Settled::Answer(..) = settle(&group, record.clone(), None).await {
-            tracing::info!(group = %group.name(), seq = record.seq, "in-doubt record settled");
+        if let Settled::Answer(..) = settle(&group, None).await {
+            tracing::info!(group = %group.name(), "in-doubt record settled");
         }
     });
 }
@@ -442,66 +529,28 @@ pub(crate) fn spawn_settle(group: Arc<Group>, record: Record) {
 /// How a settlement attempt ended.
 pub(crate) enum Settled {
     /// Executed exactly once, with this answer (sealed).
-    Answer(http::response::Parts, Bytes),
-    /// Someone else (an operator) resolved it.
-    ByOperator,
+    Answer(Answer),
+    /// Settled otherwise: by an operator, or found sealed in the journal.
+    Elsewhere,
     /// Still in doubt at the deadline.
     Pending,
 }
 
-/// Settles an in-doubt record exactly, never by guessing: it is sent to the current
-/// primary when that is safe — the primary is not the partition that may have executed it
-/// (a replica never saw an unsealed record), or that partition runs the app-side layer
-/// (exactly-once: a re-delivery is answered from its record). Otherwise waits for a
-/// failover, the layer, or an operator.
-pub(crate) async fn settle(
-    group: &Group,
-    mut record: Record,
-    deadline: Option<Instant>,
-) -> Settled {
-    let seq = record.seq;
+/// Settles the in-doubt record exactly, never by guessing (see [`try_settle`]); waits for a
+/// failover, the app layer or an operator meanwhile.
+pub(crate) async fn settle(group: &Group, deadline: Option<Instant>) -> Settled {
     let mut changed = group.changed.subscribe();
     let mut stop = group.stop.subscribe();
     loop {
         changed.borrow_and_update();
-        if *group.in_doubt.borrow() != Some(seq) {
-            return Settled::ByOperator;
+        let Some(record) = group.in_doubt() else {
+            return Settled::Elsewhere;
+        };
+        if let Some(answer) = try_settle(group, record).await {
+            return Settled::Answer(answer);
         }
-        if !*group.switching.borrow() {
-            let _settling = group.settle_lock.lock().await;
-            if *group.in_doubt.borrow() != Some(seq) {
-                return Settled::ByOperator;
-            }
-            let (index, epoch) = (group.primary_index(), group.epoch());
-            let primary = &group.partitions[index];
-            let by = group.in_doubt_by();
-            let safe = primary.status() != PartitionStatus::Unavailable
-                && (by != Some(index) || has_exactly_once(group, primary, seq).await);
-            if safe && restamp(group, &mut record, epoch, index).await.is_ok() {
-                match forward(group, &record, index, epoch).await {
-                    Forwarded::Answer(parts, body) => {
-                        if seal_answer(group, &mut record, epoch, &parts, &body)
-                            .await
-                            .is_ok()
-                        {
-                            tracing::info!(group = %group.name(), seq, partition = %primary.name(),
-                                status = parts.status.as_u16(), "in-doubt update settled exactly");
-                            group.clear_in_doubt();
-                            return Settled::Answer(parts, body);
-                        }
-                        // Answered by a primary deposed meanwhile: it has executed it.
-                        group.set_in_doubt_by(index);
-                    }
-                    Forwarded::NotSent(reason) => {
-                        tracing::debug!(seq, %reason, "settling: primary unreachable");
-                        miss(group, primary);
-                    }
-                    Forwarded::Unknown(reason) => {
-                        tracing::warn!(seq, %reason, "settling: no answer; it may have executed there");
-                        group.set_in_doubt_by(index);
-                    }
-                }
-            }
+        if group.in_doubt().is_none() {
+            return Settled::Elsewhere;
         }
         let wait = async {
             tokio::select! {
@@ -524,48 +573,120 @@ pub(crate) async fn settle(
     }
 }
 
-/// Whether `partition` answers the app-side layer's `/_regroup/applied?seq=N`.
-async fn has_exactly_once(
-    group: &Group,
-    partition: &crate::partition::Partition,
-    seq: u64,
-) -> bool {
-    let path = format!("{}?seq={seq}", regroup_replay::layer::APPLIED_PATH);
-    let Ok(uri) = forward::upstream_uri(partition.base(), &path) else {
-        return false;
-    };
-    let Ok(req) = Request::get(uri).body(forward::full(Bytes::new())) else {
-        return false;
-    };
-    let answer = tokio::time::timeout(group.config.heartbeat_timeout() * 5, async {
-        let resp = group.client.request(req).await.ok()?;
-        if !resp.status().is_success() {
+/// One attempt to settle `record`, the in-doubt record. First the journal is asked: a
+/// seal whose acknowledgement was lost may have landed (then it is adopted), an append
+/// whose outcome was unknown may not have (then the record is dropped). Otherwise it is
+/// sent to the current primary only when that cannot apply it twice: the primary is not
+/// among the partitions that may have executed it (a replica never saw an unsealed
+/// record), or it keeps the app-side layer's exactly-once record (a re-delivery is answered
+/// from it).
+async fn try_settle(group: &Group, mut record: Record) -> Option<Answer> {
+    let seq = record.seq;
+    let role = group.role();
+    if role.handing_over {
+        return None;
+    }
+    let primary = group.member(&role.primary)?;
+    let _settling = group.settle_lock.lock().await;
+    if group.in_doubt_seq() != Some(seq) {
+        return None;
+    }
+    match group.journal.record(group.name(), seq).await {
+        Ok(Some(found)) if found.state.is_sealed() => {
+            adopt(group, &found, &role).await;
             return None;
         }
-        let body = resp.into_body().collect().await.ok()?.to_bytes();
-        let v: serde_json::Value = serde_json::from_slice(&body).ok()?;
-        v.get("applied").and_then(|a| a.as_bool())
-    })
-    .await;
-    matches!(answer, Ok(Some(_)))
-}
-
-fn is_connect_error(e: &(dyn std::error::Error + 'static)) -> bool {
-    e.downcast_ref::<hyper_util::client::legacy::Error>()
-        .is_some_and(|e| e.is_connect())
-}
-
-/// An error and its sources, as one line.
-pub(crate) fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        let next = c.to_string();
-        if !s.contains(&next) {
-            s.push_str(": ");
-            s.push_str(&next);
+        Ok(Some(_)) => {}
+        Ok(None) => {
+            group.transition(
+                "settle",
+                format!("record {seq} was never written: dropped"),
+            );
+            group.set_head(seq - 1);
+            group.clear_in_doubt(seq).await;
+            return None;
         }
-        cur = c.source();
+        Err(e) => {
+            tracing::debug!(group = %group.name(), seq, error = %e, "settling: journal unavailable");
+            return None;
+        }
     }
-    s
+    if primary.status() == PartitionStatus::Unavailable || primary.diverged().is_some() {
+        return None;
+    }
+    let may_have = record.may_have_executed(primary.name());
+    if may_have && !keeps_own_record(group, &primary).await {
+        return None;
+    }
+    if let Err(e) = stamp(group, &mut record, role.epoch, primary.name()).await {
+        tracing::debug!(group = %group.name(), seq, error = %e, "settling: cannot restamp");
+        return None;
+    }
+    group.update_in_doubt(&record);
+    match forward(group, &record, &primary, role.epoch).await {
+        Forwarded::Answer(answer) => {
+            match seal_answer(group, &mut record, &role, &primary, &answer).await {
+                Ok(()) => {
+                    group.transition(
+                        "settle",
+                        format!(
+                            "record {seq} executed exactly once by {:?} (status {})",
+                            primary.name(),
+                            answer.parts.status.as_u16()
+                        ),
+                    );
+                    group.clear_in_doubt(seq).await;
+                    Some(answer)
+                }
+                Err(reason) => {
+                    tracing::debug!(group = %group.name(), seq, %reason, "settling: not sealed");
+                    None
+                }
+            }
+        }
+        Forwarded::NotSent(reason) => {
+            tracing::debug!(group = %group.name(), seq, %reason, "settling: primary unreachable");
+            miss(group, &primary);
+            None
+        }
+        Forwarded::Unknown(reason) => {
+            tracing::warn!(group = %group.name(), seq, %reason,
+                "settling: no answer; it may have executed there");
+            None
+        }
+    }
+}
+
+/// The journal holds `found` sealed although the group had it in doubt (the seal's
+/// acknowledgement was lost): the group takes it as sealed.
+pub(crate) async fn adopt(group: &Group, found: &Record, role: &Role) {
+    if found.epoch == role.epoch
+        && let Some(p) = group.member(&role.primary)
+    {
+        p.credit(found.seq);
+    }
+    group.transition(
+        "settle",
+        format!(
+            "record {} found sealed {} in the journal",
+            found.seq,
+            found.state.as_str()
+        ),
+    );
+    sealed(group, found.seq);
+    group.clear_in_doubt(found.seq).await;
+}
+
+/// Whether `partition` answers the app-side layer's `/_regroup/applied` (it keeps its own
+/// exactly-once record, so a re-delivery cannot apply twice).
+async fn keeps_own_record(group: &Group, partition: &Partition) -> bool {
+    let answer = group
+        .link
+        .position(partition, group.config.heartbeat_timeout() * 5)
+        .await;
+    let keeps = matches!(answer, Ok(Some(_)));
+    if keeps {
+        partition.set_keeps_own_record(true);
+    }
+    keeps
 }

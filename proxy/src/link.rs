@@ -1,0 +1,180 @@
+//! The seam between the group's core and its partitions: send a record to partition X (as
+//! the primary's execution or as a replay), check its health, ask where it stands. The core
+//! (update, settlement, hand-over, supervision, replay) only talks to partitions through
+//! [`PartitionLink`], so it runs against real partitions over HTTP ([`HttpLink`]) and
+//! against simulated ones in the deterministic simulation alike. Reads stream through the
+//! balancer in `read.rs` and do not use this seam.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::Request;
+use http_body_util::BodyExt;
+use regroup_replay::Record;
+use regroup_replay::layer::APPLIED_PATH;
+
+use crate::forward::{self, BoxError, Upstream};
+use crate::partition::Partition;
+
+/// A partition's whole answer.
+#[derive(Debug)]
+pub struct Answer {
+    /// Status and headers.
+    pub parts: http::response::Parts,
+    /// The body.
+    pub body: Bytes,
+}
+
+/// Why a request to a partition got no answer.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SendError {
+    /// The request never left (connection refused, no route): nothing was executed.
+    #[error("not sent: {0}")]
+    NotSent(String),
+    /// The request may have been executed; no answer came back (connection broken,
+    /// time-out).
+    #[error("no answer: {0}")]
+    Unknown(String),
+}
+
+/// Talks to partitions.
+#[async_trait::async_trait]
+pub trait PartitionLink: Send + Sync + 'static {
+    /// Sends `record` to `partition`, as the primary's execution (`replay` false) or as a
+    /// replay (`Regroup-Replay: 1`), and waits at most `timeout` for the whole answer.
+    async fn send(
+        &self,
+        partition: &Partition,
+        record: &Record,
+        replay: bool,
+        timeout: Duration,
+    ) -> Result<Answer, SendError>;
+
+    /// One heartbeat: `GET path`; Ok on a 2xx within `timeout`.
+    async fn health(
+        &self,
+        partition: &Partition,
+        path: &str,
+        timeout: Duration,
+    ) -> Result<(), String>;
+
+    /// Where the partition stands by its own record (the app-side layer's
+    /// `/_regroup/applied`): `Some(seq)`; `None` when it keeps no such record.
+    async fn position(
+        &self,
+        partition: &Partition,
+        timeout: Duration,
+    ) -> Result<Option<u64>, SendError>;
+}
+
+/// [`PartitionLink`] over HTTP with the proxy's pooled client.
+#[derive(Debug, Clone)]
+pub struct HttpLink {
+    client: Upstream,
+}
+
+impl HttpLink {
+    /// A link using `client`.
+    pub fn new(client: Upstream) -> Self {
+        HttpLink { client }
+    }
+
+    async fn exchange(
+        &self,
+        req: Request<forward::ProxyBody>,
+        timeout: Duration,
+    ) -> Result<Answer, SendError> {
+        let exchange = async {
+            let resp = self.client.request(req).await?;
+            let (parts, body) = resp.into_parts();
+            let body = body.collect().await?.to_bytes();
+            Ok::<_, BoxError>(Answer { parts, body })
+        };
+        match tokio::time::timeout(timeout, exchange).await {
+            Ok(Ok(answer)) => Ok(answer),
+            Ok(Err(e)) if is_connect_error(e.as_ref()) => {
+                Err(SendError::NotSent(error_chain(e.as_ref())))
+            }
+            Ok(Err(e)) => Err(SendError::Unknown(error_chain(e.as_ref()))),
+            Err(_) => Err(SendError::Unknown(format!(
+                "no answer within {} ms",
+                timeout.as_millis()
+            ))),
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl PartitionLink for HttpLink {
+    async fn send(
+        &self,
+        partition: &Partition,
+        record: &Record,
+        replay: bool,
+        timeout: Duration,
+    ) -> Result<Answer, SendError> {
+        let req = crate::update::record_request(record, partition.base(), replay)
+            .map_err(|e| SendError::NotSent(format!("cannot build request: {e}")))?;
+        self.exchange(req, timeout).await
+    }
+
+    async fn health(
+        &self,
+        partition: &Partition,
+        path: &str,
+        timeout: Duration,
+    ) -> Result<(), String> {
+        let uri = forward::upstream_uri(partition.base(), path).map_err(|e| e.to_string())?;
+        let req = Request::get(uri)
+            .body(forward::full(Bytes::new()))
+            .map_err(|e| e.to_string())?;
+        // The body is read too, so the pooled connection is reused by the next beat instead
+        // of a new one being opened every interval.
+        let answer = self.exchange(req, timeout).await.map_err(|e| e.to_string())?;
+        if answer.parts.status.is_success() {
+            Ok(())
+        } else {
+            Err(format!("answered {}", answer.parts.status))
+        }
+    }
+
+    async fn position(
+        &self,
+        partition: &Partition,
+        timeout: Duration,
+    ) -> Result<Option<u64>, SendError> {
+        let uri = forward::upstream_uri(partition.base(), APPLIED_PATH)
+            .map_err(|e| SendError::NotSent(e.to_string()))?;
+        let req = Request::get(uri)
+            .body(forward::full(Bytes::new()))
+            .map_err(|e| SendError::NotSent(e.to_string()))?;
+        let answer = self.exchange(req, timeout).await?;
+        if !answer.parts.status.is_success() {
+            // Not an app-side layer: the journal checkpoint is the only record.
+            return Ok(None);
+        }
+        Ok(serde_json::from_slice::<serde_json::Value>(&answer.body)
+            .ok()
+            .and_then(|v| v.get("applied").and_then(|a| a.as_u64())))
+    }
+}
+
+fn is_connect_error(e: &(dyn std::error::Error + 'static)) -> bool {
+    e.downcast_ref::<hyper_util::client::legacy::Error>()
+        .is_some_and(|e| e.is_connect())
+}
+
+/// An error and its sources, as one line.
+pub(crate) fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        let next = c.to_string();
+        if !s.contains(&next) {
+            s.push_str(": ");
+            s.push_str(&next);
+        }
+        cur = c.source();
+    }
+    s
+}

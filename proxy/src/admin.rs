@@ -237,11 +237,11 @@ impl Admin {
         name: &str,
     ) -> Result<Arc<crate::partition::Partition>, ProxyError> {
         group.member(name).ok_or_else(|| {
-                ProxyError::BadRequest(format!(
-                    "group {:?} has no partition {name:?}",
-                    group.name()
-                ))
-            })
+            ProxyError::BadRequest(format!(
+                "group {:?} has no partition {name:?}",
+                group.name()
+            ))
+        })
     }
 
     fn group(&self, name: &str) -> Result<Arc<Group>, ProxyError> {

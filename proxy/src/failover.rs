@@ -100,7 +100,11 @@ fn choose(group: &Group, target: Option<&str>) -> Option<Arc<Partition>> {
     let members = group.members();
     let eligible = |p: &&Arc<Partition>| p.name() != primary && p.can_lead();
     if let Some(t) = target {
-        return members.iter().filter(eligible).find(|p| p.name() == t).cloned();
+        return members
+            .iter()
+            .filter(eligible)
+            .find(|p| p.name() == t)
+            .cloned();
     }
     members
         .iter()

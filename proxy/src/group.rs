@@ -329,10 +329,7 @@ impl Group {
     /// Logs a named transition with its reason and keeps it for `/status`.
     pub(crate) fn transition(&self, name: &'static str, reason: String) {
         tracing::info!(group = %self.name(), transition = name, %reason, "group transition");
-        let mut t = self
-            .transitions
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
+        let mut t = self.transitions.lock().unwrap_or_else(|p| p.into_inner());
         if t.len() == TRANSITIONS_KEPT {
             t.pop_front();
         }

@@ -45,6 +45,8 @@ pub mod read;
 mod replicate;
 pub mod route;
 pub mod server;
+#[cfg(test)]
+mod sim;
 pub mod status;
 pub mod supervise;
 mod update;

@@ -130,7 +130,10 @@ impl PartitionLink for HttpLink {
             .map_err(|e| e.to_string())?;
         // The body is read too, so the pooled connection is reused by the next beat instead
         // of a new one being opened every interval.
-        let answer = self.exchange(req, timeout).await.map_err(|e| e.to_string())?;
+        let answer = self
+            .exchange(req, timeout)
+            .await
+            .map_err(|e| e.to_string())?;
         if answer.parts.status.is_success() {
             Ok(())
         } else {

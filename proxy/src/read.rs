@@ -25,9 +25,9 @@ use tower::load::{CompleteOnResponse, PeakEwma};
 use crate::error::ProxyError;
 use crate::forward::{BoxError, ProxyBody, Upstream, upstream_uri};
 use crate::group::Group;
+use crate::link::error_chain;
 use crate::partition::Partition;
 use crate::status::PartitionStatus;
-use crate::link::error_chain;
 
 type Endpoint = PeakEwma<ReadEndpoint, CompleteOnResponse>;
 type Changes = Pin<Box<dyn Stream<Item = Result<Change<String, Endpoint>, Infallible>> + Send>>;

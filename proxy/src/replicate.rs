@@ -216,7 +216,10 @@ pub(crate) async fn rejoin(
     group.refresh(p);
     group.transition(
         "rejoin",
-        format!("{:?} rejoined by an operator (applied {applied:?})", p.name()),
+        format!(
+            "{:?} rejoined by an operator (applied {applied:?})",
+            p.name()
+        ),
     );
     start_one(group, p);
     Ok(())

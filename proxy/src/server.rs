@@ -22,9 +22,9 @@ use crate::config::Config;
 use crate::error::ProxyError;
 use crate::forward::{BoxError, ProxyBody, upstream_client};
 use crate::group::Group;
+use crate::link::{HttpLink, PartitionLink};
 use crate::read::Reads;
 use crate::route::{ClientAddr, RegroupLayer, Routed};
-use crate::link::{HttpLink, PartitionLink};
 
 /// The environment variable that overrides `admin_token`.
 pub const ADMIN_TOKEN_ENV: &str = "REGROUP_ADMIN_TOKEN";
@@ -56,7 +56,8 @@ impl Proxy {
         let mut routes = Vec::new();
         let mut groups = Vec::new();
         for gc in &config.groups {
-            let group = Group::open(gc.clone(), journal.clone(), link.clone(), client.clone()).await?;
+            let group =
+                Group::open(gc.clone(), journal.clone(), link.clone(), client.clone()).await?;
             group.start().await;
             let reads = Arc::new(Reads::start(&group));
             tracing::info!(group = %group.name(), primary = %group.role().primary,

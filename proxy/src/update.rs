@@ -192,7 +192,9 @@ async fn append(group: &Group, record: &Record) -> Result<(), ProxyError> {
             group.set_head(record.seq);
             group.mark_in_doubt(
                 record.clone(),
-                &format!("append failed ({e}) and the journal cannot say whether it committed ({check})"),
+                &format!(
+                    "append failed ({e}) and the journal cannot say whether it committed ({check})"
+                ),
             );
             Err(ProxyError::Journal(e.to_string()))
         }
@@ -447,7 +449,7 @@ async fn take_write_slot(
         changed.borrow_and_update();
         let blocked = match group.in_doubt_seq() {
             Some(seq) => Some(format!(
-                "update {seq} is in doubt and must be settled first (regroup resolve --group {} --seq {seq} executed|skipped)",
+                "update {seq} is in doubt and must be resolved first (regroup resolve --group {} --seq {seq} executed|skipped)",
                 group.name()
             )),
             None if group.role().handing_over => Some(format!(
@@ -598,10 +600,7 @@ async fn try_settle(group: &Group, mut record: Record) -> Option<Answer> {
         }
         Ok(Some(_)) => {}
         Ok(None) => {
-            group.transition(
-                "settle",
-                format!("record {seq} was never written: dropped"),
-            );
+            group.transition("settle", format!("record {seq} was never written: dropped"));
             group.set_head(seq - 1);
             group.clear_in_doubt(seq).await;
             return None;

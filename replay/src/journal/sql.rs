@@ -450,10 +450,14 @@ impl RoleStore for SqlJournal {
             .from(Group::Table)
             .and_where(Expr::col(Group::Name).eq(group))
             .to_owned();
-        let row = self.db.query_one(&q).await?.ok_or_else(|| JournalError::Unavailable {
-            reason: format!("group {group:?} vanished from the journal"),
-            retryable: false,
-        })?;
+        let row = self
+            .db
+            .query_one(&q)
+            .await?
+            .ok_or_else(|| JournalError::Unavailable {
+                reason: format!("group {group:?} vanished from the journal"),
+                retryable: false,
+            })?;
         let stored: Option<String> = row.try_get("", "primary_name")?;
         Ok(StoredRole {
             epoch: to_u64(row.try_get::<i64>("", "epoch")?),
@@ -487,10 +491,7 @@ impl RoleStore for SqlJournal {
             let found = self.role(group, &role.primary).await?;
             return Err(JournalError::Conflict {
                 group: group.to_owned(),
-                what: format!(
-                    "role at epoch {}, expected {expected_epoch}",
-                    found.epoch
-                ),
+                what: format!("role at epoch {}, expected {expected_epoch}", found.epoch),
             });
         }
         Ok(())
@@ -636,7 +637,10 @@ mod tests {
         let dir = tempfile::tempdir().map_err(|e| JournalError::unavailable(e.to_string()))?;
         let j = journal(&dir).await;
         let g = j.open_group("bank", "a").await?;
-        assert_eq!((g.role.epoch, g.log.head, g.role.primary.as_str()), (1, 0, "a"));
+        assert_eq!(
+            (g.role.epoch, g.log.head, g.role.primary.as_str()),
+            (1, 0, "a")
+        );
 
         let r1 = Record::pending("bank", 1, 1, request("{}"));
         j.append(&r1).await?;
@@ -674,7 +678,10 @@ mod tests {
         drop(j);
         let j = journal(&dir).await;
         let g = j.open_group("bank", "ignored").await?;
-        assert_eq!((g.role.epoch, g.log.head, g.role.primary.as_str()), (1, 2, "a"));
+        assert_eq!(
+            (g.role.epoch, g.log.head, g.role.primary.as_str()),
+            (1, 2, "a")
+        );
         assert_eq!(g.log.unsealed.len(), 1);
         assert_eq!(g.log.unsealed[0].seq, 2);
         assert_eq!(g.log.unsealed[0].state, RecordState::InDoubt);

@@ -121,10 +121,7 @@ where
         Box::pin(async move {
             let resp = match dispatch(routed, req).await {
                 Ok(resp) => resp,
-                Err(e) => {
-                    tracing::debug!(error = %e, "request failed");
-                    e.into_response()
-                }
+                Err(e) => e.into_response(),
             };
             Ok(resp)
         })
@@ -148,10 +145,19 @@ where
             let mut req = req.map(|b| b.map_err(Into::into).boxed_unsync());
             let consistency = Consistency::take_from(req.headers_mut())?;
             let req = forward::prepare_request(req, client);
-            let resp = routed
-                .reads
-                .call_consistent(&routed.group, req, consistency)
-                .await?;
+            // Bounded until the partition's answer headers arrive (`read_timeout_ms`, 504).
+            let timeout = routed.group.config.read_timeout();
+            let resp = tokio::time::timeout(
+                timeout,
+                routed
+                    .reads
+                    .call_consistent(&routed.group, req, consistency),
+            )
+            .await
+            .map_err(|_| ProxyError::ReadTimeout {
+                group: routed.group.name().to_owned(),
+                ms: routed.group.config.read_timeout_ms,
+            })??;
             Ok(forward::client_response(resp))
         }
     }

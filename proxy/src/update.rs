@@ -43,15 +43,7 @@ where
     let body = Limited::new(body, limit)
         .collect()
         .await
-        .map_err(|e| {
-            if e.downcast_ref::<http_body_util::LengthLimitError>()
-                .is_some()
-            {
-                ProxyError::BodyTooLarge { limit }
-            } else {
-                ProxyError::BadRequest(format!("cannot read request body: {e}"))
-            }
-        })?
+        .map_err(|e| ProxyError::from_body_error(e, limit))?
         .to_bytes();
     let mut headers = parts.headers;
     forward::strip_hop_by_hop(&mut headers);

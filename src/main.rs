@@ -9,9 +9,6 @@ use regroup::client::HttpClient;
 use regroup_proxy::admin::StatusDoc;
 use regroup_proxy::{Config, server};
 
-#[allow(dead_code, unreachable_pub, missing_docs)]
-#[path = "../examples/bank.rs"]
-mod bank;
 mod demo;
 
 #[derive(Parser)]
@@ -83,16 +80,6 @@ enum Command {
     /// Run a redundancy group of three bank partitions behind the proxy, on SQLite files
     /// in a fresh directory.
     Demo(demo::DemoArgs),
-    /// Run the example bank application (used by `demo` and the tests).
-    #[command(hide = true)]
-    Bank {
-        /// Address to listen on.
-        #[arg(long, default_value = "127.0.0.1:9001")]
-        listen: String,
-        /// Database URL.
-        #[arg(long, default_value = "sqlite://bank.db")]
-        db: String,
-    },
 }
 
 #[derive(clap::Args)]
@@ -229,7 +216,6 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Undrain(a) => role_verb("undrain", a, None).await,
         Command::Rejoin { role, applied } => role_verb("rejoin", role, applied).await,
         Command::Demo(args) => demo::run(args).await,
-        Command::Bank { listen, db } => bank::serve(&listen, &db).await,
     }
 }
 

@@ -20,6 +20,7 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
 pub mod fault;
+pub mod raw;
 
 pub const REGROUP: &str = env!("CARGO_BIN_EXE_regroup");
 

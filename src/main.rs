@@ -44,6 +44,10 @@ enum Command {
         /// Print the raw JSON instead.
         #[arg(long)]
         json: bool,
+        /// Admin bearer token, needed when the config sets `admin_status_requires_token`
+        /// (default: $REGROUP_ADMIN_TOKEN).
+        #[arg(long, env = "REGROUP_ADMIN_TOKEN", hide_env_values = true)]
+        token: Option<String>,
     },
     /// Settle an in-doubt update: it was `executed` by the primary, or `skipped`.
     Resolve {
@@ -149,6 +153,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Check { config: path } => {
             let config = Config::load(&path)?;
+            server::admin_token(&config)?;
             regroup_replay::SqlJournal::probe(&config.journal)
                 .await
                 .with_context(|| {
@@ -167,9 +172,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             );
             Ok(())
         }
-        Command::Status { admin, json } => {
+        Command::Status { admin, json, token } => {
             let url = format!("{}/status", admin.trim_end_matches('/'));
-            let answer = HttpClient::new().get(&url).await?;
+            let answer = HttpClient::new()
+                .send("GET", &url, None, token.as_deref())
+                .await?;
             if answer.status != 200 {
                 bail!(
                     "{url} answered {}: {}",

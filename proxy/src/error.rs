@@ -3,8 +3,9 @@
 //!
 //! The `Display` text of an error is for the log: it may name files, SQL, partitions' URLs
 //! and upstream error chains. A client sees [`ProxyError::public_message`] only: for errors
-//! about its own request (4xx) the full text, which speaks of that request alone; for the
-//! proxy's own failures (5xx) a short fixed sentence naming the group. The detail is logged
+//! about its own request (4xx), and for a group that cannot take updates (503: the reason is
+//! the group's state in the proxy's words), the full text; for the proxy's other failures a
+//! short fixed sentence naming the group. The detail is logged
 //! by [`ProxyError::into_response`] under the same code.
 
 use http::{Response, StatusCode, header};
@@ -185,13 +186,13 @@ impl ProxyError {
             | ProxyError::NoGroup(_)
             | ProxyError::NoSuchRecord { .. }
             | ProxyError::NotInDoubt { .. }
-            | ProxyError::Unauthorized => self.to_string(),
+            | ProxyError::Unauthorized
+            // The reason is the group's own state in the proxy's words (what is in doubt,
+            // which partition could not take the role), and tells the operator what to do.
+            | ProxyError::Unavailable { .. } => self.to_string(),
             ProxyError::BodyRead(_) => "cannot read request body".to_owned(),
             ProxyError::NoPartition { group, .. } => {
                 format!("no partition of group {group:?} can serve reads now")
-            }
-            ProxyError::Unavailable { group, .. } => {
-                format!("group {group:?} cannot take updates now")
             }
             ProxyError::PrimaryUnreachable { group, .. } => {
                 format!(
@@ -270,10 +271,6 @@ mod tests {
                 group: "bank".into(),
                 partition: "b".into(),
                 reason: format!("http://10.0.0.7:9002/accounts: {detail}"),
-            },
-            ProxyError::Unavailable {
-                group: "bank".into(),
-                reason: detail.to_owned(),
             },
             ProxyError::InDoubt {
                 group: "bank".into(),

@@ -59,6 +59,7 @@ impl Proxy {
         config: &Config,
         journal: Arc<dyn Journal>,
     ) -> Result<Proxy, ProxyError> {
+        let token = admin_token(config)?;
         let client = upstream_client();
         let mut routes = Vec::new();
         let mut groups = Vec::new();
@@ -81,7 +82,6 @@ impl Proxy {
             groups.push(group.clone());
             routes.push(Routed { group, reads });
         }
-        let token = admin_token(config)?;
         if token.is_none() && !config.admin_listen.ip().is_loopback() {
             tracing::warn!(admin_listen = %config.admin_listen,
                 "admin_listen is not a loopback address and no admin_token is set: \
@@ -163,6 +163,7 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send,
     on_bound: impl FnOnce(Bound),
 ) -> Result<(), ProxyError> {
+    admin_token(&config)?;
     let listener = TcpListener::bind(config.listen)
         .await
         .map_err(|e| ProxyError::BadRequest(format!("cannot listen on {}: {e}", config.listen)))?;
@@ -293,7 +294,7 @@ async fn accept_loop(
 
 /// The admin token: `REGROUP_ADMIN_TOKEN` when set, else the config's. An empty variable is
 /// refused (as an empty `admin_token` is by [`Config::validate`]): it would open the verbs.
-fn admin_token(config: &Config) -> Result<Option<String>, ProxyError> {
+pub fn admin_token(config: &Config) -> Result<Option<String>, ProxyError> {
     match std::env::var(ADMIN_TOKEN_ENV) {
         Ok(t) if t.trim().is_empty() => Err(ProxyError::BadRequest(format!(
             "{ADMIN_TOKEN_ENV} is set but empty: unset it or give it a token"

@@ -199,10 +199,13 @@ async fn execute(
                     // Never executed anywhere: nothing to replay.
                     seal(&group, seq, &Outcome::Skipped).await?;
                     group.sealed_through(seq);
+                    // The upstream error stays in the log; the client hears the state.
+                    tracing::warn!(group = %group.name(), primary = %primary.name(), %reason,
+                        "primary unreachable and no failover in time");
                     return Err(ProxyError::Unavailable {
                         group: group.name().to_owned(),
                         reason: format!(
-                            "primary {:?} is unreachable ({reason}) and no partition took its place within {} ms",
+                            "primary {:?} is unreachable and no partition took its place within {} ms",
                             primary.name(),
                             group.config.failover_wait_ms
                         ),

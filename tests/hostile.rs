@@ -387,3 +387,64 @@ async fn single_partition_hostile_requests_are_refused_or_sanitized() {
         proxy.log()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn single_partition_journal_error_answer_carries_no_detail() {
+    use sea_orm::ConnectionTrait;
+    let dir = tempfile::tempdir().unwrap();
+    let upstream = Recorder::start().await;
+    let journal = dir.path().join("journal.db");
+    let toml = format!(
+        "listen = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\njournal = \"sqlite://{}\"\n\
+         [[groups]]\nname = \"raw\"\n[[groups.partitions]]\nname = \"a\"\nurl = \"{}\"\n",
+        journal.display(),
+        upstream.url
+    );
+    let config = dir.path().join("regroup.toml");
+    std::fs::write(&config, toml).unwrap();
+    let proxy = Proxy::start(&config).await;
+    let post = |name: &str| {
+        let r = request("POST", name, "content-length: 2\r\n", b"{}");
+        let url = proxy.url.clone();
+        async move { exchange(&url, &[&r], Duration::ZERO, Duration::from_secs(30)).await }
+    };
+    assert_eq!(post("before").await.status, Some(200));
+
+    // The journal's table disappears under the proxy: its next append fails in SQLite.
+    let db = sea_orm::Database::connect(format!("sqlite://{}", journal.display()))
+        .await
+        .unwrap();
+    db.execute_unprepared("ALTER TABLE regroup_record RENAME TO regroup_record_away")
+        .await
+        .unwrap();
+    let failed = post("during").await;
+    assert_eq!(failed.status, Some(503), "{}", failed.text);
+    let body = failed.text.split("\r\n\r\n").nth(1).unwrap_or_default();
+    let v: serde_json::Value = serde_json::from_str(body).unwrap();
+    assert_eq!(v["error"], "journal_unavailable", "{body}");
+    let lower = body.to_ascii_lowercase();
+    for leak in [
+        dir.path().to_str().unwrap(),
+        "journal.db",
+        "regroup_record",
+        "sqlite",
+        "database",
+        "insert",
+        "select",
+        "no such table",
+    ] {
+        assert!(!lower.contains(leak), "the answer leaks {leak:?}: {body}");
+    }
+    // The log has the detail.
+    let log = proxy.log();
+    assert!(log.contains("no such table"), "{log}");
+    assert!(upstream.requests_with("/h/during ").is_empty());
+
+    // The table comes back; so does the journal.
+    db.execute_unprepared("ALTER TABLE regroup_record_away RENAME TO regroup_record")
+        .await
+        .unwrap();
+    assert_eq!(post("after").await.status, Some(200));
+    let http = regroup::client::HttpClient::new();
+    assert_eq!(proxy.status(&http).await.groups[0].head, 2);
+}

@@ -8,6 +8,7 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
@@ -142,7 +143,20 @@ where
     match kind {
         Kind::Update => update::handle(routed.group, req, client).await,
         Kind::Read => {
-            let mut req = req.map(|b| b.map_err(Into::into).boxed_unsync());
+            // A read's body streams to the partition; when the client is too slow sending
+            // it (the body deadline), the failed exchange is the client's: 408, not 502.
+            let body_late = Arc::new(AtomicBool::new(false));
+            let late = body_late.clone();
+            let mut req = req.map(|b| {
+                b.map_err(move |e| {
+                    let e: BoxError = e.into();
+                    if e.is::<tower_http::timeout::TimeoutError>() {
+                        late.store(true, Ordering::Relaxed);
+                    }
+                    e
+                })
+                .boxed_unsync()
+            });
             let consistency = Consistency::take_from(req.headers_mut())?;
             let req = forward::prepare_request(req, client);
             // Bounded until the partition's answer headers arrive (`read_timeout_ms`, 504).
@@ -153,12 +167,19 @@ where
                     .reads
                     .call_consistent(&routed.group, req, consistency),
             )
-            .await
-            .map_err(|_| ProxyError::ReadTimeout {
-                group: routed.group.name().to_owned(),
-                ms: routed.group.config.read_timeout_ms,
-            })??;
-            Ok(forward::client_response(resp))
+            .await;
+            match resp {
+                Err(_) if body_late.load(Ordering::Relaxed) => Err(ProxyError::BodyTimeout),
+                Err(_) => Err(ProxyError::ReadTimeout {
+                    group: routed.group.name().to_owned(),
+                    ms: routed.group.config.read_timeout_ms,
+                }),
+                Ok(resp) => match resp {
+                    Ok(resp) => Ok(forward::client_response(resp)),
+                    Err(_) if body_late.load(Ordering::Relaxed) => Err(ProxyError::BodyTimeout),
+                    Err(e) => Err(e),
+                },
+            }
         }
     }
 }

@@ -192,8 +192,12 @@ pub async fn serve(
         .timer(hyper_util::rt::TokioTimer::new())
         .max_header_size(config.max_header_bytes)
         .max_buf_size(config.max_header_bytes.max(MIN_READ_BUFFER))
-        .max_headers(config.max_headers)
         .header_read_timeout(config.header_read_timeout());
+    // hyper's own limit is the same 100 and keeps its header slots on the stack; set only
+    // when it differs.
+    if config.max_headers != crate::config::DEFAULT_MAX_HEADERS {
+        http1.max_headers(config.max_headers);
+    }
     let clients = accept_loop(
         "client",
         &listener,

@@ -145,18 +145,26 @@ where
         Kind::Read => {
             // A read's body streams to the partition; when the client is too slow sending
             // it (the body deadline), the failed exchange is the client's: 408, not 502.
-            let body_late = Arc::new(AtomicBool::new(false));
+            // (No flag for the usual bodiless read: nothing to allocate on the hot path.)
+            let body_late = (!has_no_body(&req)).then(|| Arc::new(AtomicBool::new(false)));
             let late = body_late.clone();
             let mut req = req.map(|b| {
                 b.map_err(move |e| {
                     let e: BoxError = e.into();
-                    if e.is::<tower_http::timeout::TimeoutError>() {
+                    if let Some(late) = &late
+                        && e.is::<tower_http::timeout::TimeoutError>()
+                    {
                         late.store(true, Ordering::Relaxed);
                     }
                     e
                 })
                 .boxed_unsync()
             });
+            let body_late = move || {
+                body_late
+                    .as_ref()
+                    .is_some_and(|l| l.load(Ordering::Relaxed))
+            };
             let consistency = Consistency::take_from(req.headers_mut())?;
             let req = forward::prepare_request(req, client);
             // Bounded until the partition's answer headers arrive (`read_timeout_ms`, 504).
@@ -169,14 +177,14 @@ where
             )
             .await;
             match resp {
-                Err(_) if body_late.load(Ordering::Relaxed) => Err(ProxyError::BodyTimeout),
+                Err(_) if body_late() => Err(ProxyError::BodyTimeout),
                 Err(_) => Err(ProxyError::ReadTimeout {
                     group: routed.group.name().to_owned(),
                     ms: routed.group.config.read_timeout_ms,
                 }),
                 Ok(resp) => match resp {
                     Ok(resp) => Ok(forward::client_response(resp)),
-                    Err(_) if body_late.load(Ordering::Relaxed) => Err(ProxyError::BodyTimeout),
+                    Err(_) if body_late() => Err(ProxyError::BodyTimeout),
                     Err(e) => Err(e),
                 },
             }

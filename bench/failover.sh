@@ -15,9 +15,10 @@
 #   --keep          keep the temporary directory (config, logs, per-trial JSON)
 #
 # What it does:
-#   1. `cargo build --release` (binary target/release/regroup); needs python3 and curl
+#   1. `cargo build --release --bin regroup --example bank` (target/release/regroup and
+#      target/release/examples/bank); needs python3 and curl
 #      (installed from Debian's packages when missing, like bench/run.sh).
-#   2. In a `mktemp -d` directory: starts three bank partitions a, b, c (`regroup bank`,
+#   2. In a `mktemp -d` directory: starts three bank partitions a, b, c (the example `bank`,
 #      SQLite files, ports picked by the kernel) and the regroup proxy in front of them
 #      (`regroup serve`, SQLite journal, `heartbeat_interval_ms = 100`,
 #      `heartbeat_timeout_ms = 100`, `heartbeat_retries = 3`, the rest at defaults).
@@ -67,9 +68,10 @@ source "$ROOT/bench/lib.sh"
 HELPER="$ROOT/bench/failover.py"
 
 # --- 1. build and tools --------------------------------------------------------------------
-log "cargo build --release"
-cargo build --release >&2
+log "cargo build --release --bin regroup --example bank"
+cargo build --release --bin regroup --example bank >&2
 BIN="$ROOT/target/release/regroup"
+BANK="$ROOT/target/release/examples/bank"
 
 command -v python3 >/dev/null || apt_install python3
 command -v curl >/dev/null || apt_install curl
@@ -111,7 +113,7 @@ trap 'exit 130' INT TERM
 start_bank() {
     local name="$1" listen="$2" out="$TMP/bank-$1.out" line pid
     : >"$out"
-    RUST_LOG=warn "$BIN" bank --listen "$listen" --db "sqlite://$TMP/bank-$name.db" \
+    RUST_LOG=warn "$BANK" --listen "$listen" --db "sqlite://$TMP/bank-$name.db" \
         >"$out" 2>>"$out.err" </dev/null &
     pid="$!"
     disown "$pid"

@@ -19,10 +19,11 @@
 #                   `<!-- bench-append:end -->`
 #
 # What it does:
-#   1. `cargo build --release` (binary target/release/regroup).
+#   1. `cargo build --release --bin regroup --example bank` (target/release/regroup and
+#      target/release/examples/bank).
 #   2. Installs nginx (nginx-light) and wrk from Debian's packages when missing (needs root
 #      and apt-get), plus python3 for the report when missing.
-#   3. In a `mktemp -d` directory: starts three bank partitions a, b, c (`regroup bank`, SQLite
+#   3. In a `mktemp -d` directory: starts three bank partitions a, b, c (the example `bank`, SQLite
 #      files), the regroup proxy in front of them (`regroup serve`, SQLite journal with its
 #      default durable settings), nginx (2 workers, keep-alive upstream) in front of
 #      partition a (the primary), and a standalone bank "solo" on its own SQLite file that is
@@ -69,9 +70,10 @@ SCRIPT="bench/run.sh"
 source "$ROOT/bench/lib.sh"
 
 # --- 1. build ------------------------------------------------------------------------------
-log "cargo build --release"
-cargo build --release >&2
+log "cargo build --release --bin regroup --example bank"
+cargo build --release --bin regroup --example bank >&2
 BIN="$ROOT/target/release/regroup"
+BANK="$ROOT/target/release/examples/bank"
 
 # --- 2. tools ------------------------------------------------------------------------------
 NGINX="$(command -v nginx || true)"
@@ -108,7 +110,7 @@ trap 'exit 130' INT TERM
 # Starts a bank named $1 on $TMP/bank-$1.db; sets BANK_URL.
 start_bank() {
     local name="$1"
-    RUST_LOG=warn "$BIN" bank --listen 127.0.0.1:0 --db "sqlite://$TMP/bank-$name.db" \
+    RUST_LOG=warn "$BANK" --listen 127.0.0.1:0 --db "sqlite://$TMP/bank-$name.db" \
         >"$TMP/bank-$name.out" 2>"$TMP/bank-$name.out.err" </dev/null &
     local pid="$!" line
     PIDS+=("$pid")

@@ -111,54 +111,9 @@ pub fn app(db: DatabaseConnection) -> Router {
         .route("/health", get(health))
         .fallback(|| async { ApiError::NotFound("route not found".to_owned()) })
         .with_state(state)
-        // Test-only fault injection (off unless its environment variables are set).
-        .layer(axum::middleware::from_fn(faults))
         // regroup's replay context on every request, fencing of stale epochs, and the
         // `/_regroup/applied` answers from the exactly-once records.
         .layer(ReplayLayer::new().with_store(once))
-}
-
-/// Fault injection for regroup's own tests, off unless set in the environment:
-/// `BANK_FAULT_DELAY_SEQ=N:MS` holds the primary's execution of seq N for MS milliseconds
-/// before running it; `BANK_FAULT_EXIT_AFTER_SEQ=N` ends the process right after the
-/// primary committed seq N, before the answer leaves (a crash between commit and answer).
-async fn faults(req: axum::extract::Request, next: axum::middleware::Next) -> Response {
-    static DELAY: std::sync::OnceLock<Option<(u64, u64)>> = std::sync::OnceLock::new();
-    static EXIT: std::sync::OnceLock<Option<u64>> = std::sync::OnceLock::new();
-    let seq = req
-        .extensions()
-        .get::<ReplayContext>()
-        .filter(|c| !c.is_replay())
-        .map(|c| c.seq());
-    let Some(seq) = seq else {
-        return next.run(req).await;
-    };
-    let delay = DELAY.get_or_init(|| {
-        let v = std::env::var("BANK_FAULT_DELAY_SEQ").ok()?;
-        let (n, ms) = v.split_once(':')?;
-        Some((n.parse().ok()?, ms.parse().ok()?))
-    });
-    if let Some((n, ms)) = *delay
-        && n == seq
-    {
-        tracing::warn!(seq, ms, "fault injection: holding this update");
-        tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
-    }
-    let resp = next.run(req).await;
-    let exit = EXIT.get_or_init(|| {
-        std::env::var("BANK_FAULT_EXIT_AFTER_SEQ")
-            .ok()?
-            .parse()
-            .ok()
-    });
-    if *exit == Some(seq) {
-        tracing::warn!(
-            seq,
-            "fault injection: exiting after commit, before answering"
-        );
-        std::process::exit(86);
-    }
-    resp
 }
 
 /// Opens the database; a SQLite file is created if missing, in WAL mode with full fsync.

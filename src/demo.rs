@@ -36,6 +36,10 @@ pub(crate) struct DemoArgs {
     /// Concurrent clients for the workload.
     #[arg(long, default_value_t = 16)]
     concurrency: u64,
+    /// The example bank's executable (default: built with cargo when the demo runs under
+    /// `cargo run`, else `examples/bank` next to this executable).
+    #[arg(long, env = "REGROUP_DEMO_BANK")]
+    bank: Option<PathBuf>,
 }
 
 struct Partition {
@@ -57,9 +61,13 @@ pub(crate) async fn run(args: DemoArgs) -> anyhow::Result<()> {
             .keep(),
     };
     println!("regroup demo in {}", dir.display());
+    let bank = match &args.bank {
+        Some(b) => b.clone(),
+        None => bank_executable().await?,
+    };
     let mut partitions = Vec::new();
     for name in ["a", "b", "c"] {
-        partitions.push(start_bank(name, &dir).await?);
+        partitions.push(start_bank(&bank, name, &dir).await?);
     }
     let result = run_group(&args, &dir, &partitions).await;
     for p in &mut partitions {
@@ -171,11 +179,60 @@ async fn free_or_any(addr: &str) -> String {
     }
 }
 
-async fn start_bank(name: &'static str, dir: &Path) -> anyhow::Result<Partition> {
+/// The example bank, a program of its own (regroup carries no example app). Under
+/// `cargo run` (cargo sets `CARGO` and `CARGO_MANIFEST_DIR`) it is built first with the
+/// profile of this executable, so `cargo run --release -- demo` works on a fresh clone;
+/// otherwise it is `examples/bank` next to this executable, where cargo puts it.
+async fn bank_executable() -> anyhow::Result<PathBuf> {
     let exe = std::env::current_exe().context("cannot find the regroup executable")?;
+    let dir = exe
+        .parent()
+        .ok_or_else(|| anyhow!("{} has no directory", exe.display()))?;
+    let bank = dir
+        .join("examples")
+        .join(format!("bank{}", std::env::consts::EXE_SUFFIX));
+    if let (Some(cargo), Some(manifest)) = (
+        std::env::var_os("CARGO"),
+        std::env::var_os("CARGO_MANIFEST_DIR"),
+    ) {
+        let mut build = Command::new(cargo);
+        build
+            .args(["build", "--quiet", "--example", "bank", "--manifest-path"])
+            .arg(Path::new(&manifest).join("Cargo.toml"));
+        match dir.file_name().and_then(|n| n.to_str()) {
+            Some("debug") | None => {}
+            Some("release") => {
+                build.arg("--release");
+            }
+            Some(profile) => {
+                build.args(["--profile", profile]);
+            }
+        }
+        println!("building the example bank (cargo build --example bank)");
+        let status = build
+            .stdin(Stdio::null())
+            .status()
+            .await
+            .context("cannot run cargo to build the example bank")?;
+        if !status.success() {
+            bail!("cargo build --example bank failed ({status})");
+        }
+    }
+    if bank.exists() {
+        Ok(bank)
+    } else {
+        bail!(
+            "the demo runs the example bank as its own program and {} does not exist: \
+             build it with `cargo build --release --example bank`, or pass --bank PATH",
+            bank.display()
+        )
+    }
+}
+
+async fn start_bank(bank: &Path, name: &'static str, dir: &Path) -> anyhow::Result<Partition> {
     let db = format!("sqlite://{}", dir.join(format!("bank-{name}.db")).display());
-    let mut child = Command::new(exe)
-        .args(["bank", "--listen", "127.0.0.1:0", "--db", &db])
+    let mut child = Command::new(bank)
+        .args(["--listen", "127.0.0.1:0", "--db", &db])
         .env("RUST_LOG", "warn")
         .stdout(Stdio::piped())
         .stdin(Stdio::null())

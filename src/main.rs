@@ -9,9 +9,6 @@ use regroup::client::HttpClient;
 use regroup_proxy::admin::StatusDoc;
 use regroup_proxy::{Config, server};
 
-#[allow(dead_code, unreachable_pub, missing_docs)]
-#[path = "../examples/bank.rs"]
-mod bank;
 mod demo;
 
 #[derive(Parser)]
@@ -47,6 +44,10 @@ enum Command {
         /// Print the raw JSON instead.
         #[arg(long)]
         json: bool,
+        /// Admin bearer token, needed when the config sets `admin_status_requires_token`
+        /// (default: $REGROUP_ADMIN_TOKEN).
+        #[arg(long, env = "REGROUP_ADMIN_TOKEN", hide_env_values = true)]
+        token: Option<String>,
     },
     /// Settle an in-doubt update: it was `executed` by the primary, or `skipped`.
     Resolve {
@@ -83,16 +84,6 @@ enum Command {
     /// Run a redundancy group of three bank partitions behind the proxy, on SQLite files
     /// in a fresh directory.
     Demo(demo::DemoArgs),
-    /// Run the example bank application (used by `demo` and the tests).
-    #[command(hide = true)]
-    Bank {
-        /// Address to listen on.
-        #[arg(long, default_value = "127.0.0.1:9001")]
-        listen: String,
-        /// Database URL.
-        #[arg(long, default_value = "sqlite://bank.db")]
-        db: String,
-    },
 }
 
 #[derive(clap::Args)]
@@ -162,6 +153,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Check { config: path } => {
             let config = Config::load(&path)?;
+            server::admin_token(&config)?;
             regroup_replay::SqlJournal::probe(&config.journal)
                 .await
                 .with_context(|| {
@@ -180,9 +172,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             );
             Ok(())
         }
-        Command::Status { admin, json } => {
+        Command::Status { admin, json, token } => {
             let url = format!("{}/status", admin.trim_end_matches('/'));
-            let answer = HttpClient::new().get(&url).await?;
+            let answer = HttpClient::new()
+                .send("GET", &url, None, token.as_deref())
+                .await?;
             if answer.status != 200 {
                 bail!(
                     "{url} answered {}: {}",
@@ -229,7 +223,6 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Undrain(a) => role_verb("undrain", a, None).await,
         Command::Rejoin { role, applied } => role_verb("rejoin", role, applied).await,
         Command::Demo(args) => demo::run(args).await,
-        Command::Bank { listen, db } => bank::serve(&listen, &db).await,
     }
 }
 

@@ -225,3 +225,101 @@ async fn single_partition_in_doubt_update_waits_for_the_operator() {
     assert!(doc.groups[0].in_doubt.is_empty());
     assert_eq!((doc.groups[0].head, doc.groups[0].sealed), (3, 3));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn single_partition_admin_port_is_hardened() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = start_app().await;
+    let proxy = start_proxy(
+        dir.path(),
+        "admin_token = \"s3cret\"\nadmin_status_requires_token = true\n\
+         admin_max_body_bytes = 256\nheader_read_timeout_ms = 300",
+        "",
+        &url,
+    )
+    .await;
+    let http = regroup::client::HttpClient::new();
+    let status = format!("{}/status", proxy.admin);
+    // `/status` needs the token; tokens that share a prefix with it are refused.
+    for token in [None, Some("s3cre"), Some("s3cret2"), Some("")] {
+        let a = http.send("GET", &status, None, token).await.unwrap();
+        assert_eq!(a.status, 401, "token {token:?}");
+    }
+    let a = http
+        .send("GET", &status, None, Some("s3cret"))
+        .await
+        .unwrap();
+    assert_eq!(a.status, 200);
+    // `/health` stays open (a load balancer probes it).
+    let a = http.get(&format!("{}/health", proxy.admin)).await.unwrap();
+    assert_eq!(a.status, 200);
+    // The CLI sends the token for `status` too.
+    let out = regroup(&["status", "--admin", &proxy.admin]).await;
+    assert!(!out.status.success());
+    let out = regroup(&["status", "--admin", &proxy.admin, "--token", "s3cret"]).await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // An admin body over the limit is refused before it is parsed, and changes nothing.
+    let big = serde_json::json!({"partition": "a".repeat(1000)});
+    let a = http
+        .send(
+            "POST",
+            &format!("{}/groups/app/drain", proxy.admin),
+            Some(&big),
+            Some("s3cret"),
+        )
+        .await
+        .unwrap();
+    assert_eq!(a.status, 413, "{}", String::from_utf8_lossy(&a.body));
+    // A client that does not finish its header block is cut off after the time-out.
+    let started = std::time::Instant::now();
+    let slow = support::raw::exchange(
+        &proxy.admin,
+        &[b"GET /status HTTP/1.1\r\nhost: x\r\n"],
+        Duration::ZERO,
+        Duration::from_secs(5),
+    )
+    .await;
+    assert!(slow.closed && slow.status.is_none(), "{slow:?}");
+    assert!(started.elapsed() < Duration::from_secs(3), "{slow:?}");
+    // A 200 KB header block gets 431 on the admin port too.
+    let huge = format!(
+        "GET /health HTTP/1.1\r\nhost: x\r\nx-big: {}\r\n\r\n",
+        "a".repeat(200_000)
+    );
+    let a = support::raw::exchange(
+        &proxy.admin,
+        &[huge.as_bytes()],
+        Duration::ZERO,
+        Duration::from_secs(5),
+    )
+    .await;
+    assert_eq!(a.status, Some(431), "{a:?}");
+    let doc = http
+        .send("GET", &status, None, Some("s3cret"))
+        .await
+        .unwrap();
+    let doc: regroup_proxy::StatusDoc = doc.json().unwrap();
+    assert_eq!(doc.groups[0].partitions[0].status, "available");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn single_partition_open_admin_port_off_loopback_is_warned_about() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = start_app().await;
+    let toml = format!(
+        "listen = \"127.0.0.1:0\"\nadmin_listen = \"0.0.0.0:0\"\njournal = \"sqlite://{}\"\n[[groups]]\nname = \"app\"\n[[groups.partitions]]\nname = \"a\"\nurl = \"{url}\"\n",
+        dir.path().join("journal.db").display()
+    );
+    let config = dir.path().join("regroup.toml");
+    std::fs::write(&config, toml).unwrap();
+    let proxy = Proxy::start(&config).await;
+    let log = proxy.log();
+    assert!(
+        log.contains("admin_listen is not a loopback address and no admin_token is set"),
+        "{log}"
+    );
+}

@@ -265,3 +265,89 @@ async fn config_check_sqlite_journal_in_missing_directory_is_named() {
     );
     assert!(!Path::new("/nonexistent-dir-xyz").exists());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn config_empty_admin_token_is_refused() {
+    let d = Dir::new();
+    let path = d.write(
+        "regroup.toml",
+        &format!("admin_token = \"\"\n{}", config_text(&d.journal(), "", "b")),
+    );
+    for verb in ["check", "serve"] {
+        assert_eq!(
+            fails(verb, &path).await,
+            format!(
+                "error: {}: admin_token: must not be empty (remove the key to leave admin verbs open on a loopback admin_listen)",
+                path.display()
+            ),
+            "{verb}"
+        );
+    }
+    // An empty REGROUP_ADMIN_TOKEN would open the verbs just the same.
+    let path = d.write("ok.toml", &config_text(&d.journal(), "", "b"));
+    for verb in ["check", "serve"] {
+        let out = tokio::time::timeout(
+            Duration::from_secs(60),
+            tokio::process::Command::new(REGROUP)
+                .args([verb, "--config", path.to_str().unwrap()])
+                .env("REGROUP_ADMIN_TOKEN", "")
+                .env("RUST_LOG", "warn")
+                .stdin(Stdio::null())
+                .kill_on_drop(true)
+                .output(),
+        )
+        .await
+        .unwrap()
+        .unwrap();
+        assert_eq!(out.status.code(), Some(1), "{verb}");
+        assert_eq!(
+            String::from_utf8_lossy(&out.stderr),
+            "error: REGROUP_ADMIN_TOKEN is set but empty: unset it or give it a token\n",
+            "{verb}"
+        );
+    }
+    d.assert_no_journal();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn config_limits_out_of_range_are_named() {
+    let d = Dir::new();
+    for (line, key, message) in [
+        (
+            "max_header_bytes = 100",
+            "max_header_bytes",
+            "must be at least 8192",
+        ),
+        (
+            "max_connections = 0",
+            "max_connections",
+            "must be greater than 0",
+        ),
+        (
+            "body_read_timeout_ms = 0",
+            "body_read_timeout_ms",
+            "must be greater than 0",
+        ),
+    ] {
+        let path = d.write(
+            "regroup.toml",
+            &format!("{line}\n{}", config_text(&d.journal(), "", "b")),
+        );
+        assert_eq!(
+            fails("check", &path).await,
+            format!("error: {}: {key}: {message}", path.display())
+        );
+    }
+    let path = d.write(
+        "regroup.toml",
+        &config_text(&d.journal(), "read_timeout_ms = 0", "b"),
+    );
+    assert_eq!(
+        fails("check", &path).await,
+        format!(
+            "error: {}: groups[0].read_timeout_ms: must be greater than 0",
+            path.display()
+        )
+    );
+    d.assert_no_journal();
+}

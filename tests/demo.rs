@@ -14,6 +14,8 @@ async fn three_partitions_demo_workload_converges() {
             .args(["demo", "--workload", "300", "--listen", "127.0.0.1:0"])
             .args(["--admin-listen", "127.0.0.1:0", "--dir"])
             .arg(dir.path())
+            .arg("--bank")
+            .arg(support::bank_exe())
             .env("RUST_LOG", "warn")
             .output(),
     )

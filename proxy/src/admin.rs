@@ -2,13 +2,17 @@
 //! verbs (bearer token when configured): `POST /groups/{group}/resolve` (settle an in-doubt
 //! record), `POST /groups/{group}/promote`, `/drain`, `/undrain` (`{"partition": NAME}`),
 //! `/rejoin` (`{"partition": NAME, "applied": SEQ}`: lift a diverged partition's quarantine).
+//!
+//! Hardening: the token is compared in constant time; with `admin_status_requires_token`
+//! `/status` needs it too (`/health` never does); bodies over `admin_max_body_bytes` get 413.
 
 use std::sync::Arc;
 
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode, header};
-use http_body_util::BodyExt;
+use http_body_util::{BodyExt, Limited};
 use serde::{Deserialize, Serialize};
+use subtle::ConstantTimeEq;
 
 use crate::error::ProxyError;
 use crate::forward::{ProxyBody, full};
@@ -130,13 +134,21 @@ pub enum ResolveOutcome {
 pub struct Admin {
     groups: Arc<Vec<Arc<Group>>>,
     token: Option<String>,
+    status_requires_token: bool,
+    max_body_bytes: usize,
 }
 
 impl Admin {
-    pub(crate) fn new(groups: Vec<Arc<Group>>, token: Option<String>) -> Self {
+    pub(crate) fn new(
+        groups: Vec<Arc<Group>>,
+        token: Option<String>,
+        config: &crate::config::Config,
+    ) -> Self {
         Admin {
             groups: Arc::new(groups),
             token,
+            status_requires_token: config.admin_status_requires_token,
+            max_body_bytes: config.admin_max_body_bytes,
         }
     }
 
@@ -151,7 +163,7 @@ impl Admin {
     pub async fn handle<B>(&self, req: Request<B>) -> Response<ProxyBody>
     where
         B: http_body::Body<Data = Bytes>,
-        B::Error: std::fmt::Display,
+        B::Error: Into<crate::forward::BoxError>,
     {
         match self.route(req).await {
             Ok(resp) => resp,
@@ -162,20 +174,30 @@ impl Admin {
     async fn route<B>(&self, req: Request<B>) -> Result<Response<ProxyBody>, ProxyError>
     where
         B: http_body::Body<Data = Bytes>,
-        B::Error: std::fmt::Display,
+        B::Error: Into<crate::forward::BoxError>,
     {
+        let limit = self.max_body_bytes;
         let path = req.uri().path().to_owned();
         let segments: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
         match (req.method(), segments.as_slice()) {
             (&Method::GET, ["health"]) => {
                 Ok(json(StatusCode::OK, &serde_json::json!({"status": "ok"})))
             }
-            (&Method::GET, ["status"]) => Ok(json(StatusCode::OK, &self.status())),
+            (&Method::GET, ["status"]) => {
+                if self.status_requires_token {
+                    self.authorize(&req)?;
+                }
+                Ok(json(StatusCode::OK, &self.status()))
+            }
             (&Method::POST, ["groups", group, "resolve"]) => {
                 self.authorize(&req)?;
                 let group = self.group(group)?;
-                let ask: ResolveRequest =
-                    read_json(req, "{\"seq\": N, \"outcome\": \"executed\"|\"skipped\"}").await?;
+                let ask: ResolveRequest = read_json(
+                    req,
+                    limit,
+                    "{\"seq\": N, \"outcome\": \"executed\"|\"skipped\"}",
+                )
+                .await?;
                 let record = group
                     .resolve(ask.seq, ask.outcome == ResolveOutcome::Executed)
                     .await?;
@@ -191,8 +213,12 @@ impl Admin {
             (&Method::POST, ["groups", group, "rejoin"]) => {
                 self.authorize(&req)?;
                 let group = self.group(group)?;
-                let ask: RejoinRequest =
-                    read_json(req, "{\"partition\": NAME, \"applied\": SEQ (optional)}").await?;
+                let ask: RejoinRequest = read_json(
+                    req,
+                    limit,
+                    "{\"partition\": NAME, \"applied\": SEQ (optional)}",
+                )
+                .await?;
                 let partition = self.partition(&group, &ask.partition)?;
                 crate::replicate::rejoin(&group, &partition, ask.applied).await?;
                 Ok(json(StatusCode::OK, &GroupStatus::from(group.view())))
@@ -200,7 +226,7 @@ impl Admin {
             (&Method::POST, ["groups", group, verb @ ("promote" | "drain" | "undrain")]) => {
                 self.authorize(&req)?;
                 let group = self.group(group)?;
-                let ask: PartitionRequest = read_json(req, "{\"partition\": NAME}").await?;
+                let ask: PartitionRequest = read_json(req, limit, "{\"partition\": NAME}").await?;
                 let partition = self.partition(&group, &ask.partition)?;
                 match *verb {
                     "promote" => {
@@ -222,12 +248,12 @@ impl Admin {
         let given = req
             .headers()
             .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "));
-        if given == Some(token.as_str()) {
-            Ok(())
-        } else {
-            Err(ProxyError::Unauthorized)
+            .and_then(|v| v.as_bytes().strip_prefix(b"Bearer "));
+        // Constant time in the bytes compared (the lengths may differ in time: a token's
+        // length is not its secret).
+        match given {
+            Some(given) if bool::from(given.ct_eq(token.as_bytes())) => Ok(()),
+            _ => Err(ProxyError::Unauthorized),
         }
     }
 
@@ -253,18 +279,18 @@ impl Admin {
     }
 }
 
-/// Reads a JSON body of type `T`; a bad one is a 400 that shows the expected `shape`.
-async fn read_json<T, B>(req: Request<B>, shape: &str) -> Result<T, ProxyError>
+/// Reads a JSON body of type `T` of at most `limit` bytes (413 beyond); a bad one is a 400
+/// that shows the expected `shape`.
+async fn read_json<T, B>(req: Request<B>, limit: usize, shape: &str) -> Result<T, ProxyError>
 where
     T: serde::de::DeserializeOwned,
     B: http_body::Body<Data = Bytes>,
-    B::Error: std::fmt::Display,
+    B::Error: Into<crate::forward::BoxError>,
 {
-    let body = req
-        .into_body()
+    let body = Limited::new(req.into_body(), limit)
         .collect()
         .await
-        .map_err(|e| ProxyError::BadRequest(format!("cannot read body: {e}")))?
+        .map_err(|e| ProxyError::from_body_error(e, limit))?
         .to_bytes();
     serde_json::from_slice(&body)
         .map_err(|e| ProxyError::BadRequest(format!("body must be {shape}: {e}")))

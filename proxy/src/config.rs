@@ -39,6 +39,27 @@ pub const DEFAULT_UPDATE_TIMEOUT_MS: u64 = 30_000;
 pub const DEFAULT_READ_WAIT_MS: u64 = 2000;
 /// Default number of records a replica may lag and still serve reads.
 pub const DEFAULT_MAX_READ_LAG: u64 = 16;
+/// Default time-out for a partition's answer to a read (until its headers arrive).
+pub const DEFAULT_READ_TIMEOUT_MS: u64 = 30_000;
+/// Default limit on a request's header block, request line included (64 KiB); larger gets
+/// 431.
+pub const DEFAULT_MAX_HEADER_BYTES: usize = 64 * 1024;
+/// The smallest `max_header_bytes` accepted (hyper's smallest read buffer).
+pub const MIN_MAX_HEADER_BYTES: usize = 8 * 1024;
+/// Default limit on the number of headers of a request; more gets 431.
+pub const DEFAULT_MAX_HEADERS: usize = 100;
+/// Default time a client has to send a request's header block before the connection is
+/// closed.
+pub const DEFAULT_HEADER_READ_TIMEOUT_MS: u64 = 10_000;
+/// Default time a client has to send a whole request body; later gets 408.
+pub const DEFAULT_BODY_READ_TIMEOUT_MS: u64 = 30_000;
+/// Default cap on concurrent client connections; beyond it new connections wait in the
+/// listen backlog until one closes.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 1024;
+/// Default cap on concurrent admin connections.
+pub const DEFAULT_ADMIN_MAX_CONNECTIONS: usize = 64;
+/// Default limit on an admin request body (64 KiB); larger gets 413.
+pub const DEFAULT_ADMIN_MAX_BODY_BYTES: usize = 64 * 1024;
 
 /// The whole configuration file.
 #[derive(Debug, Clone, Deserialize)]
@@ -62,6 +83,33 @@ pub struct Config {
     /// reaches `admin_listen` (loopback by default).
     #[serde(default)]
     pub admin_token: Option<String>,
+    /// Require the admin token for `GET /status` too (default: only the admin verbs).
+    #[serde(default)]
+    pub admin_status_requires_token: bool,
+    /// Largest admin request body, in bytes; larger gets 413.
+    #[serde(default = "default_admin_max_body")]
+    pub admin_max_body_bytes: usize,
+    /// Cap on concurrent admin connections; beyond it new ones wait.
+    #[serde(default = "default_admin_max_connections")]
+    pub admin_max_connections: usize,
+    /// Largest request header block (request line included), in bytes, on both ports;
+    /// larger gets 431.
+    #[serde(default = "default_max_header_bytes")]
+    pub max_header_bytes: usize,
+    /// Most headers in one request, on both ports; more gets 431.
+    #[serde(default = "default_max_headers")]
+    pub max_headers: usize,
+    /// Time a client has to send a request's header block, on both ports; then the
+    /// connection is closed.
+    #[serde(default = "default_header_read_timeout")]
+    pub header_read_timeout_ms: u64,
+    /// Time a client has to send a whole request body; then 408 (an update is not
+    /// journaled).
+    #[serde(default = "default_body_read_timeout")]
+    pub body_read_timeout_ms: u64,
+    /// Cap on concurrent client connections; beyond it new ones wait in the listen backlog.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
     /// The redundancy groups.
     pub groups: Vec<GroupConfig>,
 }
@@ -124,6 +172,9 @@ pub struct GroupConfig {
     /// How many records a replica may lag and still serve reads.
     #[serde(default = "default_max_read_lag")]
     pub max_read_lag: u64,
+    /// How long a partition has to answer a read (its headers) before 504.
+    #[serde(default = "default_read_timeout")]
+    pub read_timeout_ms: u64,
     /// Classification overrides, first match wins; unmatched requests are classified by
     /// method (POST, PUT, PATCH, DELETE update; everything else reads).
     #[serde(default)]
@@ -200,6 +251,30 @@ fn default_read_wait() -> u64 {
 }
 fn default_max_read_lag() -> u64 {
     DEFAULT_MAX_READ_LAG
+}
+fn default_read_timeout() -> u64 {
+    DEFAULT_READ_TIMEOUT_MS
+}
+fn default_max_header_bytes() -> usize {
+    DEFAULT_MAX_HEADER_BYTES
+}
+fn default_max_headers() -> usize {
+    DEFAULT_MAX_HEADERS
+}
+fn default_header_read_timeout() -> u64 {
+    DEFAULT_HEADER_READ_TIMEOUT_MS
+}
+fn default_body_read_timeout() -> u64 {
+    DEFAULT_BODY_READ_TIMEOUT_MS
+}
+fn default_max_connections() -> usize {
+    DEFAULT_MAX_CONNECTIONS
+}
+fn default_admin_max_connections() -> usize {
+    DEFAULT_ADMIN_MAX_CONNECTIONS
+}
+fn default_admin_max_body() -> usize {
+    DEFAULT_ADMIN_MAX_BODY_BYTES
 }
 
 /// A configuration that cannot be used. The message names the file and where.
@@ -287,6 +362,34 @@ impl Config {
                 format!("{:?} is not a sqlite:// or postgres:// URL", self.journal),
             ));
         }
+        if self
+            .admin_token
+            .as_ref()
+            .is_some_and(|t| t.trim().is_empty())
+        {
+            return Err(invalid(
+                "admin_token".into(),
+                "must not be empty (remove the key to leave admin verbs open on a loopback admin_listen)".into(),
+            ));
+        }
+        if self.max_header_bytes < MIN_MAX_HEADER_BYTES {
+            return Err(invalid(
+                "max_header_bytes".into(),
+                format!("must be at least {MIN_MAX_HEADER_BYTES}"),
+            ));
+        }
+        for (k, v) in [
+            ("max_headers", self.max_headers as u64),
+            ("header_read_timeout_ms", self.header_read_timeout_ms),
+            ("body_read_timeout_ms", self.body_read_timeout_ms),
+            ("max_connections", self.max_connections as u64),
+            ("admin_max_connections", self.admin_max_connections as u64),
+            ("admin_max_body_bytes", self.admin_max_body_bytes as u64),
+        ] {
+            if v == 0 {
+                return Err(invalid(k.into(), "must be greater than 0".into()));
+            }
+        }
         let mut group_names = HashSet::new();
         let mut prefixes = HashSet::new();
         for (gi, g) in self.groups.iter().enumerate() {
@@ -318,6 +421,7 @@ impl Config {
                 ("failover_wait_ms", g.failover_wait_ms),
                 ("update_timeout_ms", g.update_timeout_ms),
                 ("read_wait_ms", g.read_wait_ms),
+                ("read_timeout_ms", g.read_timeout_ms),
             ] {
                 if v == 0 {
                     return Err(invalid(key(k), "must be greater than 0".into()));
@@ -400,6 +504,21 @@ impl GroupConfig {
     /// Bound on a read's wait for a partition.
     pub fn read_wait(&self) -> Duration {
         Duration::from_millis(self.read_wait_ms)
+    }
+    /// Time-out for a partition's answer to a read.
+    pub fn read_timeout(&self) -> Duration {
+        Duration::from_millis(self.read_timeout_ms)
+    }
+}
+
+impl Config {
+    /// Time a client has to send a request's header block.
+    pub fn header_read_timeout(&self) -> Duration {
+        Duration::from_millis(self.header_read_timeout_ms)
+    }
+    /// Time a client has to send a whole request body.
+    pub fn body_read_timeout(&self) -> Duration {
+        Duration::from_millis(self.body_read_timeout_ms)
     }
 }
 

@@ -1,5 +1,12 @@
 //! Proxy errors and the one place they become HTTP responses: a stable JSON body
 //! `{"error": <code>, "message": <text>}`, a status that fits, no internal detail.
+//!
+//! The `Display` text of an error is for the log: it may name files, SQL, partitions' URLs
+//! and upstream error chains. A client sees [`ProxyError::public_message`] only: for errors
+//! about its own request (4xx), and for a group that cannot take updates (503: the reason is
+//! the group's state in the proxy's words), the full text; for the proxy's other failures a
+//! short fixed sentence naming the group. The detail is logged
+//! by [`ProxyError::into_response`] under the same code.
 
 use http::{Response, StatusCode, header};
 
@@ -17,6 +24,21 @@ pub enum ProxyError {
     /// The request cannot be journaled or forwarded as sent (400; nothing journaled).
     #[error("{0}")]
     BadRequest(String),
+    /// The client did not send the whole request body within `body_read_timeout_ms`
+    /// (408; nothing journaled).
+    #[error("request body not received within the time-out (body_read_timeout_ms)")]
+    BodyTimeout,
+    /// The request body could not be read from the client (400; nothing journaled).
+    #[error("cannot read request body: {0}")]
+    BodyRead(String),
+    /// A partition did not answer a read within `read_timeout_ms` (504).
+    #[error("no partition of group {group:?} answered a read within {ms} ms")]
+    ReadTimeout {
+        /// The group.
+        group: String,
+        /// The time-out.
+        ms: u64,
+    },
     /// No group serves this path (404).
     #[error("no group serves path {0:?}")]
     NoGroup(String),
@@ -105,6 +127,9 @@ impl ProxyError {
         match self {
             ProxyError::BodyTooLarge { .. } => "body_too_large",
             ProxyError::BadRequest(_) => "bad_request",
+            ProxyError::BodyTimeout => "body_timeout",
+            ProxyError::BodyRead(_) => "body_unreadable",
+            ProxyError::ReadTimeout { .. } => "read_timeout",
             ProxyError::NoGroup(_) => "no_group",
             ProxyError::NoPartition { .. } => "no_partition",
             ProxyError::Unavailable { .. } => "unavailable",
@@ -123,7 +148,9 @@ impl ProxyError {
     pub fn status(&self) -> StatusCode {
         match self {
             ProxyError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
-            ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ProxyError::BadRequest(_) | ProxyError::BodyRead(_) => StatusCode::BAD_REQUEST,
+            ProxyError::BodyTimeout => StatusCode::REQUEST_TIMEOUT,
+            ProxyError::ReadTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::NoGroup(_) | ProxyError::NoSuchRecord { .. } => StatusCode::NOT_FOUND,
             ProxyError::NoPartition { .. }
             | ProxyError::Unavailable { .. }
@@ -137,10 +164,68 @@ impl ProxyError {
         }
     }
 
-    /// The response a client sees.
+    /// An error met while reading a request body (through `limit`, the body read
+    /// deadline and hyper): 413, 408 or 400.
+    pub fn from_body_error(error: crate::forward::BoxError, limit: usize) -> Self {
+        if error
+            .downcast_ref::<http_body_util::LengthLimitError>()
+            .is_some()
+        {
+            ProxyError::BodyTooLarge { limit }
+        } else if error
+            .downcast_ref::<tower_http::timeout::TimeoutError>()
+            .is_some()
+        {
+            ProxyError::BodyTimeout
+        } else {
+            ProxyError::BodyRead(error.to_string())
+        }
+    }
+
+    /// What a client is told: no file, SQL, URL or upstream error chain.
+    pub fn public_message(&self) -> String {
+        match self {
+            ProxyError::BodyTooLarge { .. }
+            | ProxyError::BadRequest(_)
+            | ProxyError::BodyTimeout
+            | ProxyError::NoGroup(_)
+            | ProxyError::NoSuchRecord { .. }
+            | ProxyError::NotInDoubt { .. }
+            | ProxyError::Unauthorized
+            // The reason is the group's own state in the proxy's words (what is in doubt,
+            // which partition could not take the role), and tells the operator what to do.
+            | ProxyError::Unavailable { .. } => self.to_string(),
+            ProxyError::BodyRead(_) => "cannot read request body".to_owned(),
+            ProxyError::NoPartition { group, .. } => {
+                format!("no partition of group {group:?} can serve reads now")
+            }
+            ProxyError::PrimaryUnreachable { group, .. } => {
+                format!(
+                    "the primary of group {group:?} is unreachable; the update was not executed"
+                )
+            }
+            ProxyError::InDoubt { group, seq, .. } => format!(
+                "the outcome of update {seq} of group {group:?} is unknown (in doubt); it will be resolved, not guessed"
+            ),
+            ProxyError::Upstream { group, .. } => {
+                format!("a partition of group {group:?} failed to answer")
+            }
+            ProxyError::ReadTimeout { .. } => self.to_string(),
+            ProxyError::Journal(_) => "the journal is unavailable".to_owned(),
+            ProxyError::Config(_) => "the proxy is misconfigured".to_owned(),
+        }
+    }
+
+    /// The response a client sees; the full error goes to the log.
     pub fn into_response(self) -> Response<ProxyBody> {
         let status = self.status();
-        let mut body = serde_json::json!({ "error": self.code(), "message": self.to_string() });
+        if status.is_server_error() {
+            tracing::warn!(code = self.code(), error = %self, "request failed");
+        } else {
+            tracing::debug!(code = self.code(), error = %self, "request refused");
+        }
+        let mut body =
+            serde_json::json!({ "error": self.code(), "message": self.public_message() });
         if let ProxyError::InDoubt { seq, .. } = &self {
             body["seq"] = (*seq).into();
         }
@@ -161,5 +246,67 @@ impl ProxyError {
             );
         }
         resp
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use http_body_util::BodyExt;
+
+    use super::*;
+
+    async fn body_of(e: ProxyError) -> (StatusCode, serde_json::Value) {
+        let resp = e.into_response();
+        let status = resp.status();
+        let bytes = resp
+            .into_body()
+            .collect()
+            .await
+            .map(|b| b.to_bytes())
+            .unwrap_or_default();
+        (status, serde_json::from_slice(&bytes).unwrap_or_default())
+    }
+
+    #[tokio::test]
+    async fn server_errors_carry_no_internal_detail() {
+        let detail = "error returned from database: (code: 8) attempt to write a readonly \
+                      database /var/lib/regroup/journal.db: INSERT INTO records (seq) VALUES (?)";
+        for e in [
+            ProxyError::Journal(detail.to_owned()),
+            ProxyError::Upstream {
+                group: "bank".into(),
+                partition: "b".into(),
+                reason: format!("http://10.0.0.7:9002/accounts: {detail}"),
+            },
+            ProxyError::InDoubt {
+                group: "bank".into(),
+                seq: 7,
+                reason: detail.to_owned(),
+            },
+            ProxyError::BodyRead(detail.to_owned()),
+        ] {
+            let code = e.code();
+            let (status, body) = body_of(e).await;
+            let text = body.to_string();
+            assert_eq!(body["error"], code, "{text}");
+            for leak in ["/var/lib", "journal.db", "INSERT", "database", "10.0.0.7"] {
+                assert!(!text.contains(leak), "{status}: {text} leaks {leak:?}");
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn limits_get_their_statuses() {
+        let (s, b) = body_of(ProxyError::BodyTimeout).await;
+        assert_eq!(
+            (s.as_u16(), b["error"].as_str()),
+            (408, Some("body_timeout"))
+        );
+        let (s, _) = body_of(ProxyError::ReadTimeout {
+            group: "g".into(),
+            ms: 5,
+        })
+        .await;
+        assert_eq!(s.as_u16(), 504);
     }
 }

@@ -30,6 +30,12 @@
 //! partition running the app-side layer, or executed by a new primary), its client waiting;
 //! otherwise 502 `in_doubt`, and later updates wait up to `failover_wait_ms` then 503. Journal
 //! down: 503, nothing forwarded. No readable partition within `read_wait_ms`: 503.
+//!
+//! **Limits.** Every limit and time-out is a named config key with a default
+//! ([`config`]): header block size and count (431), header read time-out (connection
+//! closed), body read deadline (408), body size (413), read time-out (504), concurrent
+//! connections (new ones wait); refused requests journal nothing. Errors reach clients as
+//! a code and a public message ([`error`]); the detail goes to the log.
 
 pub mod admin;
 pub mod applier;

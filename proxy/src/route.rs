@@ -8,6 +8,7 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
@@ -121,10 +122,7 @@ where
         Box::pin(async move {
             let resp = match dispatch(routed, req).await {
                 Ok(resp) => resp,
-                Err(e) => {
-                    tracing::debug!(error = %e, "request failed");
-                    e.into_response()
-                }
+                Err(e) => e.into_response(),
             };
             Ok(resp)
         })
@@ -145,14 +143,51 @@ where
     match kind {
         Kind::Update => update::handle(routed.group, req, client).await,
         Kind::Read => {
-            let mut req = req.map(|b| b.map_err(Into::into).boxed_unsync());
+            // A read's body streams to the partition; when the client is too slow sending
+            // it (the body deadline), the failed exchange is the client's: 408, not 502.
+            // (No flag for the usual bodiless read: nothing to allocate on the hot path.)
+            let body_late = (!has_no_body(&req)).then(|| Arc::new(AtomicBool::new(false)));
+            let late = body_late.clone();
+            let mut req = req.map(|b| {
+                b.map_err(move |e| {
+                    let e: BoxError = e.into();
+                    if let Some(late) = &late
+                        && e.is::<tower_http::timeout::TimeoutError>()
+                    {
+                        late.store(true, Ordering::Relaxed);
+                    }
+                    e
+                })
+                .boxed_unsync()
+            });
+            let body_late = move || {
+                body_late
+                    .as_ref()
+                    .is_some_and(|l| l.load(Ordering::Relaxed))
+            };
             let consistency = Consistency::take_from(req.headers_mut())?;
             let req = forward::prepare_request(req, client);
-            let resp = routed
-                .reads
-                .call_consistent(&routed.group, req, consistency)
-                .await?;
-            Ok(forward::client_response(resp))
+            // Bounded until the partition's answer headers arrive (`read_timeout_ms`, 504).
+            let timeout = routed.group.config.read_timeout();
+            let resp = tokio::time::timeout(
+                timeout,
+                routed
+                    .reads
+                    .call_consistent(&routed.group, req, consistency),
+            )
+            .await;
+            match resp {
+                Err(_) if body_late() => Err(ProxyError::BodyTimeout),
+                Err(_) => Err(ProxyError::ReadTimeout {
+                    group: routed.group.name().to_owned(),
+                    ms: routed.group.config.read_timeout_ms,
+                }),
+                Ok(resp) => match resp {
+                    Ok(resp) => Ok(forward::client_response(resp)),
+                    Err(_) if body_late() => Err(ProxyError::BodyTimeout),
+                    Err(e) => Err(e),
+                },
+            }
         }
     }
 }

@@ -9,13 +9,14 @@ use std::time::Duration;
 
 use http::{Request, Response};
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use hyper_util::server::conn::auto;
+use hyper_util::rt::TokioIo;
 use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
 use regroup_replay::{CachedJournal, Journal, SqlJournal};
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tower::{Service, ServiceBuilder};
+use tower_http::timeout::{DeadlineBody, RequestBodyDeadlineLayer};
 
 use crate::admin::Admin;
 use crate::config::Config;
@@ -35,6 +36,13 @@ pub const ADMIN_TOKEN_ENV: &str = "REGROUP_ADMIN_TOKEN";
 pub struct Proxy {
     routes: Vec<Routed>,
     admin: Admin,
+    limits: Limits,
+}
+
+/// The request limits of the client-facing stack, from the config.
+#[derive(Debug, Clone, Copy)]
+struct Limits {
+    body_read_timeout: Duration,
 }
 
 impl Proxy {
@@ -51,6 +59,7 @@ impl Proxy {
         config: &Config,
         journal: Arc<dyn Journal>,
     ) -> Result<Proxy, ProxyError> {
+        let token = admin_token(config)?;
         let client = upstream_client();
         let link: Arc<dyn PartitionLink> = Arc::new(HttpLink::new(client.clone()));
         let mut routes = Vec::new();
@@ -65,13 +74,17 @@ impl Proxy {
             groups.push(group.clone());
             routes.push(Routed { group, reads });
         }
-        let token = std::env::var(ADMIN_TOKEN_ENV)
-            .ok()
-            .filter(|t| !t.is_empty())
-            .or_else(|| config.admin_token.clone());
+        if token.is_none() && !config.admin_listen.ip().is_loopback() {
+            tracing::warn!(admin_listen = %config.admin_listen,
+                "admin_listen is not a loopback address and no admin_token is set: \
+                 anyone who reaches it can promote, drain and resolve");
+        }
         Ok(Proxy {
             routes,
-            admin: Admin::new(groups, token),
+            admin: Admin::new(groups, token, config),
+            limits: Limits {
+                body_read_timeout: config.body_read_timeout(),
+            },
         })
     }
 
@@ -91,7 +104,8 @@ impl Proxy {
         &self.admin
     }
 
-    /// The client-facing stack, outermost layer first.
+    /// The client-facing stack, outermost layer first (the connection-level limits, header
+    /// size, header count and header time-out, are hyper's: see [`serve`]).
     pub fn service(
         &self,
     ) -> impl Service<
@@ -103,11 +117,15 @@ impl Proxy {
     + Send
     + 'static {
         ServiceBuilder::new()
-            // Routes each request to its group: updates to the journaled path, reads to
-            // the balancer.
+            // Bounds the time a client has to send the whole body: a stalled or trickled
+            // update body fails its read with a time-out, answered 408 before anything is
+            // journaled. Outermost, so the clock starts when the request arrives.
+            .layer(RequestBodyDeadlineLayer::new(self.limits.body_read_timeout))
+            // Routes each request to its group: updates to the journaled path (body limit
+            // `max_body_bytes`, 413), reads to the balancer (time-out `read_timeout_ms`, 504).
             .layer(self.layer())
             // Requests no group serves get a JSON 404.
-            .service_fn(|req: Request<Incoming>| async move {
+            .service_fn(|req: Request<DeadlineBody<Incoming>>| async move {
                 Ok::<_, BoxError>(ProxyError::NoGroup(req.uri().path().to_owned()).into_response())
             })
     }
@@ -137,6 +155,7 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send,
     on_bound: impl FnOnce(Bound),
 ) -> Result<(), ProxyError> {
+    admin_token(&config)?;
     let listener = TcpListener::bind(config.listen)
         .await
         .map_err(|e| ProxyError::BadRequest(format!("cannot listen on {}: {e}", config.listen)))?;
@@ -156,44 +175,66 @@ pub async fn serve(
     let service = proxy.service();
     let admin = proxy.admin().clone();
     let graceful = GracefulShutdown::new();
-    // Clients speak HTTP/1.1 (the version sniffing of an HTTP/1 + h2c server cost ~5% of
-    // read throughput); the admin API accepts both.
+    // Both ports speak HTTP/1.1 only (the version sniffing of an HTTP/1 + h2c server cost
+    // ~5% of read throughput), with the same header limits: a header block over
+    // `max_header_bytes` or with more than `max_headers` headers gets hyper's 431 and the
+    // connection is closed; one not received within `header_read_timeout_ms` closes it.
     let mut http1 = hyper::server::conn::http1::Builder::new();
-    http1.timer(hyper_util::rt::TokioTimer::new());
-    let builder = auto::Builder::new(TokioExecutor::new());
-    tokio::pin!(shutdown);
-    loop {
-        tokio::select! {
-            accepted = listener.accept() => {
-                let Ok((stream, peer)) = accepted else { continue };
-                let _ = stream.set_nodelay(true);
-                let svc = ServiceBuilder::new()
-                    .map_request(move |mut req: Request<Incoming>| {
-                        req.extensions_mut().insert(ClientAddr(peer));
-                        req
-                    })
-                    .service(service.clone());
-                let conn = http1.serve_connection(TokioIo::new(stream), TowerToHyperService::new(svc));
-                let conn = graceful.watch(conn);
-                tokio::spawn(async move {
-                    if let Err(e) = conn.await {
-                        tracing::debug!(%peer, error = %e, "client connection ended with an error");
-                    }
-                });
-            }
-            accepted = admin_listener.accept() => {
-                let Ok((stream, _)) = accepted else { continue };
+    http1
+        .timer(hyper_util::rt::TokioTimer::new())
+        .max_header_size(config.max_header_bytes)
+        .max_buf_size(config.max_header_bytes.max(MIN_READ_BUFFER))
+        .header_read_timeout(config.header_read_timeout());
+    // hyper's own limit is the same 100 and keeps its header slots on the stack; set only
+    // when it differs.
+    if config.max_headers != crate::config::DEFAULT_MAX_HEADERS {
+        http1.max_headers(config.max_headers);
+    }
+    let clients = accept_loop(
+        "client",
+        &listener,
+        config.max_connections,
+        |stream, peer, permit| {
+            let _ = stream.set_nodelay(true);
+            let svc = ServiceBuilder::new()
+                .map_request(move |mut req: Request<Incoming>| {
+                    req.extensions_mut().insert(ClientAddr(peer));
+                    req
+                })
+                .service(service.clone());
+            let conn = http1.serve_connection(TokioIo::new(stream), TowerToHyperService::new(svc));
+            let conn = graceful.watch(conn);
+            tokio::spawn(async move {
+                if let Err(e) = conn.await {
+                    tracing::debug!(%peer, error = %e, "client connection ended with an error");
+                }
+                drop(permit);
+            });
+        },
+    );
+    let admins = accept_loop(
+        "admin",
+        &admin_listener,
+        config.admin_max_connections,
+        |stream, peer, permit| {
+            let admin = admin.clone();
+            let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
                 let admin = admin.clone();
-                let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
-                    let admin = admin.clone();
-                    async move { Ok::<_, std::convert::Infallible>(admin.handle(req).await) }
-                });
-                let conn = builder.serve_connection(TokioIo::new(stream), svc);
-                let conn = graceful.watch(conn.into_owned());
-                tokio::spawn(async move { let _ = conn.await; });
-            }
-            _ = &mut shutdown => break,
-        }
+                async move { Ok::<_, std::convert::Infallible>(admin.handle(req).await) }
+            });
+            let conn = graceful.watch(http1.serve_connection(TokioIo::new(stream), svc));
+            tokio::spawn(async move {
+                if let Err(e) = conn.await {
+                    tracing::debug!(%peer, error = %e, "admin connection ended with an error");
+                }
+                drop(permit);
+            });
+        },
+    );
+    tokio::select! {
+        _ = clients => {}
+        _ = admins => {}
+        _ = shutdown => {}
     }
     tracing::info!("shutting down: finishing requests in flight");
     drop(listener);
@@ -206,6 +247,57 @@ pub async fn serve(
     }
     drop(proxy);
     Ok(())
+}
+
+/// hyper's smallest read buffer (`max_buf_size` may not be set below it).
+const MIN_READ_BUFFER: usize = 8 * 1024;
+/// First pause after a failed accept (e.g. out of file descriptors); doubled on each
+/// failure in a row up to [`ACCEPT_BACKOFF_MAX`], reset by a successful accept.
+pub const ACCEPT_BACKOFF_MIN: Duration = Duration::from_millis(5);
+/// Longest pause between accepts after failures.
+pub const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
+
+/// Accepts connections on `listener` while fewer than `max` are open (beyond it, new ones
+/// wait in the kernel's listen backlog), handing each to `serve` with its permit; a failed
+/// accept is logged and followed by a pause that grows while failures repeat, so running out
+/// of descriptors does not spin a core. Runs until dropped.
+async fn accept_loop(
+    what: &'static str,
+    listener: &TcpListener,
+    max: usize,
+    mut serve: impl FnMut(TcpStream, SocketAddr, OwnedSemaphorePermit),
+) {
+    let permits = Arc::new(Semaphore::new(max));
+    let mut backoff = ACCEPT_BACKOFF_MIN;
+    loop {
+        let Ok(permit) = permits.clone().acquire_owned().await else {
+            return;
+        };
+        match listener.accept().await {
+            Ok((stream, peer)) => {
+                backoff = ACCEPT_BACKOFF_MIN;
+                serve(stream, peer, permit);
+            }
+            Err(e) => {
+                tracing::warn!(listener = what, error = %e, pause_ms = backoff.as_millis() as u64,
+                    "accept failed; pausing before the next accept");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(ACCEPT_BACKOFF_MAX);
+            }
+        }
+    }
+}
+
+/// The admin token: `REGROUP_ADMIN_TOKEN` when set, else the config's. An empty variable is
+/// refused (as an empty `admin_token` is by [`Config::validate`]): it would open the verbs.
+pub fn admin_token(config: &Config) -> Result<Option<String>, ProxyError> {
+    match std::env::var(ADMIN_TOKEN_ENV) {
+        Ok(t) if t.trim().is_empty() => Err(ProxyError::BadRequest(format!(
+            "{ADMIN_TOKEN_ENV} is set but empty: unset it or give it a token"
+        ))),
+        Ok(t) => Ok(Some(t)),
+        Err(_) => Ok(config.admin_token.clone()),
+    }
 }
 
 /// A URL with its password hidden, for messages.

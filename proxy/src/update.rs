@@ -52,15 +52,7 @@ where
     let body = Limited::new(body, limit)
         .collect()
         .await
-        .map_err(|e| {
-            if e.downcast_ref::<http_body_util::LengthLimitError>()
-                .is_some()
-            {
-                ProxyError::BodyTooLarge { limit }
-            } else {
-                ProxyError::BadRequest(format!("cannot read request body: {e}"))
-            }
-        })?
+        .map_err(|e| ProxyError::from_body_error(e, limit))?
         .to_bytes();
     let mut headers = parts.headers;
     forward::strip_hop_by_hop(&mut headers);
@@ -252,8 +244,11 @@ async fn execute(
                     "primary unreachable; waiting for the role to move");
                 miss(&group, &primary);
                 if !wait_for_new_epoch(&group, role.epoch, deadline).await {
+                    // The upstream error stays in the log; the client hears the state.
+                    tracing::warn!(group = %group.name(), primary = %primary.name(), %reason,
+                        "primary unreachable and no failover in time");
                     let reason = format!(
-                        "primary {:?} is unreachable ({reason}) and no partition took its place within {} ms",
+                        "primary {:?} is unreachable and no partition took its place within {} ms",
                         primary.name(),
                         group.config.failover_wait_ms
                     );

@@ -1,6 +1,7 @@
-//! Shared harness for the end-to-end tests: real `regroup` processes (the proxy and the
-//! example bank) on `127.0.0.1:0` ports in temp dirs, killed on drop, and a bounded
-//! `eventually` poll instead of fixed sleeps.
+//! Shared harness for the end-to-end tests: real processes (the `regroup` proxy and the
+//! example bank, a program of its own) on `127.0.0.1:0` ports in temp dirs, killed on drop,
+//! a bounded `eventually` poll instead of fixed sleeps, and fault injection in front of a
+//! bank ([`fault`]): the shipped programs carry no test hooks.
 //!
 //! (`tests/support/mod.rs` rather than `support.rs`: cargo would build the latter as a
 //! test crate of its own.)
@@ -18,7 +19,42 @@ use serde_json::Value;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
+pub mod fault;
+pub mod raw;
+
 pub const REGROUP: &str = env!("CARGO_BIN_EXE_regroup");
+
+/// The example bank's executable, `examples/bank` beside the `regroup` that cargo built for
+/// this test run. It is built (once per test process, with the same profile) by
+/// `cargo build --example bank`: `cargo test --test NAME` does not build examples, and a
+/// stale one would test old code.
+pub fn bank_exe() -> &'static Path {
+    static BANK: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    BANK.get_or_init(|| {
+        let dir = Path::new(REGROUP).parent().unwrap();
+        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| env!("CARGO").into());
+        let mut build = std::process::Command::new(cargo);
+        build
+            .args(["build", "--quiet", "--example", "bank", "--manifest-path"])
+            .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("Cargo.toml"));
+        match dir.file_name().and_then(|n| n.to_str()) {
+            Some("debug") | None => {}
+            Some("release") => {
+                build.arg("--release");
+            }
+            Some(profile) => {
+                build.args(["--profile", profile]);
+            }
+        }
+        let status = build.stdin(Stdio::null()).status().unwrap();
+        assert!(status.success(), "cargo build --example bank: {status}");
+        let bank = dir
+            .join("examples")
+            .join(format!("bank{}", std::env::consts::EXE_SUFFIX));
+        assert!(bank.exists(), "{} was not built", bank.display());
+        bank
+    })
+}
 
 /// Polls `check` every 25 ms until it returns `Some`, or panics after `timeout` naming
 /// `what` and the last observation.
@@ -44,13 +80,13 @@ where
 /// Spawns `regroup ARGS`, logging stderr to `log`, and returns the child and the first
 /// stdout line that starts with `prefix` (minus the prefix).
 async fn spawn_and_read(args: &[&str], log: &Path, prefix: &str) -> (Child, String) {
-    spawn_and_read_env(args, &[], log, prefix).await
+    spawn_exe_and_read(Path::new(REGROUP), args, log, prefix).await
 }
 
-/// [`spawn_and_read`] with extra environment variables.
-async fn spawn_and_read_env(
+/// [`spawn_and_read`] for the program `exe`.
+async fn spawn_exe_and_read(
+    exe: &Path,
     args: &[&str],
-    env: &[(String, String)],
     log: &Path,
     prefix: &str,
 ) -> (Child, String) {
@@ -59,10 +95,9 @@ async fn spawn_and_read_env(
         .append(true)
         .open(log)
         .unwrap();
-    let mut child = Command::new(REGROUP)
+    let mut child = Command::new(exe)
         .args(args)
         .env("RUST_LOG", "info,sea_orm_migration=warn")
-        .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::from(log_file))
@@ -84,7 +119,10 @@ async fn spawn_and_read_env(
     .flatten();
     let Some(line) = line else {
         let log = std::fs::read_to_string(log).unwrap_or_default();
-        panic!("regroup {args:?} did not print {prefix:?}; its log:\n{log}");
+        panic!(
+            "{} {args:?} did not print {prefix:?}; its log:\n{log}",
+            exe.display()
+        );
     };
     tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
     (child, line)
@@ -107,8 +145,14 @@ pub fn sigkill(pid: Option<u32>) {
 /// One bank partition process.
 pub struct Bank {
     pub name: String,
+    /// Where the proxy and the tests reach it: the bank itself, or the fault interposer in
+    /// front of it.
     pub url: String,
+    /// The bank process's own address.
+    pub direct: String,
     pub db: String,
+    /// The fault interposer in front of it, if any.
+    pub fault: Option<fault::Interposer>,
     log: PathBuf,
     child: Option<Child>,
 }
@@ -116,28 +160,42 @@ pub struct Bank {
 impl Bank {
     /// Starts a bank on a free port with its SQLite file in `dir`.
     pub async fn start(dir: &Path, name: &str) -> Bank {
-        Bank::start_env(dir, name, &[]).await
+        Bank::start_with(dir, name, None).await
     }
 
-    /// Starts a bank with extra environment variables (fault injection, see
-    /// `examples/bank.rs`); a restart runs without them.
-    pub async fn start_env(dir: &Path, name: &str, env: &[(String, String)]) -> Bank {
+    /// Starts a bank, with `fault` injected by an interposer in front of it (the bank is
+    /// then reached through the interposer, restarts included).
+    pub async fn start_with(dir: &Path, name: &str, fault: Option<fault::Fault>) -> Bank {
         let db = format!("sqlite://{}", dir.join(format!("bank-{name}.db")).display());
         let log = dir.join(format!("bank-{name}.log"));
-        let (child, url) = spawn_and_read_env(
-            &["bank", "--listen", "127.0.0.1:0", "--db", &db],
-            env,
+        let (child, url) = spawn_exe_and_read(
+            bank_exe(),
+            &["--listen", "127.0.0.1:0", "--db", &db],
             &log,
             "bank listening on ",
         )
         .await;
+        let direct = url.trim().to_owned();
+        let fault = match fault {
+            Some(f) => Some(fault::Interposer::start(&direct, child.id(), f).await),
+            None => None,
+        };
         Bank {
             name: name.to_owned(),
-            url: url.trim().to_owned(),
+            url: fault
+                .as_ref()
+                .map_or_else(|| direct.clone(), |f| f.url.clone()),
+            direct,
             db,
+            fault,
             log,
             child: Some(child),
         }
+    }
+
+    /// The fault interposer in front of this bank.
+    pub fn interposer(&self) -> &fault::Interposer {
+        self.fault.as_ref().expect("a bank started with a fault")
     }
 
     /// The process id, while it runs.
@@ -164,7 +222,7 @@ impl Bank {
     /// still held by the old socket).
     pub async fn restart(&mut self) {
         self.kill().await;
-        let listen = self.url.trim_start_matches("http://").to_owned();
+        let listen = self.direct.trim_start_matches("http://").to_owned();
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             let log_file = std::fs::OpenOptions::new()
@@ -172,8 +230,8 @@ impl Bank {
                 .append(true)
                 .open(&self.log)
                 .unwrap();
-            let mut child = Command::new(REGROUP)
-                .args(["bank", "--listen", &listen, "--db", &self.db])
+            let mut child = Command::new(bank_exe())
+                .args(["--listen", &listen, "--db", &self.db])
                 .stdin(Stdio::null())
                 .stdout(Stdio::piped())
                 .stderr(Stdio::from(log_file))
@@ -283,20 +341,20 @@ impl BankGroup {
     /// `n` banks and a proxy with the journal at `journal` (None: SQLite in the temp dir)
     /// and `extra` lines added to the `[[groups]]` table.
     pub async fn start(n: usize, journal: Option<&str>, extra: &str) -> BankGroup {
-        BankGroup::start_env(n, journal, extra, |_| Vec::new()).await
+        BankGroup::start_with(n, journal, extra, |_| None).await
     }
 
-    /// [`BankGroup::start`] with extra environment variables per bank name.
-    pub async fn start_env(
+    /// [`BankGroup::start`] with a fault injected in front of the banks `fault` names.
+    pub async fn start_with(
         n: usize,
         journal: Option<&str>,
         extra: &str,
-        env: impl Fn(&str) -> Vec<(String, String)>,
+        fault: impl Fn(&str) -> Option<fault::Fault>,
     ) -> BankGroup {
         let dir = tempfile::tempdir().unwrap();
         let mut banks = Vec::new();
         for name in ["a", "b", "c", "d", "e"].iter().take(n) {
-            banks.push(Bank::start_env(dir.path(), name, &env(name)).await);
+            banks.push(Bank::start_with(dir.path(), name, fault(name)).await);
         }
         let journal = journal
             .map(str::to_owned)

@@ -311,7 +311,7 @@ async fn single_partition_hostile_requests_are_refused_or_sanitized() {
     let toml = format!(
         "listen = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\njournal = \"sqlite://{}\"\n\
          header_read_timeout_ms = 1000\nbody_read_timeout_ms = 1000\n\
-         [[groups]]\nname = \"raw\"\nmax_body_bytes = 1024\nread_timeout_ms = 1000\n\
+         [[groups]]\nname = \"raw\"\nmax_body_bytes = 1024\nread_timeout_ms = 1500\n\
          [[groups.partitions]]\nname = \"a\"\nurl = \"{}\"\n",
         dir.path().join("journal.db").display(),
         upstream.url

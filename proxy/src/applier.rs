@@ -7,7 +7,7 @@ use std::time::Duration;
 use regroup_replay::{Applier, ApplyError, Fingerprint, Record};
 
 use crate::link::{PartitionLink, SendError};
-use crate::partition::Partition;
+use crate::partition::{Health, Partition};
 
 /// Replays records on one partition, with `Regroup-Replay: 1`.
 pub struct LinkApplier {
@@ -39,12 +39,25 @@ fn apply_error(e: SendError) -> ApplyError {
     match e {
         SendError::NotSent(r) => ApplyError::Unreachable(r),
         SendError::Unknown(r) => ApplyError::NoAnswer(r),
+        // Nothing was applied; the replayer asks where it stands and resumes there.
+        SendError::Behind(at) => {
+            ApplyError::Unreachable(format!("the partition stands behind, at {at}"))
+        }
     }
 }
 
 #[async_trait::async_trait]
 impl Applier for LinkApplier {
     async fn apply(&self, record: &Record) -> Result<Fingerprint, ApplyError> {
+        // Nothing is replayed to a partition that supervision does not see answering: one
+        // that comes back is first asked where it stands (and rewound), so a copy restored
+        // from an older backup never receives a record it is not ready for.
+        if self.partition.health() != Health::Up {
+            return Err(ApplyError::Unreachable(format!(
+                "partition {:?} is not answering heartbeats",
+                self.partition.name()
+            )));
+        }
         let answer = self
             .link
             .send(&self.partition, record, true, self.timeout)

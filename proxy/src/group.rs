@@ -186,7 +186,7 @@ impl Group {
                 .map_err(journal_err)?
             {
                 tracing::warn!(group = %config.name, partition = %p.name, %reason,
-                    "partition is quarantined (regroup rejoin lifts it)");
+                    "partition is quarantined as diverged (regroup rejoin lifts it)");
                 partition.set_diverged(&reason);
             }
             partitions.push(Arc::new(partition));
@@ -357,7 +357,7 @@ impl Group {
         self.transition(
             "mark_in_doubt",
             format!(
-                "record {} in doubt (may have executed: {:?}): {reason}",
+                "update in doubt: record {} (may have executed: {:?}): {reason}",
                 record.seq, record.executors
             ),
         );

@@ -35,6 +35,10 @@ pub enum SendError {
     /// time-out).
     #[error("no answer: {0}")]
     Unknown(String),
+    /// The partition refused it without executing: it stands at this seq by its own
+    /// record, behind the record sent (a copy restored from an older backup).
+    #[error("the partition stands behind, at {0}")]
+    Behind(u64),
 }
 
 /// Talks to partitions.
@@ -115,7 +119,19 @@ impl PartitionLink for HttpLink {
     ) -> Result<Answer, SendError> {
         let req = crate::update::record_request(record, partition.base(), replay)
             .map_err(|e| SendError::NotSent(format!("cannot build request: {e}")))?;
-        self.exchange(req, timeout).await
+        let answer = self.exchange(req, timeout).await?;
+        if answer.parts.status == http::StatusCode::CONFLICT
+            && let Some(applied) = answer
+                .parts
+                .headers
+                .get(regroup_replay::headers::APPLIED)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse::<u64>().ok())
+            && applied.saturating_add(1) < record.seq
+        {
+            return Err(SendError::Behind(applied));
+        }
+        Ok(answer)
     }
 
     async fn health(

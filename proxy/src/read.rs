@@ -111,6 +111,21 @@ struct EndpointError {
 struct ReadEndpoint {
     client: Upstream,
     partition: Arc<Partition>,
+    /// The group's sealed head and allowed lag: an answer whose `Regroup-Applied` says the
+    /// partition stands further behind is not served.
+    sealed: tokio::sync::watch::Receiver<u64>,
+    max_lag: u64,
+}
+
+impl ReadEndpoint {
+    fn new(group: &Group, partition: Arc<Partition>) -> Self {
+        ReadEndpoint {
+            client: group.client.clone(),
+            partition,
+            sealed: group.watch_sealed(),
+            max_lag: group.config.max_read_lag,
+        }
+    }
 }
 
 impl Service<Request<ProxyBody>> for ReadEndpoint {
@@ -131,12 +146,14 @@ impl Service<Request<ProxyBody>> for ReadEndpoint {
             .to_owned();
         let uri = upstream_uri(partition.base(), &pq);
         let client = self.client.clone();
+        let sealed = *self.sealed.borrow();
+        let max_lag = self.max_lag;
         Box::pin(async move {
             *req.uri_mut() = uri.map_err(|e| EndpointError {
                 partition: partition.name().to_owned(),
                 reason: e.to_string(),
             })?;
-            client.request(req).await.map_err(|e| {
+            let resp = client.request(req).await.map_err(|e| {
                 if e.is_connect() {
                     // A proxied request that cannot connect counts as a missed heartbeat.
                     partition.record_miss();
@@ -145,7 +162,25 @@ impl Service<Request<ProxyBody>> for ReadEndpoint {
                     partition: partition.name().to_owned(),
                     reason: error_chain(&e),
                 }
-            })
+            })?;
+            if let Some(applied) = resp
+                .headers()
+                .get(regroup_replay::headers::APPLIED)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse::<u64>().ok())
+                && applied.saturating_add(max_lag) < sealed
+            {
+                // Restarted behind where the group had it (a restored copy): out of the read
+                // set until supervision has asked it where it stands.
+                partition.record_miss();
+                return Err(EndpointError {
+                    partition: partition.name().to_owned(),
+                    reason: format!(
+                        "stands at {applied} by its own record, {sealed} are sealed: not served"
+                    ),
+                });
+            }
+            Ok(resp)
         })
     }
 }
@@ -195,10 +230,7 @@ impl Reads {
                 fresh[turn % fresh.len()].clone()
             }
         };
-        let mut endpoint = ReadEndpoint {
-            client: group.client.clone(),
-            partition,
-        };
+        let mut endpoint = ReadEndpoint::new(group, partition);
         endpoint.call(req).await.map_err(|e| ProxyError::Upstream {
             group: group.name().to_owned(),
             partition: e.partition,
@@ -323,10 +355,7 @@ async fn membership(group: Arc<Group>, tx: mpsc::UnboundedSender<Change<String, 
             let Some(partition) = group.member(name) else {
                 continue;
             };
-            let endpoint = ReadEndpoint {
-                client: group.client.clone(),
-                partition,
-            };
+            let endpoint = ReadEndpoint::new(&group, partition);
             let svc = PeakEwma::new(
                 endpoint,
                 Duration::from_millis(1),

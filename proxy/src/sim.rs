@@ -131,6 +131,11 @@ impl SimLink {
         let txn = record.txn_id.to_string();
         let _ = replay;
         if p.exactly_once {
+            let last = s.copy.last_seq();
+            if last > 0 && record.seq > last + 1 {
+                // The layer's gap check: this copy stands behind (a restore).
+                return (409, Bytes::from(format!("behind {last}")));
+            }
             if let Some((t, answer)) = s.copy.record.get(&record.seq) {
                 if *t == txn {
                     return (200, answer.clone());
@@ -193,6 +198,13 @@ impl PartitionLink for SimLink {
             Ok(Err(_)) => return Err(SendError::Unknown("partition task gone".into())),
             Err(_) => return Err(SendError::Unknown("time-out".into())),
         };
+        if let Some(at) = std::str::from_utf8(&body)
+            .ok()
+            .and_then(|b| b.strip_prefix("behind "))
+            .and_then(|n| n.parse::<u64>().ok())
+        {
+            return Err(SendError::Behind(at));
+        }
         if !replay {
             self.sent
                 .lock()
@@ -807,6 +819,14 @@ async fn run(seed: u64) -> Result<String, String> {
         let quarantined = group
             .member(&p.name)
             .is_some_and(|m| m.diverged().is_some());
+        if quarantined && p.exactly_once {
+            // Its own record makes every re-delivery harmless and says where it stands
+            // after a restore: nothing should ever make it diverge.
+            return fail(format!(
+                "copy {:?} keeps its own record but was quarantined",
+                p.name
+            ));
+        }
         if quarantined {
             continue;
         }

@@ -118,6 +118,9 @@ pub(crate) fn record_request(
 
 /// What became of one forward of a record to a partition.
 enum Forwarded {
+    /// The partition refused it unexecuted: by its own record it stands at this seq,
+    /// behind the record (a restored copy). It cannot lead until it has caught up.
+    Behind(u64),
     /// The partition answered.
     Answer(Answer),
     /// The request never left: nothing was executed.
@@ -139,6 +142,7 @@ async fn forward(group: &Group, record: &Record, primary: &Partition, epoch: u64
             Ok(a) => Forwarded::Answer(a),
             Err(SendError::NotSent(r)) => Forwarded::NotSent(r),
             Err(SendError::Unknown(r)) => Forwarded::Unknown(r),
+            Err(SendError::Behind(at)) => Forwarded::Behind(at),
         },
         _ = deposed => Forwarded::Unknown(format!(
             "partition {:?} was deposed (epoch {epoch} ended) before it answered",
@@ -169,7 +173,7 @@ async fn stamp(
 /// `append`: writes `record` ahead. An error whose outcome is unknown is checked against
 /// the journal itself: committed after all, not written (503, nothing changed), or unknown
 /// (the record is in doubt).
-async fn append(group: &Group, record: &Record) -> Result<(), ProxyError> {
+async fn append(group: &Arc<Group>, record: &Record) -> Result<(), ProxyError> {
     let Err(e) = group.journal.append(record).await else {
         return Ok(());
     };
@@ -188,6 +192,8 @@ async fn append(group: &Group, record: &Record) -> Result<(), ProxyError> {
                     "append failed ({e}) and the journal cannot say whether it committed ({check})"
                 ),
             );
+            // Settled (kept or dropped) as soon as the journal answers again.
+            spawn_settle(group.clone());
             Err(ProxyError::Journal(e.to_string()))
         }
     }
@@ -238,6 +244,19 @@ async fn execute(
                     }
                     Err(reason) => in_doubt(&group, record, deadline, reason).await,
                 };
+            }
+            Forwarded::Behind(at) => {
+                // Nothing executed; the failover task moves the role to a partition that
+                // holds every sealed record.
+                rewound(&group, &primary, at);
+                if !wait_for_new_epoch(&group, role.epoch, deadline).await {
+                    let reason = format!(
+                        "primary {:?} stands behind the journal and no partition took its place within {} ms",
+                        primary.name(),
+                        group.config.failover_wait_ms
+                    );
+                    return skip_unexecuted(&group, record, reason, deadline).await;
+                }
             }
             Forwarded::NotSent(reason) => {
                 tracing::warn!(group = %group.name(), partition = %primary.name(), seq, %reason,
@@ -376,6 +395,22 @@ fn client_answer(answer: Answer, seq: u64) -> Response<ProxyBody> {
     resp.headers_mut().remove(header::CONTENT_LENGTH);
     resp.headers_mut().insert(rh::SEQ, HeaderValue::from(seq));
     resp
+}
+
+/// The primary said it stands at `at`, behind the journal: it is no longer credited with
+/// more, so the failover task moves the role to one that holds every sealed record.
+fn rewound(group: &Group, p: &Partition, at: u64) {
+    group.transition(
+        "rewind",
+        format!(
+            "primary {:?} stands at {at} by its own record, behind {}",
+            p.name(),
+            p.applied()
+        ),
+    );
+    p.set_applied(at);
+    group.refresh(p);
+    group.bump();
 }
 
 /// A proxied update that could not connect counts as a missed heartbeat.
@@ -624,7 +659,7 @@ async fn try_settle(group: &Group, mut record: Record) -> Option<Answer> {
                     group.transition(
                         "settle",
                         format!(
-                            "record {seq} executed exactly once by {:?} (status {})",
+                            "in-doubt update settled exactly: record {seq} executed once by {:?} (status {})",
                             primary.name(),
                             answer.parts.status.as_u16()
                         ),
@@ -637,6 +672,10 @@ async fn try_settle(group: &Group, mut record: Record) -> Option<Answer> {
                     None
                 }
             }
+        }
+        Forwarded::Behind(at) => {
+            rewound(group, &primary, at);
+            None
         }
         Forwarded::NotSent(reason) => {
             tracing::debug!(group = %group.name(), seq, %reason, "settling: primary unreachable");

@@ -16,6 +16,12 @@ pub const TIMESTAMP: &str = "regroup-timestamp";
 /// `1` on replays; absent on the primary's execution.
 pub const REPLAY: &str = "regroup-replay";
 
+/// On every answer of a partition that keeps the exactly-once record: the highest seq it
+/// has applied. The proxy refuses to serve a read from a partition whose answer says it
+/// stands further behind the sealed head than the group allows (a copy restored from an
+/// older backup, before supervision noticed).
+pub const APPLIED: &str = "regroup-applied";
+
 /// All replay headers, for stripping them from client requests (a client must not be
 /// able to forge a replay).
 pub const ALL: [&str; 5] = [SEQ, TXN_ID, EPOCH, TIMESTAMP, REPLAY];

@@ -76,6 +76,7 @@ pub struct ReplayLayer {
     store: Option<Arc<dyn AppliedStore>>,
     require_regroup: bool,
     highest_epoch: Arc<AtomicU64>,
+    highest_seq: Arc<AtomicU64>,
     loaded: Arc<tokio::sync::OnceCell<()>>,
 }
 
@@ -199,9 +200,13 @@ where
                     ));
                 }
             };
+            let seq = ctx.as_ref().map(ReplayContext::seq);
             match ctx {
                 Some(ctx) => {
                     if let Some(resp) = layer.fence(&ctx).await {
+                        return Ok(resp);
+                    }
+                    if let Some(resp) = layer.gap(&ctx).await {
                         return Ok(resp);
                     }
                     req.extensions_mut().insert(ctx);
@@ -215,7 +220,21 @@ where
                 }
                 None => {}
             }
-            inner.call(req).await
+            let mut resp = inner.call(req).await?;
+            if layer.load().await {
+                // Requests reach a partition one at a time, in seq order: an answer that is
+                // not a server error means the seq was recorded (with its answer).
+                if let Some(seq) = seq
+                    && !resp.status().is_server_error()
+                {
+                    layer.highest_seq.fetch_max(seq, Ordering::AcqRel);
+                }
+                resp.headers_mut().insert(
+                    crate::headers::APPLIED,
+                    header::HeaderValue::from(layer.highest_seq.load(Ordering::Acquire)),
+                );
+            }
+            Ok(resp)
         })
     }
 }
@@ -223,16 +242,52 @@ where
 impl ReplayLayer {
     /// 409 when `ctx` comes from an older epoch than this partition has seen (and is not a
     /// re-delivery of an applied transaction).
-    async fn fence<B: From<String>>(&self, ctx: &ReplayContext) -> Option<Response<B>> {
-        if let Some(store) = &self.store {
-            self.loaded
-                .get_or_init(|| async {
-                    if let Ok((_, epoch)) = store.applied().await {
-                        self.highest_epoch.fetch_max(epoch, Ordering::AcqRel);
-                    }
-                })
-                .await;
+    /// Loads the highest seq and epoch recorded, once per process (a restarted process, a
+    /// restored copy included, reads them again).
+    /// False while the store cannot be read (tried again on the next request).
+    async fn load(&self) -> bool {
+        let Some(store) = &self.store else {
+            return false;
+        };
+        self.loaded
+            .get_or_try_init(|| async {
+                let (seq, epoch) = store.applied().await?;
+                self.highest_epoch.fetch_max(epoch, Ordering::AcqRel);
+                self.highest_seq.fetch_max(seq, Ordering::AcqRel);
+                Ok::<(), String>(())
+            })
+            .await
+            .is_ok()
+    }
+
+    /// 409 `behind` when `ctx` is more than one past the highest seq recorded here: this
+    /// copy stands behind where the proxy thinks (restored from an older backup), and
+    /// applying the record on the older state would make it diverge. The answer carries
+    /// `Regroup-Applied`, so the proxy repositions it. A partition that has recorded
+    /// nothing yet accepts any seq (it may be a copy made before it ever took part).
+    async fn gap<B: From<String>>(&self, ctx: &ReplayContext) -> Option<Response<B>> {
+        if !self.load().await {
+            return None;
         }
+        let highest = self.highest_seq.load(Ordering::Acquire);
+        if highest == 0 || ctx.seq() <= highest + 1 {
+            return None;
+        }
+        let mut resp: Response<B> = error(
+            StatusCode::CONFLICT,
+            "behind",
+            format!(
+                "seq {} offered, but this partition has applied only up to {highest}",
+                ctx.seq()
+            ),
+        );
+        resp.headers_mut()
+            .insert(crate::headers::APPLIED, header::HeaderValue::from(highest));
+        Some(resp)
+    }
+
+    async fn fence<B: From<String>>(&self, ctx: &ReplayContext) -> Option<Response<B>> {
+        self.load().await;
         let highest = self.highest_epoch.fetch_max(ctx.epoch(), Ordering::AcqRel);
         if ctx.epoch() >= highest {
             return None;

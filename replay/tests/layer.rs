@@ -518,3 +518,44 @@ async fn exactly_once_refuses_another_transaction_at_an_applied_seq() {
     assert_eq!(n.load(Ordering::SeqCst), 1);
     assert_eq!(items(&db).await, ["a"]);
 }
+
+#[tokio::test]
+async fn layer_with_store_refuses_a_seq_past_a_gap_and_stamps_where_it_stands() {
+    let (_dir, db) = database().await;
+    let once = ExactlyOnce::new(db.clone());
+    let n = Arc::new(AtomicUsize::new(0));
+    for seq in 1..=3 {
+        insert_item(&once, &ctx(seq, 1), &format!("i{seq}"), false, &n)
+            .await
+            .unwrap();
+    }
+    // A fresh layer (a copy restored to seq 3, restarted) is offered seq 7: refused unrun,
+    // with where it stands, so the proxy repositions it instead of diverging it.
+    let (svc, seen) = inner();
+    let svc = ReplayLayer::new().with_store(once).layer(svc);
+    let resp = svc
+        .clone()
+        .oneshot(update("7", "1").body(String::new()).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::CONFLICT);
+    assert_eq!(resp.headers()["regroup-applied"], "3");
+    let body: Value = serde_json::from_str(resp.body()).unwrap();
+    assert_eq!(body["error"], "behind");
+    assert_eq!(calls(&seen), 0);
+    // The next seq in line passes, and every answer says where the copy stands, reads too.
+    let resp = svc
+        .clone()
+        .oneshot(update("4", "1").body(String::new()).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(resp.headers()["regroup-applied"], "4");
+    let resp = svc
+        .clone()
+        .oneshot(Request::get("/items").body(String::new()).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(resp.headers()["regroup-applied"], "4");
+    assert_eq!(calls(&seen), 2);
+}

@@ -41,8 +41,28 @@ pub struct GroupStatus {
     pub sealed: u64,
     /// Records whose execution is unknown; updates wait until they are resolved.
     pub in_doubt: Vec<u64>,
+    /// The partitions that may have executed the in-doubt record.
+    #[serde(default)]
+    pub in_doubt_executors: Vec<String>,
+    /// Whether the primary role is moving (updates wait).
+    #[serde(default)]
+    pub handing_over: bool,
     /// The partitions.
     pub partitions: Vec<PartitionStatusDoc>,
+    /// The group's latest transitions, oldest first.
+    #[serde(default)]
+    pub transitions: Vec<TransitionDoc>,
+}
+
+/// One transition of a group's state in `/status`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TransitionDoc {
+    /// When (RFC 3339).
+    pub at: String,
+    /// Its name: `hand_over`, `mark_in_doubt`, `settle`, `rewind`, `quarantine`, ...
+    pub name: String,
+    /// What changed and why.
+    pub reason: String,
 }
 
 /// One partition in `/status`.
@@ -71,7 +91,18 @@ impl From<GroupView> for GroupStatus {
             head: g.head,
             sealed: g.sealed,
             in_doubt: g.in_doubt,
+            in_doubt_executors: g.in_doubt_executors,
+            handing_over: g.handing_over,
             partitions: g.partitions.into_iter().map(Into::into).collect(),
+            transitions: g
+                .transitions
+                .into_iter()
+                .map(|t| TransitionDoc {
+                    at: regroup_replay::record::format_timestamp(t.at),
+                    name: t.name.to_owned(),
+                    reason: t.reason,
+                })
+                .collect(),
         }
     }
 }

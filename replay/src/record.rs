@@ -169,7 +169,10 @@ impl Record {
 
     /// Adds `partition` to the partitions that may have executed it (kept sorted, once).
     pub fn add_executor(&mut self, partition: &str) {
-        if let Err(i) = self.executors.binary_search_by(|p| p.as_str().cmp(partition)) {
+        if let Err(i) = self
+            .executors
+            .binary_search_by(|p| p.as_str().cmp(partition))
+        {
             self.executors.insert(i, partition.to_owned());
         }
     }

@@ -133,13 +133,12 @@ impl Log for MemoryJournal {
 
     async fn seal(&self, group: &str, seq: u64, outcome: &Outcome) -> Result<(), JournalError> {
         self.write(|s| {
-            let r = group_mut(s, group)
-                .records
-                .get_mut(&seq)
-                .ok_or_else(|| JournalError::NoSuchRecord {
+            let r = group_mut(s, group).records.get_mut(&seq).ok_or_else(|| {
+                JournalError::NoSuchRecord {
                     group: group.to_owned(),
                     seq,
-                })?;
+                }
+            })?;
             let (state, fingerprint) = match outcome {
                 Outcome::Executed(fp) => (RecordState::Executed, fp.clone()),
                 Outcome::Skipped => (RecordState::Skipped, None),
@@ -167,13 +166,12 @@ impl Log for MemoryJournal {
         executor: &str,
     ) -> Result<(), JournalError> {
         self.write(|s| {
-            let r = group_mut(s, group)
-                .records
-                .get_mut(&seq)
-                .ok_or_else(|| JournalError::NoSuchRecord {
+            let r = group_mut(s, group).records.get_mut(&seq).ok_or_else(|| {
+                JournalError::NoSuchRecord {
                     group: group.to_owned(),
                     seq,
-                })?;
+                }
+            })?;
             if r.state.is_sealed() {
                 return Err(JournalError::Conflict {
                     group: group.to_owned(),

@@ -7,6 +7,8 @@
 
 #![allow(dead_code, unreachable_pub, missing_docs, clippy::unwrap_used)]
 
+pub mod postgres;
+
 use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;

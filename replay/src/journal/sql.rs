@@ -350,7 +350,8 @@ impl SqlJournal {
             .order_by(R::Seq, Order::Asc);
         filter(&mut q);
         if let Some(limit) = limit {
-            q.limit(limit);
+            // sqlx binds a u64 above i64::MAX by panicking: clamp (no journal is that long).
+            q.limit(std::cmp::min(limit, to_u64(i64::MAX)));
         }
         let rows = self.db.query_all(&q).await?;
         rows.iter().map(|r| row_to_record(group, r)).collect()
@@ -544,7 +545,8 @@ impl Log for SqlJournal {
 
     async fn flush(&self) -> Result<(), JournalError> {
         if self.sync == JournalSync::Full {
-            return Ok(());
+            // Everything is durable already; a fenced handle still hears that it is.
+            return self.check_fence().await;
         }
         // A write on the flushed connection: its commit makes everything written before it
         // durable (SQLite syncs the whole WAL; PostgreSQL flushes WAL up to its commit).

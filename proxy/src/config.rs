@@ -39,6 +39,10 @@ pub const DEFAULT_UPDATE_TIMEOUT_MS: u64 = 30_000;
 pub const DEFAULT_READ_WAIT_MS: u64 = 2000;
 /// Default number of records a replica may lag and still serve reads.
 pub const DEFAULT_MAX_READ_LAG: u64 = 16;
+/// Default lifetime of the journal's ownership lease, in ms (renewed every fifth of it).
+pub const DEFAULT_JOURNAL_LEASE_MS: u64 = 10_000;
+/// Shortest journal lease accepted, in ms.
+pub const MIN_JOURNAL_LEASE_MS: u64 = 500;
 
 /// The whole configuration file.
 #[derive(Debug, Clone, Deserialize)]
@@ -57,6 +61,10 @@ pub struct Config {
     /// (records before they are forwarded; seals ride on the next record's flush).
     #[serde(default)]
     pub journal_sync: regroup_replay::JournalSync,
+    /// Lifetime of the journal's ownership lease in ms: how long a crashed proxy keeps the
+    /// next one waiting (see `ownership`).
+    #[serde(default = "default_journal_lease_ms")]
+    pub journal_lease_ms: u64,
     /// Bearer token required by admin verbs (`resolve`). Overridden by the
     /// `REGROUP_ADMIN_TOKEN` environment variable. Unset: admin verbs are open to whoever
     /// reaches `admin_listen` (loopback by default).
@@ -168,6 +176,10 @@ fn parse_const(s: &str) -> SocketAddr {
     s.parse()
         .unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 0)))
 }
+fn default_journal_lease_ms() -> u64 {
+    DEFAULT_JOURNAL_LEASE_MS
+}
+
 fn default_journal() -> String {
     DEFAULT_JOURNAL.to_owned()
 }
@@ -285,6 +297,12 @@ impl Config {
             return Err(invalid(
                 "journal".into(),
                 format!("{:?} is not a sqlite:// or postgres:// URL", self.journal),
+            ));
+        }
+        if self.journal_lease_ms < MIN_JOURNAL_LEASE_MS {
+            return Err(invalid(
+                "journal_lease_ms".into(),
+                format!("must be at least {MIN_JOURNAL_LEASE_MS}"),
             ));
         }
         let mut group_names = HashSet::new();

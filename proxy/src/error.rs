@@ -91,6 +91,9 @@ pub enum ProxyError {
         /// Its state.
         state: &'static str,
     },
+    /// Another proxy owns the journal (refused at start, or taken over while serving).
+    #[error("{0}")]
+    JournalOwned(String),
     /// Admin verb without the right bearer token (401).
     #[error("missing or wrong admin bearer token")]
     Unauthorized,
@@ -109,6 +112,7 @@ impl ProxyError {
             ProxyError::InDoubt { .. } => "in_doubt",
             ProxyError::Upstream { .. } => "upstream_failed",
             ProxyError::Journal(_) => "journal_unavailable",
+            ProxyError::JournalOwned(_) => "journal_owned",
             ProxyError::NoSuchRecord { .. } => "no_such_record",
             ProxyError::NotInDoubt { .. } => "not_in_doubt",
             ProxyError::Unauthorized => "unauthorized",
@@ -123,7 +127,8 @@ impl ProxyError {
             ProxyError::NoGroup(_) | ProxyError::NoSuchRecord { .. } => StatusCode::NOT_FOUND,
             ProxyError::NoPartition { .. }
             | ProxyError::Unavailable { .. }
-            | ProxyError::Journal(_) => StatusCode::SERVICE_UNAVAILABLE,
+            | ProxyError::Journal(_)
+            | ProxyError::JournalOwned(_) => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::PrimaryUnreachable { .. }
             | ProxyError::InDoubt { .. }
             | ProxyError::Upstream { .. } => StatusCode::BAD_GATEWAY,

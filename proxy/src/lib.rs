@@ -39,6 +39,7 @@ pub mod error;
 mod failover;
 pub mod forward;
 pub mod group;
+pub mod ownership;
 pub mod partition;
 pub mod read;
 mod replicate;

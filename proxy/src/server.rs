@@ -22,6 +22,7 @@ use crate::config::Config;
 use crate::error::ProxyError;
 use crate::forward::{BoxError, ProxyBody, upstream_client};
 use crate::group::Group;
+use crate::ownership::{self, Ownership};
 use crate::read::Reads;
 use crate::route::{ClientAddr, RegroupLayer, Routed};
 use crate::{failover, replicate, supervise, update};
@@ -35,6 +36,7 @@ pub const ADMIN_TOKEN_ENV: &str = "REGROUP_ADMIN_TOKEN";
 pub struct Proxy {
     routes: Vec<Routed>,
     admin: Admin,
+    ownership: Ownership,
 }
 
 impl Proxy {
@@ -51,6 +53,7 @@ impl Proxy {
         config: &Config,
         journal: Arc<dyn Journal>,
     ) -> Result<Proxy, ProxyError> {
+        let ownership = ownership::claim(config, journal.clone()).await?;
         let client = upstream_client();
         let mut routes = Vec::new();
         let mut groups = Vec::new();
@@ -80,7 +83,14 @@ impl Proxy {
         Ok(Proxy {
             routes,
             admin: Admin::new(groups, token),
+            ownership,
         })
+    }
+
+    /// This proxy's claim on its journal: [`Ownership::lost`] resolves when another proxy
+    /// took it over; [`Ownership::release`] gives it up on a clean shutdown.
+    pub fn ownership(&self) -> &Ownership {
+        &self.ownership
     }
 
     /// The layer that routes requests to this proxy's groups (for embedding regroup in a
@@ -151,6 +161,12 @@ pub async fn serve(
     let admin_listener = TcpListener::bind(config.admin_listen).await.map_err(|e| {
         ProxyError::BadRequest(format!("cannot listen on {}: {e}", config.admin_listen))
     })?;
+    // The journal's owner is described by the addresses really bound.
+    let mut config = config;
+    (config.listen, config.admin_listen) = (
+        listener.local_addr().unwrap_or(config.listen),
+        admin_listener.local_addr().unwrap_or(config.admin_listen),
+    );
     let proxy = Proxy::start(&config).await?;
     let bound = Bound {
         listen: listener
@@ -170,6 +186,7 @@ pub async fn serve(
     http1.timer(hyper_util::rt::TokioTimer::new());
     let builder = auto::Builder::new(TokioExecutor::new());
     tokio::pin!(shutdown);
+    let mut taken_over = None;
     loop {
         tokio::select! {
             accepted = listener.accept() => {
@@ -201,6 +218,10 @@ pub async fn serve(
                 tokio::spawn(async move { let _ = conn.await; });
             }
             _ = &mut shutdown => break,
+            holder = proxy.ownership().lost() => {
+                taken_over = Some(holder);
+                break;
+            }
         }
     }
     tracing::info!("shutting down: finishing requests in flight");
@@ -212,6 +233,13 @@ pub async fn serve(
     {
         tracing::warn!("requests still in flight after 10 s; closing");
     }
+    if let Some(holder) = taken_over {
+        return Err(ProxyError::JournalOwned(format!(
+            "journal {} was taken over by {holder}: this proxy stopped serving",
+            redact(&config.journal)
+        )));
+    }
+    proxy.ownership().release().await;
     drop(proxy);
     Ok(())
 }

@@ -251,6 +251,21 @@ impl Proxy {
         }
     }
 
+    /// Stops the proxy cleanly (SIGTERM) and returns how it exited.
+    pub async fn terminate(&mut self) -> Option<std::process::ExitStatus> {
+        let mut c = self.child.take()?;
+        if let Some(pid) = c.id() {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid as i32),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+        }
+        tokio::time::timeout(Duration::from_secs(30), c.wait())
+            .await
+            .ok()
+            .and_then(Result::ok)
+    }
+
     /// Starts it again with the same config (new ports when the config says `:0`).
     pub async fn restart(&mut self) {
         self.kill().await;
@@ -304,7 +319,9 @@ impl BankGroup {
             .map(str::to_owned)
             .unwrap_or_else(|| format!("sqlite://{}", dir.path().join("journal.db").display()));
         let mut toml = format!(
-            "listen = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\njournal = \"{journal}\"\n\n[[groups]]\nname = \"bank\"\n{extra}\n"
+            "listen = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\njournal = \"{journal}\"\n\
+             # A killed proxy's successor waits at most this long for the journal.\n\
+             journal_lease_ms = 1000\n\n[[groups]]\nname = \"bank\"\n{extra}\n"
         );
         for b in &banks {
             toml.push_str(&format!(

@@ -126,7 +126,29 @@ async fn one_owner_per_journal(journal: &str) {
     );
     let doc = third.status(&http).await;
     assert_eq!(doc.groups[0].name, "bank");
-    third.terminate().await;
+
+    // Paused past its lease, the owner is taken over; resumed, its renewal is refused and it
+    // stops serving with a non-zero exit naming the new owner.
+    third.signal(nix::sys::signal::Signal::SIGSTOP);
+    tokio::time::sleep(Duration::from_millis(SHORT_LEASE_MS + 500)).await;
+    let fourth_config = write_config(dir.path(), "fourth", journal, SHORT_LEASE_MS, &bank);
+    let mut fourth = Proxy::start(&fourth_config).await;
+    let fourth_pid = fourth.child_pid().unwrap();
+    third.signal(nix::sys::signal::Signal::SIGCONT);
+    let status = third.wait(Duration::from_secs(20)).await;
+    assert!(
+        status.is_some_and(|s| !s.success()),
+        "the deposed proxy exited {status:?}"
+    );
+    let log = third.log();
+    assert!(
+        log.contains(&format!("was taken over by regroup pid {fourth_pid} on "))
+            && log.contains("this proxy stopped serving"),
+        "the deposed proxy does not name its successor (pid {fourth_pid}):\n{log}"
+    );
+    let doc = fourth.status(&http).await;
+    assert_eq!(doc.groups[0].name, "bank");
+    fourth.terminate().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -266,6 +266,23 @@ impl Proxy {
             .and_then(Result::ok)
     }
 
+    /// Sends `signal` to the proxy (e.g. SIGSTOP to pause it, SIGCONT to resume).
+    pub fn signal(&self, signal: nix::sys::signal::Signal) {
+        if let Some(pid) = self.child_pid() {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), signal);
+        }
+    }
+
+    /// Waits up to `timeout` for the proxy to exit by itself; its exit status.
+    pub async fn wait(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let c = self.child.as_mut()?;
+        let status = tokio::time::timeout(timeout, c.wait()).await.ok()?.ok();
+        if status.is_some() {
+            self.child = None;
+        }
+        status
+    }
+
     /// Starts it again with the same config (new ports when the config says `:0`).
     pub async fn restart(&mut self) {
         self.kill().await;

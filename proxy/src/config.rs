@@ -486,6 +486,7 @@ url = "http://127.0.0.1:9002"
         assert_eq!(g.heartbeat_retries, 3);
         assert_eq!(g.replay, ReplayPolicy::All);
         assert_eq!(c.journal_sync, regroup_replay::JournalSync::Full);
+        assert_eq!(c.journal_lease_ms, DEFAULT_JOURNAL_LEASE_MS);
         assert_eq!(g.partitions[1].name, "b");
     }
 
@@ -531,5 +532,10 @@ url = "http://127.0.0.1:9002"
             e,
             "regroup.toml: groups[0].heartbeat_retries: must be at least 1"
         );
+        let e = err(&GOOD.replace(
+            "journal = \"sqlite://j.db\"",
+            "journal = \"sqlite://j.db\"\njournal_lease_ms = 100",
+        ));
+        assert_eq!(e, "regroup.toml: journal_lease_ms: must be at least 500");
     }
 }

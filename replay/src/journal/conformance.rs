@@ -53,6 +53,15 @@ where
         .await
         .map_err(|e| format!("opening a second handle: {e}"))?;
     note("lease", lease(&j, &b).await);
+    let mut racers = Vec::new();
+    for _ in 0..CLAIMERS {
+        racers.push(
+            open()
+                .await
+                .map_err(|e| format!("opening a racing handle: {e}"))?,
+        );
+    }
+    note("claims race", claims_race(&racers).await);
     if failures.is_empty() {
         Ok(())
     } else {
@@ -596,6 +605,32 @@ async fn lease<J: Journal>(a: &J, b: &J) -> Result<(), String> {
     a.release().await.at("a releases")?;
     ensure_eq(a.owner().await.at("owner")?, None, "released at the end")?;
     append_next(b, g).await
+}
+
+/// How many handles claim a free journal at the same moment.
+const CLAIMERS: usize = 4;
+
+/// Concurrent claims on a free journal: exactly one wins, the others are refused naming it.
+async fn claims_race<J: Journal>(handles: &[J]) -> Result<(), String> {
+    let owners: Vec<Owner> = (0..handles.len())
+        .map(|i| Owner {
+            id: format!("racer-{i}"),
+            describe: format!("racer {i}"),
+        })
+        .collect();
+    let results =
+        futures_util::future::join_all(handles.iter().zip(&owners).map(|(h, o)| h.claim(o, LONG)))
+            .await;
+    let winners: Vec<usize> = (0..results.len()).filter(|&i| results[i].is_ok()).collect();
+    let [winner] = winners[..] else {
+        return Err(format!("{} claims won at once: {results:?}", winners.len()));
+    };
+    for (i, r) in results.iter().enumerate() {
+        if i != winner {
+            is_fenced(r.clone(), &owners[winner].describe, &format!("racer {i}"))?;
+        }
+    }
+    handles[winner].release().await.at("the winner releases")
 }
 
 /// Appends the next record of `group`.

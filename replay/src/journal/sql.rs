@@ -764,15 +764,19 @@ impl Lease for SqlJournal {
             )
             .returning_col(O::Token)
             .to_owned();
-        match self.db.query_one(&update).await? {
-            Some(row) => {
+        // A holder that releases between the refused claim and the look at who holds it:
+        // claim again (a few times, each after a release).
+        let mut attempts = 0;
+        loop {
+            if let Some(row) = self.db.query_one(&update).await? {
                 let token = to_u64(row.try_get::<i64>("", "token")?);
                 self.token.store(token, Ordering::Release);
-                Ok(token)
+                return Ok(token);
             }
-            None => {
-                let (_, describe, _, _) = self.lease_row().await?;
-                Err(JournalError::Fenced { holder: describe })
+            let (holder, describe, _, _) = self.lease_row().await?;
+            attempts += 1;
+            if holder.is_some() || attempts >= CLAIM_ATTEMPTS {
+                return Err(JournalError::Fenced { holder: describe });
             }
         }
     }
@@ -821,6 +825,9 @@ impl Lease for SqlJournal {
         }))
     }
 }
+
+/// Claims tried when the lease is released while a claim is refused.
+const CLAIM_ATTEMPTS: u32 = 3;
 
 /// The holder named when a renewal finds the lease released.
 const RELEASED: &str = "nobody (the lease was released)";

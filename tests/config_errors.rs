@@ -259,7 +259,7 @@ async fn config_check_sqlite_journal_in_missing_directory_is_named() {
     assert_eq!(
         fails("check", &path).await,
         format!(
-            "error: {}: journal sqlite:///nonexistent-dir-xyz/j.db: journal database error: directory /nonexistent-dir-xyz does not exist",
+            "error: {}: journal sqlite:///nonexistent-dir-xyz/j.db: journal unavailable: directory /nonexistent-dir-xyz does not exist",
             path.display()
         )
     );

@@ -235,3 +235,105 @@ async fn renew(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use regroup_replay::{Lease, MemoryJournal};
+
+    fn config(lease_ms: u64) -> Config {
+        let text = format!(
+            "journal_lease_ms = {lease_ms}\n[[groups]]\nname = \"g\"\n\
+             [[groups.partitions]]\nname = \"a\"\nurl = \"http://127.0.0.1:1\"\n"
+        );
+        match Config::parse(&text, std::path::Path::new("t.toml")) {
+            Ok(c) => c,
+            Err(e) => panic!("test config: {e}"),
+        }
+    }
+
+    fn refused(r: Result<Ownership, ProxyError>) -> String {
+        match r {
+            Err(ProxyError::JournalOwned(m)) => m,
+            other => panic!("want JournalOwned, got {other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_live_owner_is_refused_by_name() -> Result<(), ProxyError> {
+        let store = MemoryJournal::new();
+        let first = claim(&config(2000), Arc::new(store.handle())).await?;
+        let started = Instant::now();
+        let message = refused(claim(&config(2000), Arc::new(store.handle())).await);
+        assert!(
+            message.contains(&first.owner().describe) && message.contains("only one proxy"),
+            "{message}"
+        );
+        // Refused once a renewal was seen (every 400 ms), not at the end of the wait (2.4 s).
+        assert!(
+            started.elapsed() < Duration::from_millis(1500),
+            "{:?}",
+            started.elapsed()
+        );
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn a_silent_owner_is_waited_for_then_taken_over() -> Result<(), ProxyError> {
+        let store = MemoryJournal::new();
+        let silent = Owner {
+            id: "crashed".into(),
+            describe: "a crashed proxy".into(),
+        };
+        let old = store
+            .handle()
+            .claim(&silent, Duration::from_millis(300))
+            .await
+            .map_err(|e| ProxyError::Journal(e.to_string()))?;
+        let started = Instant::now();
+        let next = claim(&config(500), Arc::new(store.handle())).await?;
+        assert!(
+            started.elapsed() >= Duration::from_millis(250),
+            "{:?}",
+            started.elapsed()
+        );
+        assert_eq!(next.token(), old + 1);
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn a_takeover_is_noticed_at_the_next_renewal() -> Result<(), ProxyError> {
+        let store = MemoryJournal::new();
+        let first = claim(&config(500), Arc::new(store.handle())).await?;
+        // Another handle claims as the same owner: the first's token is no longer live.
+        let usurper = Owner {
+            id: first.owner().id.clone(),
+            describe: "the new owner".into(),
+        };
+        store
+            .handle()
+            .claim(&usurper, Duration::from_secs(5))
+            .await
+            .map_err(|e| ProxyError::Journal(e.to_string()))?;
+        let holder = tokio::time::timeout(Duration::from_secs(2), first.lost())
+            .await
+            .map_err(|_| ProxyError::Journal("the takeover went unnoticed".into()))?;
+        assert_eq!(holder, "the new owner");
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn a_release_lets_the_next_owner_in_at_once() -> Result<(), ProxyError> {
+        let store = MemoryJournal::new();
+        let first = claim(&config(60_000), Arc::new(store.handle())).await?;
+        first.release().await;
+        let started = Instant::now();
+        claim(&config(60_000), Arc::new(store.handle())).await?;
+        assert!(
+            started.elapsed() < Duration::from_secs(1),
+            "{:?}",
+            started.elapsed()
+        );
+        Ok(())
+    }
+}

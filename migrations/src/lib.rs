@@ -7,13 +7,15 @@
 mod applied_schema;
 mod executors;
 mod journal_schema;
+mod owner;
 mod quarantine;
 
 pub use applied_schema::{Applied, AppliedMigration};
 pub use journal_schema::{Checkpoint, Group, Record};
+pub use owner::Owner;
 use sea_orm_migration::prelude::*;
 
-/// The migrator for the journal database (records, group epochs, replay checkpoints).
+/// The migrator for the journal database (records, group epochs, replay checkpoints, the ownership lease).
 #[derive(Debug)]
 pub struct JournalMigrator;
 
@@ -24,6 +26,7 @@ impl MigratorTrait for JournalMigrator {
             Box::new(journal_schema::Migration),
             Box::new(quarantine::Migration),
             Box::new(executors::Migration),
+            Box::new(owner::Migration),
         ]
     }
 

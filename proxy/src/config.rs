@@ -60,6 +60,10 @@ pub const DEFAULT_MAX_CONNECTIONS: usize = 1024;
 pub const DEFAULT_ADMIN_MAX_CONNECTIONS: usize = 64;
 /// Default limit on an admin request body (64 KiB); larger gets 413.
 pub const DEFAULT_ADMIN_MAX_BODY_BYTES: usize = 64 * 1024;
+/// Default lifetime of the journal's ownership lease, in ms (renewed every fifth of it).
+pub const DEFAULT_JOURNAL_LEASE_MS: u64 = 10_000;
+/// Shortest journal lease accepted, in ms.
+pub const MIN_JOURNAL_LEASE_MS: u64 = 500;
 
 /// The whole configuration file.
 #[derive(Debug, Clone, Deserialize)]
@@ -78,6 +82,10 @@ pub struct Config {
     /// (records before they are forwarded; seals ride on the next record's flush).
     #[serde(default)]
     pub journal_sync: regroup_replay::JournalSync,
+    /// Lifetime of the journal's ownership lease in ms: how long a crashed proxy keeps the
+    /// next one waiting (see `ownership`).
+    #[serde(default = "default_journal_lease_ms")]
+    pub journal_lease_ms: u64,
     /// Bearer token required by admin verbs (`resolve`). Overridden by the
     /// `REGROUP_ADMIN_TOKEN` environment variable. Unset: admin verbs are open to whoever
     /// reaches `admin_listen` (loopback by default).
@@ -219,6 +227,10 @@ fn parse_const(s: &str) -> SocketAddr {
     s.parse()
         .unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 0)))
 }
+fn default_journal_lease_ms() -> u64 {
+    DEFAULT_JOURNAL_LEASE_MS
+}
+
 fn default_journal() -> String {
     DEFAULT_JOURNAL.to_owned()
 }
@@ -389,6 +401,12 @@ impl Config {
             if v == 0 {
                 return Err(invalid(k.into(), "must be greater than 0".into()));
             }
+        }
+        if self.journal_lease_ms < MIN_JOURNAL_LEASE_MS {
+            return Err(invalid(
+                "journal_lease_ms".into(),
+                format!("must be at least {MIN_JOURNAL_LEASE_MS}"),
+            ));
         }
         let mut group_names = HashSet::new();
         let mut prefixes = HashSet::new();
@@ -587,6 +605,7 @@ url = "http://127.0.0.1:9002"
         assert_eq!(g.heartbeat_retries, 3);
         assert_eq!(g.replay, ReplayPolicy::All);
         assert_eq!(c.journal_sync, regroup_replay::JournalSync::Full);
+        assert_eq!(c.journal_lease_ms, DEFAULT_JOURNAL_LEASE_MS);
         assert_eq!(g.partitions[1].name, "b");
     }
 
@@ -632,5 +651,10 @@ url = "http://127.0.0.1:9002"
             e,
             "regroup.toml: groups[0].heartbeat_retries: must be at least 1"
         );
+        let e = err(&GOOD.replace(
+            "journal = \"sqlite://j.db\"",
+            "journal = \"sqlite://j.db\"\njournal_lease_ms = 100",
+        ));
+        assert_eq!(e, "regroup.toml: journal_lease_ms: must be at least 500");
     }
 }

@@ -113,6 +113,9 @@ pub enum ProxyError {
         /// Its state.
         state: &'static str,
     },
+    /// Another proxy owns the journal (refused at start, or taken over while serving).
+    #[error("{0}")]
+    JournalOwned(String),
     /// Admin verb without the right bearer token (401).
     #[error("missing or wrong admin bearer token")]
     Unauthorized,
@@ -137,6 +140,7 @@ impl ProxyError {
             ProxyError::InDoubt { .. } => "in_doubt",
             ProxyError::Upstream { .. } => "upstream_failed",
             ProxyError::Journal(_) => "journal_unavailable",
+            ProxyError::JournalOwned(_) => "journal_owned",
             ProxyError::NoSuchRecord { .. } => "no_such_record",
             ProxyError::NotInDoubt { .. } => "not_in_doubt",
             ProxyError::Unauthorized => "unauthorized",
@@ -154,7 +158,8 @@ impl ProxyError {
             ProxyError::NoGroup(_) | ProxyError::NoSuchRecord { .. } => StatusCode::NOT_FOUND,
             ProxyError::NoPartition { .. }
             | ProxyError::Unavailable { .. }
-            | ProxyError::Journal(_) => StatusCode::SERVICE_UNAVAILABLE,
+            | ProxyError::Journal(_)
+            | ProxyError::JournalOwned(_) => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::PrimaryUnreachable { .. }
             | ProxyError::InDoubt { .. }
             | ProxyError::Upstream { .. } => StatusCode::BAD_GATEWAY,
@@ -213,6 +218,7 @@ impl ProxyError {
             ProxyError::ReadTimeout { .. } => self.to_string(),
             ProxyError::Journal(_) => "the journal is unavailable".to_owned(),
             ProxyError::Config(_) => "the proxy is misconfigured".to_owned(),
+            ProxyError::JournalOwned(_) => "the journal is owned by another proxy".to_owned(),
         }
     }
 

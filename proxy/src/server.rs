@@ -24,6 +24,7 @@ use crate::error::ProxyError;
 use crate::forward::{BoxError, ProxyBody, upstream_client};
 use crate::group::Group;
 use crate::link::{HttpLink, PartitionLink};
+use crate::ownership::{self, Ownership};
 use crate::read::Reads;
 use crate::route::{ClientAddr, RegroupLayer, Routed};
 
@@ -37,6 +38,7 @@ pub struct Proxy {
     routes: Vec<Routed>,
     admin: Admin,
     limits: Limits,
+    ownership: Ownership,
 }
 
 /// The request limits of the client-facing stack, from the config.
@@ -60,6 +62,7 @@ impl Proxy {
         journal: Arc<dyn Journal>,
     ) -> Result<Proxy, ProxyError> {
         let token = admin_token(config)?;
+        let ownership = ownership::claim(config, journal.clone()).await?;
         let client = upstream_client();
         let link: Arc<dyn PartitionLink> = Arc::new(HttpLink::new(client.clone()));
         let mut routes = Vec::new();
@@ -85,6 +88,7 @@ impl Proxy {
             limits: Limits {
                 body_read_timeout: config.body_read_timeout(),
             },
+            ownership,
         })
     }
 
@@ -97,6 +101,11 @@ impl Proxy {
     /// The groups.
     pub fn groups(&self) -> impl Iterator<Item = &Arc<Group>> {
         self.routes.iter().map(|r| &r.group)
+    }
+
+    /// The journal's ownership lease held by this proxy.
+    pub fn ownership(&self) -> &Ownership {
+        &self.ownership
     }
 
     /// The admin API.
@@ -162,6 +171,12 @@ pub async fn serve(
     let admin_listener = TcpListener::bind(config.admin_listen).await.map_err(|e| {
         ProxyError::BadRequest(format!("cannot listen on {}: {e}", config.admin_listen))
     })?;
+    // The journal's owner is described by the addresses really bound.
+    let mut config = config;
+    (config.listen, config.admin_listen) = (
+        listener.local_addr().unwrap_or(config.listen),
+        admin_listener.local_addr().unwrap_or(config.admin_listen),
+    );
     let proxy = Proxy::start(&config).await?;
     let bound = Bound {
         listen: listener
@@ -231,10 +246,12 @@ pub async fn serve(
             });
         },
     );
+    let mut taken_over = None;
     tokio::select! {
         _ = clients => {}
         _ = admins => {}
         _ = shutdown => {}
+        holder = proxy.ownership().lost() => taken_over = Some(holder),
     }
     tracing::info!("shutting down: finishing requests in flight");
     drop(listener);
@@ -245,6 +262,13 @@ pub async fn serve(
     {
         tracing::warn!("requests still in flight after 10 s; closing");
     }
+    if let Some(holder) = taken_over {
+        return Err(ProxyError::JournalOwned(format!(
+            "journal {} was taken over by {holder}: this proxy stopped serving",
+            redact(&config.journal)
+        )));
+    }
+    proxy.ownership().release().await;
     drop(proxy);
     Ok(())
 }

@@ -8,6 +8,8 @@
 
 #![allow(dead_code, unreachable_pub, missing_docs, clippy::unwrap_used)]
 
+pub mod postgres;
+
 use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -307,6 +309,38 @@ impl Proxy {
         }
     }
 
+    /// Stops the proxy cleanly (SIGTERM) and returns how it exited.
+    pub async fn terminate(&mut self) -> Option<std::process::ExitStatus> {
+        let mut c = self.child.take()?;
+        if let Some(pid) = c.id() {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid as i32),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+        }
+        tokio::time::timeout(Duration::from_secs(30), c.wait())
+            .await
+            .ok()
+            .and_then(Result::ok)
+    }
+
+    /// Sends `signal` to the proxy (e.g. SIGSTOP to pause it, SIGCONT to resume).
+    pub fn signal(&self, signal: nix::sys::signal::Signal) {
+        if let Some(pid) = self.child_pid() {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), signal);
+        }
+    }
+
+    /// Waits up to `timeout` for the proxy to exit by itself; its exit status.
+    pub async fn wait(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let c = self.child.as_mut()?;
+        let status = tokio::time::timeout(timeout, c.wait()).await.ok()?.ok();
+        if status.is_some() {
+            self.child = None;
+        }
+        status
+    }
+
     /// Starts it again with the same config (new ports when the config says `:0`).
     pub async fn restart(&mut self) {
         self.kill().await;
@@ -360,7 +394,9 @@ impl BankGroup {
             .map(str::to_owned)
             .unwrap_or_else(|| format!("sqlite://{}", dir.path().join("journal.db").display()));
         let mut toml = format!(
-            "listen = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\njournal = \"{journal}\"\n\n[[groups]]\nname = \"bank\"\n{extra}\n"
+            "listen = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\njournal = \"{journal}\"\n\
+             # A killed proxy's successor waits at most this long for the journal.\n\
+             journal_lease_ms = 1000\n\n[[groups]]\nname = \"bank\"\n{extra}\n"
         );
         for b in &banks {
             toml.push_str(&format!(

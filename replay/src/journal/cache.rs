@@ -91,7 +91,11 @@ impl<J: Log> Log for CachedJournal<J> {
 
     async fn append(&self, record: &Record) -> Result<(), JournalError> {
         self.inner.append(record).await?;
-        self.with_tail(&record.group, |t| t.push(record.clone()));
+        // As the journal stores it: pending, no answer yet.
+        let mut stored = record.clone();
+        stored.state = RecordState::Pending;
+        stored.fingerprint = None;
+        self.with_tail(&record.group, |t| t.push(stored));
         Ok(())
     }
 

@@ -211,6 +211,11 @@ impl Log for MemoryJournal {
             .get(group)
             .and_then(|g| g.records.get(&seq).cloned()))
     }
+
+    async fn flush(&self) -> Result<(), JournalError> {
+        // Nothing to make durable; a fenced handle still hears that it is.
+        self.write(|_| Ok(()))
+    }
 }
 
 #[async_trait]
@@ -235,8 +240,11 @@ impl RoleStore for MemoryJournal {
     ) -> Result<(), JournalError> {
         self.write(|s| {
             let g = group_mut(s, group);
-            let stored = g.role.as_ref().map_or(0, |r| r.epoch);
-            if stored != expected_epoch || role.epoch <= stored {
+            // A role is created by `role`; a compare-and-set on a group nobody opened is a
+            // conflict, as in the SQL journal.
+            let stored = g.role.as_ref().map(|r| r.epoch);
+            if stored != Some(expected_epoch) || role.epoch <= expected_epoch {
+                let stored = stored.map_or_else(|| "none".to_owned(), |e| e.to_string());
                 return Err(JournalError::Conflict {
                     group: group.to_owned(),
                     what: format!(

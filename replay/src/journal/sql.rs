@@ -1,13 +1,39 @@
 //! The journal on sea-orm: SQLite (WAL, synchronous FULL) by default, PostgreSQL by URL.
+//!
+//! # The ownership lease and fencing
+//!
+//! `regroup_owner` holds one row: the owning claim's id (NULL when nobody holds the lease),
+//! its description, the fencing token (up by one with every claim) and the expiry. Expiry
+//! is kept in milliseconds since the Unix epoch **by the database's clock**
+//! (`julianday('now')` on SQLite, `clock_timestamp()` on PostgreSQL), so proxies on hosts
+//! whose clocks disagree still agree on when a lease ran out. A claim is one conditional
+//! `UPDATE … WHERE owner_id IS NULL OR expires_at <= now OR owner_id = me RETURNING token`:
+//! on PostgreSQL a concurrent claimer waits for the row lock and then re-checks the
+//! condition against the winner's row, so two claimers cannot both win; on SQLite writers
+//! are serialized anyway.
+//!
+//! Every write carries the condition in the same statement: `EXISTS (SELECT 1 FROM
+//! regroup_owner WHERE id = 1 AND (owner_id IS NULL OR token = mine))` (`mine` is 0 for a
+//! handle that never claimed, which may therefore write only while nobody holds the lease).
+//! On PostgreSQL the sub-select takes the row `FOR SHARE`: a write and a claim exclude
+//! each other, so a write that starts before a takeover commits before it and one that
+//! starts after sees the new token. A write that changes nothing is then examined (one
+//! more read, off the hot path) to tell [`JournalError::Fenced`] from a gap or a conflict.
+//! Expiry alone does not fence: a lease that ran out still lets its holder write (and
+//! renew) until another proxy actually claims the journal.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use regroup_migrations::{Checkpoint, Group, JournalMigrator, Record as R};
-use sea_orm::sea_query::{Expr, ExprTrait, Func, OnConflict, Order, Query};
+use regroup_migrations::{Checkpoint, Group, JournalMigrator, Owner as O, Record as R};
+use sea_orm::sea_query::{Expr, ExprTrait, Func, LockType, OnConflict, Order, Query, SimpleExpr};
 use sea_orm::sqlx::sqlite::{SqliteJournalMode, SqliteSynchronous};
-use sea_orm::{ConnectOptions, ConnectionTrait, Database, DatabaseConnection, QueryResult};
+use sea_orm::{
+    ConnectOptions, ConnectionTrait, Database, DatabaseConnection, DbBackend, QueryResult,
+};
 use sea_orm_migration::MigratorTrait;
 use uuid::Uuid;
 
@@ -41,6 +67,8 @@ pub struct SqlJournal {
     /// Seals and checkpoints (the same connection under [`JournalSync::Full`]).
     relaxed: DatabaseConnection,
     sync: JournalSync,
+    /// The fencing token of this handle's claim (0: never claimed). Clones share it.
+    token: Arc<AtomicU64>,
 }
 
 impl SqlJournal {
@@ -82,7 +110,12 @@ impl SqlJournal {
                 Database::connect(opts).await?
             }
         };
-        Ok(SqlJournal { db, relaxed, sync })
+        Ok(SqlJournal {
+            db,
+            relaxed,
+            sync,
+            token: Arc::new(AtomicU64::new(0)),
+        })
     }
 
     /// Checks that `url` can hold a journal without changing anything: a SQLite file's
@@ -211,6 +244,85 @@ fn row_to_record(group: &str, row: &QueryResult) -> Result<Record, JournalError>
 }
 
 impl SqlJournal {
+    fn my_token(&self) -> u64 {
+        self.token.load(Ordering::Acquire)
+    }
+
+    fn postgres(&self) -> bool {
+        self.db.get_database_backend() == DbBackend::Postgres
+    }
+
+    /// The database's clock, in milliseconds since the Unix epoch.
+    fn now_ms(&self) -> SimpleExpr {
+        if self.postgres() {
+            Expr::cust("CAST(EXTRACT(EPOCH FROM clock_timestamp()) * 1000 AS BIGINT)")
+        } else {
+            Expr::cust("CAST((julianday('now') - 2440587.5) * 86400000.0 AS INTEGER)")
+        }
+    }
+
+    /// The condition every write carries: nobody holds the lease, or this handle does.
+    fn fence(&self) -> SimpleExpr {
+        let mut q = Query::select();
+        q.expr(Expr::val(1i64))
+            .from(O::Table)
+            .and_where(Expr::col(O::Id).eq(1i64))
+            .and_where(
+                Expr::col(O::OwnerId)
+                    .is_null()
+                    .or(Expr::col(O::Token).eq(to_i64(self.my_token()))),
+            );
+        if self.postgres() {
+            // A write and a claim exclude each other (see the module docs).
+            q.lock(LockType::Share);
+        }
+        Expr::exists(q.to_owned())
+    }
+
+    /// The lease row: (owner id, description, token, milliseconds left).
+    async fn lease_row(&self) -> Result<(Option<String>, String, u64, i64), JournalError> {
+        let q = Query::select()
+            .columns([O::OwnerId, O::Describe, O::Token])
+            .expr_as(
+                Expr::col(O::ExpiresAt).sub(self.now_ms()),
+                sea_orm::sea_query::Alias::new("remaining"),
+            )
+            .from(O::Table)
+            .and_where(Expr::col(O::Id).eq(1i64))
+            .to_owned();
+        let row = self
+            .db
+            .query_one(&q)
+            .await?
+            .ok_or_else(|| JournalError::Unavailable {
+                reason: "the journal has no ownership row (regroup_owner)".to_owned(),
+                retryable: false,
+            })?;
+        Ok((
+            row.try_get("", "owner_id")?,
+            row.try_get("", "describe")?,
+            to_u64(row.try_get::<i64>("", "token")?),
+            row.try_get::<i64>("", "remaining")?,
+        ))
+    }
+
+    /// `Some(Fenced)` when another claim holds the lease: why a fenced write changed
+    /// nothing.
+    async fn fenced(&self) -> Result<Option<JournalError>, JournalError> {
+        let (owner, describe, token, _) = self.lease_row().await?;
+        Ok((owner.is_some() && token != self.my_token())
+            .then_some(JournalError::Fenced { holder: describe }))
+    }
+
+    /// Refuses at once when another claim holds the lease (for writes whose statement may
+    /// legitimately change nothing).
+    async fn check_fence(&self) -> Result<(), JournalError> {
+        match self.fenced().await? {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
     async fn head(&self, group: &str) -> Result<u64, JournalError> {
         let q = Query::select()
             .expr(Func::max(Expr::col(R::Seq)))
@@ -238,7 +350,8 @@ impl SqlJournal {
             .order_by(R::Seq, Order::Asc);
         filter(&mut q);
         if let Some(limit) = limit {
-            q.limit(limit);
+            // sqlx binds a u64 above i64::MAX by panicking: clamp (no journal is that long).
+            q.limit(std::cmp::min(limit, to_u64(i64::MAX)));
         }
         let rows = self.db.query_all(&q).await?;
         rows.iter().map(|r| row_to_record(group, r)).collect()
@@ -253,7 +366,9 @@ impl Log for SqlJournal {
             .value(R::State, RecordState::InDoubt.as_str())
             .and_where(Expr::col(R::GroupName).eq(group))
             .and_where(Expr::col(R::State).eq(RecordState::Pending.as_str()))
+            .and_where(self.fence())
             .to_owned();
+        self.check_fence().await?;
         self.db.execute(&update).await?;
         let unsealed = self
             .select_records(
@@ -306,6 +421,7 @@ impl Log for SqlJournal {
                 Expr::from(sea_orm::sea_query::SubQueryStatement::from(head))
                     .eq(to_i64(record.seq) - 1),
             )
+            .and_where(self.fence())
             .to_owned();
         let insert = Query::insert()
             .into_table(R::Table)
@@ -315,6 +431,9 @@ impl Log for SqlJournal {
             .to_owned();
         let inserted = self.db.execute(&insert).await?.rows_affected();
         if inserted != 1 {
+            if let Some(fenced) = self.fenced().await? {
+                return Err(fenced);
+            }
             return Err(JournalError::Gap {
                 group: record.group.clone(),
                 expected: self.head(&record.group).await? + 1,
@@ -337,10 +456,12 @@ impl Log for SqlJournal {
             .and_where(Expr::col(R::GroupName).eq(group))
             .and_where(Expr::col(R::Seq).eq(to_i64(seq)))
             .and_where(Expr::col(R::State).is_in(UNSEALED))
+            .and_where(self.fence())
             .to_owned();
         if self.relaxed.execute(&update).await?.rows_affected() == 1 {
             return Ok(());
         }
+        self.check_fence().await?;
         match self.record(group, seq).await? {
             None => Err(JournalError::NoSuchRecord {
                 group: group.to_owned(),
@@ -377,8 +498,10 @@ impl Log for SqlJournal {
             .and_where(Expr::col(R::GroupName).eq(group))
             .and_where(Expr::col(R::Seq).eq(to_i64(seq)))
             .and_where(Expr::col(R::State).is_in(UNSEALED))
+            .and_where(self.fence())
             .to_owned();
         if self.db.execute(&update).await?.rows_affected() == 0 {
+            self.check_fence().await?;
             return Err(JournalError::Conflict {
                 group: group.to_owned(),
                 what: format!("record {seq} is sealed and cannot be restamped"),
@@ -422,15 +545,20 @@ impl Log for SqlJournal {
 
     async fn flush(&self) -> Result<(), JournalError> {
         if self.sync == JournalSync::Full {
-            return Ok(());
+            // Everything is durable already; a fenced handle still hears that it is.
+            return self.check_fence().await;
         }
         // A write on the flushed connection: its commit makes everything written before it
         // durable (SQLite syncs the whole WAL; PostgreSQL flushes WAL up to its commit).
         let touch = Query::update()
             .table(Group::Table)
             .value(Group::Epoch, Expr::col(Group::Epoch))
+            .and_where(self.fence())
             .to_owned();
-        self.db.execute(&touch).await?;
+        if self.db.execute(&touch).await?.rows_affected() == 0 {
+            // No group to touch, or fenced.
+            self.check_fence().await?;
+        }
         Ok(())
     }
 }
@@ -438,10 +566,19 @@ impl Log for SqlJournal {
 #[async_trait]
 impl RoleStore for SqlJournal {
     async fn role(&self, group: &str, primary: &str) -> Result<StoredRole, JournalError> {
+        self.check_fence().await?;
+        let values = Query::select()
+            .exprs([Expr::val(group), Expr::val(1i64), Expr::val(primary)])
+            .and_where(self.fence())
+            .to_owned();
         let insert = Query::insert()
             .into_table(Group::Table)
             .columns([Group::Name, Group::Epoch, Group::PrimaryName])
-            .values_panic([group.into(), 1i64.into(), primary.into()])
+            .select_from(values)
+            .map_err(|e| JournalError::Unavailable {
+                reason: e.to_string(),
+                retryable: false,
+            })?
             .on_conflict(OnConflict::column(Group::Name).do_nothing().to_owned())
             .to_owned();
         self.db.execute(&insert).await?;
@@ -486,8 +623,10 @@ impl RoleStore for SqlJournal {
             .value(Group::PrimaryName, role.primary.as_str())
             .and_where(Expr::col(Group::Name).eq(group))
             .and_where(Expr::col(Group::Epoch).eq(to_i64(expected_epoch)))
+            .and_where(self.fence())
             .to_owned();
         if self.db.execute(&update).await?.rows_affected() == 0 {
+            self.check_fence().await?;
             let found = self.role(group, &role.primary).await?;
             return Err(JournalError::Conflict {
                 group: group.to_owned(),
@@ -519,6 +658,14 @@ impl Checkpoints for SqlJournal {
         partition: &str,
         applied: u64,
     ) -> Result<(), JournalError> {
+        let values = Query::select()
+            .exprs([
+                Expr::val(group),
+                Expr::val(partition),
+                Expr::val(to_i64(applied)),
+            ])
+            .and_where(self.fence())
+            .to_owned();
         let upsert = Query::insert()
             .into_table(Checkpoint::Table)
             .columns([
@@ -526,14 +673,20 @@ impl Checkpoints for SqlJournal {
                 Checkpoint::Partition,
                 Checkpoint::Applied,
             ])
-            .values_panic([group.into(), partition.into(), to_i64(applied).into()])
+            .select_from(values)
+            .map_err(|e| JournalError::Unavailable {
+                reason: e.to_string(),
+                retryable: false,
+            })?
             .on_conflict(
                 OnConflict::columns([Checkpoint::GroupName, Checkpoint::Partition])
                     .update_column(Checkpoint::Applied)
                     .to_owned(),
             )
             .to_owned();
-        self.relaxed.execute(&upsert).await?;
+        if self.relaxed.execute(&upsert).await?.rows_affected() == 0 {
+            self.check_fence().await?;
+        }
         Ok(())
     }
 
@@ -556,6 +709,15 @@ impl Checkpoints for SqlJournal {
         partition: &str,
         reason: Option<&str>,
     ) -> Result<(), JournalError> {
+        let values = Query::select()
+            .exprs([
+                Expr::val(group),
+                Expr::val(partition),
+                Expr::val(0i64),
+                Expr::val(reason.map(str::to_owned)),
+            ])
+            .and_where(self.fence())
+            .to_owned();
         let upsert = Query::insert()
             .into_table(Checkpoint::Table)
             .columns([
@@ -564,41 +726,111 @@ impl Checkpoints for SqlJournal {
                 Checkpoint::Applied,
                 Checkpoint::Diverged,
             ])
-            .values_panic([
-                group.into(),
-                partition.into(),
-                0i64.into(),
-                reason.map(str::to_owned).into(),
-            ])
+            .select_from(values)
+            .map_err(|e| JournalError::Unavailable {
+                reason: e.to_string(),
+                retryable: false,
+            })?
             .on_conflict(
                 OnConflict::columns([Checkpoint::GroupName, Checkpoint::Partition])
                     .update_column(Checkpoint::Diverged)
                     .to_owned(),
             )
             .to_owned();
-        self.db.execute(&upsert).await?;
+        if self.db.execute(&upsert).await?.rows_affected() == 0 {
+            self.check_fence().await?;
+        }
         Ok(())
     }
 }
 
 #[async_trait]
 impl Lease for SqlJournal {
-    async fn claim(&self, _owner: &Owner, _ttl: Duration) -> Result<u64, JournalError> {
-        Ok(1)
+    async fn claim(&self, owner: &Owner, ttl: Duration) -> Result<u64, JournalError> {
+        let ttl_ms = i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX / 4);
+        // Taken when nobody holds it, when it ran out, or when it is this owner's already.
+        let update = Query::update()
+            .table(O::Table)
+            .value(O::OwnerId, owner.id.as_str())
+            .value(O::Describe, owner.describe.as_str())
+            .value(O::Token, Expr::col(O::Token).add(1i64))
+            .value(O::ExpiresAt, self.now_ms().add(ttl_ms))
+            .and_where(Expr::col(O::Id).eq(1i64))
+            .and_where(
+                Expr::col(O::OwnerId)
+                    .is_null()
+                    .or(Expr::col(O::ExpiresAt).lte(self.now_ms()))
+                    .or(Expr::col(O::OwnerId).eq(owner.id.as_str())),
+            )
+            .returning_col(O::Token)
+            .to_owned();
+        // A holder that releases between the refused claim and the look at who holds it:
+        // claim again (a few times, each after a release).
+        let mut attempts = 0;
+        loop {
+            if let Some(row) = self.db.query_one(&update).await? {
+                let token = to_u64(row.try_get::<i64>("", "token")?);
+                self.token.store(token, Ordering::Release);
+                return Ok(token);
+            }
+            let (holder, describe, _, _) = self.lease_row().await?;
+            attempts += 1;
+            if holder.is_some() || attempts >= CLAIM_ATTEMPTS {
+                return Err(JournalError::Fenced { holder: describe });
+            }
+        }
     }
 
-    async fn renew(&self, _ttl: Duration) -> Result<(), JournalError> {
-        Ok(())
+    async fn renew(&self, ttl: Duration) -> Result<(), JournalError> {
+        let ttl_ms = i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX / 4);
+        let update = Query::update()
+            .table(O::Table)
+            .value(O::ExpiresAt, self.now_ms().add(ttl_ms))
+            .and_where(Expr::col(O::Id).eq(1i64))
+            .and_where(Expr::col(O::OwnerId).is_not_null())
+            .and_where(Expr::col(O::Token).eq(to_i64(self.my_token())))
+            .to_owned();
+        if self.db.execute(&update).await?.rows_affected() == 1 {
+            return Ok(());
+        }
+        let (owner, describe, _, _) = self.lease_row().await?;
+        Err(JournalError::Fenced {
+            holder: match owner {
+                Some(_) => describe,
+                None => RELEASED.to_owned(),
+            },
+        })
     }
 
     async fn release(&self) -> Result<(), JournalError> {
+        let update = Query::update()
+            .table(O::Table)
+            .value(O::OwnerId, None::<String>)
+            .value(O::ExpiresAt, 0i64)
+            .and_where(Expr::col(O::Id).eq(1i64))
+            .and_where(Expr::col(O::OwnerId).is_not_null())
+            .and_where(Expr::col(O::Token).eq(to_i64(self.my_token())))
+            .to_owned();
+        self.db.execute(&update).await?;
         Ok(())
     }
 
     async fn owner(&self) -> Result<Option<OwnerInfo>, JournalError> {
-        Ok(None)
+        let (owner, describe, token, remaining) = self.lease_row().await?;
+        Ok(owner.map(|id| OwnerInfo {
+            id,
+            describe,
+            token,
+            remaining_ms: u64::try_from(remaining).unwrap_or(0),
+        }))
     }
 }
+
+/// Claims tried when the lease is released while a claim is refused.
+const CLAIM_ATTEMPTS: u32 = 3;
+
+/// The holder named when a renewal finds the lease released.
+const RELEASED: &str = "nobody (the lease was released)";
 
 const UNSEALED: [&str; 2] = ["pending", "in_doubt"];
 
@@ -720,5 +952,49 @@ mod tests {
             Err(JournalError::NoSuchRecord { seq: 9, .. })
         ));
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod cost {
+    use super::*;
+
+    /// The hot path's cost: `REGROUP_COST_URL` (default: a SQLite file in a temp dir),
+    /// 2,000 appends each followed by its seal, as the update path does them.
+    /// `cargo test -p regroup-replay --release -- --ignored append_and_seal_cost --nocapture`
+    #[tokio::test]
+    #[ignore = "a measurement, not a check"]
+    #[allow(clippy::unwrap_used)]
+    async fn append_and_seal_cost() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = std::env::var("REGROUP_COST_URL")
+            .unwrap_or_else(|_| format!("sqlite://{}", dir.path().join("j.db").display()));
+        let j = SqlJournal::connect(&url).await.unwrap();
+        let group = format!("cost{:x}", rand::random::<u32>());
+        let owner = Owner {
+            id: Uuid::now_v7().to_string(),
+            describe: "cost loop".into(),
+        };
+        j.claim(&owner, Duration::from_secs(60)).await.unwrap();
+        let request = RecordedRequest {
+            method: "POST".into(),
+            uri: "/x".into(),
+            headers: vec![],
+            body: Bytes::from_static(b"{}"),
+        };
+        let n = 2000u64;
+        let started = std::time::Instant::now();
+        for seq in 1..=n {
+            j.append(&Record::pending(&group, seq, 1, request.clone()))
+                .await
+                .unwrap();
+            j.seal(&group, seq, &Outcome::Executed(None)).await.unwrap();
+        }
+        let took = started.elapsed();
+        j.release().await.unwrap();
+        println!(
+            "{url}: {n} append+seal in {took:?}: {:.1} µs per update",
+            took.as_secs_f64() * 1e6 / n as f64
+        );
     }
 }

@@ -8,6 +8,7 @@ use bytes::Bytes;
 use http::Request;
 use http_body_util::BodyExt;
 use regroup_replay::layer::APPLIED_PATH;
+use regroup_replay::signature::Secret;
 use regroup_replay::{Applier, ApplyError, Fingerprint, Record};
 
 use crate::forward::{Upstream, full, upstream_uri};
@@ -20,6 +21,7 @@ pub struct HttpApplier {
     client: Upstream,
     partition: Arc<Partition>,
     timeout: Duration,
+    secret: Option<Secret>,
 }
 
 impl HttpApplier {
@@ -29,7 +31,14 @@ impl HttpApplier {
             client,
             partition,
             timeout,
+            secret: None,
         }
+    }
+
+    /// Signs every replay with `secret` (none: unsigned).
+    pub fn signed(mut self, secret: Option<Secret>) -> Self {
+        self.secret = secret;
+        self
     }
 }
 
@@ -69,7 +78,7 @@ impl HttpApplier {
 #[async_trait::async_trait]
 impl Applier for HttpApplier {
     async fn apply(&self, record: &Record) -> Result<Fingerprint, ApplyError> {
-        let req = record_request(record, self.partition.base(), true)
+        let req = record_request(record, self.partition.base(), true, self.secret.as_ref())
             .map_err(|e| ApplyError::Unreachable(format!("cannot build request: {e}")))?;
         let (status, body) = self.exchange(req).await?;
         Ok(Fingerprint::of(status, &body))

@@ -20,6 +20,8 @@ use crate::status::PartitionStatus;
 pub struct Group {
     pub(crate) config: GroupConfig,
     pub(crate) classifier: Classifier,
+    /// Signs the replay headers of every forward and replay, when set.
+    pub(crate) signer: Option<regroup_replay::signature::Secret>,
     pub(crate) partitions: Vec<Arc<Partition>>,
     pub(crate) journal: Arc<dyn Journal>,
     pub(crate) client: Upstream,
@@ -146,7 +148,8 @@ impl Group {
             p.set_applied(sealed);
         }
         let group = Arc::new(Group {
-            classifier: Classifier::new(&config.routes),
+            classifier: config.classifier(),
+            signer: config.signing_secret(),
             config,
             partitions,
             journal,

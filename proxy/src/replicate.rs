@@ -64,7 +64,8 @@ pub(crate) fn start_one(group: &Arc<Group>, index: usize) {
         group.client.clone(),
         partition.clone(),
         group.config.update_timeout(),
-    );
+    )
+    .signed(group.signer.clone());
     let replayer = Replayer::new(
         group.name(),
         partition.name(),

@@ -16,6 +16,10 @@ pub const TIMESTAMP: &str = "regroup-timestamp";
 /// `1` on replays; absent on the primary's execution.
 pub const REPLAY: &str = "regroup-replay";
 
+/// HMAC-SHA256 over the other replay headers, the method, path and body hash, with the
+/// secret shared by the proxy and its partitions (see [`crate::signature`]).
+pub const SIGNATURE: &str = "regroup-signature";
+
 /// All replay headers, for stripping them from client requests (a client must not be
 /// able to forge a replay).
-pub const ALL: [&str; 5] = [SEQ, TXN_ID, EPOCH, TIMESTAMP, REPLAY];
+pub const ALL: [&str; 6] = [SEQ, TXN_ID, EPOCH, TIMESTAMP, REPLAY, SIGNATURE];

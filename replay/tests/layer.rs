@@ -19,6 +19,9 @@ use time::macros::datetime;
 use tower::{Layer, Service, ServiceExt, service_fn};
 use uuid::Uuid;
 
+/// The request body: the layer needs one it can rebuild from bytes.
+type Body = http_body_util::Full<bytes::Bytes>;
+
 const TXN: &str = "0190b6e0-0000-7000-8000-0000000000aa";
 
 /// What the inner service saw: one entry per call, with the context it was given.
@@ -26,19 +29,15 @@ type Seen = Arc<Mutex<Vec<Option<ReplayContext>>>>;
 
 /// An inner service that records its calls and answers 200 "inner".
 fn inner() -> (
-    impl Service<
-        Request<String>,
-        Response = Response<String>,
-        Error = Infallible,
-        Future: Send + 'static,
-    > + Clone
+    impl Service<Request<Body>, Response = Response<String>, Error = Infallible, Future: Send + 'static>
+    + Clone
     + Send
     + 'static,
     Seen,
 ) {
     let seen: Seen = Arc::default();
     let log = seen.clone();
-    let svc = service_fn(move |req: Request<String>| {
+    let svc = service_fn(move |req: Request<Body>| {
         log.lock()
             .unwrap()
             .push(req.extensions().get::<ReplayContext>().cloned());
@@ -56,17 +55,17 @@ fn update(seq: &str, epoch: &str) -> http::request::Builder {
         .header("regroup-timestamp", "2026-11-30T12:00:00.123456Z")
 }
 
-async fn send<S>(svc: &S, req: Request<String>) -> (StatusCode, String)
+async fn send<S>(svc: &S, req: Request<Body>) -> (StatusCode, String)
 where
-    S: Service<Request<String>, Response = Response<String>, Error = Infallible> + Clone,
+    S: Service<Request<Body>, Response = Response<String>, Error = Infallible> + Clone,
 {
     let resp = svc.clone().oneshot(req).await.unwrap();
     (resp.status(), resp.into_body())
 }
 
-async fn send_json<S>(svc: &S, req: Request<String>) -> (StatusCode, Value)
+async fn send_json<S>(svc: &S, req: Request<Body>) -> (StatusCode, Value)
 where
-    S: Service<Request<String>, Response = Response<String>, Error = Infallible> + Clone,
+    S: Service<Request<Body>, Response = Response<String>, Error = Infallible> + Clone,
 {
     let (status, body) = send(svc, req).await;
     let value = serde_json::from_str(&body).unwrap_or_else(|e| panic!("{e}: {body}"));
@@ -83,11 +82,15 @@ async fn request_without_replay_headers_passes_through_without_context() {
     let svc = ReplayLayer::new().layer(svc);
     let (status, body) = send(
         &svc,
-        Request::post("/transfers").body(String::new()).unwrap(),
+        Request::post("/transfers").body(Body::default()).unwrap(),
     )
     .await;
     assert_eq!((status, body.as_str()), (StatusCode::OK, "inner"));
-    let (status, _) = send(&svc, Request::get("/accounts").body(String::new()).unwrap()).await;
+    let (status, _) = send(
+        &svc,
+        Request::get("/accounts").body(Body::default()).unwrap(),
+    )
+    .await;
     assert_eq!(status, StatusCode::OK);
     let seen = seen.lock().unwrap();
     assert_eq!(seen.len(), 2);
@@ -98,13 +101,13 @@ async fn request_without_replay_headers_passes_through_without_context() {
 async fn full_headers_give_the_context_exactly_as_sent() {
     let (svc, seen) = inner();
     let svc = ReplayLayer::new().layer(svc);
-    let (status, _) = send(&svc, update("12", "3").body(String::new()).unwrap()).await;
+    let (status, _) = send(&svc, update("12", "3").body(Body::default()).unwrap()).await;
     assert_eq!(status, StatusCode::OK);
     let (status, _) = send(
         &svc,
         update("13", "3")
             .header("regroup-replay", "1")
-            .body(String::new())
+            .body(Body::default())
             .unwrap(),
     )
     .await;
@@ -143,7 +146,7 @@ async fn malformed_replay_headers_get_400_and_the_inner_service_is_not_called() 
     let (svc, seen) = inner();
     let svc = ReplayLayer::new().layer(svc);
 
-    let (status, body) = send_json(&svc, update("x", "1").body(String::new()).unwrap()).await;
+    let (status, body) = send_json(&svc, update("x", "1").body(Body::default()).unwrap()).await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
     assert_eq!(body["error"], "bad_replay_headers");
     let message = body["message"].as_str().unwrap();
@@ -156,7 +159,7 @@ async fn malformed_replay_headers_get_400_and_the_inner_service_is_not_called() 
         .header("regroup-seq", "1")
         .header("regroup-txn-id", TXN)
         .header("regroup-epoch", "1")
-        .body(String::new())
+        .body(Body::default())
         .unwrap();
     let (status, body) = send_json(&svc, no_timestamp).await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
@@ -165,7 +168,7 @@ async fn malformed_replay_headers_get_400_and_the_inner_service_is_not_called() 
         json!({"error": "bad_replay_headers", "message": "invalid replay header regroup-timestamp: missing"})
     );
 
-    let mut bad_txn = update("1", "1").body(String::new()).unwrap();
+    let mut bad_txn = update("1", "1").body(Body::default()).unwrap();
     bad_txn.headers_mut().insert(
         "regroup-txn-id",
         http::HeaderValue::from_static("not-a-uuid"),
@@ -180,11 +183,11 @@ async fn malformed_replay_headers_get_400_and_the_inner_service_is_not_called() 
 async fn stale_epoch_is_fenced_with_409_and_newer_epochs_pass() {
     let (svc, seen) = inner();
     let svc = ReplayLayer::new().layer(svc);
-    let (status, _) = send(&svc, update("1", "3").body(String::new()).unwrap()).await;
+    let (status, _) = send(&svc, update("1", "3").body(Body::default()).unwrap()).await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(calls(&seen), 1);
 
-    let (status, body) = send_json(&svc, update("2", "2").body(String::new()).unwrap()).await;
+    let (status, body) = send_json(&svc, update("2", "2").body(Body::default()).unwrap()).await;
     assert_eq!(status, StatusCode::CONFLICT);
     assert_eq!(
         body,
@@ -192,12 +195,12 @@ async fn stale_epoch_is_fenced_with_409_and_newer_epochs_pass() {
     );
     assert_eq!(calls(&seen), 1, "a fenced update must not reach the app");
 
-    let (status, _) = send(&svc, update("2", "3").body(String::new()).unwrap()).await;
+    let (status, _) = send(&svc, update("2", "3").body(Body::default()).unwrap()).await;
     assert_eq!(status, StatusCode::OK);
-    let (status, _) = send(&svc, update("3", "4").body(String::new()).unwrap()).await;
+    let (status, _) = send(&svc, update("3", "4").body(Body::default()).unwrap()).await;
     assert_eq!(status, StatusCode::OK);
     // Epoch 3 is now older than the 4 seen.
-    let (status, _) = send(&svc, update("4", "3").body(String::new()).unwrap()).await;
+    let (status, _) = send(&svc, update("4", "3").body(Body::default()).unwrap()).await;
     assert_eq!(status, StatusCode::CONFLICT);
     let seen = seen.lock().unwrap();
     let epochs: Vec<u64> = seen.iter().map(|c| c.as_ref().unwrap().epoch()).collect();
@@ -212,7 +215,7 @@ async fn require_regroup_refuses_direct_updates_but_not_reads() {
         let req = Request::builder()
             .method(method.clone())
             .uri("/accounts")
-            .body(String::new())
+            .body(Body::default())
             .unwrap();
         let (status, body) = send_json(&svc, req).await;
         assert_eq!(status, StatusCode::FORBIDDEN, "{method}");
@@ -222,9 +225,13 @@ async fn require_regroup_refuses_direct_updates_but_not_reads() {
         );
     }
     assert_eq!(calls(&seen), 0);
-    let (status, body) = send(&svc, Request::get("/accounts").body(String::new()).unwrap()).await;
+    let (status, body) = send(
+        &svc,
+        Request::get("/accounts").body(Body::default()).unwrap(),
+    )
+    .await;
     assert_eq!((status, body.as_str()), (StatusCode::OK, "inner"));
-    let (status, _) = send(&svc, update("1", "1").body(String::new()).unwrap()).await;
+    let (status, _) = send(&svc, update("1", "1").body(Body::default()).unwrap()).await;
     assert_eq!(status, StatusCode::OK, "an update through regroup passes");
     let seen = seen.lock().unwrap();
     assert!(seen[0].is_none());
@@ -318,7 +325,7 @@ async fn applied_endpoint_answers_from_the_store() {
     let svc = ReplayLayer::new().with_store(once.clone()).layer(svc);
     let get = |q: &str| {
         Request::get(format!("{APPLIED_PATH}{q}"))
-            .body(String::new())
+            .body(Body::default())
             .unwrap()
     };
 
@@ -369,13 +376,13 @@ async fn layer_with_store_fences_from_the_recorded_epoch_but_lets_applied_redeli
     // A fresh layer (a restarted app) learns epoch 2 from the store.
     let (svc, seen) = inner();
     let svc = ReplayLayer::new().with_store(once).layer(svc);
-    let (status, body) = send_json(&svc, update("3", "1").body(String::new()).unwrap()).await;
+    let (status, body) = send_json(&svc, update("3", "1").body(Body::default()).unwrap()).await;
     assert_eq!(status, StatusCode::CONFLICT);
     assert_eq!(body["error"], "fenced");
     assert_eq!(calls(&seen), 0);
     // seq 1 was applied (in epoch 1): its re-delivery reaches the app, which answers it
     // from the record.
-    let (status, _) = send(&svc, update("1", "1").body(String::new()).unwrap()).await;
+    let (status, _) = send(&svc, update("1", "1").body(Body::default()).unwrap()).await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(calls(&seen), 1);
 }
@@ -486,7 +493,7 @@ async fn one_service_value_answers_several_requests() {
             .ready()
             .await
             .unwrap()
-            .call(update(seq, "1").body(String::new()).unwrap())
+            .call(update(seq, "1").body(Body::default()).unwrap())
             .await
             .unwrap();
         assert_eq!(resp.status(), StatusCode::OK);

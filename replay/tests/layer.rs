@@ -9,8 +9,11 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use http::{Method, Request, Response, StatusCode};
+use http_body_util::BodyExt;
 use rand::Rng;
+use regroup_replay::classify::{Classifier, Kind, RouteRule};
 use regroup_replay::layer::APPLIED_PATH;
+use regroup_replay::signature::{Secret, sign_headers};
 use regroup_replay::{Answer, ExactlyOnce, ReplayContext, ReplayLayer, RunError};
 use sea_orm::{ConnectionTrait, Database, DatabaseConnection};
 use sea_orm_migration::{MigrationTrait, SchemaManager};
@@ -524,4 +527,219 @@ async fn exactly_once_refuses_another_transaction_at_an_applied_seq() {
     }
     assert_eq!(n.load(Ordering::SeqCst), 1);
     assert_eq!(items(&db).await, ["a"]);
+}
+
+// ---------------------------------------------------------------------------------------
+// Signed replay headers and the shared classifier
+// ---------------------------------------------------------------------------------------
+
+const SECRET: &str = "current-secret-0123456789abcdef";
+const PREVIOUS: &str = "previous-secret-0123456789abcdef";
+
+/// An update to `/transfers` with `body`, signed with `secret` when given.
+fn signed_update(
+    seq: &str,
+    epoch: &str,
+    body: &'static str,
+    secret: Option<&str>,
+) -> Request<Body> {
+    let mut req = update(seq, epoch)
+        .body(Body::from(bytes::Bytes::from_static(body.as_bytes())))
+        .unwrap();
+    if let Some(secret) = secret.and_then(Secret::new) {
+        sign_headers(
+            req.headers_mut(),
+            "POST",
+            "/transfers",
+            body.as_bytes(),
+            &secret,
+        );
+    }
+    req
+}
+
+/// An inner service that answers with the body it was given, counting its calls.
+fn echo() -> (
+    impl Service<Request<Body>, Response = Response<String>, Error = Infallible, Future: Send + 'static>
+    + Clone
+    + Send
+    + 'static,
+    Arc<AtomicUsize>,
+) {
+    let calls = Arc::new(AtomicUsize::new(0));
+    let n = calls.clone();
+    let svc = service_fn(move |req: Request<Body>| {
+        n.fetch_add(1, Ordering::SeqCst);
+        async move {
+            let body = req.into_body().collect().await.unwrap().to_bytes();
+            Ok::<_, Infallible>(Response::new(String::from_utf8_lossy(&body).into_owned()))
+        }
+    });
+    (svc, calls)
+}
+
+#[tokio::test]
+async fn signed_layer_refuses_unsigned_and_wrong_signatures_and_the_fence_does_not_move() {
+    let (svc, calls) = echo();
+    let svc = ReplayLayer::new().with_secret(SECRET).layer(svc);
+
+    // A forged request straight to the partition: epoch 999999, no signature.
+    let (status, body) = send_json(&svc, signed_update("999999", "999999", "{}", None)).await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    assert_eq!(
+        body,
+        json!({"error": "bad_signature", "message": "replay headers without a regroup-signature"})
+    );
+    // Signed with another secret.
+    let (status, body) = send_json(
+        &svc,
+        signed_update("999999", "999999", "{}", Some("not-the-secret")),
+    )
+    .await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    assert_eq!(body["message"], "regroup-signature does not match");
+    // A signature copied from a genuine request onto another body, or another epoch.
+    let genuine = signed_update("1", "1", r#"{"amount":1}"#, Some(SECRET));
+    let signature = genuine.headers()["regroup-signature"].clone();
+    let mut other_body = signed_update("1", "1", r#"{"amount":1000}"#, None);
+    other_body
+        .headers_mut()
+        .insert("regroup-signature", signature.clone());
+    assert_eq!(send(&svc, other_body).await.0, StatusCode::FORBIDDEN);
+    let mut other_epoch = signed_update("1", "999999", r#"{"amount":1}"#, None);
+    other_epoch
+        .headers_mut()
+        .insert("regroup-signature", signature);
+    assert_eq!(send(&svc, other_epoch).await.0, StatusCode::FORBIDDEN);
+    let mut garbage = signed_update("1", "1", "{}", None);
+    garbage
+        .headers_mut()
+        .insert("regroup-signature", http::HeaderValue::from_static("zz"));
+    assert_eq!(send(&svc, garbage).await.0, StatusCode::FORBIDDEN);
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        0,
+        "a refused request must not reach the app"
+    );
+
+    // The genuine request passes with its body intact, and epoch 1 is not fenced: none of
+    // the forged epochs raised the fence.
+    let (status, body) = send(&svc, genuine).await;
+    assert_eq!((status, body.as_str()), (StatusCode::OK, r#"{"amount":1}"#));
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+    // A signed request from a newer epoch raises it.
+    let (status, _) = send(&svc, signed_update("2", "2", "{}", Some(SECRET))).await;
+    assert_eq!(status, StatusCode::OK);
+    let (status, _) = send(&svc, signed_update("3", "1", "{}", Some(SECRET))).await;
+    assert_eq!(status, StatusCode::CONFLICT);
+}
+
+#[tokio::test]
+async fn signed_layer_with_store_records_nothing_for_a_forged_request() {
+    let (_dir, db) = database().await;
+    let once = ExactlyOnce::new(db.clone());
+    let (svc, calls) = echo();
+    let svc = ReplayLayer::new()
+        .with_secret(SECRET)
+        .with_store(once.clone())
+        .layer(svc);
+    let (status, _) = send(&svc, signed_update("999999", "999999", "{}", None)).await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    assert_eq!(calls.load(Ordering::SeqCst), 0);
+    assert_eq!(once.applied().await.unwrap(), (0, 0), "no seq recorded");
+    let get = Request::get(APPLIED_PATH).body(Body::default()).unwrap();
+    assert_eq!(
+        send_json(&svc, get).await,
+        (StatusCode::OK, json!({"applied": 0, "epoch": 0}))
+    );
+    let (status, _) = send(&svc, signed_update("1", "1", "{}", Some(SECRET))).await;
+    assert_eq!(
+        status,
+        StatusCode::OK,
+        "the genuine seq 1 in epoch 1 is not fenced"
+    );
+}
+
+#[tokio::test]
+async fn signed_layer_accepts_the_previous_secret_during_a_rotation() {
+    let (svc, calls) = echo();
+    let rotating = ReplayLayer::new()
+        .with_secret(SECRET)
+        .with_previous_secret(PREVIOUS)
+        .layer(svc.clone());
+    for (seq, secret) in [("1", PREVIOUS), ("2", SECRET)] {
+        let (status, _) = send(&rotating, signed_update(seq, "1", "{}", Some(secret))).await;
+        assert_eq!(status, StatusCode::OK, "signed with {secret}");
+    }
+    let (status, _) = send(&rotating, signed_update("3", "1", "{}", Some("third"))).await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    // Once the rotation is over, the previous secret is refused.
+    let rotated = ReplayLayer::new().with_secret(SECRET).layer(svc);
+    let (status, _) = send(&rotated, signed_update("3", "1", "{}", Some(PREVIOUS))).await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    let (status, _) = send(&rotated, signed_update("3", "1", "{}", Some(SECRET))).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(calls.load(Ordering::SeqCst), 3);
+}
+
+#[tokio::test]
+async fn signed_layer_bounds_the_body_it_reads() {
+    let (svc, calls) = echo();
+    let svc = ReplayLayer::new()
+        .with_secret(SECRET)
+        .max_signed_body_bytes(4)
+        .layer(svc);
+    let (status, body) = send_json(&svc, signed_update("1", "1", "12345", Some(SECRET))).await;
+    assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
+    assert_eq!(body["error"], "body_too_large");
+    assert_eq!(calls.load(Ordering::SeqCst), 0);
+}
+
+#[tokio::test]
+async fn require_regroup_uses_the_shared_classifier() {
+    let (svc, seen) = inner();
+    let rules = [RouteRule {
+        method: Some("POST".into()),
+        path: "/search/**".into(),
+        kind: Kind::Read,
+    }];
+    let svc = ReplayLayer::new()
+        .require_regroup(true)
+        .classifier(Classifier::new(&rules))
+        .layer(svc);
+    let req = |method: &str, path: &str| {
+        Request::builder()
+            .method(method)
+            .uri(path)
+            .body(Body::default())
+            .unwrap()
+    };
+    // A POST that a route rule makes a read needs no replay headers.
+    let (status, body) = send(&svc, req("POST", "/search/accounts")).await;
+    assert_eq!((status, body.as_str()), (StatusCode::OK, "inner"));
+    for (method, path) in [
+        ("POST", "/search/../transfers"),
+        ("POST", "/search/%2e%2e/transfers"),
+        ("post", "/search/accounts"),
+        ("MKCOL", "/dir/"),
+        ("COPY", "/a"),
+        ("MOVE", "/a"),
+        ("PROPPATCH", "/a"),
+        ("LOCK", "/a"),
+        ("FROBNICATE", "/a"),
+        ("GET", "/a/%2e%2e/%2e%2e/etc"),
+    ] {
+        let (status, _) = send(&svc, req(method, path)).await;
+        assert_eq!(status, StatusCode::FORBIDDEN, "{method} {path}");
+    }
+    for (method, path) in [
+        ("GET", "/a"),
+        ("PROPFIND", "/a"),
+        ("REPORT", "/a"),
+        ("OPTIONS", "/"),
+    ] {
+        let (status, _) = send(&svc, req(method, path)).await;
+        assert_eq!(status, StatusCode::OK, "{method} {path}");
+    }
+    assert_eq!(calls(&seen), 5);
 }

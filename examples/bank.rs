@@ -114,7 +114,8 @@ pub fn app(db: DatabaseConnection) -> Router {
         // Test-only fault injection (off unless its environment variables are set).
         .layer(axum::middleware::from_fn(faults))
         // regroup's replay context on every request, fencing of stale epochs, and the
-        // `/_regroup/applied` answers from the exactly-once records.
+        // `/_regroup/applied` answers from the exactly-once records; with
+        // REGROUP_REPLAY_SECRET set, only replay headers signed with it are accepted.
         .layer(ReplayLayer::new().with_store(once))
 }
 

@@ -139,8 +139,7 @@ impl ReplayLayer {
     }
 
     /// Also accepts signatures made with `secret` (the previous one, while a rotation is
-    /// under way). Without a current secret this has no effect on its own order: the first
-    /// secret given is the one a signature is most likely made with.
+    /// under way). Given without a current secret, it is the only one accepted.
     pub fn with_previous_secret(mut self, secret: impl AsRef<[u8]>) -> Self {
         self.secrets.extend(Secret::new(secret));
         self

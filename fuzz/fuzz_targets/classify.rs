@@ -25,13 +25,27 @@ fuzz_target!(|data: &[u8]| {
     match normalize_path(path) {
         Ok(segments) => {
             for s in &segments {
-                assert!(!s.is_empty() && s != "." && s != "..", "{path:?} → {segments:?}");
-                assert!(!s.contains('/') && !s.contains('\\'), "{path:?} → {segments:?}");
+                assert!(
+                    !s.is_empty() && s != "." && s != "..",
+                    "{path:?} → {segments:?}"
+                );
+                assert!(
+                    !s.contains('/') && !s.contains('\\'),
+                    "{path:?} → {segments:?}"
+                );
             }
-            assert_eq!(everything_reads.classify(&method, path), Kind::Read, "{path:?}");
+            assert_eq!(
+                everything_reads.classify(&method, path),
+                Kind::Read,
+                "{path:?}"
+            );
         }
         Err(_) => {
-            assert_eq!(everything_reads.classify(&method, path), Kind::Update, "{path:?}");
+            assert_eq!(
+                everything_reads.classify(&method, path),
+                Kind::Update,
+                "{path:?}"
+            );
         }
     }
     let rules = [
@@ -47,7 +61,10 @@ fuzz_target!(|data: &[u8]| {
         },
     ];
     let kind = Classifier::new(&rules).classify(&method, path);
-    if !matches!(method.as_str(), "GET" | "HEAD" | "OPTIONS" | "PROPFIND" | "REPORT" | "SEARCH" | "POST") {
+    if !matches!(
+        method.as_str(),
+        "GET" | "HEAD" | "OPTIONS" | "PROPFIND" | "REPORT" | "SEARCH" | "POST"
+    ) {
         assert_eq!(kind, Kind::Update, "{method} {path:?}");
     }
 });

@@ -26,8 +26,14 @@ fuzz_target!(|data: &[u8]| {
             h.insert(name, v);
         }
     }
-    let method = parts.next().and_then(|m| std::str::from_utf8(m).ok()).unwrap_or("POST");
-    let path = parts.next().and_then(|p| std::str::from_utf8(p).ok()).unwrap_or("/");
+    let method = parts
+        .next()
+        .and_then(|m| std::str::from_utf8(m).ok())
+        .unwrap_or("POST");
+    let path = parts
+        .next()
+        .and_then(|p| std::str::from_utf8(p).ok())
+        .unwrap_or("/");
     let body = parts.next().unwrap_or(b"");
     let _ = ReplayContext::from_headers(&h);
     let (Some(secret), Some(other)) = (Secret::new("fuzz-secret"), Secret::new("other")) else {
@@ -40,10 +46,25 @@ fuzz_target!(|data: &[u8]| {
     let sent = h.get(headers::SIGNATURE).map(|v| v.as_bytes());
     let _ = signed.verify(sent, std::slice::from_ref(&secret));
     let signature = signed.sign(&secret);
-    assert!(signed.verify(Some(signature.as_bytes()), std::slice::from_ref(&secret)).is_ok());
-    assert!(signed.verify(Some(signature.as_bytes()), std::slice::from_ref(&other)).is_err());
+    assert!(
+        signed
+            .verify(Some(signature.as_bytes()), std::slice::from_ref(&secret))
+            .is_ok()
+    );
+    assert!(
+        signed
+            .verify(Some(signature.as_bytes()), std::slice::from_ref(&other))
+            .is_err()
+    );
     let mut changed = body.to_vec();
     changed.push(0);
-    let tampered = Signed { body: &changed, ..signed };
-    assert!(tampered.verify(Some(signature.as_bytes()), &[secret]).is_err());
+    let tampered = Signed {
+        body: &changed,
+        ..signed
+    };
+    assert!(
+        tampered
+            .verify(Some(signature.as_bytes()), &[secret])
+            .is_err()
+    );
 });

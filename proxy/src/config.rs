@@ -524,6 +524,42 @@ url = "http://127.0.0.1:9002"
     }
 
     #[test]
+    fn classification_and_signing_keys_are_validated() {
+        let with =
+            |line: &str| GOOD.replace("name = \"bank\"", &format!("name = \"bank\"\n{line}"));
+        assert_eq!(
+            err(&with("read_methods = [\"GET\", \"\"]")),
+            "regroup.toml: groups[0].read_methods: \"\" is not an HTTP method"
+        );
+        assert_eq!(
+            err(&with("replay_secret = \"\"")),
+            "regroup.toml: groups[0].replay_secret: must not be empty (leave it out to sign nothing)"
+        );
+        assert_eq!(
+            err(&with(
+                "[[groups.routes]]\npath = \"/a/%2e%2e/../x\"\nkind = \"read\""
+            )),
+            "regroup.toml: groups[0].routes[0].path: path \"/a/%2e%2e/../x\" climbs above the root"
+        );
+        let c =
+            Config::parse(&with("read_methods = [\"GET\"]"), Path::new("x.toml")).expect("valid");
+        let classifier = c.groups[0].classifier();
+        assert_eq!(
+            classifier.classify(&Method::GET, "/a"),
+            crate::classify::Kind::Read
+        );
+        assert_eq!(
+            classifier.classify(&Method::HEAD, "/a"),
+            crate::classify::Kind::Update
+        );
+        let c = Config::parse(&with("replay_secret = \"s\""), Path::new("x.toml")).expect("valid");
+        assert_eq!(
+            c.groups[0].signing_secret(),
+            regroup_replay::signature::Secret::new("s")
+        );
+    }
+
+    #[test]
     fn bad_values_are_named() {
         let e = err(&GOOD.replace("http://127.0.0.1:9002", "ftp://x"));
         assert_eq!(

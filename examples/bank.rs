@@ -112,7 +112,8 @@ pub fn app(db: DatabaseConnection) -> Router {
         .fallback(|| async { ApiError::NotFound("route not found".to_owned()) })
         .with_state(state)
         // regroup's replay context on every request, fencing of stale epochs, and the
-        // `/_regroup/applied` answers from the exactly-once records.
+        // `/_regroup/applied` answers from the exactly-once records; with
+        // REGROUP_REPLAY_SECRET set, only replay headers signed with it are accepted.
         .layer(ReplayLayer::new().with_store(once))
 }
 

@@ -10,9 +10,11 @@ use std::time::Duration;
 
 use http::{Method, Uri};
 use regroup_replay::Compare;
+use regroup_replay::signature::{SECRET_ENV, Secret};
 use serde::Deserialize;
 
-use crate::classify::Kind;
+use crate::classify::Classifier;
+pub use crate::classify::RouteRule;
 
 /// Default client-facing address.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
@@ -183,25 +185,22 @@ pub struct GroupConfig {
     /// How long a partition has to answer a read (its headers) before 504.
     #[serde(default = "default_read_timeout")]
     pub read_timeout_ms: u64,
-    /// Classification overrides, first match wins; unmatched requests are classified by
-    /// method (POST, PUT, PATCH, DELETE update; everything else reads).
+    /// Classification overrides, first match wins, matched against the normalized path;
+    /// unmatched requests are classified by method ([`GroupConfig::read_methods`] read,
+    /// everything else updates).
     #[serde(default)]
     pub routes: Vec<RouteRule>,
+    /// The methods that read (exact spelling). Absent: GET, HEAD, OPTIONS, PROPFIND, REPORT
+    /// and SEARCH. Every other method is an update.
+    #[serde(default)]
+    pub read_methods: Option<Vec<String>>,
+    /// The secret that signs the replay headers of this group's updates and replays
+    /// (`Regroup-Signature`); its partitions' app layers must know it. Absent: the
+    /// `REGROUP_REPLAY_SECRET` environment variable, if set; else nothing is signed.
+    #[serde(default)]
+    pub replay_secret: Option<String>,
     /// The partitions; the first is the primary when the group is new.
     pub partitions: Vec<PartitionConfig>,
-}
-
-/// A classification rule.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RouteRule {
-    /// The method it applies to (`*` or absent: any).
-    #[serde(default)]
-    pub method: Option<String>,
-    /// Path pattern: `*` matches one segment, a trailing `**` any rest.
-    pub path: String,
-    /// `read` or `update`.
-    pub kind: Kind,
 }
 
 /// One partition.
@@ -473,6 +472,19 @@ impl Config {
                         "must start with '/'".into(),
                     ));
                 }
+                if let Err(e) = crate::classify::normalize_path(&r.path) {
+                    return Err(invalid(key(&format!("routes[{ri}].path")), e.to_string()));
+                }
+            }
+            if let Some(methods) = &g.read_methods {
+                regroup_replay::classify::validate_read_methods(methods)
+                    .map_err(|m| invalid(key("read_methods"), m))?;
+            }
+            if g.replay_secret.as_deref() == Some("") {
+                return Err(invalid(
+                    key("replay_secret"),
+                    "must not be empty (leave it out to sign nothing)".into(),
+                ));
             }
             if g.partitions.is_empty() {
                 return Err(invalid(
@@ -503,6 +515,21 @@ impl Config {
 }
 
 impl GroupConfig {
+    /// The group's classifier: its route rules and read methods.
+    pub fn classifier(&self) -> Classifier {
+        let c = Classifier::new(&self.routes);
+        match &self.read_methods {
+            Some(methods) => c.with_read_methods(methods),
+            None => c,
+        }
+    }
+    /// The secret that signs replay headers: `replay_secret`, else `REGROUP_REPLAY_SECRET`.
+    pub fn signing_secret(&self) -> Option<Secret> {
+        match &self.replay_secret {
+            Some(s) => Secret::new(s),
+            None => Secret::from_env(SECRET_ENV),
+        }
+    }
     /// Heartbeat interval.
     pub fn heartbeat_interval(&self) -> Duration {
         Duration::from_millis(self.heartbeat_interval_ms)
@@ -631,6 +658,42 @@ url = "http://127.0.0.1:9002"
         assert_eq!(
             err(&text),
             "regroup.toml: groups[0].partitions[1].name: duplicate partition name \"a\" in group \"bank\""
+        );
+    }
+
+    #[test]
+    fn classification_and_signing_keys_are_validated() {
+        let with =
+            |line: &str| GOOD.replace("name = \"bank\"", &format!("name = \"bank\"\n{line}"));
+        assert_eq!(
+            err(&with("read_methods = [\"GET\", \"\"]")),
+            "regroup.toml: groups[0].read_methods: \"\" is not an HTTP method"
+        );
+        assert_eq!(
+            err(&with("replay_secret = \"\"")),
+            "regroup.toml: groups[0].replay_secret: must not be empty (leave it out to sign nothing)"
+        );
+        assert_eq!(
+            err(&with(
+                "[[groups.routes]]\npath = \"/a/%2e%2e/../x\"\nkind = \"read\""
+            )),
+            "regroup.toml: groups[0].routes[0].path: path \"/a/%2e%2e/../x\" climbs above the root"
+        );
+        let c =
+            Config::parse(&with("read_methods = [\"GET\"]"), Path::new("x.toml")).expect("valid");
+        let classifier = c.groups[0].classifier();
+        assert_eq!(
+            classifier.classify(&Method::GET, "/a"),
+            crate::classify::Kind::Read
+        );
+        assert_eq!(
+            classifier.classify(&Method::HEAD, "/a"),
+            crate::classify::Kind::Update
+        );
+        let c = Config::parse(&with("replay_secret = \"s\""), Path::new("x.toml")).expect("valid");
+        assert_eq!(
+            c.groups[0].signing_secret(),
+            regroup_replay::signature::Secret::new("s")
         );
     }
 

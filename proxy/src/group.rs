@@ -204,7 +204,7 @@ impl Group {
             p.credit(sealed);
         }
         let group = Arc::new(Group {
-            classifier: Classifier::new(&config.routes),
+            classifier: config.classifier(),
             config,
             members: std::sync::RwLock::new(partitions.into()),
             journal,

@@ -12,6 +12,7 @@ use http::Request;
 use http_body_util::BodyExt;
 use regroup_replay::Record;
 use regroup_replay::layer::APPLIED_PATH;
+use regroup_replay::signature::Secret;
 
 use crate::forward::{self, BoxError, Upstream};
 use crate::partition::Partition;
@@ -75,12 +76,22 @@ pub trait PartitionLink: Send + Sync + 'static {
 #[derive(Debug, Clone)]
 pub struct HttpLink {
     client: Upstream,
+    secret: Option<Secret>,
 }
 
 impl HttpLink {
-    /// A link using `client`.
+    /// A link using `client`, sending records unsigned.
     pub fn new(client: Upstream) -> Self {
-        HttpLink { client }
+        HttpLink {
+            client,
+            secret: None,
+        }
+    }
+
+    /// Signs the replay headers of every record it sends with `secret` (none: unsigned).
+    pub fn signed(mut self, secret: Option<Secret>) -> Self {
+        self.secret = secret;
+        self
     }
 
     async fn exchange(
@@ -117,8 +128,9 @@ impl PartitionLink for HttpLink {
         replay: bool,
         timeout: Duration,
     ) -> Result<Answer, SendError> {
-        let req = crate::update::record_request(record, partition.base(), replay)
-            .map_err(|e| SendError::NotSent(format!("cannot build request: {e}")))?;
+        let req =
+            crate::update::record_request(record, partition.base(), replay, self.secret.as_ref())
+                .map_err(|e| SendError::NotSent(format!("cannot build request: {e}")))?;
         let answer = self.exchange(req, timeout).await?;
         if answer.parts.status == http::StatusCode::CONFLICT
             && let Some(applied) = answer

@@ -64,12 +64,12 @@ impl Proxy {
         let token = admin_token(config)?;
         let ownership = ownership::claim(config, journal.clone()).await?;
         let client = upstream_client();
-        let link: Arc<dyn PartitionLink> = Arc::new(HttpLink::new(client.clone()));
         let mut routes = Vec::new();
         let mut groups = Vec::new();
         for gc in &config.groups {
-            let group =
-                Group::open(gc.clone(), journal.clone(), link.clone(), client.clone()).await?;
+            let link: Arc<dyn PartitionLink> =
+                Arc::new(HttpLink::new(client.clone()).signed(gc.signing_secret()));
+            let group = Group::open(gc.clone(), journal.clone(), link, client.clone()).await?;
             group.start().await;
             let reads = Arc::new(Reads::start(&group));
             tracing::info!(group = %group.name(), primary = %group.role().primary,

@@ -16,6 +16,7 @@ use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Request, Response};
 use http_body_util::{BodyExt, Limited};
+use regroup_replay::signature::{Secret, sign_headers};
 use regroup_replay::{Fingerprint, JournalError, Outcome, Record, RecordedRequest, headers as rh};
 use tokio::time::Instant;
 
@@ -89,11 +90,12 @@ fn recorded_headers(headers: &HeaderMap) -> Result<Vec<(String, String)>, ProxyE
 }
 
 /// Builds the request a partition receives for `record` (`replay`: with
-/// `Regroup-Replay: 1`).
+/// `Regroup-Replay: 1`), signed with `secret` when set.
 pub(crate) fn record_request(
     record: &Record,
     base: &http::Uri,
     replay: bool,
+    secret: Option<&Secret>,
 ) -> Result<Request<ProxyBody>, http::Error> {
     let mut builder = Request::builder()
         .method(record.request.method.as_str())
@@ -113,7 +115,23 @@ pub(crate) fn record_request(
             }
         }
     }
-    builder.body(forward::full(record.request.body.clone()))
+    let mut req = builder.body(forward::full(record.request.body.clone()))?;
+    if let Some(secret) = secret {
+        let path = req
+            .uri()
+            .path_and_query()
+            .map_or("/", |pq| pq.as_str())
+            .to_owned();
+        let method = req.method().as_str().to_owned();
+        sign_headers(
+            req.headers_mut(),
+            &method,
+            &path,
+            &record.request.body,
+            secret,
+        );
+    }
+    Ok(req)
 }
 
 /// What became of one forward of a record to a partition.

@@ -21,7 +21,10 @@ pub const REPLAY: &str = "regroup-replay";
 /// stands further behind the sealed head than the group allows (a copy restored from an
 /// older backup, before supervision noticed).
 pub const APPLIED: &str = "regroup-applied";
+/// HMAC-SHA256 over the other replay headers, the method, path and body hash, with the
+/// secret shared by the proxy and its partitions (see [`crate::signature`]).
+pub const SIGNATURE: &str = "regroup-signature";
 
 /// All replay headers, for stripping them from client requests (a client must not be
 /// able to forge a replay).
-pub const ALL: [&str; 5] = [SEQ, TXN_ID, EPOCH, TIMESTAMP, REPLAY];
+pub const ALL: [&str; 6] = [SEQ, TXN_ID, EPOCH, TIMESTAMP, REPLAY, SIGNATURE];

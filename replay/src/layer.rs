@@ -4,10 +4,21 @@
 //! - Reads the replay headers into a [`ReplayContext`] request extension. Requests without
 //!   them (reads, or an app run without regroup) get no context and pass through.
 //! - Malformed replay headers get 400.
+//! - Signatures: with a replay secret (from `REGROUP_REPLAY_SECRET`, and
+//!   `REGROUP_REPLAY_SECRET_PREVIOUS` during a rotation, or given with
+//!   [`ReplayLayer::with_secret`]), a request carrying replay headers must carry a valid
+//!   `Regroup-Signature` ([`crate::signature`]); one that does not gets 403 `bad_signature`
+//!   before anything else happens: the inner service is not called and the fence does not
+//!   move. To check the body hash the layer reads the body of such a request (up to
+//!   [`DEFAULT_MAX_SIGNED_BODY_BYTES`], else 413), so the request body type must be
+//!   buildable from [`Bytes`] (axum's `Body`, `http_body_util::Full<Bytes>`).
 //! - Fencing: an update whose `Regroup-Epoch` is older than the highest this partition has
 //!   seen gets 409 `fenced` (unless it is a re-delivery of a transaction already applied,
-//!   which the exactly-once helper answers from its record). With
-//!   [`ReplayLayer::require_regroup`], updates that did not come through regroup get 403.
+//!   which the exactly-once helper answers from its record). The highest epoch rises only
+//!   with a request that passed the signature check and the fence. With
+//!   [`ReplayLayer::require_regroup`], updates that did not come through regroup get 403;
+//!   what an update is comes from the same [`Classifier`] the proxy uses (set the proxy's
+//!   route rules with [`ReplayLayer::classifier`]).
 //! - With a store ([`ReplayLayer::with_store`]) it answers the proxy's questions:
 //!   `GET /_regroup/applied` → `{"applied": <highest seq>, "epoch": <highest epoch>}` and
 //!   `GET /_regroup/applied?seq=N` → `{"seq": N, "applied": true, "status": S, "epoch": E}`
@@ -19,11 +30,19 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
 
+use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode, header};
+use http_body_util::{BodyExt, Limited};
 use tower::{Layer, Service};
 
+use crate::classify::Classifier;
 use crate::context::ReplayContext;
 use crate::exactly_once::{AppliedRecord, ExactlyOnce};
+use crate::headers;
+use crate::signature::{PREVIOUS_SECRET_ENV, SECRET_ENV, Secret, Signed};
+
+/// Default bound on the body the layer reads to check a signature (16 MiB).
+pub const DEFAULT_MAX_SIGNED_BODY_BYTES: usize = 16 * 1024 * 1024;
 
 /// The path the proxy asks about applied transactions.
 pub const APPLIED_PATH: &str = "/_regroup/applied";
@@ -55,8 +74,8 @@ impl AppliedStore for ExactlyOnce {
 /// use regroup_replay::{ReplayContext, ReplayLayer};
 /// use tower::{ServiceBuilder, ServiceExt, service_fn};
 /// # tokio::runtime::Runtime::new().unwrap().block_on(async {
-/// let svc = ServiceBuilder::new().layer(ReplayLayer::new()).service(service_fn(
-///     |req: http::Request<String>| async move {
+/// let svc = ServiceBuilder::new().layer(ReplayLayer::new().without_secret()).service(service_fn(
+///     |req: http::Request<http_body_util::Full<bytes::Bytes>>| async move {
 ///         let seq = req.extensions().get::<ReplayContext>().map(|c| c.seq());
 ///         Ok::<_, std::convert::Infallible>(http::Response::new(format!("{seq:?}")))
 ///     },
@@ -66,15 +85,18 @@ impl AppliedStore for ExactlyOnce {
 ///     .header("regroup-txn-id", uuid::Uuid::now_v7().to_string())
 ///     .header("regroup-epoch", "1")
 ///     .header("regroup-timestamp", "2026-11-30T12:00:00Z")
-///     .body(String::new())
+///     .body(Default::default())
 ///     .unwrap();
 /// assert_eq!(svc.oneshot(req).await.unwrap().into_body(), "Some(5)");
 /// # });
 /// ```
-#[derive(Clone, Default)]
+#[derive(Clone)]
 pub struct ReplayLayer {
     store: Option<Arc<dyn AppliedStore>>,
     require_regroup: bool,
+    classifier: Arc<Classifier>,
+    secrets: Vec<Secret>,
+    max_signed_body: usize,
     highest_epoch: Arc<AtomicU64>,
     highest_seq: Arc<AtomicU64>,
     loaded: Arc<tokio::sync::OnceCell<()>>,
@@ -85,15 +107,63 @@ impl std::fmt::Debug for ReplayLayer {
         f.debug_struct("ReplayLayer")
             .field("store", &self.store.is_some())
             .field("require_regroup", &self.require_regroup)
+            .field("signed", &!self.secrets.is_empty())
             .field("highest_epoch", &self.highest_epoch.load(Ordering::Relaxed))
             .finish()
     }
 }
 
 impl ReplayLayer {
-    /// A layer that only reads the replay headers and fences stale epochs it has seen.
+    /// A layer that reads the replay headers and fences stale epochs it has seen. It
+    /// requires signed replay headers when `REGROUP_REPLAY_SECRET` is set (and accepts the
+    /// `REGROUP_REPLAY_SECRET_PREVIOUS` secret too).
     pub fn new() -> Self {
-        Self::default()
+        ReplayLayer {
+            store: None,
+            require_regroup: false,
+            classifier: Arc::new(Classifier::default()),
+            secrets: [SECRET_ENV, PREVIOUS_SECRET_ENV]
+                .into_iter()
+                .filter_map(Secret::from_env)
+                .collect(),
+            max_signed_body: DEFAULT_MAX_SIGNED_BODY_BYTES,
+            highest_epoch: Arc::default(),
+            highest_seq: Arc::default(),
+            loaded: Arc::default(),
+        }
+    }
+
+    /// Requires replay headers signed with `secret` (replacing the secrets from the
+    /// environment). An empty secret turns the check off.
+    pub fn with_secret(mut self, secret: impl AsRef<[u8]>) -> Self {
+        self.secrets = Secret::new(secret).into_iter().collect();
+        self
+    }
+
+    /// Also accepts signatures made with `secret` (the previous one, while a rotation is
+    /// under way). Given without a current secret, it is the only one accepted.
+    pub fn with_previous_secret(mut self, secret: impl AsRef<[u8]>) -> Self {
+        self.secrets.extend(Secret::new(secret));
+        self
+    }
+
+    /// Accepts unsigned replay headers, whatever the environment says.
+    pub fn without_secret(mut self) -> Self {
+        self.secrets.clear();
+        self
+    }
+
+    /// What counts as an update for [`ReplayLayer::require_regroup`]: give it the same
+    /// route rules and read methods as the proxy's group.
+    pub fn classifier(mut self, classifier: Classifier) -> Self {
+        self.classifier = Arc::new(classifier);
+        self
+    }
+
+    /// The largest body read to check a signature; larger gets 413.
+    pub fn max_signed_body_bytes(mut self, limit: usize) -> Self {
+        self.max_signed_body = limit;
+        self
     }
 
     /// Answers `/_regroup/applied` from `store` and fences against the highest epoch it
@@ -103,10 +173,18 @@ impl ReplayLayer {
         self
     }
 
-    /// Refuses updates (POST, PUT, PATCH, DELETE) that did not come through regroup (403).
+    /// Refuses updates (every request the [`Classifier`] does not call a read) that did not
+    /// come through regroup (403).
     pub fn require_regroup(mut self, on: bool) -> Self {
         self.require_regroup = on;
         self
+    }
+}
+
+impl Default for ReplayLayer {
+    /// Same as [`ReplayLayer::new`].
+    fn default() -> Self {
+        Self::new()
     }
 }
 
@@ -157,18 +235,13 @@ fn error<B: From<String>>(status: StatusCode, code: &str, message: String) -> Re
     )
 }
 
-fn is_update(m: &Method) -> bool {
-    matches!(
-        *m,
-        Method::POST | Method::PUT | Method::PATCH | Method::DELETE
-    )
-}
-
 impl<S, ReqBody, ResBody> Service<Request<ReqBody>> for Replay<S>
 where
     S: Service<Request<ReqBody>, Response = Response<ResBody>> + Clone + Send + 'static,
     S::Future: Send + 'static,
-    ReqBody: Send + 'static,
+    ReqBody: http_body::Body + From<Bytes> + Send + 'static,
+    ReqBody::Data: Send,
+    ReqBody::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
     ResBody: From<String> + Send + 'static,
 {
     type Response = Response<ResBody>;
@@ -203,15 +276,24 @@ where
             let seq = ctx.as_ref().map(ReplayContext::seq);
             match ctx {
                 Some(ctx) => {
-                    if let Some(resp) = layer.fence(&ctx).await {
+                    if !layer.secrets.is_empty() {
+                        req = match layer.check_signature(req).await {
+                            Ok(req) => req,
+                            Err(resp) => return Ok(resp),
+                        };
+                    }
+                    // A record past a gap is refused before the fence can rise for it.
+                    if let Some(resp) = layer.gap(&ctx).await {
                         return Ok(resp);
                     }
-                    if let Some(resp) = layer.gap(&ctx).await {
+                    if let Some(resp) = layer.fence(&ctx).await {
                         return Ok(resp);
                     }
                     req.extensions_mut().insert(ctx);
                 }
-                None if layer.require_regroup && is_update(req.method()) => {
+                None if layer.require_regroup
+                    && layer.classifier.is_update(req.method(), req.uri().path()) =>
+                {
                     return Ok(error(
                         StatusCode::FORBIDDEN,
                         "not_through_regroup",
@@ -240,6 +322,51 @@ where
 }
 
 impl ReplayLayer {
+    /// Reads the body of a request with replay headers and checks its signature: the
+    /// request rebuilt around the body, or the answer refusing it.
+    async fn check_signature<ReqBody, B>(
+        &self,
+        req: Request<ReqBody>,
+    ) -> Result<Request<ReqBody>, Response<B>>
+    where
+        ReqBody: http_body::Body + From<Bytes>,
+        ReqBody::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+        B: From<String>,
+    {
+        let (parts, body) = req.into_parts();
+        let body = match Limited::new(body, self.max_signed_body).collect().await {
+            Ok(collected) => collected.to_bytes(),
+            Err(e) if e.is::<http_body_util::LengthLimitError>() => {
+                return Err(error(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "body_too_large",
+                    format!("a signed body is limited to {} bytes", self.max_signed_body),
+                ));
+            }
+            Err(e) => {
+                return Err(error(
+                    StatusCode::BAD_REQUEST,
+                    "bad_body",
+                    format!("cannot read the request body: {e}"),
+                ));
+            }
+        };
+        let path = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
+        let verdict = Signed::from_request(&parts.headers, parts.method.as_str(), path, &body)
+            .and_then(|signed| {
+                signed.verify(
+                    parts.headers.get(headers::SIGNATURE).map(|v| v.as_bytes()),
+                    &self.secrets,
+                )
+            });
+        if let Err(e) = verdict {
+            tracing::warn!(method = %parts.method, path, error = %e,
+                "refused a request with replay headers: bad signature");
+            return Err(error(StatusCode::FORBIDDEN, "bad_signature", e.to_string()));
+        }
+        Ok(Request::from_parts(parts, ReqBody::from(body)))
+    }
+
     /// 409 when `ctx` comes from an older epoch than this partition has seen (and is not a
     /// re-delivery of an applied transaction).
     /// Loads the highest seq and epoch recorded, once per process (a restarted process, a

@@ -27,6 +27,7 @@
 //! usually catches (and reports as divergence) rather than prevents.
 
 pub mod applier;
+pub mod classify;
 pub mod context;
 pub mod exactly_once;
 pub mod headers;
@@ -34,6 +35,7 @@ pub mod journal;
 pub mod layer;
 pub mod record;
 pub mod replayer;
+pub mod signature;
 
 pub use applier::{Applier, ApplyError};
 pub use context::ReplayContext;

@@ -9,8 +9,11 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use http::{Method, Request, Response, StatusCode};
+use http_body_util::BodyExt;
 use rand::Rng;
+use regroup_replay::classify::{Classifier, Kind, RouteRule};
 use regroup_replay::layer::APPLIED_PATH;
+use regroup_replay::signature::{Secret, sign_headers};
 use regroup_replay::{Answer, ExactlyOnce, ReplayContext, ReplayLayer, RunError};
 use sea_orm::{ConnectionTrait, Database, DatabaseConnection};
 use sea_orm_migration::{MigrationTrait, SchemaManager};
@@ -19,6 +22,9 @@ use time::macros::datetime;
 use tower::{Layer, Service, ServiceExt, service_fn};
 use uuid::Uuid;
 
+/// The request body: the layer needs one it can rebuild from bytes.
+type Body = http_body_util::Full<bytes::Bytes>;
+
 const TXN: &str = "0190b6e0-0000-7000-8000-0000000000aa";
 
 /// What the inner service saw: one entry per call, with the context it was given.
@@ -26,19 +32,15 @@ type Seen = Arc<Mutex<Vec<Option<ReplayContext>>>>;
 
 /// An inner service that records its calls and answers 200 "inner".
 fn inner() -> (
-    impl Service<
-        Request<String>,
-        Response = Response<String>,
-        Error = Infallible,
-        Future: Send + 'static,
-    > + Clone
+    impl Service<Request<Body>, Response = Response<String>, Error = Infallible, Future: Send + 'static>
+    + Clone
     + Send
     + 'static,
     Seen,
 ) {
     let seen: Seen = Arc::default();
     let log = seen.clone();
-    let svc = service_fn(move |req: Request<String>| {
+    let svc = service_fn(move |req: Request<Body>| {
         log.lock()
             .unwrap()
             .push(req.extensions().get::<ReplayContext>().cloned());
@@ -56,17 +58,17 @@ fn update(seq: &str, epoch: &str) -> http::request::Builder {
         .header("regroup-timestamp", "2026-11-30T12:00:00.123456Z")
 }
 
-async fn send<S>(svc: &S, req: Request<String>) -> (StatusCode, String)
+async fn send<S>(svc: &S, req: Request<Body>) -> (StatusCode, String)
 where
-    S: Service<Request<String>, Response = Response<String>, Error = Infallible> + Clone,
+    S: Service<Request<Body>, Response = Response<String>, Error = Infallible> + Clone,
 {
     let resp = svc.clone().oneshot(req).await.unwrap();
     (resp.status(), resp.into_body())
 }
 
-async fn send_json<S>(svc: &S, req: Request<String>) -> (StatusCode, Value)
+async fn send_json<S>(svc: &S, req: Request<Body>) -> (StatusCode, Value)
 where
-    S: Service<Request<String>, Response = Response<String>, Error = Infallible> + Clone,
+    S: Service<Request<Body>, Response = Response<String>, Error = Infallible> + Clone,
 {
     let (status, body) = send(svc, req).await;
     let value = serde_json::from_str(&body).unwrap_or_else(|e| panic!("{e}: {body}"));
@@ -83,11 +85,15 @@ async fn request_without_replay_headers_passes_through_without_context() {
     let svc = ReplayLayer::new().layer(svc);
     let (status, body) = send(
         &svc,
-        Request::post("/transfers").body(String::new()).unwrap(),
+        Request::post("/transfers").body(Body::default()).unwrap(),
     )
     .await;
     assert_eq!((status, body.as_str()), (StatusCode::OK, "inner"));
-    let (status, _) = send(&svc, Request::get("/accounts").body(String::new()).unwrap()).await;
+    let (status, _) = send(
+        &svc,
+        Request::get("/accounts").body(Body::default()).unwrap(),
+    )
+    .await;
     assert_eq!(status, StatusCode::OK);
     let seen = seen.lock().unwrap();
     assert_eq!(seen.len(), 2);
@@ -98,13 +104,13 @@ async fn request_without_replay_headers_passes_through_without_context() {
 async fn full_headers_give_the_context_exactly_as_sent() {
     let (svc, seen) = inner();
     let svc = ReplayLayer::new().layer(svc);
-    let (status, _) = send(&svc, update("12", "3").body(String::new()).unwrap()).await;
+    let (status, _) = send(&svc, update("12", "3").body(Body::default()).unwrap()).await;
     assert_eq!(status, StatusCode::OK);
     let (status, _) = send(
         &svc,
         update("13", "3")
             .header("regroup-replay", "1")
-            .body(String::new())
+            .body(Body::default())
             .unwrap(),
     )
     .await;
@@ -143,7 +149,7 @@ async fn malformed_replay_headers_get_400_and_the_inner_service_is_not_called() 
     let (svc, seen) = inner();
     let svc = ReplayLayer::new().layer(svc);
 
-    let (status, body) = send_json(&svc, update("x", "1").body(String::new()).unwrap()).await;
+    let (status, body) = send_json(&svc, update("x", "1").body(Body::default()).unwrap()).await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
     assert_eq!(body["error"], "bad_replay_headers");
     let message = body["message"].as_str().unwrap();
@@ -156,7 +162,7 @@ async fn malformed_replay_headers_get_400_and_the_inner_service_is_not_called() 
         .header("regroup-seq", "1")
         .header("regroup-txn-id", TXN)
         .header("regroup-epoch", "1")
-        .body(String::new())
+        .body(Body::default())
         .unwrap();
     let (status, body) = send_json(&svc, no_timestamp).await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
@@ -165,7 +171,7 @@ async fn malformed_replay_headers_get_400_and_the_inner_service_is_not_called() 
         json!({"error": "bad_replay_headers", "message": "invalid replay header regroup-timestamp: missing"})
     );
 
-    let mut bad_txn = update("1", "1").body(String::new()).unwrap();
+    let mut bad_txn = update("1", "1").body(Body::default()).unwrap();
     bad_txn.headers_mut().insert(
         "regroup-txn-id",
         http::HeaderValue::from_static("not-a-uuid"),
@@ -180,11 +186,11 @@ async fn malformed_replay_headers_get_400_and_the_inner_service_is_not_called() 
 async fn stale_epoch_is_fenced_with_409_and_newer_epochs_pass() {
     let (svc, seen) = inner();
     let svc = ReplayLayer::new().layer(svc);
-    let (status, _) = send(&svc, update("1", "3").body(String::new()).unwrap()).await;
+    let (status, _) = send(&svc, update("1", "3").body(Body::default()).unwrap()).await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(calls(&seen), 1);
 
-    let (status, body) = send_json(&svc, update("2", "2").body(String::new()).unwrap()).await;
+    let (status, body) = send_json(&svc, update("2", "2").body(Body::default()).unwrap()).await;
     assert_eq!(status, StatusCode::CONFLICT);
     assert_eq!(
         body,
@@ -192,12 +198,12 @@ async fn stale_epoch_is_fenced_with_409_and_newer_epochs_pass() {
     );
     assert_eq!(calls(&seen), 1, "a fenced update must not reach the app");
 
-    let (status, _) = send(&svc, update("2", "3").body(String::new()).unwrap()).await;
+    let (status, _) = send(&svc, update("2", "3").body(Body::default()).unwrap()).await;
     assert_eq!(status, StatusCode::OK);
-    let (status, _) = send(&svc, update("3", "4").body(String::new()).unwrap()).await;
+    let (status, _) = send(&svc, update("3", "4").body(Body::default()).unwrap()).await;
     assert_eq!(status, StatusCode::OK);
     // Epoch 3 is now older than the 4 seen.
-    let (status, _) = send(&svc, update("4", "3").body(String::new()).unwrap()).await;
+    let (status, _) = send(&svc, update("4", "3").body(Body::default()).unwrap()).await;
     assert_eq!(status, StatusCode::CONFLICT);
     let seen = seen.lock().unwrap();
     let epochs: Vec<u64> = seen.iter().map(|c| c.as_ref().unwrap().epoch()).collect();
@@ -212,7 +218,7 @@ async fn require_regroup_refuses_direct_updates_but_not_reads() {
         let req = Request::builder()
             .method(method.clone())
             .uri("/accounts")
-            .body(String::new())
+            .body(Body::default())
             .unwrap();
         let (status, body) = send_json(&svc, req).await;
         assert_eq!(status, StatusCode::FORBIDDEN, "{method}");
@@ -222,9 +228,13 @@ async fn require_regroup_refuses_direct_updates_but_not_reads() {
         );
     }
     assert_eq!(calls(&seen), 0);
-    let (status, body) = send(&svc, Request::get("/accounts").body(String::new()).unwrap()).await;
+    let (status, body) = send(
+        &svc,
+        Request::get("/accounts").body(Body::default()).unwrap(),
+    )
+    .await;
     assert_eq!((status, body.as_str()), (StatusCode::OK, "inner"));
-    let (status, _) = send(&svc, update("1", "1").body(String::new()).unwrap()).await;
+    let (status, _) = send(&svc, update("1", "1").body(Body::default()).unwrap()).await;
     assert_eq!(status, StatusCode::OK, "an update through regroup passes");
     let seen = seen.lock().unwrap();
     assert!(seen[0].is_none());
@@ -318,7 +328,7 @@ async fn applied_endpoint_answers_from_the_store() {
     let svc = ReplayLayer::new().with_store(once.clone()).layer(svc);
     let get = |q: &str| {
         Request::get(format!("{APPLIED_PATH}{q}"))
-            .body(String::new())
+            .body(Body::default())
             .unwrap()
     };
 
@@ -369,13 +379,13 @@ async fn layer_with_store_fences_from_the_recorded_epoch_but_lets_applied_redeli
     // A fresh layer (a restarted app) learns epoch 2 from the store.
     let (svc, seen) = inner();
     let svc = ReplayLayer::new().with_store(once).layer(svc);
-    let (status, body) = send_json(&svc, update("3", "1").body(String::new()).unwrap()).await;
+    let (status, body) = send_json(&svc, update("3", "1").body(Body::default()).unwrap()).await;
     assert_eq!(status, StatusCode::CONFLICT);
     assert_eq!(body["error"], "fenced");
     assert_eq!(calls(&seen), 0);
     // seq 1 was applied (in epoch 1): its re-delivery reaches the app, which answers it
     // from the record.
-    let (status, _) = send(&svc, update("1", "1").body(String::new()).unwrap()).await;
+    let (status, _) = send(&svc, update("1", "1").body(Body::default()).unwrap()).await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(calls(&seen), 1);
 }
@@ -486,7 +496,7 @@ async fn one_service_value_answers_several_requests() {
             .ready()
             .await
             .unwrap()
-            .call(update(seq, "1").body(String::new()).unwrap())
+            .call(update(seq, "1").body(Body::default()).unwrap())
             .await
             .unwrap();
         assert_eq!(resp.status(), StatusCode::OK);
@@ -519,6 +529,221 @@ async fn exactly_once_refuses_another_transaction_at_an_applied_seq() {
     assert_eq!(items(&db).await, ["a"]);
 }
 
+// ---------------------------------------------------------------------------------------
+// Signed replay headers and the shared classifier
+// ---------------------------------------------------------------------------------------
+
+const SECRET: &str = "current-secret-0123456789abcdef";
+const PREVIOUS: &str = "previous-secret-0123456789abcdef";
+
+/// An update to `/transfers` with `body`, signed with `secret` when given.
+fn signed_update(
+    seq: &str,
+    epoch: &str,
+    body: &'static str,
+    secret: Option<&str>,
+) -> Request<Body> {
+    let mut req = update(seq, epoch)
+        .body(Body::from(bytes::Bytes::from_static(body.as_bytes())))
+        .unwrap();
+    if let Some(secret) = secret.and_then(Secret::new) {
+        sign_headers(
+            req.headers_mut(),
+            "POST",
+            "/transfers",
+            body.as_bytes(),
+            &secret,
+        );
+    }
+    req
+}
+
+/// An inner service that answers with the body it was given, counting its calls.
+fn echo() -> (
+    impl Service<Request<Body>, Response = Response<String>, Error = Infallible, Future: Send + 'static>
+    + Clone
+    + Send
+    + 'static,
+    Arc<AtomicUsize>,
+) {
+    let calls = Arc::new(AtomicUsize::new(0));
+    let n = calls.clone();
+    let svc = service_fn(move |req: Request<Body>| {
+        n.fetch_add(1, Ordering::SeqCst);
+        async move {
+            let body = req.into_body().collect().await.unwrap().to_bytes();
+            Ok::<_, Infallible>(Response::new(String::from_utf8_lossy(&body).into_owned()))
+        }
+    });
+    (svc, calls)
+}
+
+#[tokio::test]
+async fn signed_layer_refuses_unsigned_and_wrong_signatures_and_the_fence_does_not_move() {
+    let (svc, calls) = echo();
+    let svc = ReplayLayer::new().with_secret(SECRET).layer(svc);
+
+    // A forged request straight to the partition: epoch 999999, no signature.
+    let (status, body) = send_json(&svc, signed_update("999999", "999999", "{}", None)).await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    assert_eq!(
+        body,
+        json!({"error": "bad_signature", "message": "replay headers without a regroup-signature"})
+    );
+    // Signed with another secret.
+    let (status, body) = send_json(
+        &svc,
+        signed_update("999999", "999999", "{}", Some("not-the-secret")),
+    )
+    .await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    assert_eq!(body["message"], "regroup-signature does not match");
+    // A signature copied from a genuine request onto another body, or another epoch.
+    let genuine = signed_update("1", "1", r#"{"amount":1}"#, Some(SECRET));
+    let signature = genuine.headers()["regroup-signature"].clone();
+    let mut other_body = signed_update("1", "1", r#"{"amount":1000}"#, None);
+    other_body
+        .headers_mut()
+        .insert("regroup-signature", signature.clone());
+    assert_eq!(send(&svc, other_body).await.0, StatusCode::FORBIDDEN);
+    let mut other_epoch = signed_update("1", "999999", r#"{"amount":1}"#, None);
+    other_epoch
+        .headers_mut()
+        .insert("regroup-signature", signature);
+    assert_eq!(send(&svc, other_epoch).await.0, StatusCode::FORBIDDEN);
+    let mut garbage = signed_update("1", "1", "{}", None);
+    garbage
+        .headers_mut()
+        .insert("regroup-signature", http::HeaderValue::from_static("zz"));
+    assert_eq!(send(&svc, garbage).await.0, StatusCode::FORBIDDEN);
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        0,
+        "a refused request must not reach the app"
+    );
+
+    // The genuine request passes with its body intact, and epoch 1 is not fenced: none of
+    // the forged epochs raised the fence.
+    let (status, body) = send(&svc, genuine).await;
+    assert_eq!((status, body.as_str()), (StatusCode::OK, r#"{"amount":1}"#));
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+    // A signed request from a newer epoch raises it.
+    let (status, _) = send(&svc, signed_update("2", "2", "{}", Some(SECRET))).await;
+    assert_eq!(status, StatusCode::OK);
+    let (status, _) = send(&svc, signed_update("3", "1", "{}", Some(SECRET))).await;
+    assert_eq!(status, StatusCode::CONFLICT);
+}
+
+#[tokio::test]
+async fn signed_layer_with_store_records_nothing_for_a_forged_request() {
+    let (_dir, db) = database().await;
+    let once = ExactlyOnce::new(db.clone());
+    let (svc, calls) = echo();
+    let svc = ReplayLayer::new()
+        .with_secret(SECRET)
+        .with_store(once.clone())
+        .layer(svc);
+    let (status, _) = send(&svc, signed_update("999999", "999999", "{}", None)).await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    assert_eq!(calls.load(Ordering::SeqCst), 0);
+    assert_eq!(once.applied().await.unwrap(), (0, 0), "no seq recorded");
+    let get = Request::get(APPLIED_PATH).body(Body::default()).unwrap();
+    assert_eq!(
+        send_json(&svc, get).await,
+        (StatusCode::OK, json!({"applied": 0, "epoch": 0}))
+    );
+    let (status, _) = send(&svc, signed_update("1", "1", "{}", Some(SECRET))).await;
+    assert_eq!(
+        status,
+        StatusCode::OK,
+        "the genuine seq 1 in epoch 1 is not fenced"
+    );
+}
+
+#[tokio::test]
+async fn signed_layer_accepts_the_previous_secret_during_a_rotation() {
+    let (svc, calls) = echo();
+    let rotating = ReplayLayer::new()
+        .with_secret(SECRET)
+        .with_previous_secret(PREVIOUS)
+        .layer(svc.clone());
+    for (seq, secret) in [("1", PREVIOUS), ("2", SECRET)] {
+        let (status, _) = send(&rotating, signed_update(seq, "1", "{}", Some(secret))).await;
+        assert_eq!(status, StatusCode::OK, "signed with {secret}");
+    }
+    let (status, _) = send(&rotating, signed_update("3", "1", "{}", Some("third"))).await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    // Once the rotation is over, the previous secret is refused.
+    let rotated = ReplayLayer::new().with_secret(SECRET).layer(svc);
+    let (status, _) = send(&rotated, signed_update("3", "1", "{}", Some(PREVIOUS))).await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    let (status, _) = send(&rotated, signed_update("3", "1", "{}", Some(SECRET))).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(calls.load(Ordering::SeqCst), 3);
+}
+
+#[tokio::test]
+async fn signed_layer_bounds_the_body_it_reads() {
+    let (svc, calls) = echo();
+    let svc = ReplayLayer::new()
+        .with_secret(SECRET)
+        .max_signed_body_bytes(4)
+        .layer(svc);
+    let (status, body) = send_json(&svc, signed_update("1", "1", "12345", Some(SECRET))).await;
+    assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
+    assert_eq!(body["error"], "body_too_large");
+    assert_eq!(calls.load(Ordering::SeqCst), 0);
+}
+
+#[tokio::test]
+async fn require_regroup_uses_the_shared_classifier() {
+    let (svc, seen) = inner();
+    let rules = [RouteRule {
+        method: Some("POST".into()),
+        path: "/search/**".into(),
+        kind: Kind::Read,
+    }];
+    let svc = ReplayLayer::new()
+        .require_regroup(true)
+        .classifier(Classifier::new(&rules))
+        .layer(svc);
+    let req = |method: &str, path: &str| {
+        Request::builder()
+            .method(method)
+            .uri(path)
+            .body(Body::default())
+            .unwrap()
+    };
+    // A POST that a route rule makes a read needs no replay headers.
+    let (status, body) = send(&svc, req("POST", "/search/accounts")).await;
+    assert_eq!((status, body.as_str()), (StatusCode::OK, "inner"));
+    for (method, path) in [
+        ("POST", "/search/../transfers"),
+        ("POST", "/search/%2e%2e/transfers"),
+        ("post", "/search/accounts"),
+        ("MKCOL", "/dir/"),
+        ("COPY", "/a"),
+        ("MOVE", "/a"),
+        ("PROPPATCH", "/a"),
+        ("LOCK", "/a"),
+        ("FROBNICATE", "/a"),
+        ("GET", "/a/%2e%2e/%2e%2e/etc"),
+    ] {
+        let (status, _) = send(&svc, req(method, path)).await;
+        assert_eq!(status, StatusCode::FORBIDDEN, "{method} {path}");
+    }
+    for (method, path) in [
+        ("GET", "/a"),
+        ("PROPFIND", "/a"),
+        ("REPORT", "/a"),
+        ("OPTIONS", "/"),
+    ] {
+        let (status, _) = send(&svc, req(method, path)).await;
+        assert_eq!(status, StatusCode::OK, "{method} {path}");
+    }
+    assert_eq!(calls(&seen), 5);
+}
+
 #[tokio::test]
 async fn layer_with_store_refuses_a_seq_past_a_gap_and_stamps_where_it_stands() {
     let (_dir, db) = database().await;
@@ -530,12 +755,16 @@ async fn layer_with_store_refuses_a_seq_past_a_gap_and_stamps_where_it_stands() 
             .unwrap();
     }
     // A fresh layer (a copy restored to seq 3, restarted) is offered seq 7: refused unrun,
-    // with where it stands, so the proxy repositions it instead of diverging it.
+    // with where it stands, so the proxy repositions it instead of diverging it; the fence
+    // does not rise for it.
     let (svc, seen) = inner();
-    let svc = ReplayLayer::new().with_store(once).layer(svc);
+    let svc = ReplayLayer::new()
+        .without_secret()
+        .with_store(once)
+        .layer(svc);
     let resp = svc
         .clone()
-        .oneshot(update("7", "1").body(String::new()).unwrap())
+        .oneshot(update("7", "9").body(Body::default()).unwrap())
         .await
         .unwrap();
     assert_eq!(resp.status(), StatusCode::CONFLICT);
@@ -543,17 +772,18 @@ async fn layer_with_store_refuses_a_seq_past_a_gap_and_stamps_where_it_stands() 
     let body: Value = serde_json::from_str(resp.body()).unwrap();
     assert_eq!(body["error"], "behind");
     assert_eq!(calls(&seen), 0);
-    // The next seq in line passes, and every answer says where the copy stands, reads too.
+    // The next seq in line passes (epoch 1: the refused epoch 9 raised no fence), and every
+    // answer says where the copy stands, reads too.
     let resp = svc
         .clone()
-        .oneshot(update("4", "1").body(String::new()).unwrap())
+        .oneshot(update("4", "1").body(Body::default()).unwrap())
         .await
         .unwrap();
     assert_eq!(resp.status(), StatusCode::OK);
     assert_eq!(resp.headers()["regroup-applied"], "4");
     let resp = svc
         .clone()
-        .oneshot(Request::get("/items").body(String::new()).unwrap())
+        .oneshot(Request::get("/items").body(Body::default()).unwrap())
         .await
         .unwrap();
     assert_eq!(resp.headers()["regroup-applied"], "4");

@@ -92,6 +92,17 @@ async fn spawn_exe_and_read(
     log: &Path,
     prefix: &str,
 ) -> (Child, String) {
+    spawn_exe_and_read_env(exe, args, log, prefix, &[]).await
+}
+
+/// [`spawn_exe_and_read`] with extra environment variables.
+async fn spawn_exe_and_read_env(
+    exe: &Path,
+    args: &[&str],
+    log: &Path,
+    prefix: &str,
+    env: &[(String, String)],
+) -> (Child, String) {
     let log_file = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -100,6 +111,7 @@ async fn spawn_exe_and_read(
     let mut child = Command::new(exe)
         .args(args)
         .env("RUST_LOG", "info,sea_orm_migration=warn")
+        .envs(env.iter().cloned())
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::from(log_file))
@@ -155,6 +167,8 @@ pub struct Bank {
     pub db: String,
     /// The fault interposer in front of it, if any.
     pub fault: Option<fault::Interposer>,
+    /// Extra environment of the bank process (restarts included).
+    env: Vec<(String, String)>,
     log: PathBuf,
     child: Option<Child>,
 }
@@ -168,13 +182,28 @@ impl Bank {
     /// Starts a bank, with `fault` injected by an interposer in front of it (the bank is
     /// then reached through the interposer, restarts included).
     pub async fn start_with(dir: &Path, name: &str, fault: Option<fault::Fault>) -> Bank {
+        Bank::start_full(dir, name, fault, Vec::new()).await
+    }
+
+    /// Starts a bank with extra environment variables (e.g. `REGROUP_REPLAY_SECRET`).
+    pub async fn start_env(dir: &Path, name: &str, env: Vec<(String, String)>) -> Bank {
+        Bank::start_full(dir, name, None, env).await
+    }
+
+    async fn start_full(
+        dir: &Path,
+        name: &str,
+        fault: Option<fault::Fault>,
+        env: Vec<(String, String)>,
+    ) -> Bank {
         let db = format!("sqlite://{}", dir.join(format!("bank-{name}.db")).display());
         let log = dir.join(format!("bank-{name}.log"));
-        let (child, url) = spawn_exe_and_read(
+        let (child, url) = spawn_exe_and_read_env(
             bank_exe(),
             &["--listen", "127.0.0.1:0", "--db", &db],
             &log,
             "bank listening on ",
+            &env,
         )
         .await;
         let direct = url.trim().to_owned();
@@ -190,6 +219,7 @@ impl Bank {
             direct,
             db,
             fault,
+            env,
             log,
             child: Some(child),
         }
@@ -234,6 +264,7 @@ impl Bank {
                 .unwrap();
             let mut child = Command::new(bank_exe())
                 .args(["--listen", &listen, "--db", &self.db])
+                .envs(self.env.iter().cloned())
                 .stdin(Stdio::null())
                 .stdout(Stdio::piped())
                 .stderr(Stdio::from(log_file))
@@ -385,10 +416,30 @@ impl BankGroup {
         extra: &str,
         fault: impl Fn(&str) -> Option<fault::Fault>,
     ) -> BankGroup {
+        BankGroup::start_full(n, journal, extra, fault, |_| Vec::new()).await
+    }
+
+    /// [`BankGroup::start`] with extra environment variables for each bank.
+    pub async fn start_env(
+        n: usize,
+        journal: Option<&str>,
+        extra: &str,
+        env: impl Fn(&str) -> Vec<(String, String)>,
+    ) -> BankGroup {
+        BankGroup::start_full(n, journal, extra, |_| None, env).await
+    }
+
+    async fn start_full(
+        n: usize,
+        journal: Option<&str>,
+        extra: &str,
+        fault: impl Fn(&str) -> Option<fault::Fault>,
+        env: impl Fn(&str) -> Vec<(String, String)>,
+    ) -> BankGroup {
         let dir = tempfile::tempdir().unwrap();
         let mut banks = Vec::new();
         for name in ["a", "b", "c", "d", "e"].iter().take(n) {
-            banks.push(Bank::start_with(dir.path(), name, fault(name)).await);
+            banks.push(Bank::start_full(dir.path(), name, fault(name), env(name)).await);
         }
         let journal = journal
             .map(str::to_owned)

@@ -17,7 +17,9 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Request, Response};
 use http_body_util::{BodyExt, Limited};
 use regroup_replay::signature::{Secret, sign_headers};
-use regroup_replay::{Fingerprint, JournalError, Outcome, Record, RecordedRequest, headers as rh};
+use regroup_replay::{
+    Fingerprint, JournalError, Outcome, Payload, Record, RecordedRequest, headers as rh,
+};
 use tokio::time::Instant;
 
 use crate::config::ReplayPolicy;
@@ -97,11 +99,13 @@ pub(crate) fn record_request(
     replay: bool,
     secret: Option<&Secret>,
 ) -> Result<Request<ProxyBody>, http::Error> {
+    // The HTTP payload is sent as recorded; another payload kind does not travel over HTTP.
+    let Payload::Http(request) = &record.payload;
     let mut builder = Request::builder()
-        .method(record.request.method.as_str())
-        .uri(forward::upstream_uri(base, &record.request.uri)?);
+        .method(request.method.as_str())
+        .uri(forward::upstream_uri(base, &request.uri)?);
     if let Some(h) = builder.headers_mut() {
-        for (name, value) in &record.request.headers {
+        for (name, value) in &request.headers {
             if let (Ok(n), Ok(v)) = (
                 HeaderName::from_bytes(name.as_bytes()),
                 HeaderValue::from_str(value),
@@ -115,7 +119,7 @@ pub(crate) fn record_request(
             }
         }
     }
-    let mut req = builder.body(forward::full(record.request.body.clone()))?;
+    let mut req = builder.body(forward::full(request.body.clone()))?;
     if let Some(secret) = secret {
         let path = req
             .uri()
@@ -123,13 +127,7 @@ pub(crate) fn record_request(
             .map_or("/", |pq| pq.as_str())
             .to_owned();
         let method = req.method().as_str().to_owned();
-        sign_headers(
-            req.headers_mut(),
-            &method,
-            &path,
-            &record.request.body,
-            secret,
-        );
+        sign_headers(req.headers_mut(), &method, &path, &request.body, secret);
     }
     Ok(req)
 }

@@ -261,6 +261,13 @@ where
                 && req.method() == Method::GET
                 && let Some(store) = &layer.store
             {
+                if req.uri().query().is_none()
+                    && let Ok((seq, epoch)) = store.applied().await
+                {
+                    // The proxy asks where this copy stands: memory catches up with the store.
+                    layer.highest_seq.fetch_max(seq, Ordering::AcqRel);
+                    layer.highest_epoch.fetch_max(epoch, Ordering::AcqRel);
+                }
                 return Ok(applied(store.as_ref(), req.uri().query()).await);
             }
             let ctx = match ReplayContext::from_headers(req.headers()) {
@@ -396,7 +403,16 @@ impl ReplayLayer {
         if !self.load().await {
             return None;
         }
-        let highest = self.highest_seq.load(Ordering::Acquire);
+        let mut highest = self.highest_seq.load(Ordering::Acquire);
+        if highest != 0 && ctx.seq() > highest + 1 {
+            // Memory may lag the store (a request whose connection was dropped after its
+            // work committed): only the store decides a gap.
+            if let Some(store) = &self.store
+                && let Ok((seq, _)) = store.applied().await
+            {
+                highest = self.highest_seq.fetch_max(seq, Ordering::AcqRel).max(seq);
+            }
+        }
         if highest == 0 || ctx.seq() <= highest + 1 {
             return None;
         }

@@ -45,5 +45,5 @@ pub use journal::{
     LogState, MemoryJournal, Outcome, Owner, OwnerInfo, RoleStore, SqlJournal, StoredRole,
 };
 pub use layer::{AppliedStore, Replay, ReplayLayer};
-pub use record::{Compare, Fingerprint, Record, RecordState, RecordedRequest};
+pub use record::{Compare, Fingerprint, Payload, Record, RecordState, RecordedRequest};
 pub use replayer::{Backoff, ReplayExit, ReplayObserver, Replayer};

@@ -19,6 +19,37 @@ pub struct RecordedRequest {
     pub body: Bytes,
 }
 
+/// What a record carries: the transaction every partition re-executes. An HTTP request
+/// today; another way of capturing transactions (SQL statements) is another variant, so
+/// every place that sends or stores a payload says what it does with each kind.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Payload {
+    /// An HTTP request, sent to every partition as recorded.
+    Http(RecordedRequest),
+}
+
+impl Payload {
+    /// The bytes it holds (what in-memory caches count against their bound).
+    pub fn size(&self) -> usize {
+        match self {
+            Payload::Http(r) => {
+                r.body.len()
+                    + r.uri.len()
+                    + r.headers
+                        .iter()
+                        .map(|(n, v)| n.len() + v.len())
+                        .sum::<usize>()
+            }
+        }
+    }
+}
+
+impl From<RecordedRequest> for Payload {
+    fn from(r: RecordedRequest) -> Self {
+        Payload::Http(r)
+    }
+}
+
 /// Where a record stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -138,8 +169,8 @@ pub struct Record {
     pub epoch: u64,
     /// The time fixed at the primary.
     pub timestamp: OffsetDateTime,
-    /// The request.
-    pub request: RecordedRequest,
+    /// The transaction to re-execute on every partition.
+    pub payload: Payload,
     /// Where it stands.
     pub state: RecordState,
     /// The primary's answer, once executed (absent when an operator resolved an in-doubt
@@ -153,14 +184,14 @@ pub struct Record {
 
 impl Record {
     /// A new pending record stamped now with a fresh UUID v7.
-    pub fn pending(group: &str, seq: u64, epoch: u64, request: RecordedRequest) -> Self {
+    pub fn pending(group: &str, seq: u64, epoch: u64, payload: impl Into<Payload>) -> Self {
         Record {
             group: group.to_owned(),
             seq,
             txn_id: Uuid::now_v7(),
             epoch,
             timestamp: truncate_to_micros(OffsetDateTime::now_utc()),
-            request,
+            payload: payload.into(),
             state: RecordState::Pending,
             fingerprint: None,
             executors: Vec::new(),

@@ -377,7 +377,8 @@ mod tests {
             if self.corrupt_seq == Some(record.seq) {
                 return Ok(Fingerprint::of(200, b"something else"));
             }
-            Ok(Fingerprint::of(200, &record.request.body))
+            let crate::record::Payload::Http(request) = &record.payload;
+            Ok(Fingerprint::of(200, &request.body))
         }
     }
 

@@ -480,6 +480,7 @@ impl BankGroup {
 
     /// Waits until every partition has applied the whole journal and none is diverged.
     pub async fn wait_converged(&self, timeout: Duration) -> StatusDoc {
+        let deadline = Instant::now() + timeout;
         eventually(
             "every partition to apply the whole journal",
             timeout,
@@ -499,7 +500,14 @@ impl BankGroup {
                     && g.partitions
                         .iter()
                         .all(|p| p.applied == g.head && p.status == "available");
-                if done { Ok(doc) } else { Err(format!("{g:?}")) }
+                if done {
+                    Ok(doc)
+                } else if Instant::now() > deadline {
+                    // The last observation: with the proxy's log, to see why.
+                    Err(format!("{g:?}\nproxy log:\n{}", self.proxy.log()))
+                } else {
+                    Err(format!("{g:?}"))
+                }
             },
         )
         .await

@@ -36,11 +36,11 @@ impl Tail {
             self.records.clear();
             self.bytes = 0;
         }
-        self.bytes += record.request.body.len();
+        self.bytes += record.payload.size();
         self.records.push_back(record);
         while self.records.len() > CACHE_RECORDS || self.bytes > CACHE_BYTES {
             match self.records.pop_front() {
-                Some(r) => self.bytes -= r.request.body.len(),
+                Some(r) => self.bytes -= r.payload.size(),
                 None => break,
             }
         }

@@ -41,7 +41,7 @@ use super::{
     Checkpoints, JournalError, Lease, Log, LogState, Outcome, Owner, OwnerInfo, RoleStore,
     StoredRole,
 };
-use crate::record::{Fingerprint, Record, RecordState, RecordedRequest, parse_timestamp};
+use crate::record::{Fingerprint, Payload, Record, RecordState, RecordedRequest, parse_timestamp};
 
 /// When the journal waits for the disk.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
@@ -231,12 +231,12 @@ fn row_to_record(group: &str, row: &QueryResult) -> Result<Record, JournalError>
         txn_id,
         epoch: to_u64(row.try_get::<i64>("", "epoch")?),
         timestamp,
-        request: RecordedRequest {
+        payload: Payload::Http(RecordedRequest {
             method: row.try_get("", "method")?,
             uri: row.try_get("", "uri")?,
             headers,
             body: Bytes::from(body),
-        },
+        }),
         state,
         fingerprint,
         executors,
@@ -386,7 +386,9 @@ impl Log for SqlJournal {
     }
 
     async fn append(&self, record: &Record) -> Result<(), JournalError> {
-        let headers = serde_json::to_string(&record.request.headers)
+        // The HTTP payload's columns; another payload kind gets its own columns.
+        let Payload::Http(request) = &record.payload;
+        let headers = serde_json::to_string(&request.headers)
             .map_err(|e| corrupt_input(record, format!("headers: {e}")))?;
         let executors = serde_json::to_string(&record.executors)
             .map_err(|e| corrupt_input(record, format!("executors: {e}")))?;
@@ -396,10 +398,10 @@ impl Log for SqlJournal {
             Expr::val(record.txn_id.to_string()),
             Expr::val(to_i64(record.epoch)),
             Expr::val(record.timestamp_rfc3339()),
-            Expr::val(record.request.method.clone()),
-            Expr::val(record.request.uri.clone()),
+            Expr::val(request.method.clone()),
+            Expr::val(request.uri.clone()),
             Expr::val(headers),
-            Expr::val(record.request.body.to_vec()),
+            Expr::val(request.body.to_vec()),
             Expr::val(RecordState::Pending.as_str()),
             Expr::val(None::<i32>),
             Expr::val(None::<String>),
@@ -897,7 +899,7 @@ mod tests {
         assert_eq!(all.len(), 2);
         assert_eq!(all[0].state, RecordState::Executed);
         assert_eq!(all[0].fingerprint.as_ref(), Some(&fp));
-        assert_eq!(all[0].request, r1.request);
+        assert_eq!(all[0].payload, r1.payload);
         assert_eq!(all[0].txn_id, r1.txn_id);
         assert_eq!(all[0].timestamp, r1.timestamp);
 

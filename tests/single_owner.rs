@@ -90,7 +90,7 @@ async fn one_owner_per_journal(journal: &str) {
     let status = first.terminate().await.unwrap();
     assert!(status.success(), "the first proxy exited {status}");
     let started = Instant::now();
-    let mut second = Proxy::start(&second_config).await;
+    let mut second = Proxy::start_after(&second_config, &[&first]).await;
     assert!(
         started.elapsed() < Duration::from_secs(10),
         "the proxy after a clean stop took {:?} to start",
@@ -101,13 +101,14 @@ async fn one_owner_per_journal(journal: &str) {
 
     // SIGKILLed, the owner cannot release: the next proxy waits, saying so, until the
     // lease ran out (a short one here), then starts.
-    second.terminate().await.unwrap();
+    let status = second.terminate().await.unwrap();
+    assert!(status.success(), "the second proxy exited {status}");
     let killed_config = write_config(dir.path(), "killed", journal, SHORT_LEASE_MS, &bank);
-    let mut killed = Proxy::start(&killed_config).await;
+    let mut killed = Proxy::start_after(&killed_config, &[&first, &second]).await;
     killed.kill().await;
     let started = Instant::now();
     let third_config = write_config(dir.path(), "third", journal, SHORT_LEASE_MS, &bank);
-    let mut third = Proxy::start(&third_config).await;
+    let mut third = Proxy::start_after(&third_config, &[&first, &second, &killed]).await;
     let waited = started.elapsed();
     assert!(
         waited >= Duration::from_millis(SHORT_LEASE_MS / 2),
@@ -132,7 +133,7 @@ async fn one_owner_per_journal(journal: &str) {
     third.signal(nix::sys::signal::Signal::SIGSTOP);
     tokio::time::sleep(Duration::from_millis(SHORT_LEASE_MS + 500)).await;
     let fourth_config = write_config(dir.path(), "fourth", journal, SHORT_LEASE_MS, &bank);
-    let mut fourth = Proxy::start(&fourth_config).await;
+    let mut fourth = Proxy::start_after(&fourth_config, &[&first, &second, &killed, &third]).await;
     let fourth_pid = fourth.child_pid().unwrap();
     third.signal(nix::sys::signal::Signal::SIGCONT);
     let status = third.wait(Duration::from_secs(20)).await;

@@ -88,7 +88,11 @@ async fn one_owner_per_journal(journal: &str) {
 
     // A clean stop releases the lease: the next proxy starts at once, not after 30 s.
     let status = first.terminate().await.unwrap();
-    assert!(status.success(), "the first proxy exited {status}");
+    assert!(
+        status.success(),
+        "the first proxy exited {status}; its log:\n{}",
+        first.log()
+    );
     let started = Instant::now();
     let mut second = Proxy::start_after(&second_config, &[&first]).await;
     assert!(
@@ -102,7 +106,11 @@ async fn one_owner_per_journal(journal: &str) {
     // SIGKILLed, the owner cannot release: the next proxy waits, saying so, until the
     // lease ran out (a short one here), then starts.
     let status = second.terminate().await.unwrap();
-    assert!(status.success(), "the second proxy exited {status}");
+    assert!(
+        status.success(),
+        "the second proxy exited {status}; its log:\n{}",
+        second.log()
+    );
     let killed_config = write_config(dir.path(), "killed", journal, SHORT_LEASE_MS, &bank);
     let mut killed = Proxy::start_after(&killed_config, &[&first, &second]).await;
     killed.kill().await;
@@ -165,4 +173,42 @@ async fn one_owner_per_postgres_journal() {
         return;
     };
     one_owner_per_journal(&db.url).await;
+}
+
+/// Proxies started and stopped at once in [`a_sigterm_as_soon_as_it_listens_is_a_clean_stop`].
+const EARLY_STOPS: usize = 10;
+
+/// A SIGTERM sent as soon as the proxy says it listens is a clean stop like any other: the
+/// proxy exits 0 and releases the lease (it used to be killed by the signal while its handler
+/// was not installed yet, leaving a fresh 30 s lease behind), so the next proxy, and the one
+/// after it, start at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sigterm_as_soon_as_it_listens_is_a_clean_stop() {
+    let dir = tempfile::tempdir().unwrap();
+    let journal = format!("sqlite://{}", dir.path().join("journal.db").display());
+    let bank = Bank::start(dir.path(), "a").await;
+    let mut stopped: Vec<Proxy> = Vec::new();
+    for round in 0..EARLY_STOPS {
+        let config = write_config(
+            dir.path(),
+            &format!("early{round}"),
+            &journal,
+            LONG_LEASE_MS,
+            &bank,
+        );
+        let started = Instant::now();
+        let mut proxy = Proxy::start_after(&config, &stopped.iter().collect::<Vec<_>>()).await;
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "round {round}: the proxy after a clean stop took {:?} to start",
+            started.elapsed()
+        );
+        let status = proxy.terminate().await.unwrap();
+        assert!(
+            status.success(),
+            "round {round}: the proxy stopped as soon as it listened exited {status}; its log:\n{}",
+            proxy.log()
+        );
+        stopped.push(proxy);
+    }
 }

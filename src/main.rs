@@ -141,8 +141,11 @@ fn main() -> ExitCode {
 async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Serve { config } => {
+            // Before anything else, so that no signal finds the default handler (see
+            // `shutdown_signal`).
+            let shutdown = shutdown_signal();
             let config = Config::load(&config)?;
-            server::serve(config, shutdown_signal(), |b| {
+            server::serve(config, shutdown, |b| {
                 println!(
                     "regroup listening on http://{} (admin http://{})",
                     b.listen, b.admin
@@ -252,25 +255,50 @@ async fn role_verb(verb: &str, a: RoleArgs, applied: Option<u64>) -> anyhow::Res
     Ok(())
 }
 
-/// Completes on Ctrl-C or SIGTERM.
-pub(crate) async fn shutdown_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
+/// Listens for Ctrl-C and SIGTERM from this call on, and returns a future that completes on
+/// either.
+///
+/// The handlers are installed here, not when the future is first polled: `serve` polls it
+/// only once it is serving, after it claimed the journal and announced its ports, and a
+/// SIGTERM that arrived in between used to find the default handler and kill the process
+/// with the journal lease still held (the next proxy then waited for a 30 s lease). Installed
+/// before the proxy starts, a signal sent at any point of the start is kept until the server
+/// looks at it, and ends in the same clean stop (lease released) as one sent later.
+pub(crate) fn shutdown_signal() -> impl std::future::Future<Output = ()> + Send + 'static {
     #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
+    {
+        use tokio::signal::unix::{Signal, SignalKind, signal};
+        let listen = |kind: SignalKind, name: &'static str| match signal(kind) {
+            Ok(s) => Some(s),
+            Err(e) => {
+                tracing::error!(signal = name, error = %e,
+                    "cannot handle the signal: it will stop this process without a clean \
+                     shutdown (the journal lease is not released)");
+                None
             }
-            Err(_) => std::future::pending::<()>().await,
+        };
+        let interrupt = listen(SignalKind::interrupt(), "SIGINT");
+        let terminate = listen(SignalKind::terminate(), "SIGTERM");
+        async fn received(signal: Option<Signal>) {
+            match signal {
+                Some(mut s) => {
+                    s.recv().await;
+                }
+                None => std::future::pending::<()>().await,
+            }
         }
-    };
+        async move {
+            tokio::select! {
+                _ = received(interrupt) => {}
+                _ = received(terminate) => {}
+            }
+        }
+    }
     #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! {
-        _ = ctrl_c => {}
-        _ = term => {}
+    {
+        async {
+            let _ = tokio::signal::ctrl_c().await;
+        }
     }
 }
 

@@ -88,9 +88,13 @@ async fn one_owner_per_journal(journal: &str) {
 
     // A clean stop releases the lease: the next proxy starts at once, not after 30 s.
     let status = first.terminate().await.unwrap();
-    assert!(status.success(), "the first proxy exited {status}");
+    assert!(
+        status.success(),
+        "the first proxy exited {status}; its log:\n{}",
+        first.log()
+    );
     let started = Instant::now();
-    let mut second = Proxy::start(&second_config).await;
+    let mut second = Proxy::start_after(&second_config, &[&first]).await;
     assert!(
         started.elapsed() < Duration::from_secs(10),
         "the proxy after a clean stop took {:?} to start",
@@ -101,13 +105,18 @@ async fn one_owner_per_journal(journal: &str) {
 
     // SIGKILLed, the owner cannot release: the next proxy waits, saying so, until the
     // lease ran out (a short one here), then starts.
-    second.terminate().await.unwrap();
+    let status = second.terminate().await.unwrap();
+    assert!(
+        status.success(),
+        "the second proxy exited {status}; its log:\n{}",
+        second.log()
+    );
     let killed_config = write_config(dir.path(), "killed", journal, SHORT_LEASE_MS, &bank);
-    let mut killed = Proxy::start(&killed_config).await;
+    let mut killed = Proxy::start_after(&killed_config, &[&first, &second]).await;
     killed.kill().await;
     let started = Instant::now();
     let third_config = write_config(dir.path(), "third", journal, SHORT_LEASE_MS, &bank);
-    let mut third = Proxy::start(&third_config).await;
+    let mut third = Proxy::start_after(&third_config, &[&first, &second, &killed]).await;
     let waited = started.elapsed();
     assert!(
         waited >= Duration::from_millis(SHORT_LEASE_MS / 2),
@@ -132,7 +141,7 @@ async fn one_owner_per_journal(journal: &str) {
     third.signal(nix::sys::signal::Signal::SIGSTOP);
     tokio::time::sleep(Duration::from_millis(SHORT_LEASE_MS + 500)).await;
     let fourth_config = write_config(dir.path(), "fourth", journal, SHORT_LEASE_MS, &bank);
-    let mut fourth = Proxy::start(&fourth_config).await;
+    let mut fourth = Proxy::start_after(&fourth_config, &[&first, &second, &killed, &third]).await;
     let fourth_pid = fourth.child_pid().unwrap();
     third.signal(nix::sys::signal::Signal::SIGCONT);
     let status = third.wait(Duration::from_secs(20)).await;
@@ -164,4 +173,42 @@ async fn one_owner_per_postgres_journal() {
         return;
     };
     one_owner_per_journal(&db.url).await;
+}
+
+/// Proxies started and stopped at once in [`a_sigterm_as_soon_as_it_listens_is_a_clean_stop`].
+const EARLY_STOPS: usize = 10;
+
+/// A SIGTERM sent as soon as the proxy says it listens is a clean stop like any other: the
+/// proxy exits 0 and releases the lease (it used to be killed by the signal while its handler
+/// was not installed yet, leaving a fresh 30 s lease behind), so the next proxy, and the one
+/// after it, start at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sigterm_as_soon_as_it_listens_is_a_clean_stop() {
+    let dir = tempfile::tempdir().unwrap();
+    let journal = format!("sqlite://{}", dir.path().join("journal.db").display());
+    let bank = Bank::start(dir.path(), "a").await;
+    let mut stopped: Vec<Proxy> = Vec::new();
+    for round in 0..EARLY_STOPS {
+        let config = write_config(
+            dir.path(),
+            &format!("early{round}"),
+            &journal,
+            LONG_LEASE_MS,
+            &bank,
+        );
+        let started = Instant::now();
+        let mut proxy = Proxy::start_after(&config, &stopped.iter().collect::<Vec<_>>()).await;
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "round {round}: the proxy after a clean stop took {:?} to start",
+            started.elapsed()
+        );
+        let status = proxy.terminate().await.unwrap();
+        assert!(
+            status.success(),
+            "round {round}: the proxy stopped as soon as it listened exited {status}; its log:\n{}",
+            proxy.log()
+        );
+        stopped.push(proxy);
+    }
 }

@@ -7,10 +7,13 @@
 //!
 //! - if that proxy is alive (its lease is renewed while we look), this one refuses to
 //!   start with [`ProxyError::JournalOwned`] naming it, within about one renewal interval;
-//! - if it is silent (crashed, SIGKILLed, frozen), its lease runs out within the TTL and
-//!   this one takes over, logging every second how long it still waits. The wait is
-//!   bounded by the TTL plus one renewal interval; a lease that is still held after that
-//!   is refused like a live one.
+//! - if it is silent (crashed, SIGKILLed, frozen), this one waits until the holder's lease
+//!   runs out and takes over, logging every second how long it still waits. The wait is
+//!   measured by the *holder's* lease (the milliseconds it has left, by the database's
+//!   clock), which may be longer than this proxy's own TTL, and bounded by
+//!   [`MAX_OWNER_WAIT`] (or this proxy's TTL plus one renewal interval, if longer). A holder
+//!   whose lease runs out later than that is refused at once, with a message that says in
+//!   how many seconds it runs out (when to start again if that proxy stopped).
 //!
 //! While serving, a task renews the lease every TTL / [`RENEWALS_PER_TTL`] (every 2 s for
 //! the default TTL of 10 s, [`crate::config::DEFAULT_JOURNAL_LEASE_MS`]). A renewal that
@@ -39,6 +42,11 @@ use crate::server::redact;
 /// Renewals per lease TTL: the lease is renewed every TTL / 5, so four renewals in a row
 /// may fail before it runs out.
 pub const RENEWALS_PER_TTL: u32 = 5;
+
+/// The longest a starting proxy waits for a silent holder's lease to run out (unless its
+/// own TTL plus one renewal interval is longer): a holder whose lease runs out later is
+/// refused at once, saying when it runs out.
+pub const MAX_OWNER_WAIT: Duration = Duration::from_secs(60);
 
 /// How often a refused claim looks at the holder's lease again while waiting.
 const WAIT_POLL: Duration = Duration::from_millis(200);
@@ -142,13 +150,25 @@ pub async fn claim(config: &Config, journal: Arc<dyn Journal>) -> Result<Ownersh
     let ttl = Duration::from_millis(config.journal_lease_ms);
     let every = ttl / RENEWALS_PER_TTL;
     let url = redact(&config.journal);
+    let bound = MAX_OWNER_WAIT.max(ttl + every);
     let owned = |holder: &str| {
         ProxyError::JournalOwned(format!(
             "journal {url} is owned by {holder}: only one proxy may use a journal; stop that \
              one, or give this one another journal"
         ))
     };
-    let deadline = Instant::now() + ttl + every;
+    let silent_too_long = |holder: &str, left: Duration| {
+        ProxyError::JournalOwned(format!(
+            "journal {url} is owned by {holder}, whose lease runs out in {} s unless it renews \
+             it (this proxy waits at most {} s): only one proxy may use a journal; if that one \
+             stopped, start this one again in {} s, otherwise stop it or give this one another \
+             journal",
+            left.as_secs_f64().ceil(),
+            bound.as_secs(),
+            left.as_secs_f64().ceil()
+        ))
+    };
+    let started = Instant::now();
     let mut seen: Option<regroup_replay::OwnerInfo> = None;
     let mut reported: Option<Instant> = None;
     let token = loop {
@@ -169,18 +189,28 @@ pub async fn claim(config: &Config, journal: Arc<dyn Journal>) -> Result<Ownersh
             // Released meanwhile: claim again.
             continue;
         };
-        // A live owner renews within `every`: its lease moves forward, or a new claim
-        // replaced it.
+        // A live owner renews within its renewal interval: its lease moves forward, or a new
+        // claim replaced it.
         let renewed = seen
             .as_ref()
             .is_some_and(|s| s.token != info.token || info.remaining_ms > s.remaining_ms);
-        if renewed || Instant::now() >= deadline {
+        if renewed {
+            return Err(owned(&info.describe));
+        }
+        // Silent so far: wait for its lease to run out, if that is within the bound.
+        let left = Duration::from_millis(info.remaining_ms);
+        let waited = started.elapsed();
+        if waited + left > bound {
+            return Err(silent_too_long(&info.describe, left));
+        }
+        if waited >= bound {
+            // Run out, yet still refused (a claim racing ours): held, like a live one.
             return Err(owned(&info.describe));
         }
         if reported.is_none_or(|r| r.elapsed() >= WAIT_REPORT) {
             tracing::warn!(owner = %holder, remaining_ms = info.remaining_ms,
                 "the journal is owned by another proxy; waiting to see whether it renews its \
-                 lease (a stopped owner's lease runs out within the TTL)");
+                 lease, else until it runs out (a stopped owner's lease is not renewed)");
             reported = Some(Instant::now());
         }
         seen = Some(info);
@@ -298,6 +328,60 @@ mod tests {
             started.elapsed()
         );
         assert_eq!(next.token(), old + 1);
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn a_silent_owner_is_waited_for_by_its_lease_not_this_ttl() -> Result<(), ProxyError> {
+        let store = MemoryJournal::new();
+        let silent = Owner {
+            id: "crashed".into(),
+            describe: "a crashed proxy with a longer lease".into(),
+        };
+        let old = store
+            .handle()
+            .claim(&silent, Duration::from_millis(1500))
+            .await
+            .map_err(|e| ProxyError::Journal(e.to_string()))?;
+        let started = Instant::now();
+        // This proxy's own TTL plus one renewal is 600 ms: the holder's lease is what counts.
+        let next = claim(&config(500), Arc::new(store.handle())).await?;
+        assert!(
+            started.elapsed() >= Duration::from_millis(1400),
+            "{:?}",
+            started.elapsed()
+        );
+        assert_eq!(next.token(), old + 1);
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn a_silent_owner_past_the_bound_is_refused_at_once_saying_when() -> Result<(), ProxyError>
+    {
+        let store = MemoryJournal::new();
+        let silent = Owner {
+            id: "frozen".into(),
+            describe: "a frozen proxy".into(),
+        };
+        store
+            .handle()
+            .claim(&silent, MAX_OWNER_WAIT + Duration::from_secs(30))
+            .await
+            .map_err(|e| ProxyError::Journal(e.to_string()))?;
+        let started = Instant::now();
+        let message = refused(claim(&config(500), Arc::new(store.handle())).await);
+        assert!(
+            started.elapsed() < Duration::from_secs(1),
+            "{:?}",
+            started.elapsed()
+        );
+        let left = MAX_OWNER_WAIT.as_secs() + 30;
+        assert!(
+            message.contains("a frozen proxy, whose lease runs out in ")
+                && message.contains(&format!("waits at most {} s", MAX_OWNER_WAIT.as_secs()))
+                && message.contains(&format!("start this one again in {left} s")),
+            "{message}"
+        );
         Ok(())
     }
 

@@ -79,13 +79,8 @@ where
     }
 }
 
-/// Spawns `regroup ARGS`, logging stderr to `log`, and returns the child and the first
-/// stdout line that starts with `prefix` (minus the prefix).
-async fn spawn_and_read(args: &[&str], log: &Path, prefix: &str) -> (Child, String) {
-    spawn_exe_and_read(Path::new(REGROUP), args, log, prefix).await
-}
-
-/// [`spawn_and_read`] for the program `exe`.
+/// Spawns `exe ARGS`, logging stderr to `log`, and returns the child and the first stdout
+/// line that starts with `prefix` (minus the prefix).
 async fn spawn_exe_and_read(
     exe: &Path,
     args: &[&str],
@@ -103,6 +98,21 @@ async fn spawn_exe_and_read_env(
     prefix: &str,
     env: &[(String, String)],
 ) -> (Child, String) {
+    match try_spawn_exe_and_read(exe, args, log, prefix, env).await {
+        Ok(started) => started,
+        Err(why) => panic!("{why}"),
+    }
+}
+
+/// [`spawn_exe_and_read`], returning why it failed (with the program's log) instead of
+/// panicking.
+async fn try_spawn_exe_and_read(
+    exe: &Path,
+    args: &[&str],
+    log: &Path,
+    prefix: &str,
+    env: &[(String, String)],
+) -> Result<(Child, String), String> {
     let log_file = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -133,13 +143,13 @@ async fn spawn_exe_and_read_env(
     .flatten();
     let Some(line) = line else {
         let log = std::fs::read_to_string(log).unwrap_or_default();
-        panic!(
+        return Err(format!(
             "{} {args:?} did not print {prefix:?}; its log:\n{log}",
             exe.display()
-        );
+        ));
     };
     tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-    (child, line)
+    Ok((child, line))
 }
 
 fn kill9(child: &Child) {
@@ -303,27 +313,60 @@ pub struct Proxy {
     pub admin: String,
     pub config: PathBuf,
     log: PathBuf,
+    /// The process id it was started with (kept after it exited).
+    pid: Option<u32>,
     child: Option<Child>,
 }
 
 impl Proxy {
     /// Starts `regroup serve` on `config`.
     pub async fn start(config: &Path) -> Proxy {
+        match Proxy::try_start(config).await {
+            Ok(proxy) => proxy,
+            Err(why) => panic!("{why}"),
+        }
+    }
+
+    /// Starts `regroup serve` on `config`; when it does not come up, why, with its log.
+    pub async fn try_start(config: &Path) -> Result<Proxy, String> {
         let log = config.with_extension("log");
-        let (child, line) = spawn_and_read(
+        let (child, line) = try_spawn_exe_and_read(
+            Path::new(REGROUP),
             &["serve", "--config", config.to_str().unwrap()],
             &log,
             "regroup listening on ",
+            &[],
         )
-        .await;
+        .await?;
         // "http://A (admin http://B)"
         let (url, admin) = line.split_once(" (admin ").unwrap();
-        Proxy {
+        Ok(Proxy {
             url: url.to_owned(),
             admin: admin.trim_end_matches(')').to_owned(),
             config: config.to_owned(),
             log,
+            pid: child.id(),
             child: Some(child),
+        })
+    }
+
+    /// Starts `regroup serve` on `config` after the proxies `before` on the same journal;
+    /// when it does not come up, panics with its log and every one of theirs.
+    pub async fn start_after(config: &Path, before: &[&Proxy]) -> Proxy {
+        match Proxy::try_start(config).await {
+            Ok(proxy) => proxy,
+            Err(why) => {
+                let mut message = why;
+                for p in before {
+                    message.push_str(&format!(
+                        "\n--- log of the proxy on {} (pid was {:?}):\n{}",
+                        p.config.display(),
+                        p.pid,
+                        p.log()
+                    ));
+                }
+                panic!("{message}");
+            }
         }
     }
 

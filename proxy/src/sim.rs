@@ -948,3 +948,215 @@ fn simulation_holds_every_guarantee_over_many_seeds() {
     }
     assert!(failed.is_empty(), "seeds failed: {failed:?}");
 }
+
+/// A journal whose seals wait for the next flush (`journal_sync = "append"`), counting
+/// flushes.
+struct DeferredSeals {
+    inner: MemoryJournal,
+    flushes: Arc<AtomicU32>,
+}
+
+#[async_trait::async_trait]
+impl Log for DeferredSeals {
+    async fn open_log(&self, group: &str) -> Result<LogState, JournalError> {
+        self.inner.open_log(group).await
+    }
+    async fn append(&self, record: &Record) -> Result<(), JournalError> {
+        self.inner.append(record).await
+    }
+    async fn seal(&self, group: &str, seq: u64, outcome: &Outcome) -> Result<(), JournalError> {
+        self.inner.seal(group, seq, outcome).await
+    }
+    async fn restamp(
+        &self,
+        group: &str,
+        seq: u64,
+        epoch: u64,
+        executor: &str,
+    ) -> Result<(), JournalError> {
+        self.inner.restamp(group, seq, epoch, executor).await
+    }
+    async fn read_after(
+        &self,
+        group: &str,
+        after: u64,
+        limit: u64,
+    ) -> Result<Vec<Record>, JournalError> {
+        self.inner.read_after(group, after, limit).await
+    }
+    async fn record(&self, group: &str, seq: u64) -> Result<Option<Record>, JournalError> {
+        self.inner.record(group, seq).await
+    }
+    fn seals_durable(&self) -> bool {
+        false
+    }
+    async fn flush(&self) -> Result<(), JournalError> {
+        self.flushes.fetch_add(1, Ordering::AcqRel);
+        Ok(())
+    }
+}
+
+#[async_trait::async_trait]
+impl RoleStore for DeferredSeals {
+    async fn role(&self, group: &str, primary: &str) -> Result<StoredRole, JournalError> {
+        self.inner.role(group, primary).await
+    }
+    async fn set_role(
+        &self,
+        group: &str,
+        expected_epoch: u64,
+        role: &StoredRole,
+    ) -> Result<(), JournalError> {
+        self.inner.set_role(group, expected_epoch, role).await
+    }
+}
+
+#[async_trait::async_trait]
+impl Checkpoints for DeferredSeals {
+    async fn checkpoint(&self, group: &str, partition: &str) -> Result<u64, JournalError> {
+        self.inner.checkpoint(group, partition).await
+    }
+    async fn save_checkpoint(
+        &self,
+        group: &str,
+        partition: &str,
+        applied: u64,
+    ) -> Result<(), JournalError> {
+        self.inner.save_checkpoint(group, partition, applied).await
+    }
+    async fn diverged(&self, group: &str, partition: &str) -> Result<Option<String>, JournalError> {
+        self.inner.diverged(group, partition).await
+    }
+    async fn set_diverged(
+        &self,
+        group: &str,
+        partition: &str,
+        reason: Option<&str>,
+    ) -> Result<(), JournalError> {
+        self.inner.set_diverged(group, partition, reason).await
+    }
+}
+
+#[async_trait::async_trait]
+impl Lease for DeferredSeals {
+    async fn claim(&self, owner: &Owner, ttl: Duration) -> Result<u64, JournalError> {
+        self.inner.claim(owner, ttl).await
+    }
+    async fn renew(&self, ttl: Duration) -> Result<(), JournalError> {
+        self.inner.renew(ttl).await
+    }
+    async fn release(&self) -> Result<(), JournalError> {
+        self.inner.release().await
+    }
+    async fn owner(&self) -> Result<Option<OwnerInfo>, JournalError> {
+        self.inner.owner().await
+    }
+}
+
+fn sim_link() -> Arc<SimLink> {
+    Arc::new(SimLink {
+        partitions: NAMES
+            .iter()
+            .map(|n| {
+                Arc::new(SimPartition {
+                    name: (*n).to_owned(),
+                    exactly_once: true,
+                    state: Mutex::new(PState::default()),
+                })
+            })
+            .collect(),
+        sent: Mutex::new(Vec::new()),
+    })
+}
+
+/// With seals deferred to the next flush, replicas are never offered a seal that is not
+/// durable: after a power loss such a record comes back in doubt, and no replica may have
+/// applied it.
+#[test]
+fn deferred_seals_reach_replicas_only_once_flushed() {
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .start_paused(true)
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => panic!("runtime: {e}"),
+    };
+    rt.block_on(async {
+        let flushes = Arc::new(AtomicU32::new(0));
+        let journal = Arc::new(DeferredSeals {
+            inner: MemoryJournal::new(),
+            flushes: flushes.clone(),
+        });
+        let link = sim_link();
+        let group = Group::open(
+            config(0),
+            journal,
+            link.clone(),
+            crate::forward::upstream_client(),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("open: {e}"));
+        group.start().await;
+        let req = Request::post("/op")
+            .body(Full::new(Bytes::from_static(b"x")))
+            .unwrap_or_default();
+        let resp = crate::update::handle(group.clone(), req, None).await;
+        assert!(resp.is_ok_and(|r| r.status().is_success()));
+        // Answered and written, not yet durable: no replica may see it.
+        assert_eq!((group.written(), group.sealed()), (1, 0));
+        assert_eq!(flushes.load(Ordering::Acquire), 0);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(group.sealed(), 1, "the flusher makes it durable");
+        assert!(flushes.load(Ordering::Acquire) >= 1);
+        // Then the replicas apply it.
+        for _ in 0..100 {
+            if link
+                .partitions
+                .iter()
+                .all(|p| p.lock().copy.last_seq() == 1)
+            {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(
+            link.partitions
+                .iter()
+                .all(|p| p.lock().copy.last_seq() == 1)
+        );
+        group.stop();
+    });
+}
+
+/// A journal whose primary the config no longer names is refused at start, naming it:
+/// the role never moves silently.
+#[test]
+fn a_stored_primary_missing_from_the_config_is_refused() {
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => panic!("runtime: {e}"),
+    };
+    rt.block_on(async {
+        let journal = MemoryJournal::new();
+        let stored = journal.role("sim", "gone").await;
+        assert!(stored.is_ok_and(|r| r.primary == "gone"));
+        let opened = Group::open(
+            config(0),
+            Arc::new(journal),
+            sim_link(),
+            crate::forward::upstream_client(),
+        )
+        .await;
+        match opened {
+            Err(crate::error::ProxyError::Config(why)) => {
+                assert!(why.contains("\"gone\""), "{why}")
+            }
+            Err(e) => panic!("want a config error, got {e}"),
+            Ok(_) => panic!("a stored primary missing from the config must be refused"),
+        }
+    });
+}

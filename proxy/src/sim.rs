@@ -258,6 +258,8 @@ struct FaultyJournal {
     fail: Arc<AtomicU32>,
     lose_ack: Arc<AtomicU32>,
     roles: Arc<Mutex<BTreeMap<u64, String>>>,
+    /// Seals wait for the next flush (`journal_sync = "append"`); flushes are counted.
+    deferred: Option<Arc<AtomicU32>>,
 }
 
 impl FaultyJournal {
@@ -317,6 +319,15 @@ impl Log for FaultyJournal {
     }
     async fn record(&self, group: &str, seq: u64) -> Result<Option<Record>, JournalError> {
         self.inner.record(group, seq).await
+    }
+    fn seals_durable(&self) -> bool {
+        self.deferred.is_none()
+    }
+    async fn flush(&self) -> Result<(), JournalError> {
+        if let Some(flushes) = &self.deferred {
+            flushes.fetch_add(1, Ordering::AcqRel);
+        }
+        Ok(())
     }
 }
 
@@ -448,6 +459,7 @@ async fn start_proxy(
         fail: faults.0.clone(),
         lose_ack: faults.1.clone(),
         roles: roles.clone(),
+        deferred: None,
     });
     let group = Group::open(
         config(seed),
@@ -949,110 +961,6 @@ fn simulation_holds_every_guarantee_over_many_seeds() {
     assert!(failed.is_empty(), "seeds failed: {failed:?}");
 }
 
-/// A journal whose seals wait for the next flush (`journal_sync = "append"`), counting
-/// flushes.
-struct DeferredSeals {
-    inner: MemoryJournal,
-    flushes: Arc<AtomicU32>,
-}
-
-#[async_trait::async_trait]
-impl Log for DeferredSeals {
-    async fn open_log(&self, group: &str) -> Result<LogState, JournalError> {
-        self.inner.open_log(group).await
-    }
-    async fn append(&self, record: &Record) -> Result<(), JournalError> {
-        self.inner.append(record).await
-    }
-    async fn seal(&self, group: &str, seq: u64, outcome: &Outcome) -> Result<(), JournalError> {
-        self.inner.seal(group, seq, outcome).await
-    }
-    async fn restamp(
-        &self,
-        group: &str,
-        seq: u64,
-        epoch: u64,
-        executor: &str,
-    ) -> Result<(), JournalError> {
-        self.inner.restamp(group, seq, epoch, executor).await
-    }
-    async fn read_after(
-        &self,
-        group: &str,
-        after: u64,
-        limit: u64,
-    ) -> Result<Vec<Record>, JournalError> {
-        self.inner.read_after(group, after, limit).await
-    }
-    async fn record(&self, group: &str, seq: u64) -> Result<Option<Record>, JournalError> {
-        self.inner.record(group, seq).await
-    }
-    fn seals_durable(&self) -> bool {
-        false
-    }
-    async fn flush(&self) -> Result<(), JournalError> {
-        self.flushes.fetch_add(1, Ordering::AcqRel);
-        Ok(())
-    }
-}
-
-#[async_trait::async_trait]
-impl RoleStore for DeferredSeals {
-    async fn role(&self, group: &str, primary: &str) -> Result<StoredRole, JournalError> {
-        self.inner.role(group, primary).await
-    }
-    async fn set_role(
-        &self,
-        group: &str,
-        expected_epoch: u64,
-        role: &StoredRole,
-    ) -> Result<(), JournalError> {
-        self.inner.set_role(group, expected_epoch, role).await
-    }
-}
-
-#[async_trait::async_trait]
-impl Checkpoints for DeferredSeals {
-    async fn checkpoint(&self, group: &str, partition: &str) -> Result<u64, JournalError> {
-        self.inner.checkpoint(group, partition).await
-    }
-    async fn save_checkpoint(
-        &self,
-        group: &str,
-        partition: &str,
-        applied: u64,
-    ) -> Result<(), JournalError> {
-        self.inner.save_checkpoint(group, partition, applied).await
-    }
-    async fn diverged(&self, group: &str, partition: &str) -> Result<Option<String>, JournalError> {
-        self.inner.diverged(group, partition).await
-    }
-    async fn set_diverged(
-        &self,
-        group: &str,
-        partition: &str,
-        reason: Option<&str>,
-    ) -> Result<(), JournalError> {
-        self.inner.set_diverged(group, partition, reason).await
-    }
-}
-
-#[async_trait::async_trait]
-impl Lease for DeferredSeals {
-    async fn claim(&self, owner: &Owner, ttl: Duration) -> Result<u64, JournalError> {
-        self.inner.claim(owner, ttl).await
-    }
-    async fn renew(&self, ttl: Duration) -> Result<(), JournalError> {
-        self.inner.renew(ttl).await
-    }
-    async fn release(&self) -> Result<(), JournalError> {
-        self.inner.release().await
-    }
-    async fn owner(&self) -> Result<Option<OwnerInfo>, JournalError> {
-        self.inner.owner().await
-    }
-}
-
 fn sim_link() -> Arc<SimLink> {
     Arc::new(SimLink {
         partitions: NAMES
@@ -1084,9 +992,12 @@ fn deferred_seals_reach_replicas_only_once_flushed() {
     };
     rt.block_on(async {
         let flushes = Arc::new(AtomicU32::new(0));
-        let journal = Arc::new(DeferredSeals {
+        let journal = Arc::new(FaultyJournal {
             inner: MemoryJournal::new(),
-            flushes: flushes.clone(),
+            fail: Arc::default(),
+            lose_ack: Arc::default(),
+            roles: Arc::default(),
+            deferred: Some(flushes.clone()),
         });
         let link = sim_link();
         let group = Group::open(

@@ -22,6 +22,7 @@ async fn failover_primary_killed_five_times_under_load() {
     let stop = Arc::new(AtomicBool::new(false));
     let mut epochs = vec![g.proxy.status(&g.http).await.groups[0].epoch];
     let target = g.target();
+    let start_head = target.status().await.groups[0].head;
     let load = run_load_until(
         &target,
         &seeds,
@@ -59,6 +60,9 @@ async fn failover_primary_killed_five_times_under_load() {
             // out of partitions.
             g.banks[index].restart().await;
         }
+        // The load runs until it has done enough work to mean something, however slow the
+        // machine is.
+        wait_for_head(&target, start_head + 150).await;
         stop.store(true, Ordering::Relaxed);
     };
     let (load, ()) = tokio::join!(load, chaos);
@@ -146,6 +150,7 @@ async fn failover_promote_and_drain_under_load_fail_no_request() {
     let seeds = seed_accounts(&g, 6, &mut report).await;
     let stop = Arc::new(AtomicBool::new(false));
     let target = g.target();
+    let start_head = target.status().await.groups[0].head;
     let load = run_load_until(
         &target,
         &seeds,
@@ -194,6 +199,9 @@ async fn failover_promote_and_drain_under_load_fail_no_request() {
         tokio::time::sleep(Duration::from_millis(400)).await;
         verb(vec!["undrain".into(), "--partition".into(), "b".into()]).await;
         tokio::time::sleep(Duration::from_millis(200)).await;
+        // The load runs until it has done enough work to mean something, however slow the
+        // machine is.
+        wait_for_head(&target, start_head + 150).await;
         stop.store(true, Ordering::Relaxed);
     };
     let (load, ()) = tokio::join!(load, switches);

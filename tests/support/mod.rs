@@ -680,6 +680,23 @@ impl Target {
     }
 }
 
+/// Waits (bounded) until the group's journal head reaches `at_least`.
+pub async fn wait_for_head(target: &Target, at_least: u64) {
+    eventually(
+        &format!("the journal head to reach {at_least}"),
+        Duration::from_secs(120),
+        || async {
+            let head = target.status().await.groups[0].head;
+            if head >= at_least {
+                Ok(())
+            } else {
+                Err(format!("head {head}"))
+            }
+        },
+    )
+    .await
+}
+
 impl BankGroup {
     /// The load target (so a test can drive load while it restarts partitions).
     pub fn target(&self) -> Target {

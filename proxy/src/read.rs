@@ -2,7 +2,7 @@
 //! allowed lag, with tower's power-of-two-choices balancer over peak-EWMA latency.
 //!
 //! tower's `Balance` never evicts an endpoint by itself and waits forever with none, so
-//! [`membership`] inserts and removes endpoints as statuses change, and every read waits
+//! `membership` inserts and removes endpoints as statuses change, and every read waits
 //! at most `read_wait_ms` for an eligible partition before a 503.
 
 use std::collections::HashSet;

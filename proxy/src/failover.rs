@@ -178,6 +178,8 @@ pub(crate) async fn move_role(
             ),
         );
         group.publish_role(was);
+        // The candidate's replayer was stopped for the hand-over: every replica replays again.
+        replicate::start(group);
     }
     drop(slot);
     result

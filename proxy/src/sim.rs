@@ -971,6 +971,10 @@ fn a_seed_replays_exactly() {
     }
 }
 
+/// Seeds outside the default range that found a bug: 2355, a hand-over abandoned after a
+/// journal error left the replica it had chosen without a replayer.
+const REGRESSION_SEEDS: [u64; 1] = [2355];
+
 /// The default run covers `DEFAULT_SEEDS` seeds.
 const DEFAULT_SEEDS: u64 = 1000;
 
@@ -991,7 +995,8 @@ fn simulation_holds_every_guarantee_over_many_seeds() {
         .and_then(|s| s.parse::<u64>().ok())
         .unwrap_or(DEFAULT_SEEDS);
     let mut failed = Vec::new();
-    for seed in 0..seeds {
+    // Seeds beyond the default range that once found a bug, run every time.
+    for seed in (0..seeds).chain(REGRESSION_SEEDS) {
         if let Err(e) = run_seed(seed) {
             eprintln!(
                 "seed {seed} failed (replay: REGROUP_SIM_SEED={seed} cargo test -p regroup-proxy simulation): {e}"

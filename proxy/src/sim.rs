@@ -72,6 +72,8 @@ struct PState {
     backups: Vec<Copy>,
     /// Bumped on every crash: requests accepted before it are lost with the process.
     boot: u64,
+    /// Whether the layer checked the first record since the last start for a gap.
+    gap_checked: bool,
 }
 
 /// One simulated partition.
@@ -131,10 +133,13 @@ impl SimLink {
         let txn = record.txn_id.to_string();
         let _ = replay;
         if p.exactly_once {
+            // The layer's gap check: the first record after a start only.
             let last = s.copy.last_seq();
-            if last > 0 && record.seq > last + 1 {
-                // The layer's gap check: this copy stands behind (a restore).
-                return (409, Bytes::from(format!("behind {last}")));
+            if !s.gap_checked {
+                s.gap_checked = true;
+                if last > 0 && record.seq > last + 1 {
+                    return (409, Bytes::from(format!("behind {last}")));
+                }
             }
             if let Some((t, answer)) = s.copy.record.get(&record.seq) {
                 if *t == txn {
@@ -588,6 +593,7 @@ async fn faults(
                     s.down = true;
                     if matches!(fault, Fault::Crash) {
                         s.boot += 1;
+                        s.gap_checked = false;
                     }
                 }
                 tokio::time::sleep(lasting).await;
@@ -614,6 +620,7 @@ async fn faults(
                     let mut s = p.lock();
                     s.down = true;
                     s.boot += 1;
+                    s.gap_checked = false;
                     if !s.backups.is_empty() {
                         let i = rng.random_range(0..s.backups.len());
                         s.copy = s.backups[i].clone();

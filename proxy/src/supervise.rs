@@ -55,6 +55,23 @@ async fn heartbeat(group: Arc<Group>, partition: Arc<Partition>) {
     }
 }
 
+/// Whether the journal holds a record executed after `from` up to `to`: a partition's own
+/// record only counts executed records, so one that stands at `from` while the group had it
+/// at `to` is behind only if something between was executed (skipped records leave gaps).
+async fn executed_between(group: &Group, from: u64, to: u64) -> bool {
+    match group
+        .journal
+        .read_after(group.name(), from, to - from)
+        .await
+    {
+        Ok(records) => records
+            .iter()
+            .any(|r| r.seq <= to && r.state == regroup_replay::RecordState::Executed),
+        // Unknown: treat it as behind (it replays from its own record, which is harmless).
+        Err(_) => true,
+    }
+}
+
 async fn beat(group: &Arc<Group>, partition: &Arc<Partition>, n: u64) {
     let timeout = group.config.heartbeat_timeout();
     let came_back = partition.health() != Health::Up;
@@ -75,7 +92,9 @@ async fn beat(group: &Arc<Group>, partition: &Arc<Partition>, n: u64) {
         match group.link.position(partition, timeout).await {
             Ok(Some(position)) => {
                 partition.set_keeps_own_record(true);
-                if position < before || position > group.head() {
+                if position > group.head()
+                    || (position < before && executed_between(group, position, before).await)
+                {
                     // Out of the read set while it is repositioned.
                     partition.record_miss();
                     group.refresh(partition);

@@ -99,6 +99,8 @@ pub struct ReplayLayer {
     max_signed_body: usize,
     highest_epoch: Arc<AtomicU64>,
     highest_seq: Arc<AtomicU64>,
+    /// Whether the first record after start has been checked for a gap.
+    gap_checked: Arc<std::sync::atomic::AtomicBool>,
     loaded: Arc<tokio::sync::OnceCell<()>>,
 }
 
@@ -129,6 +131,7 @@ impl ReplayLayer {
             max_signed_body: DEFAULT_MAX_SIGNED_BODY_BYTES,
             highest_epoch: Arc::default(),
             highest_seq: Arc::default(),
+            gap_checked: Arc::default(),
             loaded: Arc::default(),
         }
     }
@@ -394,13 +397,20 @@ impl ReplayLayer {
             .is_ok()
     }
 
-    /// 409 `behind` when `ctx` is more than one past the highest seq recorded here: this
-    /// copy stands behind where the proxy thinks (restored from an older backup), and
-    /// applying the record on the older state would make it diverge. The answer carries
+    /// 409 `behind` when the first record after start is more than one past the highest seq
+    /// recorded here: this copy stands behind where the proxy thinks (restored from an older
+    /// backup), and applying the record on the older state would make it diverge. The answer carries
     /// `Regroup-Applied`, so the proxy repositions it. A partition that has recorded
     /// nothing yet accepts any seq (it may be a copy made before it ever took part).
     async fn gap<B: From<String>>(&self, ctx: &ReplayContext) -> Option<Response<B>> {
         if !self.load().await {
+            return None;
+        }
+        // Only the first record after the process started is checked: that is when a copy
+        // restored from an older backup meets a replayer that does not know yet. Later gaps
+        // are records the journal skipped (never executed anywhere), and a refused first
+        // record is sent again once the proxy has asked where the copy stands.
+        if self.gap_checked.swap(true, Ordering::AcqRel) {
             return None;
         }
         let mut highest = self.highest_seq.load(Ordering::Acquire);

@@ -427,13 +427,15 @@ impl Proxy {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
-    /// `GET /status`.
+    /// `GET /status` (once more on a broken connection: a pooled keep-alive connection may
+    /// be closed by the proxy's header time-out just as it is reused).
     pub async fn status(&self, http: &HttpClient) -> StatusDoc {
-        http.get(&format!("{}/status", self.admin))
-            .await
-            .unwrap()
-            .json()
-            .unwrap()
+        let url = format!("{}/status", self.admin);
+        let answer = match http.get(&url).await {
+            Ok(a) => a,
+            Err(_) => http.get(&url).await.unwrap(),
+        };
+        answer.json().unwrap()
     }
 }
 

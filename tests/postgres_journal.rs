@@ -7,83 +7,11 @@ mod support;
 
 use std::time::Duration;
 
-use sea_orm::{ConnectionTrait, Database, DatabaseConnection, Statement};
+use sea_orm::{ConnectionTrait, Database, Statement};
 use support::*;
 
 /// The server's maintenance database (trust auth on the test machines and in CI).
-const ADMIN_URL: &str = "postgres://postgres@127.0.0.1:5432/test";
-
-async fn connect_admin() -> Result<DatabaseConnection, String> {
-    // A plain TCP connect first: sqlx's pool reports a refused connection only as a
-    // time-out.
-    let addr = ADMIN_URL
-        .split_once('@')
-        .and_then(|(_, rest)| rest.split_once('/'))
-        .map_or("127.0.0.1:5432", |(addr, _)| addr);
-    tokio::time::timeout(Duration::from_secs(5), tokio::net::TcpStream::connect(addr))
-        .await
-        .map_err(|_| "no TCP connection within 5 s".to_owned())?
-        .map_err(|e| e.to_string())?;
-    let db = tokio::time::timeout(Duration::from_secs(10), Database::connect(ADMIN_URL))
-        .await
-        .map_err(|_| "no connection within 10 s".to_owned())?
-        .map_err(|e| e.to_string())?;
-    db.ping().await.map_err(|e| e.to_string())?;
-    Ok(db)
-}
-
-/// A fresh database, dropped (with its connections) when this is dropped.
-struct TempDatabase {
-    name: String,
-    url: String,
-}
-
-impl TempDatabase {
-    /// Creates `regroup_test_<random>`; `Err` when the server is not reachable.
-    async fn create() -> Result<TempDatabase, String> {
-        let admin = connect_admin().await?;
-        let name = format!("regroup_test_{:016x}", rand::random::<u64>());
-        admin
-            .execute_unprepared(&format!("CREATE DATABASE {name}"))
-            .await
-            .map_err(|e| format!("CREATE DATABASE {name}: {e}"))?;
-        let _ = admin.close().await;
-        let url = format!("postgres://postgres@127.0.0.1:5432/{name}");
-        Ok(TempDatabase { name, url })
-    }
-}
-
-impl Drop for TempDatabase {
-    fn drop(&mut self) {
-        // Drop runs inside the test's runtime, which cannot be blocked on: clean up from a
-        // thread with a runtime of its own.
-        let name = self.name.clone();
-        let done = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            rt.block_on(async {
-                let admin = connect_admin().await?;
-                admin
-                    .execute_unprepared(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-                    .await
-                    .map_err(|e| e.to_string())?;
-                let _ = admin.close().await;
-                Ok::<_, String>(())
-            })
-        })
-        .join();
-        match done {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => eprintln!("could not drop test database {}: {e}", self.name),
-            Err(_) => eprintln!(
-                "could not drop test database {}: cleanup panicked",
-                self.name
-            ),
-        }
-    }
-}
+use support::postgres::{ADMIN_URL, TempDatabase};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn three_partitions_journal_on_postgres_converge() {

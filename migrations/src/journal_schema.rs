@@ -18,6 +18,10 @@ pub enum Group {
     Epoch,
     /// The name of the partition that holds the primary role.
     PrimaryName,
+    /// The group's partitions as JSON (m0005; NULL until stored).
+    Members,
+    /// The membership's version (m0005; 0 until stored).
+    MembersVersion,
 }
 
 /// Columns of `regroup_record`: one row per transaction, keyed by (group, seq).

@@ -7,6 +7,7 @@
 mod applied_schema;
 mod executors;
 mod journal_schema;
+mod membership;
 mod owner;
 mod quarantine;
 
@@ -27,6 +28,7 @@ impl MigratorTrait for JournalMigrator {
             Box::new(quarantine::Migration),
             Box::new(executors::Migration),
             Box::new(owner::Migration),
+            Box::new(membership::Migration),
         ]
     }
 

@@ -388,6 +388,27 @@ impl Checkpoints for FaultyJournal {
 }
 
 #[async_trait::async_trait]
+impl regroup_replay::Membership for FaultyJournal {
+    async fn members(
+        &self,
+        group: &str,
+    ) -> Result<Option<regroup_replay::StoredMembers>, JournalError> {
+        self.inner.members(group).await
+    }
+
+    async fn set_members(
+        &self,
+        group: &str,
+        expected_version: u64,
+        partitions: &[regroup_replay::MemberSpec],
+    ) -> Result<u64, JournalError> {
+        self.inner
+            .set_members(group, expected_version, partitions)
+            .await
+    }
+}
+
+#[async_trait::async_trait]
 impl Lease for FaultyJournal {
     async fn claim(&self, owner: &Owner, ttl: Duration) -> Result<u64, JournalError> {
         self.inner.claim(owner, ttl).await

@@ -7,6 +7,7 @@
 //!   be restamped with a new epoch and a new partition that may execute it.
 //! - [`RoleStore`]: the group's role (epoch and primary) with compare-and-set on the epoch.
 //! - [`Checkpoints`]: per partition, the applied position and the quarantine.
+//! - [`Membership`]: the group's partitions, versioned, with compare-and-set.
 //!
 //! [`Journal`] is the three together. [`SqlJournal`] implements it on sea-orm (SQLite by
 //! default, PostgreSQL by URL), [`MemoryJournal`] in memory (tests and the simulation), and
@@ -17,11 +18,13 @@ mod cache;
 #[cfg(feature = "conformance")]
 pub mod conformance;
 mod lease;
+mod membership;
 mod memory;
 mod sql;
 
 pub use cache::CachedJournal;
 pub use lease::{Lease, Owner, OwnerInfo};
+pub use membership::{MemberSpec, Membership, StoredMembers};
 pub use memory::MemoryJournal;
 pub use sql::{JournalSync, SqlJournal};
 
@@ -249,9 +252,10 @@ pub trait Checkpoints: Send + Sync + 'static {
     ) -> Result<(), JournalError>;
 }
 
-/// The whole journal: log, role store and checkpoints, plus the ownership lease.
+/// The whole journal: log, role store, checkpoints and membership, plus the ownership
+/// lease.
 #[async_trait::async_trait]
-pub trait Journal: Log + RoleStore + Checkpoints + Lease {
+pub trait Journal: Log + RoleStore + Checkpoints + Membership + Lease {
     /// Loads a group: its role (created with `primary` when new) and its log.
     async fn open_group(&self, group: &str, primary: &str) -> Result<GroupState, JournalError> {
         let role = self.role(group, primary).await?;
@@ -260,4 +264,4 @@ pub trait Journal: Log + RoleStore + Checkpoints + Lease {
     }
 }
 
-impl<T: Log + RoleStore + Checkpoints + Lease> Journal for T {}
+impl<T: Log + RoleStore + Checkpoints + Membership + Lease> Journal for T {}

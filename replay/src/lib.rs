@@ -42,7 +42,8 @@ pub use context::ReplayContext;
 pub use exactly_once::{Answer, AppliedRecord, ExactlyOnce, RunError, Work};
 pub use journal::{
     CachedJournal, Checkpoints, GroupState, Journal, JournalError, JournalSync, Lease, Log,
-    LogState, MemoryJournal, Outcome, Owner, OwnerInfo, RoleStore, SqlJournal, StoredRole,
+    LogState, MemberSpec, Membership, MemoryJournal, Outcome, Owner, OwnerInfo, RoleStore,
+    SqlJournal, StoredMembers, StoredRole,
 };
 pub use layer::{AppliedStore, Replay, ReplayLayer};
 pub use record::{Compare, Fingerprint, Payload, Record, RecordState, RecordedRequest};

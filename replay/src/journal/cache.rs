@@ -8,8 +8,8 @@ use std::sync::Mutex;
 use async_trait::async_trait;
 
 use super::{
-    Checkpoints, JournalError, Lease, Log, LogState, Outcome, Owner, OwnerInfo, RoleStore,
-    StoredRole,
+    Checkpoints, JournalError, Lease, Log, LogState, MemberSpec, Membership, Outcome, Owner,
+    OwnerInfo, RoleStore, StoredMembers, StoredRole,
 };
 use crate::record::{Record, RecordState};
 
@@ -214,6 +214,24 @@ impl<J: Checkpoints> Checkpoints for CachedJournal<J> {
         reason: Option<&str>,
     ) -> Result<(), JournalError> {
         self.inner.set_diverged(group, partition, reason).await
+    }
+}
+
+#[async_trait]
+impl<J: Membership> Membership for CachedJournal<J> {
+    async fn members(&self, group: &str) -> Result<Option<StoredMembers>, JournalError> {
+        self.inner.members(group).await
+    }
+
+    async fn set_members(
+        &self,
+        group: &str,
+        expected_version: u64,
+        partitions: &[MemberSpec],
+    ) -> Result<u64, JournalError> {
+        self.inner
+            .set_members(group, expected_version, partitions)
+            .await
     }
 }
 

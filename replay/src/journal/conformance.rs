@@ -22,7 +22,7 @@ use bytes::Bytes;
 use time::macros::datetime;
 use uuid::Uuid;
 
-use super::{Journal, JournalError, Outcome, Owner, StoredRole};
+use super::{Journal, JournalError, MemberSpec, Outcome, Owner, StoredRole};
 use crate::record::{Fingerprint, Record, RecordState, RecordedRequest};
 
 /// Runs every check. `open` gives a new handle on the same store each time it is called
@@ -49,6 +49,7 @@ where
     note("role", role(&j).await);
     note("checkpoints", checkpoints(&j).await);
     note("quarantine", quarantine(&j).await);
+    note("membership", membership(&j).await);
     let b = open()
         .await
         .map_err(|e| format!("opening a second handle: {e}"))?;
@@ -456,6 +457,66 @@ async fn role<J: Journal>(j: &J) -> Result<(), String> {
     )
 }
 
+fn member(name: &str, host: Option<&str>) -> MemberSpec {
+    MemberSpec {
+        name: name.into(),
+        url: format!("http://127.0.0.1:1/{name}"),
+        host: host.map(str::to_owned),
+        priority: 3,
+    }
+}
+
+async fn membership<J: Journal>(j: &J) -> Result<(), String> {
+    let g = "c-members";
+    ensure_eq(
+        j.members(g).await.at("unknown group")?,
+        None,
+        "unknown group",
+    )?;
+    is_conflict(
+        j.set_members(g, 0, &[member("a", None)]).await,
+        "set_members on a group nobody opened",
+    )?;
+    j.role(g, "a").await.at("create the group")?;
+    ensure_eq(j.members(g).await.at("new group")?, None, "never stored")?;
+    let one = vec![member("a", Some("h1")), member("b", None)];
+    ensure_eq(
+        j.set_members(g, 0, &one).await.at("seed")?,
+        1,
+        "first version",
+    )?;
+    is_conflict(j.set_members(g, 0, &one).await, "seeding twice")?;
+    is_conflict(j.set_members(g, 2, &one).await, "a version ahead")?;
+    let stored = j.members(g).await.at("members")?;
+    ensure_eq(
+        stored.as_ref().map(|m| (m.version, m.partitions.clone())),
+        Some((1, one.clone())),
+        "stored membership round trip (names, urls, hosts, priorities, order)",
+    )?;
+    let two = vec![
+        member("b", None),
+        member("c", Some("h2")),
+        member("a", Some("h1")),
+    ];
+    ensure_eq(
+        j.set_members(g, 1, &two).await.at("change")?,
+        2,
+        "second version",
+    )?;
+    is_conflict(j.set_members(g, 1, &one).await, "a stale version")?;
+    ensure_eq(
+        j.members(g)
+            .await
+            .at("members")?
+            .map(|m| (m.version, m.partitions)),
+        Some((2, two)),
+        "after a change and a refused stale one",
+    )?;
+    let other = "c-members-other";
+    j.role(other, "x").await.at("create another group")?;
+    ensure_eq(j.members(other).await.at("other")?, None, "another group")
+}
+
 async fn checkpoints<J: Journal>(j: &J) -> Result<(), String> {
     let g = "c-checkpoint";
     ensure_eq(j.checkpoint(g, "b").await.at("unknown")?, 0, "never saved")?;
@@ -701,6 +762,11 @@ async fn fenced_writes<J: Journal>(
         "set_diverged",
     )?;
     is_fenced(fenced.flush().await, holder, "flush")?;
+    is_fenced(
+        fenced.set_members(g, 0, &[member("z", None)]).await,
+        holder,
+        "set_members",
+    )?;
 
     let last = owner.record(g, head).await.at("record")?;
     ensure_eq(
@@ -730,5 +796,10 @@ async fn fenced_writes<J: Journal>(
         ),
         (1, None),
         "checkpoint after fenced writes",
+    )?;
+    ensure_eq(
+        owner.members(g).await.at("members")?,
+        None,
+        "membership after a fenced set_members",
     )
 }

@@ -11,8 +11,8 @@ use async_trait::async_trait;
 use tokio::time::Instant;
 
 use super::{
-    Checkpoints, JournalError, Lease, Log, LogState, Outcome, Owner, OwnerInfo, RoleStore,
-    StoredRole,
+    Checkpoints, JournalError, Lease, Log, LogState, MemberSpec, Membership, Outcome, Owner,
+    OwnerInfo, RoleStore, StoredMembers, StoredRole,
 };
 use crate::record::{Record, RecordState};
 
@@ -22,6 +22,7 @@ struct Group {
     records: BTreeMap<u64, Record>,
     checkpoints: HashMap<String, u64>,
     diverged: HashMap<String, String>,
+    members: Option<StoredMembers>,
 }
 
 #[derive(Debug)]
@@ -305,6 +306,48 @@ impl Checkpoints for MemoryJournal {
                 None => g.diverged.remove(partition),
             };
             Ok(())
+        })
+    }
+}
+
+#[async_trait]
+impl Membership for MemoryJournal {
+    async fn members(&self, group: &str) -> Result<Option<StoredMembers>, JournalError> {
+        Ok(self
+            .lock()
+            .groups
+            .get(group)
+            .and_then(|g| g.members.clone()))
+    }
+
+    async fn set_members(
+        &self,
+        group: &str,
+        expected_version: u64,
+        partitions: &[MemberSpec],
+    ) -> Result<u64, JournalError> {
+        self.write(|s| {
+            let conflict = |what: String| JournalError::Conflict {
+                group: group.to_owned(),
+                what,
+            };
+            let g = s
+                .groups
+                .get_mut(group)
+                .filter(|g| g.role.is_some())
+                .ok_or_else(|| conflict("the group does not exist".to_owned()))?;
+            let stored = g.members.as_ref().map_or(0, |m| m.version);
+            if stored != expected_version {
+                return Err(conflict(format!(
+                    "membership at version {stored}, expected {expected_version}"
+                )));
+            }
+            let version = stored + 1;
+            g.members = Some(StoredMembers {
+                version,
+                partitions: partitions.to_vec(),
+            });
+            Ok(version)
         })
     }
 }

@@ -38,8 +38,8 @@ use sea_orm_migration::MigratorTrait;
 use uuid::Uuid;
 
 use super::{
-    Checkpoints, JournalError, Lease, Log, LogState, Outcome, Owner, OwnerInfo, RoleStore,
-    StoredRole,
+    Checkpoints, JournalError, Lease, Log, LogState, MemberSpec, Membership, Outcome, Owner,
+    OwnerInfo, RoleStore, StoredMembers, StoredRole, membership,
 };
 use crate::record::{Fingerprint, Payload, Record, RecordState, RecordedRequest, parse_timestamp};
 
@@ -743,6 +743,62 @@ impl Checkpoints for SqlJournal {
             self.check_fence().await?;
         }
         Ok(())
+    }
+}
+
+#[async_trait]
+impl Membership for SqlJournal {
+    async fn members(&self, group: &str) -> Result<Option<StoredMembers>, JournalError> {
+        let q = Query::select()
+            .columns([Group::Members, Group::MembersVersion])
+            .from(Group::Table)
+            .and_where(Expr::col(Group::Name).eq(group))
+            .to_owned();
+        let Some(row) = self.db.query_one(&q).await? else {
+            return Ok(None);
+        };
+        let text: Option<String> = row.try_get("", "members")?;
+        let version = to_u64(row.try_get::<i64>("", "members_version")?);
+        match text {
+            Some(text) if version > 0 => Ok(Some(StoredMembers {
+                version,
+                partitions: membership::decode(group, &text)?,
+            })),
+            _ => Ok(None),
+        }
+    }
+
+    async fn set_members(
+        &self,
+        group: &str,
+        expected_version: u64,
+        partitions: &[MemberSpec],
+    ) -> Result<u64, JournalError> {
+        let version = expected_version + 1;
+        let update = Query::update()
+            .table(Group::Table)
+            .value(Group::Members, membership::encode(partitions))
+            .value(Group::MembersVersion, to_i64(version))
+            .and_where(Expr::col(Group::Name).eq(group))
+            .and_where(Expr::col(Group::MembersVersion).eq(to_i64(expected_version)))
+            .and_where(self.fence())
+            .to_owned();
+        if self.db.execute(&update).await?.rows_affected() == 0 {
+            self.check_fence().await?;
+            let what = match self.members(group).await? {
+                Some(m) => format!(
+                    "membership at version {}, expected {expected_version}",
+                    m.version
+                ),
+                None if expected_version == 0 => "the group does not exist".to_owned(),
+                None => format!("no membership stored, expected version {expected_version}"),
+            };
+            return Err(JournalError::Conflict {
+                group: group.to_owned(),
+                what,
+            });
+        }
+        Ok(version)
     }
 }
 

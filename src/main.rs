@@ -81,6 +81,33 @@ enum Command {
         #[arg(long)]
         applied: Option<u64>,
     },
+    /// Add a partition to a group at run time (stored in the journal: a restart keeps it).
+    /// A new, empty copy replays the group's journal and takes reads once caught up.
+    Add {
+        #[command(flatten)]
+        role: RoleArgs,
+        /// Its base URL, e.g. http://127.0.0.1:9004.
+        #[arg(long)]
+        url: String,
+        /// The computing system it runs on (its fault domain).
+        #[arg(long)]
+        host: Option<String>,
+        /// Failover preference among equally caught-up partitions (higher first).
+        #[arg(long, default_value_t = 0)]
+        priority: i32,
+    },
+    /// Remove a partition from its group (a primary hands its role over first; no request
+    /// fails).
+    Remove(RoleArgs),
+    /// Move a partition to another group: it leaves this one and joins the other
+    /// quarantined, to be rebuilt with the other group's data.
+    Move {
+        #[command(flatten)]
+        role: RoleArgs,
+        /// The group it joins.
+        #[arg(long)]
+        to: String,
+    },
     /// Run a redundancy group of three bank partitions behind the proxy, on SQLite files
     /// in a fresh directory.
     Demo(demo::DemoArgs),
@@ -221,24 +248,48 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             println!("group {group}: record {seq} resolved as {outcome}");
             Ok(())
         }
-        Command::Promote(a) => role_verb("promote", a, None).await,
-        Command::Drain(a) => role_verb("drain", a, None).await,
-        Command::Undrain(a) => role_verb("undrain", a, None).await,
-        Command::Rejoin { role, applied } => role_verb("rejoin", role, applied).await,
+        Command::Promote(a) => role_verb("promote", a).await,
+        Command::Drain(a) => role_verb("drain", a).await,
+        Command::Undrain(a) => role_verb("undrain", a).await,
+        Command::Rejoin { role, applied } => {
+            let mut body = serde_json::json!({"partition": role.partition});
+            if let Some(n) = applied {
+                body["applied"] = n.into();
+            }
+            admin_verb("rejoin", &role, body).await
+        }
+        Command::Add {
+            role,
+            url,
+            host,
+            priority,
+        } => {
+            let body = serde_json::json!({
+                "partition": role.partition, "url": url, "host": host, "priority": priority,
+            });
+            admin_verb("add", &role, body).await
+        }
+        Command::Remove(a) => role_verb("remove", a).await,
+        Command::Move { role, to } => {
+            let body = serde_json::json!({"partition": role.partition, "to": to});
+            admin_verb("move", &role, body).await
+        }
         Command::Demo(args) => demo::run(args).await,
     }
 }
 
-async fn role_verb(verb: &str, a: RoleArgs, applied: Option<u64>) -> anyhow::Result<()> {
+async fn role_verb(verb: &str, a: RoleArgs) -> anyhow::Result<()> {
+    let body = serde_json::json!({"partition": a.partition});
+    admin_verb(verb, &a, body).await
+}
+
+/// Sends an admin verb about one partition and prints the group(s) it answers with.
+async fn admin_verb(verb: &str, a: &RoleArgs, body: serde_json::Value) -> anyhow::Result<()> {
     let url = format!(
         "{}/groups/{}/{verb}",
         a.admin.trim_end_matches('/'),
         a.group
     );
-    let mut body = serde_json::json!({"partition": a.partition});
-    if let Some(n) = applied {
-        body["applied"] = n.into();
-    }
     let answer = HttpClient::new()
         .send("POST", &url, Some(&body), a.token.as_deref())
         .await?;
@@ -250,8 +301,15 @@ async fn role_verb(verb: &str, a: RoleArgs, applied: Option<u64>) -> anyhow::Res
             v["message"].as_str().unwrap_or("no message")
         );
     }
-    let g: regroup_proxy::admin::GroupStatus = answer.json()?;
-    print!("{}", status_table(&StatusDoc { groups: vec![g] }));
+    // One group, or (move) both groups.
+    let doc = match answer.json::<StatusDoc>() {
+        Ok(doc) => doc,
+        Err(_) => StatusDoc {
+            groups: vec![answer.json()?],
+            hosts: Vec::new(),
+        },
+    };
+    print!("{}", status_table(&doc));
     Ok(())
 }
 
@@ -314,16 +372,35 @@ fn status_table(doc: &StatusDoc) -> String {
         }
         out.push('\n');
         out.push_str(&format!(
-            "  {:<12} {:<28} {:<12} {:>8}  {}\n",
-            "PARTITION", "URL", "STATUS", "APPLIED", "SINCE / REASON"
+            "  {:<12} {:<28} {:<10} {:<12} {:>8}  {}\n",
+            "PARTITION", "URL", "HOST", "STATUS", "APPLIED", "SINCE / REASON"
         ));
         for p in &g.partitions {
             let role = if p.name == g.primary { "*" } else { " " };
             out.push_str(&format!(
-                "{role} {:<12} {:<28} {:<12} {:>8}  {} {}\n",
-                p.name, p.url, p.status, p.applied, p.since, p.reason
+                "{role} {:<12} {:<28} {:<10} {:<12} {:>8}  {} {}\n",
+                p.name,
+                p.url,
+                p.host.as_deref().unwrap_or("-"),
+                p.status,
+                p.applied,
+                p.since,
+                p.reason
             ));
         }
+        for d in &g.config_drift {
+            out.push_str(&format!("  config differs from the journal: {d}\n"));
+        }
+    }
+    for h in &doc.hosts {
+        out.push_str(&format!(
+            "host {}  {}  ({} of {} answering: {})\n",
+            h.name,
+            h.status,
+            h.answering,
+            h.partitions.len(),
+            h.partitions.join(", ")
+        ));
     }
     out
 }

@@ -1,7 +1,9 @@
 //! The admin API on `admin_listen`: `GET /status` (JSON), `GET /health`, and the admin
 //! verbs (bearer token when configured): `POST /groups/{group}/resolve` (settle an in-doubt
 //! record), `POST /groups/{group}/promote`, `/drain`, `/undrain` (`{"partition": NAME}`),
-//! `/rejoin` (`{"partition": NAME, "applied": SEQ}`: lift a diverged partition's quarantine).
+//! `/rejoin` (`{"partition": NAME, "applied": SEQ}`: lift a diverged partition's quarantine),
+//! and the membership verbs `/add` (`{"partition", "url", "host"?, "priority"?}`), `/remove`
+//! (`{"partition"}`) and `/move` (`{"partition", "to": GROUP}`).
 //!
 //! Hardening: the token is compared in constant time; with `admin_status_requires_token`
 //! `/status` needs it too (`/health` never does); bodies over `admin_max_body_bytes` get 413.
@@ -24,6 +26,62 @@ use crate::partition::PartitionView;
 pub struct StatusDoc {
     /// Every group.
     pub groups: Vec<GroupStatus>,
+    /// The computing systems named by partitions' `host`, across groups.
+    #[serde(default)]
+    pub hosts: Vec<HostStatus>,
+}
+
+/// One computing system in `/status`: the partitions that run on it, in every group.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct HostStatus {
+    /// The host's name (the partitions' `host`).
+    pub name: String,
+    /// `up` (every partition answers), `degraded` (some do not), `suspect` (none answers,
+    /// not all have missed `heartbeat_retries` yet) or `down` (none has answered for
+    /// `heartbeat_retries` heartbeats: the computing system is taken as failed).
+    pub status: String,
+    /// Its partitions as `group/partition`.
+    pub partitions: Vec<String>,
+    /// How many of them answer heartbeats.
+    pub answering: usize,
+}
+
+impl HostStatus {
+    /// The hosts named by `groups`' partitions, by name.
+    fn of(groups: &[Arc<Group>], views: &[GroupView]) -> Vec<HostStatus> {
+        let mut hosts: std::collections::BTreeMap<String, (Vec<String>, usize, usize)> =
+            std::collections::BTreeMap::new();
+        for (g, view) in groups.iter().zip(views) {
+            let retries = g.config().heartbeat_retries;
+            for p in &view.partitions {
+                let Some(host) = &p.host else { continue };
+                let h = hosts.entry(host.clone()).or_default();
+                h.0.push(format!("{}/{}", view.name, p.name));
+                h.1 += usize::from(p.missed == 0);
+                h.2 += usize::from(p.missed >= retries);
+            }
+        }
+        hosts
+            .into_iter()
+            .map(|(name, (partitions, answering, failed))| {
+                let status = if answering == partitions.len() {
+                    "up"
+                } else if answering > 0 {
+                    "degraded"
+                } else if failed == partitions.len() {
+                    "down"
+                } else {
+                    "suspect"
+                };
+                HostStatus {
+                    name,
+                    status: status.to_owned(),
+                    partitions,
+                    answering,
+                }
+            })
+            .collect()
+    }
 }
 
 /// One group in `/status`.
@@ -52,6 +110,10 @@ pub struct GroupStatus {
     /// The group's latest transitions, oldest first.
     #[serde(default)]
     pub transitions: Vec<TransitionDoc>,
+    /// How the config's partitions differ from the journal's membership (the journal's is
+    /// used; the config only seeds a new group).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub config_drift: Vec<String>,
 }
 
 /// One transition of a group's state in `/status`.
@@ -72,6 +134,9 @@ pub struct PartitionStatusDoc {
     pub name: String,
     /// Base URL.
     pub url: String,
+    /// The computing system it runs on, if named.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
     /// `available`, `catching_up`, `suspect`, `unavailable`, `diverged` or `draining`.
     pub status: String,
     /// Highest seq applied.
@@ -80,6 +145,9 @@ pub struct PartitionStatusDoc {
     pub since: String,
     /// Why it changed.
     pub reason: String,
+    /// Consecutive heartbeats missed (0: it answers).
+    #[serde(default)]
+    pub missed: u32,
 }
 
 impl From<GroupView> for GroupStatus {
@@ -94,6 +162,7 @@ impl From<GroupView> for GroupStatus {
             in_doubt_executors: g.in_doubt_executors,
             handing_over: g.handing_over,
             partitions: g.partitions.into_iter().map(Into::into).collect(),
+            config_drift: g.config_drift,
             transitions: g
                 .transitions
                 .into_iter()
@@ -112,10 +181,12 @@ impl From<PartitionView> for PartitionStatusDoc {
         PartitionStatusDoc {
             name: p.name,
             url: p.url,
+            host: p.host,
             status: p.status.as_str().to_owned(),
             applied: p.applied,
             since: regroup_replay::record::format_timestamp(p.since),
             reason: p.reason,
+            missed: p.missed,
         }
     }
 }
@@ -136,6 +207,32 @@ pub struct ResolveRequest {
 pub struct PartitionRequest {
     /// The partition.
     pub partition: String,
+}
+
+/// The body of `POST /groups/{group}/add`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AddRequest {
+    /// The new partition's name.
+    pub partition: String,
+    /// Its base URL.
+    pub url: String,
+    /// The computing system it runs on.
+    #[serde(default)]
+    pub host: Option<String>,
+    /// Failover preference (higher first).
+    #[serde(default)]
+    pub priority: i32,
+}
+
+/// The body of `POST /groups/{group}/move`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MoveRequest {
+    /// The partition.
+    pub partition: String,
+    /// The group it joins.
+    pub to: String,
 }
 
 /// The body of `POST /groups/{group}/rejoin`.
@@ -185,8 +282,10 @@ impl Admin {
 
     /// The status document.
     pub fn status(&self) -> StatusDoc {
+        let views: Vec<GroupView> = self.groups.iter().map(|g| g.view()).collect();
         StatusDoc {
-            groups: self.groups.iter().map(|g| g.view().into()).collect(),
+            hosts: HostStatus::of(&self.groups, &views),
+            groups: views.into_iter().map(Into::into).collect(),
         }
     }
 
@@ -253,6 +352,47 @@ impl Admin {
                 let partition = self.partition(&group, &ask.partition)?;
                 crate::replicate::rejoin(&group, &partition, ask.applied).await?;
                 Ok(json(StatusCode::OK, &GroupStatus::from(group.view())))
+            }
+            (&Method::POST, ["groups", group, "add"]) => {
+                self.authorize(&req)?;
+                let group = self.group(group)?;
+                let ask: AddRequest = read_json(
+                    req,
+                    limit,
+                    "{\"partition\": NAME, \"url\": URL, \"host\": HOST (optional), \
+                     \"priority\": N (optional)}",
+                )
+                .await?;
+                let spec = regroup_replay::MemberSpec {
+                    name: ask.partition,
+                    url: ask.url,
+                    host: ask.host,
+                    priority: ask.priority,
+                };
+                crate::membership::add(&group, spec, None).await?;
+                Ok(json(StatusCode::OK, &GroupStatus::from(group.view())))
+            }
+            (&Method::POST, ["groups", group, "remove"]) => {
+                self.authorize(&req)?;
+                let group = self.group(group)?;
+                let ask: PartitionRequest = read_json(req, limit, "{\"partition\": NAME}").await?;
+                crate::membership::remove(&group, &ask.partition).await?;
+                Ok(json(StatusCode::OK, &GroupStatus::from(group.view())))
+            }
+            (&Method::POST, ["groups", group, "move"]) => {
+                self.authorize(&req)?;
+                let group = self.group(group)?;
+                let ask: MoveRequest =
+                    read_json(req, limit, "{\"partition\": NAME, \"to\": GROUP}").await?;
+                let to = self.group(&ask.to)?;
+                crate::membership::move_to(&group, &to, &ask.partition).await?;
+                Ok(json(
+                    StatusCode::OK,
+                    &StatusDoc {
+                        groups: vec![group.view().into(), to.view().into()],
+                        hosts: Vec::new(),
+                    },
+                ))
             }
             (&Method::POST, ["groups", group, verb @ ("promote" | "drain" | "undrain")]) => {
                 self.authorize(&req)?;

@@ -211,9 +211,49 @@ pub struct PartitionConfig {
     pub name: String,
     /// Its base URL, `http://host:port`.
     pub url: String,
+    /// The computing system it runs on (its fault domain): failover prefers a partition on
+    /// another host, and `/status` shows a host down when all its partitions stop answering.
+    #[serde(default)]
+    pub host: Option<String>,
     /// Failover preference among equally caught-up partitions (higher first).
     #[serde(default)]
     pub priority: i32,
+}
+
+impl PartitionConfig {
+    /// The partition as the journal stores it.
+    pub fn spec(&self) -> regroup_replay::MemberSpec {
+        regroup_replay::MemberSpec {
+            name: self.name.clone(),
+            url: self.url.clone(),
+            host: self.host.clone(),
+            priority: self.priority,
+        }
+    }
+}
+
+/// Checks one partition's definition (from the config or the admin API's `add`): a name,
+/// an `http://` URL, a host that is not blank. Errors name the field at fault.
+pub fn validate_member(spec: &regroup_replay::MemberSpec) -> Result<(), (&'static str, String)> {
+    if spec.name.trim().is_empty() {
+        return Err(("name", "must not be empty".into()));
+    }
+    if spec.name.len() > 128 || spec.name.chars().any(|c| c.is_control() || c == '/') {
+        return Err((
+            "name",
+            "must be at most 128 characters, without '/' or control characters".into(),
+        ));
+    }
+    base_uri(&spec.url).map_err(|m| ("url", m))?;
+    if let Some(h) = &spec.host
+        && h.trim().is_empty()
+    {
+        return Err((
+            "host",
+            "must not be empty (leave it out to name none)".into(),
+        ));
+    }
+    Ok(())
 }
 
 fn default_listen() -> SocketAddr {
@@ -495,9 +535,7 @@ impl Config {
             let mut names = HashSet::new();
             for (pi, p) in g.partitions.iter().enumerate() {
                 let pkey = |k: &str| key(&format!("partitions[{pi}].{k}"));
-                if p.name.trim().is_empty() {
-                    return Err(invalid(pkey("name"), "must not be empty".into()));
-                }
+                validate_member(&p.spec()).map_err(|(k, m)| invalid(pkey(k), m))?;
                 if !names.insert(p.name.as_str()) {
                     return Err(invalid(
                         pkey("name"),
@@ -507,7 +545,6 @@ impl Config {
                         ),
                     ));
                 }
-                base_uri(&p.url).map_err(|m| invalid(pkey("url"), m))?;
             }
         }
         Ok(())

@@ -93,11 +93,18 @@ fn has_candidate(group: &Group) -> bool {
     choose(group, None).is_some()
 }
 
-/// The partition that should take the role: `target` if it can lead, else the one that
-/// can lead and has applied the most (ties: priority, then name), never the primary.
+/// The partition that should take the role: `target` if it can lead, else among those that
+/// can lead one on another computing system than the primary's (when hosts are named: a
+/// failed host takes its partitions with it), then the one that has applied the most (ties:
+/// priority, then name); never the primary.
 fn choose(group: &Group, target: Option<&str>) -> Option<Arc<Partition>> {
     let primary = group.role().primary;
     let members = group.members();
+    let primary_host = members
+        .iter()
+        .find(|p| p.name() == primary)
+        .and_then(|p| p.host().map(str::to_owned));
+    let elsewhere = |p: &Partition| primary_host.is_none() || p.host() != primary_host.as_deref();
     let eligible = |p: &&Arc<Partition>| p.name() != primary && p.can_lead();
     if let Some(t) = target {
         return members
@@ -110,8 +117,9 @@ fn choose(group: &Group, target: Option<&str>) -> Option<Arc<Partition>> {
         .iter()
         .filter(eligible)
         .max_by(|a, b| {
-            a.applied()
-                .cmp(&b.applied())
+            elsewhere(a)
+                .cmp(&elsewhere(b))
+                .then(a.applied().cmp(&b.applied()))
                 .then(a.priority().cmp(&b.priority()))
                 .then(b.name().cmp(a.name()))
         })

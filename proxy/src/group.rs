@@ -4,13 +4,13 @@
 //! | part | what it holds | changed by |
 //! | --- | --- | --- |
 //! | role | epoch, primary and whether a hand-over runs: **one value** ([`Role`]) | `hand_over` (failover, promote, drain) |
-//! | membership | partitions by stable id (their names) | the config today (a snapshot, so it can change at run time) |
+//! | membership | partitions by stable id (their names), stored in the journal with a version | `add`, `remove` (membership.rs; the config only seeds a new group) |
 //! | sequencer | head, sealed head, the write slot | `append`, `seal` (update.rs) |
 //! | in doubt | the record whose execution is unknown, with the partitions that may have executed it (durable in the record) | `mark_in_doubt`, `settle`, `resolve` |
 //! | per partition | health, applied (may go *down*), quarantine, draining | heartbeats, replays, `rewind`, `quarantine`, `rejoin`, `drain` |
 //!
 //! **Lock order** (outermost first; never take an earlier one while holding a later one):
-//! `role_lock` → `write_slot` → `settle_lock` → `seal_gate` → the short `std::sync` locks
+//! `membership_lock` → `role_lock` → `write_slot` → `settle_lock` → `seal_gate` → the short `std::sync` locks
 //! (members, replayers, transitions, a partition's state). The `std::sync` locks are never
 //! held across an await.
 
@@ -63,6 +63,12 @@ pub struct Group {
     pub(crate) config: GroupConfig,
     pub(crate) classifier: Classifier,
     members: std::sync::RwLock<Arc<[Arc<Partition>]>>,
+    /// The version of the membership stored in the journal (its compare-and-set token).
+    members_version: AtomicU64,
+    /// One membership change at a time (outermost lock: taken before `role_lock`).
+    pub(crate) membership_lock: Mutex<()>,
+    /// How the config's partitions differ from the journal's membership (which wins).
+    drift: Vec<String>,
     pub(crate) journal: Arc<dyn Journal>,
     /// The pooled client of the read path.
     pub(crate) client: Upstream,
@@ -135,6 +141,8 @@ pub struct GroupView {
     pub in_doubt_executors: Vec<String>,
     /// The partitions.
     pub partitions: Vec<PartitionView>,
+    /// How the config's partitions differ from the journal's membership, which wins.
+    pub config_drift: Vec<String>,
     /// The latest transitions, oldest first.
     pub transitions: Vec<Transition>,
 }
@@ -159,10 +167,12 @@ impl Group {
             .open_group(&config.name, &first)
             .await
             .map_err(journal_err)?;
-        if !config
-            .partitions
-            .iter()
-            .any(|p| p.name == state.role.primary)
+        let stored_members = journal.members(&config.name).await.map_err(journal_err)?;
+        if stored_members.is_none()
+            && !config
+                .partitions
+                .iter()
+                .any(|p| p.name == state.role.primary)
         {
             return Err(ProxyError::Config(format!(
                 "group {:?}: the journal's primary {:?} (epoch {}) is not in the config; \
@@ -171,14 +181,22 @@ impl Group {
                 config.name, state.role.primary, state.role.epoch
             )));
         }
-        let mut partitions = Vec::with_capacity(config.partitions.len());
-        for p in &config.partitions {
+        let (specs, members_version, drift) = load_membership(&config, journal.as_ref()).await?;
+        if !specs.iter().any(|p| p.name == state.role.primary) {
+            return Err(ProxyError::Config(format!(
+                "group {:?}: the journal's primary {:?} (epoch {}) is not in the journal's \
+                 membership",
+                config.name, state.role.primary, state.role.epoch
+            )));
+        }
+        let mut partitions = Vec::with_capacity(specs.len());
+        for p in &specs {
             let base = base_uri(&p.url).map_err(ProxyError::BadRequest)?;
             let applied = journal
                 .checkpoint(&config.name, &p.name)
                 .await
                 .map_err(journal_err)?;
-            let partition = Partition::new(&p.name, &p.url, base, p.priority, applied);
+            let partition = Partition::new(p, base, applied);
             // A quarantine outlives restarts: never serve a diverged copy, not even briefly.
             if let Some(reason) = journal
                 .diverged(&config.name, &p.name)
@@ -207,6 +225,9 @@ impl Group {
             classifier: config.classifier(),
             config,
             members: std::sync::RwLock::new(partitions.into()),
+            members_version: AtomicU64::new(members_version),
+            membership_lock: Mutex::new(()),
+            drift,
             journal,
             client,
             link,
@@ -282,6 +303,20 @@ impl Group {
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .clone()
+    }
+
+    /// The stored membership's version.
+    pub(crate) fn members_version(&self) -> u64 {
+        self.members_version.load(Ordering::Acquire)
+    }
+
+    /// Publishes a new membership the journal stored as `version` (the caller holds
+    /// `membership_lock`).
+    pub(crate) fn replace_members(&self, members: Vec<Arc<Partition>>, version: u64) {
+        *self.members.write().unwrap_or_else(|p| p.into_inner()) = members.into();
+        self.members_version.store(version, Ordering::Release);
+        self.refresh_all();
+        self.bump();
     }
 
     /// The partition named `name`.
@@ -506,6 +541,7 @@ impl Group {
             in_doubt: in_doubt.iter().map(|r| r.seq).collect(),
             in_doubt_executors: in_doubt.map(|r| r.executors).unwrap_or_default(),
             partitions: self.members().iter().map(|p| p.view()).collect(),
+            config_drift: self.drift.clone(),
             transitions: self
                 .transitions
                 .lock()
@@ -574,4 +610,62 @@ impl Group {
         self.clear_in_doubt(seq).await;
         Ok(record)
     }
+}
+
+/// The group's membership as the journal keeps it: stored on first open from the config
+/// (the config seeds a new group); afterwards the journal's wins, and every way the config
+/// differs from it is returned (and logged) so an operator sees it, never applied silently.
+async fn load_membership(
+    config: &GroupConfig,
+    journal: &dyn Journal,
+) -> Result<(Vec<regroup_replay::MemberSpec>, u64, Vec<String>), ProxyError> {
+    let journal_err = |e: regroup_replay::JournalError| ProxyError::Journal(e.to_string());
+    let seeded: Vec<_> = config.partitions.iter().map(|p| p.spec()).collect();
+    let Some(stored) = journal.members(&config.name).await.map_err(journal_err)? else {
+        let version = journal
+            .set_members(&config.name, 0, &seeded)
+            .await
+            .map_err(journal_err)?;
+        return Ok((seeded, version, Vec::new()));
+    };
+    let drift = membership_drift(&stored.partitions, &seeded);
+    for d in &drift {
+        tracing::warn!(group = %config.name, drift = %d,
+            "the config's partitions differ from the journal's membership; the journal's \
+             is used (change it with regroup add/remove/move)");
+    }
+    Ok((stored.partitions, stored.version, drift))
+}
+
+/// Every way `config` differs from the stored membership, in words.
+pub(crate) fn membership_drift(
+    stored: &[regroup_replay::MemberSpec],
+    config: &[regroup_replay::MemberSpec],
+) -> Vec<String> {
+    let mut drift = Vec::new();
+    for c in config {
+        match stored.iter().find(|s| s.name == c.name) {
+            None => drift.push(format!(
+                "partition {:?} is in the config but not in the journal's membership \
+                 (removed or moved at run time, or add it with regroup add)",
+                c.name
+            )),
+            Some(s) if s != c => drift.push(format!(
+                "partition {:?}: the journal has url {} host {:?} priority {}, the config url \
+                 {} host {:?} priority {}",
+                c.name, s.url, s.host, s.priority, c.url, c.host, c.priority
+            )),
+            Some(_) => {}
+        }
+    }
+    for s in stored {
+        if !config.iter().any(|c| c.name == s.name) {
+            drift.push(format!(
+                "partition {:?} ({}) is in the journal's membership but not in the config \
+                 (added at run time)",
+                s.name, s.url
+            ));
+        }
+    }
+    drift
 }

@@ -46,6 +46,7 @@ mod failover;
 pub mod forward;
 pub mod group;
 pub mod link;
+mod membership;
 pub mod ownership;
 pub mod partition;
 pub mod read;

@@ -32,6 +32,7 @@ struct State {
 pub struct Partition {
     name: String,
     url: String,
+    host: Option<String>,
     base: Uri,
     priority: i32,
     applied: AtomicU64,
@@ -47,6 +48,8 @@ pub struct PartitionView {
     pub name: String,
     /// Base URL.
     pub url: String,
+    /// The computing system it runs on, if named.
+    pub host: Option<String>,
     /// Derived status.
     pub status: PartitionStatus,
     /// When the status last changed.
@@ -55,17 +58,20 @@ pub struct PartitionView {
     pub reason: String,
     /// Highest seq applied.
     pub applied: u64,
+    /// Consecutive heartbeats missed (0: it answers).
+    pub missed: u32,
 }
 
 impl Partition {
     /// A partition as the group first knows it: not yet checked (no reads until its first
     /// heartbeat answers), at `applied` by its checkpoint.
-    pub fn new(name: &str, url: &str, base: Uri, priority: i32, applied: u64) -> Self {
+    pub fn new(spec: &regroup_replay::MemberSpec, base: Uri, applied: u64) -> Self {
         Partition {
-            name: name.to_owned(),
-            url: url.to_owned(),
+            name: spec.name.clone(),
+            url: spec.url.clone(),
+            host: spec.host.clone(),
             base,
-            priority,
+            priority: spec.priority,
             applied: AtomicU64::new(applied),
             draining: AtomicBool::new(false),
             own_record: AtomicBool::new(false),
@@ -84,6 +90,21 @@ impl Partition {
     /// The partition's name.
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    /// The computing system it runs on, if named.
+    pub fn host(&self) -> Option<&str> {
+        self.host.as_deref()
+    }
+
+    /// What it is, as stored in the group's membership.
+    pub fn spec(&self) -> regroup_replay::MemberSpec {
+        regroup_replay::MemberSpec {
+            name: self.name.clone(),
+            url: self.url.clone(),
+            host: self.host.clone(),
+            priority: self.priority,
+        }
     }
 
     /// Its base URI.
@@ -205,10 +226,15 @@ impl Partition {
         PartitionView {
             name: self.name.clone(),
             url: self.url.clone(),
+            host: self.host.clone(),
             status: s.status,
             since: s.since,
             reason: s.reason.clone(),
             applied: self.applied(),
+            missed: match s.health {
+                Health::Up => 0,
+                Health::Missed(n) => n,
+            },
         }
     }
 }

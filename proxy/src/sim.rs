@@ -402,9 +402,12 @@ impl regroup_replay::Membership for FaultyJournal {
         expected_version: u64,
         partitions: &[regroup_replay::MemberSpec],
     ) -> Result<u64, JournalError> {
-        self.inner
+        self.before()?;
+        let r = self
+            .inner
             .set_members(group, expected_version, partitions)
-            .await
+            .await;
+        self.after(r)
     }
 }
 
@@ -681,6 +684,67 @@ async fn faults(
     Ok(())
 }
 
+/// Membership changes at run time, on their own seeded schedule (so the fault schedule of
+/// a seed is the same with or without them): in some runs a partition (the primary, too) is
+/// removed under load and, a while later, added back as a new, empty copy that must replay
+/// the whole journal. A proxy restart in between finds the removal in the journal.
+async fn membership_changes(
+    seed: u64,
+    proxy: Current,
+    link: Arc<SimLink>,
+    log: Arc<Mutex<Vec<String>>>,
+) -> Result<(), String> {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0x03e3_be25);
+    if !rng.random_bool(0.4) {
+        return Ok(());
+    }
+    for _ in 0..rng.random_range(1..3) {
+        tokio::time::sleep(Duration::from_millis(rng.random_range(50..800))).await;
+        let p = link.partitions[rng.random_range(0..link.partitions.len())].clone();
+        let g = current(&proxy);
+        let Some(member) = g.member(&p.name) else {
+            continue;
+        };
+        let spec = member.spec();
+        match crate::membership::remove(&g, &p.name).await {
+            Ok(_) => lock(&log).push(format!("Remove {}", p.name)),
+            Err(e) => {
+                lock(&log).push(format!("Remove {} refused ({e})", p.name));
+                continue;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(rng.random_range(20..500))).await;
+        {
+            // A new instance with an empty database takes its place.
+            let mut s = p.lock();
+            s.copy = Copy::default();
+            s.backups.clear();
+            s.boot += 1;
+            s.gap_checked = false;
+        }
+        let mut added = false;
+        for _ in 0..100 {
+            let g = current(&proxy);
+            if g.member(&p.name).is_some() {
+                added = true;
+                break;
+            }
+            match crate::membership::add(&g, spec.clone(), None).await {
+                Ok(_) => {
+                    lock(&log).push(format!("Add {}", p.name));
+                    added = true;
+                    break;
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+            }
+        }
+        if !added {
+            return Err(format!("{} could not be added back", p.name));
+        }
+    }
+    Ok(())
+}
+
 /// Keeps a few older copies of every partition, for restores.
 async fn backups(link: Arc<SimLink>, mut done: tokio::sync::watch::Receiver<bool>) {
     loop {
@@ -773,6 +837,12 @@ async fn run(seed: u64) -> Result<(String, String), String> {
     let clients: Vec<_> = (0..4)
         .map(|id| tokio::spawn(client(id, seed, proxy.clone(), link.clone(), seen.clone())))
         .collect();
+    let membership = tokio::spawn(membership_changes(
+        seed,
+        proxy.clone(),
+        link.clone(),
+        log.clone(),
+    ));
     let schedule = faults(
         seed,
         proxy.clone(),
@@ -783,6 +853,9 @@ async fn run(seed: u64) -> Result<(String, String), String> {
         log.clone(),
     )
     .await;
+    let membership = membership
+        .await
+        .unwrap_or_else(|e| Err(format!("the membership task failed: {e}")));
     for c in clients {
         let _ = c.await;
     }
@@ -792,6 +865,9 @@ async fn run(seed: u64) -> Result<(String, String), String> {
     let fail = |what: String| Err(format!("{what}\n  faults: {faults_seen}"));
     if let Err(e) = schedule {
         return fail(format!("the fault schedule failed: {e}"));
+    }
+    if let Err(e) = membership {
+        return fail(format!("the membership changes failed: {e}"));
     }
     // Quiesce: every fault lifted; wait (bounded, simulated) for the group to settle.
     for p in &link.partitions {
@@ -967,8 +1043,9 @@ async fn run(seed: u64) -> Result<(String, String), String> {
             .map(|p| (p.name.clone(), p.status, p.applied))
             .collect::<Vec<_>>(),
     );
+    let readded = lock(&log).iter().filter(|l| l.starts_with("Add ")).count();
     let summary = format!(
-        "{} records, {} acknowledged, {} reads, epoch {}, {} quarantined",
+        "{} records, {} acknowledged, {} reads, epoch {}, {} quarantined, {readded} re-added",
         journal.len(),
         seen.acked.len(),
         seen.reads,
@@ -1162,5 +1239,171 @@ fn a_stored_primary_missing_from_the_config_is_refused() {
             Err(e) => panic!("want a config error, got {e}"),
             Ok(_) => panic!("a stored primary missing from the config must be refused"),
         }
+    });
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    match tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .start_paused(true)
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => panic!("runtime: {e}"),
+    }
+}
+
+/// Waits (bounded, simulated time) until `cond` holds.
+async fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
+    for _ in 0..400 {
+        if cond() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!("timed out waiting until {what}");
+}
+
+async fn open_sim(
+    config: crate::config::GroupConfig,
+    journal: &MemoryJournal,
+    link: &Arc<SimLink>,
+) -> Arc<Group> {
+    let group = Group::open(
+        config,
+        Arc::new(journal.clone()),
+        link.clone(),
+        crate::forward::upstream_client(),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("open: {e}"));
+    group.start().await;
+    group
+}
+
+/// When the primary's computing system fails, the role goes to a partition on another
+/// host, even when one on the failed host ranks higher.
+#[test]
+fn failover_prefers_a_partition_on_another_host() {
+    runtime().block_on(async {
+        let mut config = config(0);
+        // a and b share host h1 (b ranks highest), c is alone on h2.
+        for (p, (host, priority)) in
+            config
+                .partitions
+                .iter_mut()
+                .zip([("h1", 0), ("h1", 9), ("h2", 0)])
+        {
+            p.host = Some(host.to_owned());
+            p.priority = priority;
+        }
+        let link = sim_link();
+        let journal = MemoryJournal::new();
+        let group = open_sim(config, &journal, &link).await;
+        eventually("every partition is available", || {
+            group
+                .members()
+                .iter()
+                .all(|p| p.status() == PartitionStatus::Available)
+        })
+        .await;
+        // Only the primary fails (host h1 still runs b).
+        if let Some(a) = link.find("a") {
+            a.lock().down = true;
+        }
+        eventually("the role moved", || group.role().primary != "a").await;
+        assert_eq!(group.role().primary, "c", "{:?}", group.view().transitions);
+        group.stop();
+    });
+}
+
+/// A partition removed at run time stays removed after a restart on the same journal, one
+/// added comes back with it, and the config's disagreement is reported, not applied.
+#[test]
+fn run_time_membership_outlives_a_restart_and_drift_is_reported() {
+    runtime().block_on(async {
+        let link = sim_link();
+        let journal = MemoryJournal::new();
+        let group = open_sim(config(0), &journal, &link).await;
+        eventually("a is available", || {
+            group
+                .member("a")
+                .is_some_and(|p| p.status() == PartitionStatus::Available)
+        })
+        .await;
+        // Removing the primary moves the role first.
+        let removed = crate::membership::remove(&group, "a").await;
+        assert!(removed.is_ok(), "{removed:?}");
+        assert_ne!(group.role().primary, "a");
+        assert!(group.member("a").is_none());
+        // Bad input changes nothing and says what is wrong.
+        let dup = regroup_replay::MemberSpec {
+            name: "b".into(),
+            url: "http://b2.sim".into(),
+            host: None,
+            priority: 0,
+        };
+        match crate::membership::add(&group, dup, None).await {
+            Err(crate::error::ProxyError::BadRequest(m)) => {
+                assert!(m.contains("already has"), "{m}")
+            }
+            other => panic!("a duplicate name must be refused, got {other:?}"),
+        }
+        let same_url = regroup_replay::MemberSpec {
+            name: "d".into(),
+            url: "http://b.sim".into(),
+            host: None,
+            priority: 0,
+        };
+        assert!(
+            crate::membership::add(&group, same_url, None)
+                .await
+                .is_err()
+        );
+        let last = crate::membership::remove(&group, "zz").await;
+        assert!(matches!(last, Err(crate::error::ProxyError::BadRequest(_))));
+        // "a" comes back as a new copy on another address.
+        if let Some(a) = link.find("a") {
+            a.lock().copy = Copy::default();
+        }
+        let back = regroup_replay::MemberSpec {
+            name: "a".into(),
+            url: "http://a.sim".into(),
+            host: Some("h9".into()),
+            priority: 1,
+        };
+        assert!(
+            crate::membership::add(&group, back.clone(), None)
+                .await
+                .is_ok()
+        );
+        crate::membership::remove(&group, "c")
+            .await
+            .unwrap_or_else(|e| panic!("remove c: {e}"));
+        let version = group.members_version();
+        group.stop();
+
+        let again = open_sim(config(0), &journal, &link).await;
+        let names: Vec<String> = again
+            .members()
+            .iter()
+            .map(|p| p.name().to_owned())
+            .collect();
+        assert_eq!(names, ["b", "a"], "the journal's membership wins");
+        assert_eq!(again.members_version(), version);
+        assert_eq!(again.member("a").map(|p| p.spec()), Some(back));
+        let drift = again.view().config_drift;
+        assert_eq!(drift.len(), 2, "{drift:?}");
+        assert!(
+            drift
+                .iter()
+                .any(|d| d.contains("\"c\" is in the config but not")),
+            "{drift:?}"
+        );
+        assert!(
+            drift.iter().any(|d| d.contains("\"a\": the journal has")),
+            "{drift:?}"
+        );
+        again.stop();
     });
 }

@@ -26,8 +26,14 @@ pub const POSITION_EVERY: u64 = 5;
 /// Starts one heartbeat task per partition of `group`.
 pub(crate) fn start(group: &Arc<Group>) {
     for p in group.members().iter() {
-        tokio::spawn(heartbeat(group.clone(), p.clone()));
+        start_one(group, p);
     }
+}
+
+/// Starts the heartbeat task of `partition` (a partition added at run time); it ends when
+/// the partition leaves the group.
+pub(crate) fn start_one(group: &Arc<Group>, partition: &Arc<Partition>) {
+    tokio::spawn(heartbeat(group.clone(), partition.clone()));
 }
 
 /// Checks every partition once, concurrently; used before the proxy opens so the first
@@ -48,6 +54,13 @@ async fn heartbeat(group: Arc<Group>, partition: Arc<Partition>) {
         tokio::select! {
             _ = tick.tick() => {}
             _ = stop.changed() => return,
+        }
+        if !group
+            .member(partition.name())
+            .is_some_and(|p| Arc::ptr_eq(&p, &partition))
+        {
+            // Removed from the group.
+            return;
         }
         beats = beats.wrapping_add(1);
         beat(&group, &partition, beats).await;

@@ -1407,3 +1407,57 @@ fn run_time_membership_outlives_a_restart_and_drift_is_reported() {
         again.stop();
     });
 }
+
+/// `move`: the partition leaves its group and joins the other quarantined (its copy holds
+/// the first group's data); a move the other group cannot take is refused before anything
+/// changes.
+#[test]
+fn a_moved_partition_joins_the_other_group_quarantined() {
+    runtime().block_on(async {
+        let journal = MemoryJournal::new();
+        let link = sim_link();
+        let group = open_sim(config(0), &journal, &link).await;
+        let mut other_config = config(0);
+        other_config.name = "other".into();
+        // x and b; this b is not the first group's b.
+        other_config.partitions.truncate(2);
+        other_config.partitions[0].name = "x".into();
+        other_config.partitions[0].url = "http://x.sim".into();
+        let other_link = Arc::new(SimLink {
+            partitions: ["x", "b", "c"]
+                .iter()
+                .map(|n| {
+                    Arc::new(SimPartition {
+                        name: (*n).to_owned(),
+                        exactly_once: true,
+                        state: Mutex::new(PState::default()),
+                    })
+                })
+                .collect(),
+            sent: Mutex::new(Vec::new()),
+        });
+        let other = open_sim(other_config, &journal, &other_link).await;
+        // Into a group that has the name already: refused, nothing changed.
+        let clash = crate::membership::move_to(&group, &other, "b").await;
+        assert!(
+            matches!(&clash, Err(crate::error::ProxyError::BadRequest(m)) if m.contains("already has")),
+            "{clash:?}"
+        );
+        assert!(group.member("b").is_some(), "a refused move changes nothing");
+        assert_eq!(group.members().len(), 3);
+        let moved = crate::membership::move_to(&group, &other, "c").await;
+        assert!(moved.is_ok(), "{moved:?}");
+        assert!(group.member("c").is_none());
+        let c = other.member("c").unwrap_or_else(|| panic!("c joined"));
+        let why = c.diverged().unwrap_or_default();
+        assert!(why.contains("moved from group \"sim\""), "{why}");
+        assert_eq!(c.status(), PartitionStatus::Diverged);
+        // Durably: the journal says so too.
+        assert_eq!(
+            journal.diverged("other", "c").await.ok().flatten(),
+            Some(why)
+        );
+        group.stop();
+        other.stop();
+    });
+}

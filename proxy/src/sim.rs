@@ -1093,8 +1093,10 @@ fn a_seed_replays_exactly() {
 }
 
 /// Seeds outside the default range that found a bug: 2355, a hand-over abandoned after a
-/// journal error left the replica it had chosen without a replayer.
-const REGRESSION_SEEDS: [u64; 1] = [2355];
+/// journal error left the replica it had chosen without a replayer; 26431 and 26671, a
+/// partition whose own record has gaps where the journal skipped records was taken as
+/// behind and rewound (supervise.rs: `executed_between`).
+const REGRESSION_SEEDS: [u64; 3] = [2355, 26431, 26671];
 
 /// The default run covers `DEFAULT_SEEDS` seeds.
 const DEFAULT_SEEDS: u64 = 1000;

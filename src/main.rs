@@ -307,6 +307,7 @@ async fn admin_verb(verb: &str, a: &RoleArgs, body: serde_json::Value) -> anyhow
         Err(_) => StatusDoc {
             groups: vec![answer.json()?],
             hosts: Vec::new(),
+            proxy: None,
         },
     };
     print!("{}", status_table(&doc));
@@ -391,6 +392,12 @@ fn status_table(doc: &StatusDoc) -> String {
         for d in &g.config_drift {
             out.push_str(&format!("  config differs from the journal: {d}\n"));
         }
+    }
+    if let Some(p) = &doc.proxy {
+        out.push_str(&format!(
+            "proxy: this one ({}) is a {}; leader: {}\n",
+            p.this, p.role, p.leader
+        ));
     }
     for h in &doc.hosts {
         out.push_str(&format!(

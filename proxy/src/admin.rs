@@ -29,6 +29,20 @@ pub struct StatusDoc {
     /// The computing systems named by partitions' `host`, across groups.
     #[serde(default)]
     pub hosts: Vec<HostStatus>,
+    /// With `proxies = "several"`: which proxy answers and which leads.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub proxy: Option<ProxyStatus>,
+}
+
+/// Which proxy answered `/status` and which leads the journal (`proxies = "several"`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ProxyStatus {
+    /// `leader` or `follower`: what the answering proxy is.
+    pub role: String,
+    /// The answering proxy (host, pid, addresses).
+    pub this: String,
+    /// The proxy holding the journal's lease.
+    pub leader: String,
 }
 
 /// One computing system in `/status`: the partitions that run on it, in every group.
@@ -261,6 +275,7 @@ pub enum ResolveOutcome {
 #[derive(Debug, Clone)]
 pub struct Admin {
     groups: Arc<Vec<Arc<Group>>>,
+    proxy: Option<ProxyStatus>,
     token: Option<String>,
     status_requires_token: bool,
     max_body_bytes: usize,
@@ -274,10 +289,22 @@ impl Admin {
     ) -> Self {
         Admin {
             groups: Arc::new(groups),
+            proxy: None,
             token,
             status_requires_token: config.admin_status_requires_token,
             max_body_bytes: config.admin_max_body_bytes,
         }
+    }
+
+    /// Shows `proxy` in `/status`.
+    pub(crate) fn with_proxy(mut self, proxy: ProxyStatus) -> Self {
+        self.proxy = Some(proxy);
+        self
+    }
+
+    /// `GET /health`'s answer.
+    pub(crate) fn health() -> Response<ProxyBody> {
+        json(StatusCode::OK, &serde_json::json!({"status": "ok"}))
     }
 
     /// The status document.
@@ -286,6 +313,7 @@ impl Admin {
         StatusDoc {
             hosts: HostStatus::of(&self.groups, &views),
             groups: views.into_iter().map(Into::into).collect(),
+            proxy: self.proxy.clone(),
         }
     }
 
@@ -310,9 +338,7 @@ impl Admin {
         let path = req.uri().path().to_owned();
         let segments: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
         match (req.method(), segments.as_slice()) {
-            (&Method::GET, ["health"]) => {
-                Ok(json(StatusCode::OK, &serde_json::json!({"status": "ok"})))
-            }
+            (&Method::GET, ["health"]) => Ok(Admin::health()),
             (&Method::GET, ["status"]) => {
                 if self.status_requires_token {
                     self.authorize(&req)?;
@@ -391,6 +417,7 @@ impl Admin {
                     &StatusDoc {
                         groups: vec![group.view().into(), to.view().into()],
                         hosts: Vec::new(),
+                        proxy: None,
                     },
                 ))
             }
@@ -467,7 +494,7 @@ where
         .map_err(|e| ProxyError::BadRequest(format!("body must be {shape}: {e}")))
 }
 
-fn json<T: Serialize>(status: StatusCode, value: &T) -> Response<ProxyBody> {
+pub(crate) fn json<T: Serialize>(status: StatusCode, value: &T) -> Response<ProxyBody> {
     let body = serde_json::to_vec_pretty(value).unwrap_or_default();
     let mut resp = Response::new(full(body));
     *resp.status_mut() = status;

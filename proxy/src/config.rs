@@ -88,6 +88,11 @@ pub struct Config {
     /// next one waiting (see `ownership`).
     #[serde(default = "default_journal_lease_ms")]
     pub journal_lease_ms: u64,
+    /// How many `regroup serve` processes share the journal: `one` (a second is refused) or
+    /// `several` (one leads, holding the journal's lease; the others follow: they forward
+    /// every request to the leader and take the lease over when it stops renewing).
+    #[serde(default)]
+    pub proxies: Proxies,
     /// Bearer token required by admin verbs (`resolve`). Overridden by the
     /// `REGROUP_ADMIN_TOKEN` environment variable. Unset: admin verbs are open to whoever
     /// reaches `admin_listen` (loopback by default).
@@ -230,6 +235,17 @@ impl PartitionConfig {
             priority: self.priority,
         }
     }
+}
+
+/// How many proxies share a journal.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Proxies {
+    /// One proxy per journal: a second one is refused at start.
+    #[default]
+    One,
+    /// Several proxies: the lease holder leads, the others follow and take over.
+    Several,
 }
 
 /// Checks one partition's definition (from the config or the admin API's `add`): a name,
@@ -439,6 +455,19 @@ impl Config {
         ] {
             if v == 0 {
                 return Err(invalid(k.into(), "must be greater than 0".into()));
+            }
+        }
+        if self.proxies == Proxies::Several {
+            for (k, addr) in [("listen", self.listen), ("admin_listen", self.admin_listen)] {
+                if addr.ip().is_unspecified() {
+                    return Err(invalid(
+                        k.into(),
+                        format!(
+                            "{addr} cannot be reached by the other proxies: with proxies = \
+                             \"several\" give the address they reach this one on"
+                        ),
+                    ));
+                }
             }
         }
         if self.journal_lease_ms < MIN_JOURNAL_LEASE_MS {
@@ -756,5 +785,38 @@ url = "http://127.0.0.1:9002"
             "journal = \"sqlite://j.db\"\njournal_lease_ms = 100",
         ));
         assert_eq!(e, "regroup.toml: journal_lease_ms: must be at least 500");
+        let several = "journal = \"sqlite://j.db\"\nproxies = \"several\"";
+        let e = err(&GOOD
+            .replace("journal = \"sqlite://j.db\"", several)
+            .replace(
+                "listen = \"127.0.0.1:0\"\nadmin",
+                "listen = \"0.0.0.0:8080\"\nadmin",
+            ));
+        assert!(
+            e.starts_with(
+                "regroup.toml: listen: 0.0.0.0:8080 cannot be reached by the other proxies"
+            ),
+            "{e}"
+        );
+        let e = err(&GOOD.replace(
+            "journal = \"sqlite://j.db\"",
+            "journal = \"sqlite://j.db\"\nproxies = \"many\"",
+        ));
+        assert!(
+            e.contains("unknown variant `many`, expected `one` or `several`"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn several_proxies_parse() {
+        let c = Config::parse(
+            &GOOD.replace(
+                "journal = \"sqlite://j.db\"",
+                "journal = \"sqlite://j.db\"\nproxies = \"several\"",
+            ),
+            std::path::Path::new("regroup.toml"),
+        );
+        assert!(c.is_ok_and(|c| c.proxies == Proxies::Several));
     }
 }

@@ -43,6 +43,7 @@ pub mod classify;
 pub mod config;
 pub mod error;
 mod failover;
+mod follow;
 pub mod forward;
 pub mod group;
 pub mod link;

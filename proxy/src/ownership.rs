@@ -28,6 +28,7 @@
 //! unreachable for longer than the TTL) keeps it, and renews it, until another proxy
 //! actually claims the journal.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -141,12 +142,60 @@ fn hostname() -> String {
         .unwrap_or_else(|| "an unknown host".to_owned())
 }
 
-/// Claims `journal` for this process (see the module docs) and starts renewing it.
-pub async fn claim(config: &Config, journal: Arc<dyn Journal>) -> Result<Ownership, ProxyError> {
-    let owner = Owner {
+/// The leader's client and admin addresses, from its lease's description (see
+/// [`describe`]).
+pub fn leader_addresses(describe: &str) -> Option<(SocketAddr, SocketAddr)> {
+    let inside = describe.rsplit_once(" (listen ")?.1.strip_suffix(')')?;
+    let (listen, admin) = inside.split_once(", admin ")?;
+    Some((listen.parse().ok()?, admin.parse().ok()?))
+}
+
+/// This process as a claimant of its journal.
+pub fn owner(config: &Config) -> Owner {
+    Owner {
         id: uuid::Uuid::now_v7().to_string(),
         describe: describe(config),
-    };
+    }
+}
+
+/// One attempt to claim `journal` for `owner`: the ownership, or `None` while another
+/// proxy holds a live lease (a follower tries again later).
+pub async fn try_claim(
+    config: &Config,
+    journal: Arc<dyn Journal>,
+    owner: &Owner,
+) -> Result<Option<Ownership>, ProxyError> {
+    let ttl = Duration::from_millis(config.journal_lease_ms);
+    match journal.claim(owner, ttl).await {
+        Ok(token) => Ok(Some(hold(config, journal, owner.clone(), token))),
+        Err(JournalError::Fenced { .. }) => Ok(None),
+        Err(e) => Err(ProxyError::Journal(format!(
+            "{}: claiming the journal: {e}",
+            redact(&config.journal)
+        ))),
+    }
+}
+
+/// Starts renewing a lease just claimed.
+fn hold(config: &Config, journal: Arc<dyn Journal>, owner: Owner, token: u64) -> Ownership {
+    let ttl = Duration::from_millis(config.journal_lease_ms);
+    let every = ttl / RENEWALS_PER_TTL;
+    tracing::info!(token, ttl_ms = config.journal_lease_ms, "journal claimed");
+    let (stop, stop_rx) = watch::channel(false);
+    let (lost_tx, lost) = watch::channel(None);
+    tokio::spawn(renew(journal.clone(), ttl, every, stop_rx, lost_tx));
+    Ownership {
+        journal,
+        owner,
+        token,
+        stop,
+        lost,
+    }
+}
+
+/// Claims `journal` for this process (see the module docs) and starts renewing it.
+pub async fn claim(config: &Config, journal: Arc<dyn Journal>) -> Result<Ownership, ProxyError> {
+    let owner = owner(config);
     let ttl = Duration::from_millis(config.journal_lease_ms);
     let every = ttl / RENEWALS_PER_TTL;
     let url = redact(&config.journal);
@@ -216,17 +265,7 @@ pub async fn claim(config: &Config, journal: Arc<dyn Journal>) -> Result<Ownersh
         seen = Some(info);
         tokio::time::sleep(WAIT_POLL).await;
     };
-    tracing::info!(token, ttl_ms = config.journal_lease_ms, "journal claimed");
-    let (stop, stop_rx) = watch::channel(false);
-    let (lost_tx, lost) = watch::channel(None);
-    tokio::spawn(renew(journal.clone(), ttl, every, stop_rx, lost_tx));
-    Ok(Ownership {
-        journal,
-        owner,
-        token,
-        stop,
-        lost,
-    })
+    Ok(hold(config, journal, owner, token))
 }
 
 fn stopping(stop: &watch::Receiver<bool>) -> bool {

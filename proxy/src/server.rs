@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use http::{Request, Response};
+use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use hyper_util::server::graceful::GracefulShutdown;
@@ -19,7 +20,7 @@ use tower::{Service, ServiceBuilder};
 use tower_http::timeout::{DeadlineBody, RequestBodyDeadlineLayer};
 
 use crate::admin::Admin;
-use crate::config::Config;
+use crate::config::{Config, Proxies};
 use crate::error::ProxyError;
 use crate::forward::{BoxError, ProxyBody, upstream_client};
 use crate::group::Group;
@@ -50,10 +51,7 @@ struct Limits {
 impl Proxy {
     /// Connects the configured journal and starts every group.
     pub async fn start(config: &Config) -> Result<Proxy, ProxyError> {
-        let journal = SqlJournal::connect_with(&config.journal, config.journal_sync)
-            .await
-            .map_err(|e| ProxyError::Journal(format!("{}: {e}", redact(&config.journal))))?;
-        Proxy::with_journal(config, Arc::new(CachedJournal::new(journal))).await
+        Proxy::with_journal(config, open_journal(config).await?).await
     }
 
     /// Starts every group on `journal`.
@@ -61,8 +59,17 @@ impl Proxy {
         config: &Config,
         journal: Arc<dyn Journal>,
     ) -> Result<Proxy, ProxyError> {
-        let token = admin_token(config)?;
         let ownership = ownership::claim(config, journal.clone()).await?;
+        Proxy::with_ownership(config, journal, ownership).await
+    }
+
+    /// Starts every group on `journal`, which this process has claimed.
+    pub async fn with_ownership(
+        config: &Config,
+        journal: Arc<dyn Journal>,
+        ownership: Ownership,
+    ) -> Result<Proxy, ProxyError> {
+        let token = admin_token(config)?;
         let client = upstream_client();
         let mut routes = Vec::new();
         let mut groups = Vec::new();
@@ -90,6 +97,32 @@ impl Proxy {
             },
             ownership,
         })
+    }
+
+    /// Shows which proxy answers and leads in `/status` (several proxies).
+    pub(crate) fn proxy_status(mut self, status: crate::admin::ProxyStatus) -> Self {
+        self.admin = self.admin.clone().with_proxy(status);
+        self
+    }
+
+    /// The routing stack over boxed bodies (a node of several proxies puts the body
+    /// deadline in front of it, per connection).
+    pub(crate) fn node_service(
+        &self,
+    ) -> impl Service<
+        Request<ProxyBody>,
+        Response = Response<ProxyBody>,
+        Error = BoxError,
+        Future: Send + 'static,
+    > + Clone
+    + Send
+    + Sync
+    + 'static {
+        ServiceBuilder::new()
+            .layer(self.layer())
+            .service_fn(|req: Request<ProxyBody>| async move {
+                Ok::<_, BoxError>(ProxyError::NoGroup(req.uri().path().to_owned()).into_response())
+            })
     }
 
     /// The layer that routes requests to this proxy's groups (for embedding regroup in a
@@ -159,6 +192,10 @@ pub struct Bound {
 
 /// Starts `config`'s proxy and serves it until `shutdown` completes. `on_bound` is called
 /// once both listeners are bound (with the real ports when the config says `:0`).
+///
+/// With `proxies = "several"` this process is a node of several (see `follow`): it leads
+/// when it holds the journal's lease, and otherwise forwards to the leader and takes over
+/// when the leader's lease runs out.
 pub async fn serve(
     config: Config,
     shutdown: impl Future<Output = ()> + Send,
@@ -177,100 +214,180 @@ pub async fn serve(
         listener.local_addr().unwrap_or(config.listen),
         admin_listener.local_addr().unwrap_or(config.admin_listen),
     );
-    let proxy = Proxy::start(&config).await?;
     let bound = Bound {
-        listen: listener
-            .local_addr()
-            .map_err(|e| ProxyError::BadRequest(e.to_string()))?,
-        admin: admin_listener
-            .local_addr()
-            .map_err(|e| ProxyError::BadRequest(e.to_string()))?,
+        listen: config.listen,
+        admin: config.admin_listen,
     };
+    let listeners = Listeners {
+        client: listener,
+        admin: admin_listener,
+    };
+    if config.proxies == Proxies::Several {
+        let journal = open_journal(&config).await?;
+        let (node, lost) = crate::follow::start(&config, journal).await?;
+        on_bound(bound);
+        let body_timeout = config.body_read_timeout();
+        let clients = {
+            let node = node.clone();
+            ServiceBuilder::new()
+                .layer(RequestBodyDeadlineLayer::new(body_timeout))
+                .map_request(boxed_body)
+                .service_fn(move |req: Request<ProxyBody>| node.clone().handle(req))
+        };
+        let admin_node = node.clone();
+        let admin = move |req: Request<Incoming>| admin_node.clone().admin(req);
+        let taken_over = listeners
+            .run(&config, clients, admin, shutdown, async move {
+                Some(lost.await)
+            })
+            .await;
+        return finish(&config, taken_over, node.release()).await;
+    }
+    let proxy = Proxy::start(&config).await?;
     on_bound(bound);
-    let service = proxy.service();
     let admin = proxy.admin().clone();
-    let graceful = GracefulShutdown::new();
-    // Both ports speak HTTP/1.1 only (the version sniffing of an HTTP/1 + h2c server cost
-    // ~5% of read throughput), with the same header limits: a header block over
-    // `max_header_bytes` or with more than `max_headers` headers gets hyper's 431 and the
-    // connection is closed; one not received within `header_read_timeout_ms` closes it.
-    let mut http1 = hyper::server::conn::http1::Builder::new();
-    http1
-        .timer(hyper_util::rt::TokioTimer::new())
-        .max_header_size(config.max_header_bytes)
-        .max_buf_size(config.max_header_bytes.max(MIN_READ_BUFFER))
-        .header_read_timeout(config.header_read_timeout());
-    // hyper's own limit is the same 100 and keeps its header slots on the stack; set only
-    // when it differs.
-    if config.max_headers != crate::config::DEFAULT_MAX_HEADERS {
-        http1.max_headers(config.max_headers);
-    }
-    let clients = accept_loop(
-        "client",
-        &listener,
-        config.max_connections,
-        |stream, peer, permit| {
-            let _ = stream.set_nodelay(true);
-            let svc = ServiceBuilder::new()
-                .map_request(move |mut req: Request<Incoming>| {
-                    req.extensions_mut().insert(ClientAddr(peer));
-                    req
-                })
-                .service(service.clone());
-            let conn = http1.serve_connection(TokioIo::new(stream), TowerToHyperService::new(svc));
-            let conn = graceful.watch(conn);
-            tokio::spawn(async move {
-                if let Err(e) = conn.await {
-                    tracing::debug!(%peer, error = %e, "client connection ended with an error");
-                }
-                drop(permit);
-            });
-        },
-    );
-    let admins = accept_loop(
-        "admin",
-        &admin_listener,
-        config.admin_max_connections,
-        |stream, peer, permit| {
-            let admin = admin.clone();
-            let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
-                let admin = admin.clone();
-                async move { Ok::<_, std::convert::Infallible>(admin.handle(req).await) }
-            });
-            let conn = graceful.watch(http1.serve_connection(TokioIo::new(stream), svc));
-            tokio::spawn(async move {
-                if let Err(e) = conn.await {
-                    tracing::debug!(%peer, error = %e, "admin connection ended with an error");
-                }
-                drop(permit);
-            });
-        },
-    );
-    let mut taken_over = None;
-    tokio::select! {
-        _ = clients => {}
-        _ = admins => {}
-        _ = shutdown => {}
-        holder = proxy.ownership().lost() => taken_over = Some(holder),
-    }
-    tracing::info!("shutting down: finishing requests in flight");
-    drop(listener);
-    drop(admin_listener);
-    if tokio::time::timeout(Duration::from_secs(10), graceful.shutdown())
-        .await
-        .is_err()
-    {
-        tracing::warn!("requests still in flight after 10 s; closing");
-    }
+    let handle_admin = move |req: Request<Incoming>| {
+        let admin = admin.clone();
+        async move { admin.handle(req).await }
+    };
+    let taken_over = listeners
+        .run(&config, proxy.service(), handle_admin, shutdown, async {
+            Some(proxy.ownership().lost().await)
+        })
+        .await;
+    finish(&config, taken_over, proxy.ownership().release()).await
+}
+
+fn boxed_body(req: Request<DeadlineBody<Incoming>>) -> Request<ProxyBody> {
+    req.map(|b| b.map_err(|e| -> BoxError { e }).boxed_unsync())
+}
+
+/// After serving: an error naming the new owner when the journal was taken over, else the
+/// lease released (`release`).
+async fn finish(
+    config: &Config,
+    taken_over: Option<String>,
+    release: impl Future<Output = ()>,
+) -> Result<(), ProxyError> {
     if let Some(holder) = taken_over {
         return Err(ProxyError::JournalOwned(format!(
             "journal {} was taken over by {holder}: this proxy stopped serving",
             redact(&config.journal)
         )));
     }
-    proxy.ownership().release().await;
-    drop(proxy);
+    release.await;
     Ok(())
+}
+
+/// Connects the configured journal (wrapped with the in-memory tail for replayers).
+async fn open_journal(config: &Config) -> Result<Arc<dyn Journal>, ProxyError> {
+    let journal = SqlJournal::connect_with(&config.journal, config.journal_sync)
+        .await
+        .map_err(|e| ProxyError::Journal(format!("{}: {e}", redact(&config.journal))))?;
+    Ok(Arc::new(CachedJournal::new(journal)))
+}
+
+/// The client and admin listeners.
+struct Listeners {
+    client: TcpListener,
+    admin: TcpListener,
+}
+
+impl Listeners {
+    /// Serves `clients` and `admin` until `shutdown` or `lost` completes (then finishes the
+    /// requests in flight, for at most 10 s); returns what `lost` said, if it ended it.
+    async fn run<S, A, AF>(
+        self,
+        config: &Config,
+        clients: S,
+        admin: A,
+        shutdown: impl Future<Output = ()> + Send,
+        lost: impl Future<Output = Option<String>>,
+    ) -> Option<String>
+    where
+        S: Service<Request<Incoming>, Response = Response<ProxyBody>, Error = BoxError>
+            + Clone
+            + Send
+            + 'static,
+        S::Future: Send + 'static,
+        A: Fn(Request<Incoming>) -> AF + Clone + Send + Sync + 'static,
+        AF: Future<Output = Response<ProxyBody>> + Send + 'static,
+    {
+        let graceful = GracefulShutdown::new();
+        // Both ports speak HTTP/1.1 only (the version sniffing of an HTTP/1 + h2c server cost
+        // ~5% of read throughput), with the same header limits: a header block over
+        // `max_header_bytes` or with more than `max_headers` headers gets hyper's 431 and the
+        // connection is closed; one not received within `header_read_timeout_ms` closes it.
+        let mut http1 = hyper::server::conn::http1::Builder::new();
+        http1
+            .timer(hyper_util::rt::TokioTimer::new())
+            .max_header_size(config.max_header_bytes)
+            .max_buf_size(config.max_header_bytes.max(MIN_READ_BUFFER))
+            .header_read_timeout(config.header_read_timeout());
+        // hyper's own limit is the same 100 and keeps its header slots on the stack; set only
+        // when it differs.
+        if config.max_headers != crate::config::DEFAULT_MAX_HEADERS {
+            http1.max_headers(config.max_headers);
+        }
+        let client_loop = accept_loop(
+            "client",
+            &self.client,
+            config.max_connections,
+            |stream, peer, permit| {
+                let _ = stream.set_nodelay(true);
+                let svc = ServiceBuilder::new()
+                    .map_request(move |mut req: Request<Incoming>| {
+                        req.extensions_mut().insert(ClientAddr(peer));
+                        req
+                    })
+                    .service(clients.clone());
+                let conn =
+                    http1.serve_connection(TokioIo::new(stream), TowerToHyperService::new(svc));
+                let conn = graceful.watch(conn);
+                tokio::spawn(async move {
+                    if let Err(e) = conn.await {
+                        tracing::debug!(%peer, error = %e, "client connection ended with an error");
+                    }
+                    drop(permit);
+                });
+            },
+        );
+        let admin_loop = accept_loop(
+            "admin",
+            &self.admin,
+            config.admin_max_connections,
+            |stream, peer, permit| {
+                let admin = admin.clone();
+                let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+                    let answer = admin(req);
+                    async move { Ok::<_, std::convert::Infallible>(answer.await) }
+                });
+                let conn = graceful.watch(http1.serve_connection(TokioIo::new(stream), svc));
+                tokio::spawn(async move {
+                    if let Err(e) = conn.await {
+                        tracing::debug!(%peer, error = %e, "admin connection ended with an error");
+                    }
+                    drop(permit);
+                });
+            },
+        );
+        let mut taken_over = None;
+        tokio::select! {
+            _ = client_loop => {}
+            _ = admin_loop => {}
+            _ = shutdown => {}
+            holder = lost => taken_over = holder,
+        }
+        tracing::info!("shutting down: finishing requests in flight");
+        drop(self);
+        if tokio::time::timeout(Duration::from_secs(10), graceful.shutdown())
+            .await
+            .is_err()
+        {
+            tracing::warn!("requests still in flight after 10 s; closing");
+        }
+        taken_over
+    }
 }
 
 /// hyper's smallest read buffer (`max_buf_size` may not be set below it).

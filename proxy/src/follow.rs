@@ -1,0 +1,424 @@
+//! Several proxies, one journal (`proxies = "several"`).
+//!
+//! Every `regroup serve` of the same config is a **node**. The node holding the journal's
+//! ownership lease *leads*: it runs the groups (sequencer, supervision, replayers, failover)
+//! exactly as a lone proxy does. Every other node *follows*: it forwards each client request
+//! and each admin request to the leader, whose addresses it reads from the lease
+//! (`ownership::describe`), and tries to claim the lease every renewal interval. When the
+//! leader stops renewing (killed, frozen, partitioned away), its lease runs out, one
+//! follower's claim succeeds (the journal's claim is a compare-and-set: only one can), and
+//! that node opens the groups from the journal — settling the in-doubt record like any
+//! restart — and serves from then on. A request a follower could not hand to the leader
+//! (connection refused) waits for the new leader, up to `failover_wait_ms`; one whose outcome
+//! is unknown (the leader died while it was executing) is answered 502 and must be retried
+//! by the client like any update without an answer. A deposed leader's late writes are
+//! refused by the journal's fencing token; it stops serving when its next renewal finds the
+//! lease taken (see `ownership`).
+//!
+//! Each partition is replayed by exactly one proxy: only the leader runs replayers.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode, Uri};
+use http_body_util::BodyExt;
+use regroup_replay::Journal;
+use tokio::sync::watch;
+use tower::Service;
+use tower::util::BoxCloneSyncService;
+
+use crate::admin::{Admin, ProxyStatus};
+use crate::config::Config;
+use crate::error::ProxyError;
+use crate::forward::{self, BoxError, ProxyBody, Upstream};
+use crate::ownership::{self, Ownership};
+use crate::route::ClientAddr;
+use crate::server::Proxy;
+
+/// The leader's client-facing service in a node.
+pub(crate) type LeaderService =
+    BoxCloneSyncService<Request<ProxyBody>, Response<ProxyBody>, BoxError>;
+
+/// What this node does now.
+#[derive(Clone)]
+pub(crate) enum Mode {
+    /// Another node leads: requests go to it.
+    Following(Arc<Leader>),
+    /// This node leads.
+    Leading(Arc<Leading>),
+}
+
+/// Where the leading node is.
+#[derive(Debug)]
+pub(crate) struct Leader {
+    /// Its description, from the lease.
+    pub(crate) describe: String,
+    /// Its client-facing base URL (`None`: not known yet, or not reachable as described).
+    client: Option<Uri>,
+    /// Its admin base URL.
+    admin: Option<Uri>,
+}
+
+/// This node, leading.
+pub(crate) struct Leading {
+    pub(crate) proxy: Proxy,
+    service: LeaderService,
+}
+
+impl Leading {
+    /// Runs a client request through this node's groups.
+    async fn call(&self, req: Request<ProxyBody>) -> Result<Response<ProxyBody>, BoxError> {
+        let mut svc = self.service.clone();
+        std::future::poll_fn(|cx| svc.poll_ready(cx)).await?;
+        svc.call(req).await
+    }
+}
+
+/// One node of several sharing a journal.
+pub(crate) struct Node {
+    mode: watch::Sender<Mode>,
+    client: Upstream,
+    /// Largest body a forwarded request may have (the largest group's `max_body_bytes`).
+    max_body: usize,
+    failover_wait: Duration,
+    describe: String,
+}
+
+impl Node {
+    fn new(config: &Config, mode: Mode, describe: String) -> Arc<Node> {
+        Arc::new(Node {
+            mode: watch::Sender::new(mode),
+            client: forward::upstream_client(),
+            max_body: config
+                .groups
+                .iter()
+                .map(|g| g.max_body_bytes)
+                .max()
+                .unwrap_or(crate::config::DEFAULT_MAX_BODY_BYTES),
+            failover_wait: config
+                .groups
+                .iter()
+                .map(|g| g.failover_wait())
+                .max()
+                .unwrap_or(Duration::from_secs(5)),
+            describe,
+        })
+    }
+
+    fn mode(&self) -> Mode {
+        self.mode.borrow().clone()
+    }
+
+    /// Handles one client request: locally when leading, else forwarded to the leader.
+    pub(crate) fn handle(
+        self: Arc<Self>,
+        req: Request<ProxyBody>,
+    ) -> std::pin::Pin<
+        Box<dyn std::future::Future<Output = Result<Response<ProxyBody>, BoxError>> + Send>,
+    > {
+        Box::pin(self.handle_inner(req))
+    }
+
+    async fn handle_inner(
+        self: Arc<Self>,
+        req: Request<ProxyBody>,
+    ) -> Result<Response<ProxyBody>, BoxError> {
+        let leader = match self.mode() {
+            Mode::Leading(l) => return l.call(req).await,
+            Mode::Following(leader) => leader,
+        };
+        let client = req.extensions().get::<ClientAddr>().map(|c| c.0);
+        let (parts, body) = req.into_parts();
+        let body = match read_body(body, self.max_body).await {
+            Ok(b) => b,
+            Err(e) => return Ok(e.into_response()),
+        };
+        let req = forward::prepare_request(Request::from_parts(parts, ()), client);
+        match self.forward(leader, req, body, |l| l.client.clone()).await {
+            Ok(resp) => Ok(resp),
+            Err(Handoff::Local(req)) => match self.mode() {
+                Mode::Leading(l) => l.call(req).await,
+                Mode::Following(_) => Ok(no_leader("client").into_response()),
+            },
+            Err(Handoff::Failed(e)) => Ok(e.into_response()),
+        }
+    }
+
+    /// Sends `req` with `body` to the leader at the base URL `pick` gives, waiting (up to
+    /// `failover_wait`) through refused connections for a new leader, or for this node to
+    /// lead (then the request is handed back to run here).
+    async fn forward(
+        &self,
+        mut leader: Arc<Leader>,
+        req: Request<()>,
+        body: Bytes,
+        pick: impl Fn(&Leader) -> Option<Uri>,
+    ) -> Result<Response<ProxyBody>, Handoff> {
+        let deadline = tokio::time::Instant::now() + self.failover_wait;
+        let mut changes = self.mode.subscribe();
+        loop {
+            if let Some(base) = pick(&leader) {
+                let pq = req
+                    .uri()
+                    .path_and_query()
+                    .map_or("/", |pq| pq.as_str())
+                    .to_owned();
+                let uri = forward::upstream_uri(&base, &pq)
+                    .map_err(|e| Handoff::Failed(ProxyError::BadRequest(e.to_string())))?;
+                let mut out = Request::from_parts(req.clone_parts(), forward::full(body.clone()));
+                *out.uri_mut() = uri;
+                match self.client.request(out).await {
+                    Ok(resp) => return Ok(forward::client_response(resp)),
+                    Err(e) if e.is_connect() => {
+                        tracing::debug!(leader = %leader.describe, error = %e,
+                            "leader unreachable; waiting for a new one");
+                    }
+                    Err(e) => {
+                        tracing::warn!(leader = %leader.describe, error = %crate::link::error_chain(&e),
+                            "the leader did not answer a forwarded request");
+                        return Err(Handoff::Failed(ProxyError::Upstream {
+                            group: "-".into(),
+                            partition: "leader proxy".into(),
+                            reason: "the leading proxy did not answer; the outcome is unknown"
+                                .into(),
+                        }));
+                    }
+                }
+            }
+            let wait = deadline.saturating_duration_since(tokio::time::Instant::now());
+            if wait.is_zero() {
+                return Err(Handoff::Failed(no_leader("request")));
+            }
+            tokio::select! {
+                _ = changes.changed() => {}
+                _ = tokio::time::sleep(wait.min(Duration::from_millis(50))) => {}
+            }
+            match self.mode() {
+                Mode::Leading(_) => {
+                    let (parts, ()) = req.into_parts();
+                    return Err(Handoff::Local(Request::from_parts(
+                        parts,
+                        forward::full(body),
+                    )));
+                }
+                Mode::Following(l) => leader = l,
+            }
+        }
+    }
+
+    /// Handles one admin request: by this node's admin API when leading; else `/health`
+    /// here, `/status` from the leader (marked as seen from a follower), verbs forwarded.
+    pub(crate) fn admin(
+        self: Arc<Self>,
+        req: Request<hyper::body::Incoming>,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Response<ProxyBody>> + Send>> {
+        Box::pin(self.admin_inner(req))
+    }
+
+    async fn admin_inner(
+        self: Arc<Self>,
+        req: Request<hyper::body::Incoming>,
+    ) -> Response<ProxyBody> {
+        let leader = match self.mode() {
+            Mode::Leading(l) => return l.proxy.admin().handle(req).await,
+            Mode::Following(leader) => leader,
+        };
+        if req.uri().path() == "/health" {
+            return Admin::health();
+        }
+        let status = req.method() == http::Method::GET && req.uri().path() == "/status";
+        let (parts, body) = req.into_parts();
+        let body = match read_body(forward::stream(body), 64 * 1024).await {
+            Ok(b) => b,
+            Err(e) => return e.into_response(),
+        };
+        let req = forward::prepare_request(Request::from_parts(parts, ()), None);
+        let describe = leader.describe.clone();
+        let resp = match self.forward(leader, req, body, |l| l.admin.clone()).await {
+            Ok(resp) => resp,
+            // Became the leader meanwhile: ask again, it will be answered here.
+            Err(Handoff::Local(_)) => return no_leader("admin").into_response(),
+            Err(Handoff::Failed(e)) => return e.into_response(),
+        };
+        if !status || resp.status() != StatusCode::OK {
+            return resp;
+        }
+        // The leader's status, with who answers and who leads.
+        let bytes = match resp.into_body().collect().await {
+            Ok(b) => b.to_bytes(),
+            Err(_) => return no_leader("status").into_response(),
+        };
+        match serde_json::from_slice::<crate::admin::StatusDoc>(&bytes) {
+            Ok(mut doc) => {
+                doc.proxy = Some(ProxyStatus {
+                    role: "follower".into(),
+                    this: self.describe.clone(),
+                    leader: describe,
+                });
+                crate::admin::json(StatusCode::OK, &doc)
+            }
+            Err(_) => no_leader("status").into_response(),
+        }
+    }
+}
+
+/// Reads a whole body of at most `limit` bytes (413 beyond).
+async fn read_body(mut body: ProxyBody, limit: usize) -> Result<Bytes, ProxyError> {
+    let mut buf = bytes::BytesMut::new();
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| ProxyError::from_body_error(e, limit))?;
+        if let Ok(data) = frame.into_data() {
+            if buf.len() + data.len() > limit {
+                return Err(ProxyError::BodyTooLarge { limit });
+            }
+            buf.extend_from_slice(&data);
+        }
+    }
+    Ok(buf.freeze())
+}
+
+/// Why a forward did not produce an answer.
+enum Handoff {
+    /// This node leads now: run the request here.
+    Local(Request<ProxyBody>),
+    /// Answer this error.
+    Failed(ProxyError),
+}
+
+trait CloneParts {
+    fn clone_parts(&self) -> http::request::Parts;
+}
+
+impl CloneParts for Request<()> {
+    fn clone_parts(&self) -> http::request::Parts {
+        let mut b = Request::builder()
+            .method(self.method().clone())
+            .uri(self.uri().clone())
+            .version(self.version());
+        if let Some(h) = b.headers_mut() {
+            *h = self.headers().clone();
+        }
+        match b.body(()) {
+            Ok(r) => r.into_parts().0,
+            Err(_) => Request::new(()).into_parts().0,
+        }
+    }
+}
+
+fn no_leader(what: &str) -> ProxyError {
+    ProxyError::Unavailable {
+        group: "-".into(),
+        reason: format!("no proxy leads the journal yet ({what}): try again shortly"),
+    }
+}
+
+/// Where the lease's holder is, from its description.
+async fn leader(journal: &dyn Journal) -> Arc<Leader> {
+    let describe = match journal.owner().await {
+        Ok(Some(info)) => info.describe,
+        Ok(None) => String::new(),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot read the journal's owner");
+            String::new()
+        }
+    };
+    let base = |addr: std::net::SocketAddr| format!("http://{addr}").parse::<Uri>().ok();
+    let addrs = ownership::leader_addresses(&describe);
+    Arc::new(Leader {
+        client: addrs.and_then(|(c, _)| base(c)),
+        admin: addrs.and_then(|(_, a)| base(a)),
+        describe,
+    })
+}
+
+/// Runs this node: leads when it holds the lease, follows otherwise, taking the lease over
+/// when the leader's runs out. Returns the node (for the listeners) at once, and a future
+/// that ends when this node, having led, lost the lease (with the new holder's
+/// description) — it never ends while following.
+pub(crate) async fn start(
+    config: &Config,
+    journal: Arc<dyn Journal>,
+) -> Result<
+    (
+        Arc<Node>,
+        impl std::future::Future<Output = String> + Send + 'static,
+    ),
+    ProxyError,
+> {
+    let owner = ownership::owner(config);
+    let describe = owner.describe.clone();
+    let first = match ownership::try_claim(config, journal.clone(), &owner).await? {
+        Some(held) => Mode::Leading(lead(config, journal.clone(), held).await?),
+        None => {
+            let leader = leader(journal.as_ref()).await;
+            tracing::info!(leader = %leader.describe,
+                "another proxy leads the journal: following it (requests are forwarded to it)");
+            Mode::Following(leader)
+        }
+    };
+    let node = Node::new(config, first, describe);
+    let config = config.clone();
+    let task_node = node.clone();
+    let lost = async move {
+        let node = task_node;
+        let every = Duration::from_millis(config.journal_lease_ms) / ownership::RENEWALS_PER_TTL;
+        loop {
+            if let Mode::Leading(l) = node.mode() {
+                return l.proxy.ownership().lost().await;
+            }
+            tokio::time::sleep(every).await;
+            match ownership::try_claim(&config, journal.clone(), &owner).await {
+                Ok(Some(held)) => match lead(&config, journal.clone(), held).await {
+                    Ok(leading) => {
+                        tracing::warn!("took the journal over: this proxy leads now");
+                        node.mode.send_replace(Mode::Leading(leading));
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, "claimed the journal but could not open its groups")
+                    }
+                },
+                Ok(None) => {
+                    let now = leader(journal.as_ref()).await;
+                    node.mode.send_if_modified(|m| match m {
+                        Mode::Following(l) if l.describe != now.describe => {
+                            tracing::info!(leader = %now.describe, "following a new leader");
+                            *m = Mode::Following(now);
+                            true
+                        }
+                        _ => false,
+                    });
+                }
+                Err(e) => tracing::warn!(error = %e, "cannot claim the journal; trying again"),
+            }
+        }
+    };
+    Ok((node, lost))
+}
+
+/// Opens the groups on a journal this node just claimed.
+async fn lead(
+    config: &Config,
+    journal: Arc<dyn Journal>,
+    held: Ownership,
+) -> Result<Arc<Leading>, ProxyError> {
+    let describe = held.owner().describe.clone();
+    let proxy = Proxy::with_ownership(config, journal, held)
+        .await?
+        .proxy_status(ProxyStatus {
+            role: "leader".into(),
+            this: describe.clone(),
+            leader: describe,
+        });
+    let service = BoxCloneSyncService::new(proxy.node_service());
+    Ok(Arc::new(Leading { proxy, service }))
+}
+
+impl Node {
+    /// Stops this node's groups and gives up the lease, if it leads.
+    pub(crate) async fn release(&self) {
+        if let Mode::Leading(l) = self.mode() {
+            l.proxy.ownership().release().await;
+        }
+    }
+}

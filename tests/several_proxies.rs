@@ -1,0 +1,180 @@
+//! Several proxies in front of one group (`proxies = "several"`): the proxy holding the
+//! journal's lease leads, the other forwards to it; the leader killed under load (twice,
+//! each proxy once) → the other takes the lease over and leads; a client that retries on the
+//! other proxy loses no acknowledged update, money is conserved and every copy is identical.
+
+#![allow(clippy::unwrap_used)]
+
+mod support;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use rand::Rng;
+use regroup_proxy::admin::StatusDoc;
+use serde_json::json;
+use support::*;
+
+const FAST: &str = "heartbeat_interval_ms = 100\nheartbeat_timeout_ms = 100\nheartbeat_retries = 3";
+
+async fn doc(http: &regroup::client::HttpClient, p: &Proxy) -> Option<StatusDoc> {
+    http.get(&format!("{}/status", p.admin))
+        .await
+        .ok()?
+        .json()
+        .ok()
+}
+
+/// Waits until `p` says it leads.
+async fn leads(http: &regroup::client::HttpClient, p: &Proxy) {
+    eventually("the proxy to lead", Duration::from_secs(20), || async {
+        match doc(http, p).await.and_then(|d| d.proxy) {
+            Some(s) if s.role == "leader" => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_leader_killed_under_load_the_other_proxy_takes_over() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut banks = Vec::new();
+    for name in ["a", "b", "c"] {
+        banks.push(Bank::start(dir.path(), name).await);
+    }
+    let mut toml = format!(
+        "listen = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\nproxies = \"several\"\n\
+         journal = \"sqlite://{}\"\njournal_lease_ms = 1000\n\n[[groups]]\nname = \"bank\"\n{FAST}\n",
+        dir.path().join("journal.db").display()
+    );
+    for b in &banks {
+        toml.push_str(&format!(
+            "\n[[groups.partitions]]\nname = \"{}\"\nurl = \"{}\"\n",
+            b.name, b.url
+        ));
+    }
+    let config = dir.path().join("regroup.toml");
+    std::fs::write(&config, toml).unwrap();
+    let first = Proxy::start(&config).await;
+    let second = Proxy::start_after(&config, &[&first]).await;
+    let http = regroup::client::HttpClient::new();
+    leads(&http, &first).await;
+    let seen = doc(&http, &second).await.unwrap().proxy.unwrap();
+    assert_eq!(seen.role, "follower");
+    assert_eq!(
+        seen.leader,
+        doc(&http, &first).await.unwrap().proxy.unwrap().this
+    );
+
+    let mut g = BankGroup {
+        dir,
+        banks,
+        proxy: second,
+        http: http.clone(),
+    };
+    let mut other = first;
+    // Seeded through the follower: forwarded to the leader.
+    let mut report = LoadReport::default();
+    let seeds = seed_accounts(&g, 4, &mut report).await;
+
+    let urls = Arc::new(std::sync::Mutex::new(vec![
+        g.proxy.url.clone(),
+        other.url.clone(),
+    ]));
+    let stop = Arc::new(AtomicBool::new(false));
+    let clients: Vec<_> = (0..8)
+        .map(|c| {
+            let (urls, stop, http, seeds) =
+                (urls.clone(), stop.clone(), http.clone(), seeds.clone());
+            tokio::spawn(async move {
+                let mut acked = Vec::new();
+                let mut errors = 0u64;
+                let mut turn = c;
+                let started = Instant::now();
+                for _ in 0..100_000 {
+                    if stop.load(Ordering::Relaxed) || started.elapsed() > Duration::from_secs(120)
+                    {
+                        break;
+                    }
+                    let (from, to, amount) = {
+                        let mut rng = rand::rng();
+                        let from = seeds[rng.random_range(0..seeds.len())];
+                        let to = seeds[rng.random_range(0..seeds.len())];
+                        (from, to, rng.random_range(1..5))
+                    };
+                    if from == to {
+                        continue;
+                    }
+                    let url = urls.lock().unwrap()[turn % 2].clone();
+                    let body = json!({"from": from, "to": to, "amount": amount});
+                    match http.post(&format!("{url}/transfers"), &body).await {
+                        Ok(a) if a.status == 201 => {
+                            acked.push(a.json::<serde_json::Value>().unwrap())
+                        }
+                        Ok(a) if a.status == 409 => {}
+                        // No answer, or the proxy could not tell: retry on the other one.
+                        _ => {
+                            errors += 1;
+                            turn += 1;
+                            tokio::time::sleep(Duration::from_millis(20)).await;
+                        }
+                    }
+                }
+                (acked, errors)
+            })
+        })
+        .collect();
+
+    // `other` leads, `g.proxy` follows; twice: kill the leader, the follower takes over,
+    // the killed one comes back as a follower and is the next round's follower.
+    for round in 0..2 {
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        let killed_at = Instant::now();
+        let old_url = other.url.clone();
+        other.kill().await;
+        leads(&http, &g.proxy).await;
+        eprintln!(
+            "round {round}: leader failover took {:?}",
+            killed_at.elapsed()
+        );
+        other.restart().await;
+        for u in urls.lock().unwrap().iter_mut() {
+            if *u == old_url {
+                *u = other.url.clone();
+            }
+        }
+        let s = doc(&http, &other).await.unwrap().proxy.unwrap();
+        assert_eq!(s.role, "follower", "{s:?}");
+        std::mem::swap(&mut g.proxy, &mut other);
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop.store(true, Ordering::Relaxed);
+    let mut errors = 0;
+    for c in clients {
+        let (acked, e) = c.await.unwrap();
+        report.acked_transfers.extend(acked);
+        errors += e;
+    }
+    assert!(
+        report.acked_transfers.len() > 50,
+        "too little load: {}",
+        report.acked_transfers.len()
+    );
+    eprintln!(
+        "{} acknowledged transfers, {errors} requests retried on the other proxy",
+        report.acked_transfers.len()
+    );
+    // `g.proxy` is whichever leads now.
+    if doc(&http, &g.proxy)
+        .await
+        .and_then(|d| d.proxy)
+        .is_none_or(|s| s.role != "leader")
+    {
+        std::mem::swap(&mut g.proxy, &mut other);
+    }
+    g.wait_converged(Duration::from_secs(60)).await;
+    let (accounts, transfers) = g.assert_identical().await;
+    assert_bank_invariants(&report, &accounts, &transfers);
+}

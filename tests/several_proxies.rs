@@ -178,3 +178,77 @@ async fn the_leader_killed_under_load_the_other_proxy_takes_over() {
     let (accounts, transfers) = g.assert_identical().await;
     assert_bank_invariants(&report, &accounts, &transfers);
 }
+
+/// A frozen leader resumed after the other proxy took over: its late writes are refused by
+/// the journal (fencing token), it stops serving, and nothing it answered after the freeze
+/// is lost or doubled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_frozen_leader_resumed_after_a_takeover_writes_nothing_and_stops() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut banks = Vec::new();
+    for name in ["a", "b"] {
+        banks.push(Bank::start(dir.path(), name).await);
+    }
+    let mut toml = format!(
+        "listen = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\nproxies = \"several\"\n\
+         journal = \"sqlite://{}\"\njournal_lease_ms = 1000\n\n[[groups]]\nname = \"bank\"\n{FAST}\n",
+        dir.path().join("journal.db").display()
+    );
+    for b in &banks {
+        toml.push_str(&format!(
+            "\n[[groups.partitions]]\nname = \"{}\"\nurl = \"{}\"\n",
+            b.name, b.url
+        ));
+    }
+    let config = dir.path().join("regroup.toml");
+    std::fs::write(&config, toml).unwrap();
+    let mut frozen = Proxy::start(&config).await;
+    let follower = Proxy::start_after(&config, &[&frozen]).await;
+    let http = regroup::client::HttpClient::new();
+    leads(&http, &frozen).await;
+    let g = BankGroup {
+        dir,
+        banks,
+        proxy: follower,
+        http: http.clone(),
+    };
+    let mut report = LoadReport::default();
+    let seeds = seed_accounts(&g, 2, &mut report).await;
+    // Updates sent to the leader while it is frozen wait; the follower takes over.
+    frozen.signal(nix::sys::signal::Signal::SIGSTOP);
+    let stuck: Vec<_> = (0..4)
+        .map(|_| {
+            let (http, url) = (http.clone(), frozen.url.clone());
+            let body = json!({"from": seeds[0], "to": seeds[1], "amount": 1});
+            tokio::spawn(async move {
+                tokio::time::timeout(
+                    Duration::from_secs(30),
+                    http.post(&format!("{url}/transfers"), &body),
+                )
+                .await
+            })
+        })
+        .collect();
+    leads(&http, &g.proxy).await;
+    let after = run_load(&g, &seeds, 4, 40, false, "after-takeover").await;
+    assert_no_failed_request(&after);
+    merge(&mut report, after);
+    // Resumed: it learns at its next renewal that the journal was taken over, and stops.
+    frozen.signal(nix::sys::signal::Signal::SIGCONT);
+    let exit = frozen.wait(Duration::from_secs(20)).await;
+    assert!(
+        exit.is_some_and(|s| !s.success()),
+        "the deposed leader must stop: {exit:?}"
+    );
+    assert!(frozen.log().contains("taken over"), "{}", frozen.log());
+    for s in stuck {
+        if let Ok(Ok(Ok(a))) = s.await
+            && a.status == 201
+        {
+            report.acked_transfers.push(a.json().unwrap());
+        }
+    }
+    g.wait_converged(Duration::from_secs(60)).await;
+    let (accounts, transfers) = g.assert_identical().await;
+    assert_bank_invariants(&report, &accounts, &transfers);
+}

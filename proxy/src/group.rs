@@ -605,6 +605,8 @@ impl Group {
         );
         if executed && let Some(p) = self.primary() {
             p.credit(seq);
+        } else if !executed {
+            crate::update::credit_skipped(self, seq);
         }
         self.sealed_through(seq);
         self.clear_in_doubt(seq).await;

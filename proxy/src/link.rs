@@ -77,6 +77,8 @@ pub trait PartitionLink: Send + Sync + 'static {
 pub struct HttpLink {
     client: Upstream,
     secret: Option<Secret>,
+    /// This proxy's term (its lease's fencing token), sent as `Regroup-Term`; 0: none.
+    term: u64,
 }
 
 impl HttpLink {
@@ -85,12 +87,20 @@ impl HttpLink {
         HttpLink {
             client,
             secret: None,
+            term: 0,
         }
     }
 
     /// Signs the replay headers of every record it sends with `secret` (none: unsigned).
     pub fn signed(mut self, secret: Option<Secret>) -> Self {
         self.secret = secret;
+        self
+    }
+
+    /// Sends `term` (the fencing token of this proxy's claim on the journal) with every
+    /// record, so partitions refuse this proxy once a newer one has reached them.
+    pub fn term(mut self, term: u64) -> Self {
+        self.term = term;
         self
     }
 
@@ -119,6 +129,26 @@ impl HttpLink {
     }
 }
 
+/// A partition's refusal of a proxy that was taken over (409 with a higher
+/// `Regroup-Term`): nothing was executed.
+pub(crate) fn deposed(answer: &Answer, term: u64) -> Option<SendError> {
+    if answer.parts.status != http::StatusCode::CONFLICT {
+        return None;
+    }
+    let seen = answer
+        .parts
+        .headers
+        .get(regroup_replay::headers::TERM)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())?;
+    (seen > term).then(|| {
+        SendError::NotSent(format!(
+            "refused: the partition has seen proxy term {seen}, this proxy's is {term} \
+             (another proxy took the journal over)"
+        ))
+    })
+}
+
 #[async_trait::async_trait]
 impl PartitionLink for HttpLink {
     async fn send(
@@ -128,10 +158,18 @@ impl PartitionLink for HttpLink {
         replay: bool,
         timeout: Duration,
     ) -> Result<Answer, SendError> {
-        let req =
-            crate::update::record_request(record, partition.base(), replay, self.secret.as_ref())
-                .map_err(|e| SendError::NotSent(format!("cannot build request: {e}")))?;
+        let req = crate::update::record_request(
+            record,
+            partition.base(),
+            replay,
+            self.term,
+            self.secret.as_ref(),
+        )
+        .map_err(|e| SendError::NotSent(format!("cannot build request: {e}")))?;
         let answer = self.exchange(req, timeout).await?;
+        if let Some(refusal) = deposed(&answer, self.term) {
+            return Err(refusal);
+        }
         if answer.parts.status == http::StatusCode::CONFLICT
             && let Some(applied) = answer
                 .parts

@@ -112,6 +112,16 @@ pub(crate) fn start_one(group: &Arc<Group>, partition: &Arc<Partition>) {
     );
 }
 
+/// Whether a replayer runs for partition `name`.
+pub(crate) fn running(group: &Group, name: &str) -> bool {
+    group
+        .replayers
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .get(name)
+        .is_some_and(|h| !h.task.is_finished())
+}
+
 /// Stops the replayer of partition `name` and waits until it has finished the record it
 /// was sending (so the partition receives nothing from it afterwards).
 pub(crate) async fn stop_one(group: &Group, name: &str) {
@@ -149,10 +159,10 @@ pub(crate) async fn rewind(group: &Arc<Group>, p: &Arc<Partition>, position: u64
             p.name()
         ),
     );
-    if group.is_primary(p) {
-        // The failover task moves the role to a partition that holds every sealed record.
-        return;
-    }
+    // A primary too: the failover task moves the role to a partition that holds every
+    // sealed record if there is one; meanwhile (or if there is none) its own replayer
+    // catches it up, and no update is sent to it until it has (update.rs:
+    // `wait_for_primary`).
     stop_one(group, p.name()).await;
     if let Err(e) = group
         .journal

@@ -74,8 +74,11 @@ impl Proxy {
         let mut routes = Vec::new();
         let mut groups = Vec::new();
         for gc in &config.groups {
-            let link: Arc<dyn PartitionLink> =
-                Arc::new(HttpLink::new(client.clone()).signed(gc.signing_secret()));
+            let link: Arc<dyn PartitionLink> = Arc::new(
+                HttpLink::new(client.clone())
+                    .signed(gc.signing_secret())
+                    .term(ownership.token()),
+            );
             let group = Group::open(gc.clone(), journal.clone(), link, client.clone()).await?;
             group.start().await;
             let reads = Arc::new(Reads::start(&group));

@@ -9,7 +9,7 @@
 //! `REGROUP_SIM_SEEDS=100000` runs more (see the README).
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -74,6 +74,8 @@ struct PState {
     boot: u64,
     /// Whether the layer checked the first record since the last start for a gap.
     gap_checked: bool,
+    /// The highest proxy term the layer has seen since the last start (in memory).
+    term: u64,
 }
 
 /// One simulated partition.
@@ -128,7 +130,7 @@ impl SimLink {
     }
 
     /// The app (with or without its layer) handles one record.
-    fn handle(p: &SimPartition, record: &Record, replay: bool) -> (u16, Bytes) {
+    fn handle(p: &SimPartition, record: &Record, replay: bool, term: u64) -> (u16, Bytes) {
         let mut s = p.lock();
         let txn = record.txn_id.to_string();
         let _ = replay;
@@ -141,6 +143,11 @@ impl SimLink {
                     return (409, Bytes::from(format!("behind {last}")));
                 }
             }
+            // The layer's term fence: a proxy that was taken over is refused.
+            if term < s.term {
+                return (409, Bytes::from(format!("deposed {}", s.term)));
+            }
+            s.term = term;
             if let Some((t, answer)) = s.copy.record.get(&record.seq) {
                 if *t == txn {
                     return (200, answer.clone());
@@ -169,61 +176,7 @@ impl PartitionLink for SimLink {
         replay: bool,
         timeout: Duration,
     ) -> Result<Answer, SendError> {
-        let p = self
-            .find(partition.name())
-            .ok_or_else(|| SendError::NotSent("no such partition".into()))?;
-        SimLink::reachable(&p).await?;
-        // The request is on the wire: the partition handles it even if the proxy stops
-        // waiting (a frozen process resumes and executes it), unless it crashes first.
-        let boot = p.lock().boot;
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        let sent_record = record.clone();
-        let this = p.clone();
-        tokio::spawn(async move {
-            let r = match SimLink::reachable(&this).await {
-                Err(_) => Err(SendError::Unknown("connection reset".into())),
-                Ok(()) if this.lock().boot != boot => {
-                    Err(SendError::Unknown("connection reset".into()))
-                }
-                Ok(()) => {
-                    let (status, body) = SimLink::handle(&this, &sent_record, replay);
-                    let mut s = this.lock();
-                    if s.lose_answers > 0 {
-                        s.lose_answers -= 1;
-                        Err(SendError::Unknown("connection reset after the work".into()))
-                    } else {
-                        Ok((status, body))
-                    }
-                }
-            };
-            let _ = tx.send(r);
-        });
-        let (status, body) = match tokio::time::timeout(timeout, rx).await {
-            Ok(Ok(r)) => r?,
-            Ok(Err(_)) => return Err(SendError::Unknown("partition task gone".into())),
-            Err(_) => return Err(SendError::Unknown("time-out".into())),
-        };
-        if let Some(at) = std::str::from_utf8(&body)
-            .ok()
-            .and_then(|b| b.strip_prefix("behind "))
-            .and_then(|n| n.parse::<u64>().ok())
-        {
-            return Err(SendError::Behind(at));
-        }
-        if !replay {
-            self.sent
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .push(Sent {
-                    partition: partition.name().to_owned(),
-                    epoch: record.epoch,
-                    seq: record.seq,
-                    fingerprint: Fingerprint::of(status, &body),
-                });
-        }
-        let mut parts = http::Response::new(()).into_parts().0;
-        parts.status = http::StatusCode::from_u16(status).unwrap_or(http::StatusCode::OK);
-        Ok(Answer { parts, body })
+        self.send_as(0, partition, record, replay, timeout).await
     }
 
     async fn health(
@@ -256,6 +209,126 @@ impl PartitionLink for SimLink {
     }
 }
 
+impl SimLink {
+    /// Sends `record` as a proxy of term `term` would (0: none).
+    async fn send_as(
+        &self,
+        term: u64,
+        partition: &Partition,
+        record: &Record,
+        replay: bool,
+        timeout: Duration,
+    ) -> Result<Answer, SendError> {
+        let p = self
+            .find(partition.name())
+            .ok_or_else(|| SendError::NotSent("no such partition".into()))?;
+        SimLink::reachable(&p).await?;
+        // The request is on the wire: the partition handles it even if the proxy stops
+        // waiting (a frozen process resumes and executes it), unless it crashes first.
+        let boot = p.lock().boot;
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let sent_record = record.clone();
+        let this = p.clone();
+        tokio::spawn(async move {
+            let r = match SimLink::reachable(&this).await {
+                Err(_) => Err(SendError::Unknown("connection reset".into())),
+                Ok(()) if this.lock().boot != boot => {
+                    Err(SendError::Unknown("connection reset".into()))
+                }
+                Ok(()) => {
+                    let (status, body) = SimLink::handle(&this, &sent_record, replay, term);
+                    let mut s = this.lock();
+                    if s.lose_answers > 0 {
+                        s.lose_answers -= 1;
+                        Err(SendError::Unknown("connection reset after the work".into()))
+                    } else {
+                        Ok((status, body))
+                    }
+                }
+            };
+            let _ = tx.send(r);
+        });
+        let (status, body) = match tokio::time::timeout(timeout, rx).await {
+            Ok(Ok(r)) => r?,
+            Ok(Err(_)) => return Err(SendError::Unknown("partition task gone".into())),
+            Err(_) => return Err(SendError::Unknown("time-out".into())),
+        };
+        if let Some(at) = std::str::from_utf8(&body)
+            .ok()
+            .and_then(|b| b.strip_prefix("behind "))
+            .and_then(|n| n.parse::<u64>().ok())
+        {
+            return Err(SendError::Behind(at));
+        }
+        if let Some(seen) = std::str::from_utf8(&body)
+            .ok()
+            .and_then(|b| b.strip_prefix("deposed "))
+        {
+            return Err(SendError::NotSent(format!(
+                "refused: the partition has seen proxy term {seen}, this one's is {term}"
+            )));
+        }
+        if !replay {
+            self.sent
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push(Sent {
+                    partition: partition.name().to_owned(),
+                    epoch: record.epoch,
+                    seq: record.seq,
+                    fingerprint: Fingerprint::of(status, &body),
+                });
+        }
+        let mut parts = http::Response::new(()).into_parts().0;
+        parts.status = http::StatusCode::from_u16(status).unwrap_or(http::StatusCode::OK);
+        Ok(Answer { parts, body })
+    }
+}
+
+/// One proxy core's way to its partitions: the shared simulated link, paused while that
+/// core is frozen (a request already on the wire is handled by the partition anyway).
+struct CoreLink {
+    inner: Arc<SimLink>,
+    frozen: Arc<AtomicBool>,
+    /// The core's term: the fencing token of its claim.
+    term: u64,
+}
+
+#[async_trait::async_trait]
+impl PartitionLink for CoreLink {
+    async fn send(
+        &self,
+        partition: &Partition,
+        record: &Record,
+        replay: bool,
+        timeout: Duration,
+    ) -> Result<Answer, SendError> {
+        pause(&self.frozen).await;
+        self.inner
+            .send_as(self.term, partition, record, replay, timeout)
+            .await
+    }
+
+    async fn health(
+        &self,
+        partition: &Partition,
+        path: &str,
+        timeout: Duration,
+    ) -> Result<(), String> {
+        pause(&self.frozen).await;
+        self.inner.health(partition, path, timeout).await
+    }
+
+    async fn position(
+        &self,
+        partition: &Partition,
+        timeout: Duration,
+    ) -> Result<Option<u64>, SendError> {
+        pause(&self.frozen).await;
+        self.inner.position(partition, timeout).await
+    }
+}
+
 /// The in-memory journal with injected faults on writes: an error before the write, or the
 /// write done and its acknowledgement lost. Every role change is recorded for the checks.
 struct FaultyJournal {
@@ -265,6 +338,15 @@ struct FaultyJournal {
     roles: Arc<Mutex<BTreeMap<u64, String>>>,
     /// Seals wait for the next flush (`journal_sync = "append"`); flushes are counted.
     deferred: Option<Arc<AtomicU32>>,
+    /// While set, this proxy's process is frozen: every call waits (then goes on, late).
+    frozen: Arc<AtomicBool>,
+}
+
+/// Waits while `frozen` is set (a frozen process does nothing until it resumes).
+async fn pause(frozen: &AtomicBool) {
+    while frozen.load(Ordering::Acquire) {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
 }
 
 impl FaultyJournal {
@@ -291,14 +373,17 @@ fn take(n: &AtomicU32) -> bool {
 #[async_trait::async_trait]
 impl Log for FaultyJournal {
     async fn open_log(&self, group: &str) -> Result<LogState, JournalError> {
+        pause(&self.frozen).await;
         self.inner.open_log(group).await
     }
     async fn append(&self, record: &Record) -> Result<(), JournalError> {
+        pause(&self.frozen).await;
         self.before()?;
         let r = self.inner.append(record).await;
         self.after(r)
     }
     async fn seal(&self, group: &str, seq: u64, outcome: &Outcome) -> Result<(), JournalError> {
+        pause(&self.frozen).await;
         self.before()?;
         let r = self.inner.seal(group, seq, outcome).await;
         self.after(r)
@@ -310,6 +395,7 @@ impl Log for FaultyJournal {
         epoch: u64,
         executor: &str,
     ) -> Result<(), JournalError> {
+        pause(&self.frozen).await;
         self.before()?;
         let r = self.inner.restamp(group, seq, epoch, executor).await;
         self.after(r)
@@ -320,15 +406,18 @@ impl Log for FaultyJournal {
         after: u64,
         limit: u64,
     ) -> Result<Vec<Record>, JournalError> {
+        pause(&self.frozen).await;
         self.inner.read_after(group, after, limit).await
     }
     async fn record(&self, group: &str, seq: u64) -> Result<Option<Record>, JournalError> {
+        pause(&self.frozen).await;
         self.inner.record(group, seq).await
     }
     fn seals_durable(&self) -> bool {
         self.deferred.is_none()
     }
     async fn flush(&self) -> Result<(), JournalError> {
+        pause(&self.frozen).await;
         if let Some(flushes) = &self.deferred {
             flushes.fetch_add(1, Ordering::AcqRel);
         }
@@ -339,6 +428,7 @@ impl Log for FaultyJournal {
 #[async_trait::async_trait]
 impl RoleStore for FaultyJournal {
     async fn role(&self, group: &str, primary: &str) -> Result<StoredRole, JournalError> {
+        pause(&self.frozen).await;
         self.inner.role(group, primary).await
     }
     async fn set_role(
@@ -347,6 +437,7 @@ impl RoleStore for FaultyJournal {
         expected_epoch: u64,
         role: &StoredRole,
     ) -> Result<(), JournalError> {
+        pause(&self.frozen).await;
         self.before()?;
         let r = self.inner.set_role(group, expected_epoch, role).await;
         if r.is_ok() {
@@ -362,6 +453,7 @@ impl RoleStore for FaultyJournal {
 #[async_trait::async_trait]
 impl Checkpoints for FaultyJournal {
     async fn checkpoint(&self, group: &str, partition: &str) -> Result<u64, JournalError> {
+        pause(&self.frozen).await;
         self.inner.checkpoint(group, partition).await
     }
     async fn save_checkpoint(
@@ -370,11 +462,13 @@ impl Checkpoints for FaultyJournal {
         partition: &str,
         applied: u64,
     ) -> Result<(), JournalError> {
+        pause(&self.frozen).await;
         self.before()?;
         let r = self.inner.save_checkpoint(group, partition, applied).await;
         self.after(r)
     }
     async fn diverged(&self, group: &str, partition: &str) -> Result<Option<String>, JournalError> {
+        pause(&self.frozen).await;
         self.inner.diverged(group, partition).await
     }
     async fn set_diverged(
@@ -383,6 +477,7 @@ impl Checkpoints for FaultyJournal {
         partition: &str,
         reason: Option<&str>,
     ) -> Result<(), JournalError> {
+        pause(&self.frozen).await;
         self.inner.set_diverged(group, partition, reason).await
     }
 }
@@ -393,6 +488,7 @@ impl regroup_replay::Membership for FaultyJournal {
         &self,
         group: &str,
     ) -> Result<Option<regroup_replay::StoredMembers>, JournalError> {
+        pause(&self.frozen).await;
         self.inner.members(group).await
     }
 
@@ -402,6 +498,7 @@ impl regroup_replay::Membership for FaultyJournal {
         expected_version: u64,
         partitions: &[regroup_replay::MemberSpec],
     ) -> Result<u64, JournalError> {
+        pause(&self.frozen).await;
         self.before()?;
         let r = self
             .inner
@@ -414,15 +511,19 @@ impl regroup_replay::Membership for FaultyJournal {
 #[async_trait::async_trait]
 impl Lease for FaultyJournal {
     async fn claim(&self, owner: &Owner, ttl: Duration) -> Result<u64, JournalError> {
+        pause(&self.frozen).await;
         self.inner.claim(owner, ttl).await
     }
     async fn renew(&self, ttl: Duration) -> Result<(), JournalError> {
+        pause(&self.frozen).await;
         self.inner.renew(ttl).await
     }
     async fn release(&self) -> Result<(), JournalError> {
+        pause(&self.frozen).await;
         self.inner.release().await
     }
     async fn owner(&self) -> Result<Option<OwnerInfo>, JournalError> {
+        pause(&self.frozen).await;
         self.inner.owner().await
     }
 }
@@ -461,6 +562,8 @@ fn config(seed: u64) -> crate::config::GroupConfig {
 /// The proxy: one incarnation of the group on its own journal handle.
 struct Proxy {
     group: Arc<Group>,
+    /// Freezes this core (its journal calls and its partition requests wait).
+    frozen: Arc<AtomicBool>,
 }
 
 async fn start_proxy(
@@ -479,27 +582,34 @@ async fn start_proxy(
     // Every incarnation claims with a short lease that it never renews: the next one takes
     // over once it expired, and from then on the predecessor's late writes are fenced.
     tokio::time::sleep(Duration::from_millis(2)).await;
-    inner
+    let term = inner
         .claim(&owner, Duration::from_millis(1))
         .await
         .map_err(|e| e.to_string())?;
+    let frozen = Arc::new(AtomicBool::new(false));
     let journal = Arc::new(FaultyJournal {
         inner,
         fail: faults.0.clone(),
         lose_ack: faults.1.clone(),
         roles: roles.clone(),
         deferred: None,
+        frozen: frozen.clone(),
+    });
+    let core_link = Arc::new(CoreLink {
+        inner: link.clone(),
+        frozen: frozen.clone(),
+        term,
     });
     let group = Group::open(
         config(seed),
         journal,
-        link.clone(),
+        core_link,
         crate::forward::upstream_client(),
     )
     .await
     .map_err(|e| e.to_string())?;
     group.start().await;
-    Ok(Proxy { group })
+    Ok(Proxy { group, frozen })
 }
 
 /// Fault kinds, drawn by the schedule.
@@ -532,10 +642,10 @@ const FAULTS: [Fault; 11] = [
     Fault::Drain,
 ];
 
-type Current = Arc<Mutex<Arc<Group>>>;
+type Current = Arc<Mutex<Proxy>>;
 
 fn current(c: &Current) -> Arc<Group> {
-    c.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    c.lock().unwrap_or_else(|p| p.into_inner()).group.clone()
 }
 
 /// One client: a bounded mix of updates and reads against whichever proxy runs.
@@ -601,9 +711,9 @@ async fn faults(
     journal_faults: (Arc<AtomicU32>, Arc<AtomicU32>),
     roles: Arc<Mutex<BTreeMap<u64, String>>>,
     log: Arc<Mutex<Vec<String>>>,
+    incarnations: Arc<AtomicU32>,
 ) -> Result<(), String> {
     let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0x5eed);
-    let mut incarnation = 0u32;
     for _ in 0..rng.random_range(3..9) {
         tokio::time::sleep(Duration::from_millis(rng.random_range(50..600))).await;
         let fault = FAULTS[rng.random_range(0..FAULTS.len())];
@@ -617,6 +727,7 @@ async fn faults(
                     s.down = true;
                     if matches!(fault, Fault::Crash) {
                         s.boot += 1;
+                        s.term = 0;
                         s.gap_checked = false;
                     }
                 }
@@ -644,6 +755,7 @@ async fn faults(
                     let mut s = p.lock();
                     s.down = true;
                     s.boot += 1;
+                    s.term = 0;
                     s.gap_checked = false;
                     if !s.backups.is_empty() {
                         let i = rng.random_range(0..s.backups.len());
@@ -656,10 +768,10 @@ async fn faults(
             Fault::ProxyRestart => {
                 let old = current(&proxy);
                 old.stop();
-                incarnation += 1;
+                let incarnation = incarnations.fetch_add(1, Ordering::AcqRel) + 1;
                 let next =
                     start_proxy(&store, &journal_faults, &roles, &link, seed, incarnation).await?;
-                *lock(&proxy) = next.group;
+                *lock(&proxy) = next;
             }
             Fault::JournalError => {
                 journal_faults.0.fetch_add(1, Ordering::AcqRel);
@@ -720,6 +832,7 @@ async fn membership_changes(
             s.copy = Copy::default();
             s.backups.clear();
             s.boot += 1;
+            s.term = 0;
             s.gap_checked = false;
         }
         let mut added = false;
@@ -741,6 +854,74 @@ async fn membership_changes(
         if !added {
             return Err(format!("{} could not be added back", p.name));
         }
+    }
+    Ok(())
+}
+
+/// Set to `1` to add proxy takeovers (a frozen proxy core taken over, then resumed) to the
+/// simulated faults. Not in the default run yet: with them some seeds (624, 2355 of the
+/// first 1,000) show a resumed core's late replay applied by a partition that the new core
+/// has not reached yet and whose layer cannot refuse it — a new, empty copy (its gap check
+/// cannot see a gap from nothing, because skipped records leave gaps too) or a copy without
+/// the app layer. `Regroup-Term` refuses the late requests at every partition the new core
+/// has reached; closing the rest needs the previous executed seq on every record sent, so
+/// the layer can check contiguity exactly.
+const TAKEOVERS_ENV: &str = "REGROUP_SIM_TAKEOVERS";
+
+fn takeovers_enabled() -> bool {
+    std::env::var(TAKEOVERS_ENV).is_ok_and(|v| v == "1")
+}
+
+/// Proxy takeovers, on their own seeded schedule: in some runs the running proxy core is
+/// frozen (its journal calls and partition requests wait, as a stopped process's would),
+/// another core claims the journal (the frozen one's lease ran out) and opens the group
+/// while the frozen one still holds its in-flight updates and replays; after a while the
+/// frozen core resumes, late — its journal writes must be refused by the lease's fencing
+/// token — and is stopped.
+#[allow(clippy::too_many_arguments)]
+async fn takeovers(
+    seed: u64,
+    proxy: Current,
+    link: Arc<SimLink>,
+    store: MemoryJournal,
+    journal_faults: (Arc<AtomicU32>, Arc<AtomicU32>),
+    roles: Arc<Mutex<BTreeMap<u64, String>>>,
+    log: Arc<Mutex<Vec<String>>>,
+    incarnations: Arc<AtomicU32>,
+) -> Result<(), String> {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0x7a6e_0fe5);
+    // Off by default: a frozen core's late replays can still reach a partition the new core
+    // has not yet reached and whose layer cannot tell (a new, empty copy; a copy without the
+    // layer), see `TAKEOVERS_ENV`.
+    if !takeovers_enabled() || !rng.random_bool(0.3) {
+        return Ok(());
+    }
+    for _ in 0..rng.random_range(1..3) {
+        tokio::time::sleep(Duration::from_millis(rng.random_range(100..900))).await;
+        let lasting = Duration::from_millis(rng.random_range(20..600));
+        let (old_group, old_frozen) = {
+            let p = lock(&proxy);
+            (p.group.clone(), p.frozen.clone())
+        };
+        old_frozen.store(true, Ordering::Release);
+        let incarnation = incarnations.fetch_add(1, Ordering::AcqRel) + 1;
+        lock(&log).push(format!(
+            "Takeover by incarnation {incarnation}, the old core frozen for {lasting:?}"
+        ));
+        let next = start_proxy(&store, &journal_faults, &roles, &link, seed, incarnation).await;
+        let next = match next {
+            Ok(next) => next,
+            Err(e) => {
+                old_frozen.store(false, Ordering::Release);
+                return Err(e);
+            }
+        };
+        *lock(&proxy) = next;
+        tokio::time::sleep(lasting).await;
+        // Resumes, late: whatever it was doing goes on against a journal it no longer owns.
+        old_frozen.store(false, Ordering::Release);
+        tokio::time::sleep(Duration::from_millis(rng.random_range(0..200))).await;
+        old_group.stop();
     }
     Ok(())
 }
@@ -829,7 +1010,8 @@ async fn run(seed: u64) -> Result<(String, String), String> {
     let journal_faults = (Arc::new(AtomicU32::new(0)), Arc::new(AtomicU32::new(0)));
     let roles = Arc::new(Mutex::new(BTreeMap::from([(1u64, NAMES[0].to_owned())])));
     let first = start_proxy(&store, &journal_faults, &roles, &link, seed, 0).await?;
-    let proxy: Current = Arc::new(Mutex::new(first.group));
+    let proxy: Current = Arc::new(Mutex::new(first));
+    let incarnations = Arc::new(AtomicU32::new(0));
     let seen = Arc::new(Mutex::new(Seen::default()));
     let log = Arc::new(Mutex::new(Vec::new()));
     let (done_tx, done) = tokio::sync::watch::channel(false);
@@ -843,6 +1025,16 @@ async fn run(seed: u64) -> Result<(String, String), String> {
         link.clone(),
         log.clone(),
     ));
+    let takeover = tokio::spawn(takeovers(
+        seed,
+        proxy.clone(),
+        link.clone(),
+        store.clone(),
+        journal_faults.clone(),
+        roles.clone(),
+        log.clone(),
+        incarnations.clone(),
+    ));
     let schedule = faults(
         seed,
         proxy.clone(),
@@ -851,8 +1043,12 @@ async fn run(seed: u64) -> Result<(String, String), String> {
         journal_faults.clone(),
         roles.clone(),
         log.clone(),
+        incarnations.clone(),
     )
     .await;
+    let takeover = takeover
+        .await
+        .unwrap_or_else(|e| Err(format!("the takeover task failed: {e}")));
     let membership = membership
         .await
         .unwrap_or_else(|e| Err(format!("the membership task failed: {e}")));
@@ -868,6 +1064,9 @@ async fn run(seed: u64) -> Result<(String, String), String> {
     }
     if let Err(e) = membership {
         return fail(format!("the membership changes failed: {e}"));
+    }
+    if let Err(e) = takeover {
+        return fail(format!("a takeover failed: {e}"));
     }
     // Quiesce: every fault lifted; wait (bounded, simulated) for the group to settle.
     for p in &link.partitions {
@@ -1170,6 +1369,7 @@ fn deferred_seals_reach_replicas_only_once_flushed() {
             lose_ack: Arc::default(),
             roles: Arc::default(),
             deferred: Some(flushes.clone()),
+            frozen: Arc::default(),
         });
         let link = sim_link();
         let group = Group::open(
@@ -1461,5 +1661,84 @@ fn a_moved_partition_joins_the_other_group_quarantined() {
         );
         group.stop();
         other.stop();
+    });
+}
+
+async fn update_ok(group: &Arc<Group>, body: &str) -> bool {
+    let req = Request::post("/op")
+        .body(Full::new(Bytes::from(body.to_owned())))
+        .unwrap_or_default();
+    crate::update::handle(group.clone(), req, None)
+        .await
+        .is_ok_and(|r| r.status().is_success())
+}
+
+/// A primary restored from an older backup while no other partition can lead is caught up
+/// by its own replayer before it executes another update: it never applies a new record
+/// past the records it lost.
+#[test]
+fn a_rewound_primary_catches_up_before_it_executes_again() {
+    runtime().block_on(async {
+        let link = sim_link();
+        let journal = MemoryJournal::new();
+        let group = open_sim(config(0), &journal, &link).await;
+        eventually("every partition is available", || {
+            group
+                .members()
+                .iter()
+                .all(|p| p.status() == PartitionStatus::Available)
+        })
+        .await;
+        let a = link.find("a").unwrap_or_else(|| panic!("a"));
+        let mut backup = None;
+        for i in 0..5 {
+            assert!(update_ok(&group, &format!("u{i}")).await, "update {i}");
+            if i == 1 {
+                backup = Some(a.lock().copy.clone());
+            }
+        }
+        // Nobody else can lead; the primary comes back from the older copy.
+        for n in ["b", "c"] {
+            if let Some(p) = link.find(n) {
+                p.lock().down = true;
+            }
+        }
+        {
+            let mut s = a.lock();
+            s.copy = backup.unwrap_or_default();
+            s.down = true;
+            s.boot += 1;
+            s.term = 0;
+            s.gap_checked = false;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        a.lock().down = false;
+        eventually("the primary is rewound", || {
+            group.view().transitions.iter().any(|t| t.name == "rewind")
+        })
+        .await;
+        let req = Request::post("/op")
+            .body(Full::new(Bytes::from_static(b"after")))
+            .unwrap_or_default();
+        let resp = crate::update::handle(group.clone(), req, None).await;
+        let status = resp.as_ref().map(|r| r.status().as_u16()).ok();
+        let view = group.view();
+        assert!(
+            status == Some(200),
+            "{:?} {:?} {:?}",
+            resp.err(),
+            view.transitions,
+            view.partitions
+                .iter()
+                .map(|p| (p.name.clone(), p.status, p.applied))
+                .collect::<Vec<_>>()
+        );
+        let seqs: Vec<u64> = a.lock().copy.executed.iter().map(|(s, _)| *s).collect();
+        assert_eq!(
+            seqs,
+            (1..=6).collect::<Vec<u64>>(),
+            "applied in journal order, once"
+        );
+        group.stop();
     });
 }

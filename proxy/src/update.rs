@@ -92,11 +92,12 @@ fn recorded_headers(headers: &HeaderMap) -> Result<Vec<(String, String)>, ProxyE
 }
 
 /// Builds the request a partition receives for `record` (`replay`: with
-/// `Regroup-Replay: 1`), signed with `secret` when set.
+/// `Regroup-Replay: 1`; `term` > 0: with `Regroup-Term`), signed with `secret` when set.
 pub(crate) fn record_request(
     record: &Record,
     base: &http::Uri,
     replay: bool,
+    term: u64,
     secret: Option<&Secret>,
 ) -> Result<Request<ProxyBody>, http::Error> {
     // The HTTP payload is sent as recorded; another payload kind does not travel over HTTP.
@@ -117,6 +118,9 @@ pub(crate) fn record_request(
             if let Ok(v) = HeaderValue::from_str(&value) {
                 h.insert(name, v);
             }
+        }
+        if term > 0 {
+            h.insert(rh::TERM, HeaderValue::from(term));
         }
     }
     let mut req = builder.body(forward::full(request.body.clone()))?;
@@ -312,6 +316,7 @@ async fn skip_unexecuted(
 ) -> Result<Response<ProxyBody>, ProxyError> {
     match seal(group, record.seq, &Outcome::Skipped).await {
         Ok(()) => {
+            credit_skipped(group, record.seq);
             sealed(group, record.seq);
             Err(ProxyError::Unavailable {
                 group: group.name().to_owned(),
@@ -360,6 +365,16 @@ async fn seal_answer(
     primary.credit(record.seq);
     sealed(group, record.seq);
     Ok(())
+}
+
+/// A skipped record needs no applying: a primary that held everything before it holds it
+/// too.
+pub(crate) fn credit_skipped(group: &Group, seq: u64) {
+    if let Some(p) = group.primary()
+        && p.applied() + 1 >= seq
+    {
+        p.credit(seq);
+    }
 }
 
 /// Advances the sealed head past `seq`, now or at the journal's next flush.
@@ -444,6 +459,22 @@ async fn wait_for_new_epoch(group: &Group, epoch: u64, deadline: Instant) -> boo
 
 /// Waits until the role is not moving and its primary can take updates; 503 naming every
 /// partition's state at `deadline`.
+/// How often a waiting update looks whether a catching-up primary has caught up.
+const CATCH_UP_POLL: Duration = Duration::from_millis(10);
+
+/// Whether `primary` may be sent a new record: it holds every sealed record (a copy
+/// restored from an older backup is first caught up by its own replayer), and no replayer
+/// sends it records any more (stopped here once it caught up).
+async fn caught_up(group: &Group, primary: &Partition) -> bool {
+    if primary.applied() < group.sealed() {
+        return false;
+    }
+    if crate::replicate::running(group, primary.name()) {
+        crate::replicate::stop_one(group, primary.name()).await;
+    }
+    primary.applied() >= group.sealed()
+}
+
 async fn wait_for_primary(
     group: &Group,
     deadline: Instant,
@@ -456,13 +487,30 @@ async fn wait_for_primary(
             && let Some(primary) = group.member(&role.primary)
             && primary.status() != PartitionStatus::Unavailable
             && primary.diverged().is_none()
+            && caught_up(group, &primary).await
         {
             return Ok((role, primary));
         }
-        if tokio::time::timeout_at(deadline, changed.changed())
+        // A primary catching up on its own records advances without a status change:
+        // looked at again every few milliseconds too.
+        let next = deadline.min(Instant::now() + CATCH_UP_POLL);
+        if tokio::time::timeout_at(next, changed.changed())
             .await
             .is_err()
+            && Instant::now() >= deadline
         {
+            let behind = group
+                .primary()
+                .filter(|p| p.applied() < group.sealed())
+                .map(|p| {
+                    format!(
+                        "; primary {:?} is catching up: applied {} of {}",
+                        p.name(),
+                        p.applied(),
+                        group.sealed()
+                    )
+                })
+                .unwrap_or_default();
             let states: Vec<String> = group
                 .members()
                 .iter()
@@ -471,7 +519,7 @@ async fn wait_for_primary(
             return Err(ProxyError::Unavailable {
                 group: group.name().to_owned(),
                 reason: format!(
-                    "no partition can take the primary role within {} ms ({})",
+                    "no partition can take the primary role within {} ms ({}){behind}",
                     group.config.failover_wait_ms,
                     states.join(", ")
                 ),
@@ -656,7 +704,10 @@ async fn try_settle(group: &Group, mut record: Record) -> Option<Answer> {
             return None;
         }
     }
-    if primary.status() == PartitionStatus::Unavailable || primary.diverged().is_some() {
+    if primary.status() == PartitionStatus::Unavailable
+        || primary.diverged().is_some()
+        || !caught_up(group, &primary).await
+    {
         return None;
     }
     let may_have = record.may_have_executed(primary.name());

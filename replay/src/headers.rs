@@ -16,6 +16,13 @@ pub const TIMESTAMP: &str = "regroup-timestamp";
 /// `1` on replays; absent on the primary's execution.
 pub const REPLAY: &str = "regroup-replay";
 
+/// The sending proxy's term: the fencing token of its claim on the journal (it goes up
+/// with every proxy that takes the journal over). A partition's app layer refuses a request
+/// whose term is below the highest it has seen with 409 `deposed` (and this header set to
+/// that highest term): a proxy that was frozen and taken over cannot deliver its late
+/// updates or replays to a partition the new proxy already talks to.
+pub const TERM: &str = "regroup-term";
+
 /// On every answer of a partition that keeps the exactly-once record: the highest seq it
 /// has applied. The proxy refuses to serve a read from a partition whose answer says it
 /// stands further behind the sealed head than the group allows (a copy restored from an
@@ -27,4 +34,4 @@ pub const SIGNATURE: &str = "regroup-signature";
 
 /// All replay headers, for stripping them from client requests (a client must not be
 /// able to forge a replay).
-pub const ALL: [&str; 6] = [SEQ, TXN_ID, EPOCH, TIMESTAMP, REPLAY, SIGNATURE];
+pub const ALL: [&str; 7] = [SEQ, TXN_ID, EPOCH, TIMESTAMP, REPLAY, TERM, SIGNATURE];

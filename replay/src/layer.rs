@@ -99,6 +99,9 @@ pub struct ReplayLayer {
     max_signed_body: usize,
     highest_epoch: Arc<AtomicU64>,
     highest_seq: Arc<AtomicU64>,
+    /// The highest proxy term seen (`Regroup-Term`), in memory: after a restart the gap
+    /// check of the first record stands in for it.
+    highest_term: Arc<AtomicU64>,
     /// Whether the first record after start has been checked for a gap.
     gap_checked: Arc<std::sync::atomic::AtomicBool>,
     loaded: Arc<tokio::sync::OnceCell<()>>,
@@ -130,6 +133,7 @@ impl ReplayLayer {
                 .collect(),
             max_signed_body: DEFAULT_MAX_SIGNED_BODY_BYTES,
             highest_epoch: Arc::default(),
+            highest_term: Arc::default(),
             highest_seq: Arc::default(),
             gap_checked: Arc::default(),
             loaded: Arc::default(),
@@ -296,6 +300,9 @@ where
                     if let Some(resp) = layer.gap(&ctx).await {
                         return Ok(resp);
                     }
+                    if let Some(resp) = layer.term_fence(req.headers()) {
+                        return Ok(resp);
+                    }
                     if let Some(resp) = layer.fence(&ctx).await {
                         return Ok(resp);
                     }
@@ -436,6 +443,35 @@ impl ReplayLayer {
         );
         resp.headers_mut()
             .insert(crate::headers::APPLIED, header::HeaderValue::from(highest));
+        Some(resp)
+    }
+
+    /// Refuses a request from a proxy whose term is below the highest seen: a proxy that was
+    /// taken over (409 `deposed`, with the highest term in `Regroup-Term`). A request
+    /// without the header passes (a proxy that sends none).
+    fn term_fence<B: From<String>>(&self, h: &http::HeaderMap) -> Option<Response<B>> {
+        let value = h.get(headers::TERM)?;
+        let Some(term) = value.to_str().ok().and_then(|v| v.parse::<u64>().ok()) else {
+            return Some(error(
+                StatusCode::BAD_REQUEST,
+                "bad_replay_headers",
+                format!("invalid replay header {}: not a number", headers::TERM),
+            ));
+        };
+        let highest = self.highest_term.fetch_max(term, Ordering::AcqRel);
+        if term >= highest {
+            return None;
+        }
+        let mut resp = error(
+            StatusCode::CONFLICT,
+            "deposed",
+            format!(
+                "proxy term {term} is older than term {highest} already seen by this \
+                 partition: another proxy took the journal over"
+            ),
+        );
+        resp.headers_mut()
+            .insert(headers::TERM, header::HeaderValue::from(highest));
         Some(resp)
     }
 

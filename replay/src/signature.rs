@@ -5,7 +5,9 @@
 //! `Regroup-Epoch`, `Regroup-Timestamp` (the header values exactly as sent),
 //! `Regroup-Replay` (`1` or empty), the method, the path and query, and the hex SHA-256 of
 //! the body. No part can hold a line feed, so the message is unambiguous. The signature
-//! goes in `Regroup-Signature` as lowercase hex.
+//! goes in `Regroup-Signature` as lowercase hex. A request that carries `Regroup-Term` is
+//! signed as version 2: the same lines with the term after `Regroup-Replay`, so the term
+//! cannot be raised by anyone without the secret.
 
 use std::sync::Arc;
 
@@ -23,6 +25,7 @@ pub const SECRET_ENV: &str = "REGROUP_REPLAY_SECRET";
 pub const PREVIOUS_SECRET_ENV: &str = "REGROUP_REPLAY_SECRET_PREVIOUS";
 
 const VERSION: &str = "regroup-signature-v1";
+const VERSION_WITH_TERM: &str = "regroup-signature-v2";
 
 type HmacSha256 = Hmac<Sha256>;
 
@@ -68,6 +71,8 @@ pub struct Signed<'a> {
     pub timestamp: &'a str,
     /// Whether `Regroup-Replay: 1` is sent.
     pub replay: bool,
+    /// `Regroup-Term`, when sent.
+    pub term: Option<&'a str>,
     /// The request method.
     pub method: &'a str,
     /// The request's path and query, as in the request line.
@@ -112,6 +117,13 @@ impl<'a> Signed<'a> {
             epoch: text(headers::EPOCH)?,
             timestamp: text(headers::TIMESTAMP)?,
             replay: h.get(headers::REPLAY).is_some_and(|v| v == "1"),
+            term: match h.get(headers::TERM) {
+                Some(v) => Some(
+                    v.to_str()
+                        .map_err(|_| SignatureError::Header(headers::TERM))?,
+                ),
+                None => None,
+            },
             method,
             path_and_query,
             body,
@@ -121,17 +133,20 @@ impl<'a> Signed<'a> {
     fn mac(&self, secret: &Secret) -> HmacSha256 {
         let mut mac = secret.mac();
         let body = hex::encode(Sha256::digest(self.body));
-        for part in [
-            VERSION,
+        let head = [
+            if self.term.is_some() {
+                VERSION_WITH_TERM
+            } else {
+                VERSION
+            },
             self.seq,
             self.txn_id,
             self.epoch,
             self.timestamp,
             if self.replay { "1" } else { "" },
-            self.method,
-            self.path_and_query,
-            &body,
-        ] {
+        ];
+        let tail = [self.method, self.path_and_query, &body];
+        for part in head.iter().chain(self.term.as_slice()).chain(tail.iter()) {
             mac.update(part.as_bytes());
             mac.update(b"\n");
         }
@@ -198,6 +213,7 @@ mod tests {
             epoch: "2",
             timestamp: "2026-11-30T12:00:00Z",
             replay: true,
+            term: None,
             method: "POST",
             path_and_query: "/transfers?x=1",
             body,
@@ -242,6 +258,11 @@ mod tests {
             },
             Signed {
                 replay: false,
+                ..base
+            },
+            // A term added, or another term: both change the signature.
+            Signed {
+                term: Some("3"),
                 ..base
             },
             Signed {

@@ -211,6 +211,43 @@ async fn stale_epoch_is_fenced_with_409_and_newer_epochs_pass() {
 }
 
 #[tokio::test]
+async fn a_lower_proxy_term_is_refused_as_deposed_and_names_the_highest() {
+    let (svc, seen) = inner();
+    let svc = ReplayLayer::new().without_secret().layer(svc);
+    let with_term = |seq: &str, term: &str| {
+        update(seq, "1")
+            .header("regroup-term", term)
+            .body(Body::default())
+            .unwrap()
+    };
+    let (status, _) = send(&svc, with_term("1", "7")).await;
+    assert_eq!(status, StatusCode::OK);
+    // A proxy that was taken over (term 6) is refused, whatever it sends.
+    let resp = svc.clone().oneshot(with_term("2", "6")).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::CONFLICT);
+    assert_eq!(resp.headers()["regroup-term"], "7");
+    let body: Value = serde_json::from_str(resp.body()).unwrap();
+    assert_eq!(body["error"], "deposed");
+    assert_eq!(
+        calls(&seen),
+        1,
+        "a deposed proxy's request must not reach the app"
+    );
+    // The same term and newer ones pass; no term at all passes too (a proxy without one).
+    for (seq, term) in [("2", "7"), ("3", "9")] {
+        let (status, _) = send(&svc, with_term(seq, term)).await;
+        assert_eq!(status, StatusCode::OK);
+    }
+    let (status, _) = send(&svc, update("4", "1").body(Body::default()).unwrap()).await;
+    assert_eq!(status, StatusCode::OK);
+    let (status, _) = send(&svc, with_term("5", "8")).await;
+    assert_eq!(status, StatusCode::CONFLICT, "8 is below the 9 seen");
+    let (status, _) = send(&svc, with_term("5", "x")).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert_eq!(calls(&seen), 4);
+}
+
+#[tokio::test]
 async fn require_regroup_refuses_direct_updates_but_not_reads() {
     let (svc, seen) = inner();
     let svc = ReplayLayer::new().require_regroup(true).layer(svc);

@@ -26,20 +26,9 @@ type Raw = Client<HttpConnector, Full<Bytes>>;
 /// Two banks behind a proxy with an admin token that `/status` and `/metrics` need too.
 async fn start(dir: &std::path::Path) -> (Vec<Bank>, Proxy) {
     let banks = vec![Bank::start(dir, "a").await, Bank::start(dir, "b").await];
-    let mut toml = format!(
-        "listen = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\njournal = \"sqlite://{}\"\n\
-         admin_token = \"{TOKEN}\"\nadmin_status_requires_token = true\n\n[[groups]]\nname = \"bank\"\n",
-        dir.join("journal.db").display()
-    );
-    for b in &banks {
-        toml.push_str(&format!(
-            "\n[[groups.partitions]]\nname = \"{}\"\nurl = \"{}\"\n",
-            b.name, b.url
-        ));
-    }
-    let config = dir.join("regroup.toml");
-    std::fs::write(&config, toml).unwrap();
-    (banks, Proxy::start(&config).await)
+    let top = format!("admin_token = \"{TOKEN}\"\nadmin_status_requires_token = true");
+    let proxy = start_proxy_for(dir, &top, &banks).await;
+    (banks, proxy)
 }
 
 /// `POST path` with `body`; the answer's status and `Regroup-Seq`.

@@ -32,8 +32,9 @@
 //!
 //! `outcome` is the class of the partition's answer (`2xx`, `3xx`, `4xx`, `5xx`) when a
 //! partition answered, else the code of regroup's own error answer (`unavailable`,
-//! `in_doubt`, `read_timeout`, `no_partition`, `body_too_large`, ...: the `error` field of
-//! its JSON body).
+//! `in_doubt`, `read_timeout`, `no_partition`, ...: the `error` field of its JSON body).
+//! An update is timed from the end of its body's read to its answer (a body refused before,
+//! 413 or 408, is not counted); a read from its dispatch to the partition's answer headers.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, RwLock};
@@ -540,5 +541,60 @@ impl Collector for Scrape {
             self.per_group(|s| Some(s.group.metrics.in_doubt.clone())),
         )?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn answer(status: u16) -> Result<http::Response<()>, ProxyError> {
+        let mut resp = http::Response::new(());
+        *resp.status_mut() = http::StatusCode::from_u16(status).unwrap_or_default();
+        Ok(resp)
+    }
+
+    /// `histogram` encoded as Prometheus text.
+    fn encoded(histogram: &Histogram) -> String {
+        let mut registry = Registry::default();
+        registry.register("h", "h", histogram.clone());
+        let mut text = String::new();
+        prometheus_client::encoding::prometheus_text::encode(&mut text, &registry)
+            .unwrap_or_default();
+        text
+    }
+
+    #[test]
+    fn outcomes_are_status_classes_or_error_codes() {
+        assert_eq!(outcome(&answer(201)), "2xx");
+        assert_eq!(outcome(&answer(409)), "4xx");
+        assert_eq!(outcome(&answer(503)), "5xx");
+        let refused: Result<http::Response<()>, ProxyError> = Err(ProxyError::Unavailable {
+            group: "g".into(),
+            reason: "no primary".into(),
+        });
+        assert_eq!(outcome(&refused), "unavailable");
+    }
+
+    #[test]
+    fn requests_count_by_outcome_and_time_every_one() {
+        let m = GroupMetrics::default();
+        for status in [201, 201, 409] {
+            m.update_done(&answer(status), Duration::from_millis(3));
+        }
+        let counts: Vec<(&str, u64)> = m
+            .updates
+            .counters()
+            .into_iter()
+            .map(|(k, c)| (k, c.get()))
+            .collect();
+        assert_eq!(counts, vec![("2xx", 2), ("4xx", 1)]);
+        assert!(encoded(&m.updates.duration).contains("\nh_count 3\n"));
+        assert!(m.reads.counters().is_empty());
+        let replay = m.replay("b");
+        replay.replayed(Duration::from_millis(1), true);
+        replay.replayed(Duration::from_millis(1), false);
+        assert!(encoded(&m.replay("b").duration).contains("\nh_count 1\n"));
+        assert_eq!(m.replay("b").failures.get(), 1);
     }
 }

@@ -344,4 +344,32 @@ async fn three_partitions_metrics_match_status_and_traffic() {
         ),
         Some(0.0)
     );
+
+    // The primary stops: the failover is counted as an unplanned hand-over.
+    g.banks[1].kill().await;
+    eventually(
+        "a to take the primary role",
+        Duration::from_secs(30),
+        || async {
+            let doc = g.proxy.status(&g.http).await;
+            let gs = &doc.groups[0];
+            if gs.primary == "a" && !gs.handing_over {
+                Ok(())
+            } else {
+                Err(format!("{gs:?}"))
+            }
+        },
+    )
+    .await;
+    let (doc, s) = steady(&g).await;
+    check_against_status(&doc, &s);
+    assert_eq!(doc.groups[0].epoch, 3);
+    assert_eq!(
+        value(
+            &s,
+            "regroup_hand_overs_total",
+            &[("group", "bank"), ("kind", "unplanned")]
+        ),
+        Some(1.0)
+    );
 }

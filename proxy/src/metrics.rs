@@ -57,14 +57,21 @@ use crate::status::PartitionStatus;
 pub const CONTENT_TYPE: &str = prometheus_client::encoding::prometheus_text::CONTENT_TYPE;
 
 /// Every status a partition can have, so each gets its 0/1 sample.
-const STATUSES: [PartitionStatus; 6] = [
-    PartitionStatus::Available,
-    PartitionStatus::CatchingUp,
-    PartitionStatus::Suspect,
-    PartitionStatus::Unavailable,
-    PartitionStatus::Diverged,
-    PartitionStatus::Draining,
-];
+fn statuses() -> [PartitionStatus; 6] {
+    use PartitionStatus::*;
+    // Exhaustive: a new status does not compile here until it is listed below too.
+    match Available {
+        Available | CatchingUp | Suspect | Unavailable | Diverged | Draining => {}
+    }
+    [
+        Available,
+        CatchingUp,
+        Suspect,
+        Unavailable,
+        Diverged,
+        Draining,
+    ]
+}
 
 /// Latency buckets: 0.5 ms to about 16 s, doubling.
 fn latency() -> Histogram {
@@ -390,17 +397,13 @@ impl Collector for Scrape {
         )?;
         for s in &self.0 {
             for p in &s.view.partitions {
-                let mut names: Vec<&str> = STATUSES.iter().map(|st| st.as_str()).collect();
-                if !names.contains(&p.status.as_str()) {
-                    names.push(p.status.as_str());
-                }
-                for name in names {
+                for each in statuses() {
                     let labels = [
                         ("group", s.view.name.as_str()),
                         ("partition", p.name.as_str()),
-                        ("status", name),
+                        ("status", each.as_str()),
                     ];
-                    let on = u64::from(name == p.status.as_str());
+                    let on = u64::from(each == p.status);
                     ConstGauge::new(on).encode(status.encode_family(&labels)?)?;
                 }
             }

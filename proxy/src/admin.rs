@@ -5,6 +5,9 @@
 //! and the membership verbs `/add` (`{"partition", "url", "host"?, "priority"?}`), `/remove`
 //! (`{"partition"}`) and `/move` (`{"partition", "to": GROUP}`).
 //!
+//! `GET /metrics` (Prometheus text, [`crate::metrics`]), `GET /` (the live dashboard) and
+//! `GET /groups/{group}/journal?after=N` (the change feed, NDJSON; needs the token).
+//!
 //! Hardening: the token is compared in constant time; with `admin_status_requires_token`
 //! `/status` needs it too (`/health` never does); bodies over `admin_max_body_bytes` get 413.
 
@@ -338,6 +341,18 @@ impl Admin {
         let path = req.uri().path().to_owned();
         let segments: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
         match (req.method(), segments.as_slice()) {
+            (&Method::GET, []) => Ok(crate::dashboard::page()),
+            (&Method::GET, ["metrics"]) => {
+                if self.status_requires_token {
+                    self.authorize(&req)?;
+                }
+                Ok(metrics(&self.groups).await)
+            }
+            (&Method::GET, ["groups", group, "journal"]) => {
+                self.authorize(&req)?;
+                let after = crate::feed::parse_after(req.uri().query())?;
+                Ok(crate::feed::respond(self.group(group)?, after))
+            }
             (&Method::GET, ["health"]) => Ok(Admin::health()),
             (&Method::GET, ["status"]) => {
                 if self.status_requires_token {
@@ -492,6 +507,17 @@ where
         .to_bytes();
     serde_json::from_slice(&body)
         .map_err(|e| ProxyError::BadRequest(format!("body must be {shape}: {e}")))
+}
+
+/// `GET /metrics`: the Prometheus text format ([`crate::metrics`]).
+async fn metrics(groups: &[Arc<Group>]) -> Response<ProxyBody> {
+    let text = crate::metrics::render(groups).await.unwrap_or_default();
+    let mut resp = Response::new(full(text));
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static(crate::metrics::CONTENT_TYPE),
+    );
+    resp
 }
 
 pub(crate) fn json<T: Serialize>(status: StatusCode, value: &T) -> Response<ProxyBody> {

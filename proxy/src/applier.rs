@@ -7,6 +7,7 @@ use std::time::Duration;
 use regroup_replay::{Applier, ApplyError, Fingerprint, Record};
 
 use crate::link::{PartitionLink, SendError};
+use crate::metrics::ReplayMetrics;
 use crate::partition::{Health, Partition};
 
 /// Replays records on one partition, with `Regroup-Replay: 1`.
@@ -14,6 +15,7 @@ pub struct LinkApplier {
     link: Arc<dyn PartitionLink>,
     partition: Arc<Partition>,
     timeout: Duration,
+    metrics: ReplayMetrics,
 }
 
 impl std::fmt::Debug for LinkApplier {
@@ -31,7 +33,14 @@ impl LinkApplier {
             link,
             partition,
             timeout,
+            metrics: ReplayMetrics::default(),
         }
+    }
+
+    /// Records every replay exchange in `metrics`.
+    pub fn timed(mut self, metrics: ReplayMetrics) -> Self {
+        self.metrics = metrics;
+        self
     }
 }
 
@@ -58,11 +67,13 @@ impl Applier for LinkApplier {
                 self.partition.name()
             )));
         }
+        let started = std::time::Instant::now();
         let answer = self
             .link
             .send(&self.partition, record, true, self.timeout)
-            .await
-            .map_err(apply_error)?;
+            .await;
+        self.metrics.replayed(started.elapsed(), answer.is_ok());
+        let answer = answer.map_err(apply_error)?;
         Ok(Fingerprint::of(answer.parts.status.as_u16(), &answer.body))
     }
 

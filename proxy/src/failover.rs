@@ -286,6 +286,7 @@ async fn hand_over(
         primary: new.name().to_owned(),
         handing_over: false,
     });
+    group.metrics.hand_over(planned);
     if let Some(old) = group.member(&was.primary) {
         replicate::start_one(group, &old);
     }

@@ -101,6 +101,8 @@ pub struct Group {
     /// The running replayers, by partition name.
     pub(crate) replayers: std::sync::Mutex<HashMap<String, ReplayerHandle>>,
     transitions: std::sync::Mutex<VecDeque<Transition>>,
+    /// Counters and histograms for `/metrics`.
+    pub(crate) metrics: crate::metrics::GroupMetrics,
 }
 
 /// A running replayer and the way to stop it.
@@ -249,6 +251,7 @@ impl Group {
             stop: watch::Sender::new(false),
             replayers: std::sync::Mutex::new(HashMap::new()),
             transitions: std::sync::Mutex::new(VecDeque::new()),
+            metrics: crate::metrics::GroupMetrics::default(),
         });
         Ok(group)
     }
@@ -397,6 +400,7 @@ impl Group {
             ),
         );
         self.in_doubt.send_replace(Some(record));
+        self.metrics.in_doubt();
         self.bump();
     }
 

@@ -72,7 +72,8 @@ pub(crate) fn start_one(group: &Arc<Group>, partition: &Arc<Partition>) {
         group.link.clone(),
         partition.clone(),
         group.config.update_timeout(),
-    );
+    )
+    .timed(group.metrics.replay(partition.name()));
     let replayer = Replayer::new(
         group.name(),
         partition.name(),

@@ -169,6 +169,7 @@ where
             let req = forward::prepare_request(req, client);
             // Bounded until the partition's answer headers arrive (`read_timeout_ms`, 504).
             let timeout = routed.group.config.read_timeout();
+            let started = std::time::Instant::now();
             let resp = tokio::time::timeout(
                 timeout,
                 routed
@@ -176,7 +177,7 @@ where
                     .call_consistent(&routed.group, req, consistency),
             )
             .await;
-            match resp {
+            let result = match resp {
                 Err(_) if body_late() => Err(ProxyError::BodyTimeout),
                 Err(_) => Err(ProxyError::ReadTimeout {
                     group: routed.group.name().to_owned(),
@@ -187,7 +188,9 @@ where
                     Err(_) if body_late() => Err(ProxyError::BodyTimeout),
                     Err(e) => Err(e),
                 },
-            }
+            };
+            routed.group.metrics.read_done(&result, started.elapsed());
+            result
         }
     }
 }

@@ -72,9 +72,13 @@ where
         headers: recorded_headers(&headers)?,
         body,
     };
-    tokio::spawn(execute(group, recorded))
+    let started = Instant::now();
+    let result = tokio::spawn(execute(group.clone(), recorded))
         .await
-        .map_err(|e| ProxyError::Journal(format!("update task failed: {e}")))?
+        .map_err(|e| ProxyError::Journal(format!("update task failed: {e}")))
+        .and_then(|r| r);
+    group.metrics.update_done(&result, started.elapsed());
+    result
 }
 
 fn recorded_headers(headers: &HeaderMap) -> Result<Vec<(String, String)>, ProxyError> {

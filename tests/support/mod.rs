@@ -586,6 +586,24 @@ impl BankGroup {
     }
 }
 
+/// Starts a proxy in `dir` for `banks` as group "bank", with `top` lines at the top level of
+/// its config (e.g. an admin token).
+pub async fn start_proxy_for(dir: &Path, top: &str, banks: &[Bank]) -> Proxy {
+    let mut toml = format!(
+        "listen = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\njournal = \"sqlite://{}\"\n{top}\n\n[[groups]]\nname = \"bank\"\n",
+        dir.join("journal.db").display()
+    );
+    for b in banks {
+        toml.push_str(&format!(
+            "\n[[groups.partitions]]\nname = \"{}\"\nurl = \"{}\"\n",
+            b.name, b.url
+        ));
+    }
+    let config = dir.join("regroup.toml");
+    std::fs::write(&config, toml).unwrap();
+    Proxy::start(&config).await
+}
+
 /// Whether tests must not skip when a service is missing.
 pub fn in_ci() -> bool {
     std::env::var("CI").is_ok_and(|v| !v.is_empty() && v != "false" && v != "0")

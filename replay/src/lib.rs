@@ -36,6 +36,7 @@ pub mod layer;
 pub mod record;
 pub mod replayer;
 pub mod signature;
+pub mod snapshot;
 
 pub use applier::{Applier, ApplyError};
 pub use context::ReplayContext;
@@ -44,6 +45,9 @@ pub use journal::{
     CachedJournal, Checkpoints, GroupState, Journal, JournalError, JournalSync, Lease, Log,
     LogState, MemoryJournal, Outcome, Owner, OwnerInfo, RoleStore, SqlJournal, StoredRole,
 };
-pub use layer::{AppliedStore, Replay, ReplayLayer};
+pub use layer::{AppliedStore, Replay, ReplayLayer, SnapshotLayer, Snapshots};
 pub use record::{Compare, Fingerprint, Payload, Record, RecordState, RecordedRequest};
 pub use replayer::{Backoff, ReplayExit, ReplayObserver, Replayer};
+pub use snapshot::{
+    Restored, SeaOrmSnapshotter, Snapshot, SnapshotBody, SnapshotError, Snapshotter,
+};

@@ -28,6 +28,9 @@ pub enum ReplayExit {
     Stopped,
     /// The partition's answer differed from the primary's at this seq.
     Diverged(u64),
+    /// The partition stands at this seq, but retention already truncated the records
+    /// after it: it can only be rebuilt from a snapshot.
+    Truncated(u64),
 }
 
 /// Backoff between attempts to apply one record.
@@ -171,6 +174,18 @@ impl Replayer {
             else {
                 return ReplayExit::Stopped;
             };
+            if records.first().is_none_or(|r| r.seq != applied + 1) {
+                // Retention may have removed what this partition still needs.
+                if let Some(low) = self
+                    .retry_journal(&mut stop, || self.journal.low_water(&self.group))
+                    .await
+                    && low > applied
+                {
+                    tracing::warn!(group = %self.group, partition = %self.partition, applied,
+                        low_water = low, "the records this partition needs were truncated");
+                    return ReplayExit::Truncated(applied);
+                }
+            }
             for record in records {
                 if *stop.borrow() {
                     return ReplayExit::Stopped;

@@ -10,6 +10,7 @@ use regroup_proxy::admin::StatusDoc;
 use regroup_proxy::{Config, server};
 
 mod demo;
+mod rebuild_cli;
 
 #[derive(Parser)]
 #[command(
@@ -81,6 +82,8 @@ enum Command {
         #[arg(long)]
         applied: Option<u64>,
     },
+    /// Rebuild a partition from a snapshot of another, showing progress until it is done.
+    Rebuild(rebuild_cli::RebuildArgs),
     /// Run a redundancy group of three bank partitions behind the proxy, on SQLite files
     /// in a fresh directory.
     Demo(demo::DemoArgs),
@@ -225,6 +228,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Drain(a) => role_verb("drain", a, None).await,
         Command::Undrain(a) => role_verb("undrain", a, None).await,
         Command::Rejoin { role, applied } => role_verb("rejoin", role, applied).await,
+        Command::Rebuild(args) => rebuild_cli::run(args).await,
         Command::Demo(args) => demo::run(args).await,
     }
 }

@@ -1,7 +1,8 @@
 //! The admin API on `admin_listen`: `GET /status` (JSON), `GET /health`, and the admin
 //! verbs (bearer token when configured): `POST /groups/{group}/resolve` (settle an in-doubt
 //! record), `POST /groups/{group}/promote`, `/drain`, `/undrain` (`{"partition": NAME}`),
-//! `/rejoin` (`{"partition": NAME, "applied": SEQ}`: lift a diverged partition's quarantine).
+//! `/rejoin` (`{"partition": NAME, "applied": SEQ}`: lift a diverged partition's quarantine),
+//! `/rebuild` (`{"partition": NAME, "from": NAME?}`: 202, then progress in `/status`).
 //!
 //! Hardening: the token is compared in constant time; with `admin_status_requires_token`
 //! `/status` needs it too (`/health` never does); bodies over `admin_max_body_bytes` get 413.
@@ -80,6 +81,9 @@ pub struct PartitionStatusDoc {
     pub since: String,
     /// Why it changed.
     pub reason: String,
+    /// The latest rebuild from a snapshot, running or ended.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rebuild: Option<crate::rebuild::RebuildProgress>,
 }
 
 impl From<GroupView> for GroupStatus {
@@ -116,6 +120,7 @@ impl From<PartitionView> for PartitionStatusDoc {
             applied: p.applied,
             since: regroup_replay::record::format_timestamp(p.since),
             reason: p.reason,
+            rebuild: p.rebuild,
         }
     }
 }
@@ -148,6 +153,18 @@ pub struct RejoinRequest {
     /// layer says).
     #[serde(default)]
     pub applied: Option<u64>,
+}
+
+/// The body of `POST /groups/{group}/rebuild`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RebuildRequest {
+    /// The partition to rebuild.
+    pub partition: String,
+    /// The partition to take the snapshot from (default: the best available replica, else
+    /// the primary).
+    #[serde(default)]
+    pub from: Option<String>,
 }
 
 /// How an operator settles an in-doubt record.
@@ -253,6 +270,26 @@ impl Admin {
                 let partition = self.partition(&group, &ask.partition)?;
                 crate::replicate::rejoin(&group, &partition, ask.applied).await?;
                 Ok(json(StatusCode::OK, &GroupStatus::from(group.view())))
+            }
+            (&Method::POST, ["groups", group, "rebuild"]) => {
+                self.authorize(&req)?;
+                let group = self.group(group)?;
+                let ask: RebuildRequest = read_json(
+                    req,
+                    limit,
+                    "{\"partition\": NAME, \"from\": NAME (optional)}",
+                )
+                .await?;
+                crate::rebuild::start(&group, &ask.partition, ask.from.as_deref()).await?;
+                let rebuild = group.member(&ask.partition).and_then(|p| p.rebuild());
+                Ok(json(
+                    StatusCode::ACCEPTED,
+                    &serde_json::json!({
+                        "group": group.name(),
+                        "partition": ask.partition,
+                        "rebuild": rebuild,
+                    }),
+                ))
             }
             (&Method::POST, ["groups", group, verb @ ("promote" | "drain" | "undrain")]) => {
                 self.authorize(&req)?;

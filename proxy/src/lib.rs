@@ -49,7 +49,9 @@ pub mod link;
 pub mod ownership;
 pub mod partition;
 pub mod read;
+pub mod rebuild;
 mod replicate;
+mod retention;
 pub mod route;
 pub mod server;
 #[cfg(test)]

@@ -210,7 +210,13 @@ impl Bank {
         let log = dir.join(format!("bank-{name}.log"));
         let (child, url) = spawn_exe_and_read_env(
             bank_exe(),
-            &["--listen", "127.0.0.1:0", "--db", &db],
+            &[
+                "--listen",
+                "127.0.0.1:0",
+                "--db",
+                &db,
+                "--unsigned-snapshots",
+            ],
             &log,
             "bank listening on ",
             &env,
@@ -273,7 +279,13 @@ impl Bank {
                 .open(&self.log)
                 .unwrap();
             let mut child = Command::new(bank_exe())
-                .args(["--listen", &listen, "--db", &self.db])
+                .args([
+                    "--listen",
+                    &listen,
+                    "--db",
+                    &self.db,
+                    "--unsigned-snapshots",
+                ])
                 .envs(self.env.iter().cloned())
                 .stdin(Stdio::null())
                 .stdout(Stdio::piped())

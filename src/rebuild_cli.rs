@@ -75,11 +75,14 @@ pub(crate) async fn run(a: RebuildArgs) -> anyhow::Result<()> {
                 bar.set_message(describe(&a.partition, &p));
                 match p.phase {
                     RebuildPhase::Done => {
-                        bar.finish_with_message(describe(&a.partition, &p));
+                        bar.finish_and_clear();
+                        // Also when stderr is no terminal (the bar is then hidden).
+                        println!("{} ({} bytes)", describe(&a.partition, &p), p.bytes);
                         return Ok(());
                     }
                     RebuildPhase::Failed => {
-                        bar.abandon_with_message(describe(&a.partition, &p));
+                        bar.finish_and_clear();
+                        println!("{}", describe(&a.partition, &p));
                         bail!(
                             "rebuild of {} failed: {}",
                             a.partition,

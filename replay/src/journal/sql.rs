@@ -529,6 +529,8 @@ impl Log for SqlJournal {
     }
 
     async fn truncate(&self, group: &str, through: u64) -> Result<u64, JournalError> {
+        // Off the hot path: a fenced handle hears so before anything else.
+        self.check_fence().await?;
         let head = self.head(group).await?;
         let bound = to_i64(std::cmp::min(through, head.saturating_sub(1)));
         let unsealed = Query::select()

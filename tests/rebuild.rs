@@ -1,0 +1,231 @@
+//! Rebuild by snapshot with real processes: a diverged partition rebuilt under load from a
+//! replica's snapshot (signed with the group's replay secret) ends identical with no failed
+//! client request; the snapshot endpoints refuse unsigned callers; refusals and a failed
+//! rebuild name what is wrong.
+
+#![allow(clippy::unwrap_used)]
+
+mod support;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use support::*;
+
+const SECRET: &str = "rebuild-test-secret";
+
+fn secret_env(secret: &str) -> Vec<(String, String)> {
+    vec![("REGROUP_REPLAY_SECRET".to_owned(), secret.to_owned())]
+}
+
+async fn signed_group(env: impl Fn(&str) -> Vec<(String, String)>) -> BankGroup {
+    BankGroup::start_env(3, None, &format!("replay_secret = \"{SECRET}\""), env).await
+}
+
+/// Makes `c` diverge: an account created on it alone shifts its ids, so the next account
+/// created through the proxy answers differently there.
+async fn diverge_c(g: &BankGroup) {
+    let stray = g
+        .http
+        .post(
+            &format!("{}/accounts", g.banks[2].url),
+            &serde_json::json!({"name": "stray", "balance": 1}),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        stray.status,
+        201,
+        "{}",
+        String::from_utf8_lossy(&stray.body)
+    );
+    for i in 0..3 {
+        let a = g
+            .post(
+                "/accounts",
+                serde_json::json!({"name": format!("shift-{i}"), "balance": 5}),
+            )
+            .await
+            .unwrap();
+        assert_eq!(a.status, 201);
+    }
+    eventually(
+        "c to be quarantined as diverged",
+        Duration::from_secs(30),
+        || async {
+            let doc = g.proxy.status(&g.http).await;
+            let c = doc.groups[0]
+                .partitions
+                .iter()
+                .find(|p| p.name == "c")
+                .unwrap();
+            if c.status == "diverged" {
+                Ok(())
+            } else {
+                Err(format!("c is {}", c.status))
+            }
+        },
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rebuild_of_a_diverged_partition_under_load_ends_identical() {
+    let g = signed_group(|_| secret_env(SECRET)).await;
+    let mut report = LoadReport::default();
+    let ids = seed_accounts(&g, 4, &mut report).await;
+    // The shift accounts are created outside the load report.
+    for i in 0..3 {
+        report.initial_balance.insert(format!("shift-{i}"), 5);
+    }
+    g.wait_converged(Duration::from_secs(60)).await;
+
+    // Nobody but the proxy may take a snapshot or restore one.
+    let unsigned = g.banks[0].get(&g.http, "/_regroup/snapshot").await;
+    assert_eq!(
+        unsigned.status,
+        403,
+        "{}",
+        String::from_utf8_lossy(&unsigned.body)
+    );
+    let forged = g
+        .http
+        .send(
+            "PUT",
+            &format!("{}/_regroup/restore", g.banks[1].url),
+            None,
+            None,
+        )
+        .await
+        .unwrap();
+    assert_eq!(forged.status, 403);
+
+    diverge_c(&g).await;
+    let head_before = g.proxy.status(&g.http).await.groups[0].head;
+
+    // The rebuild runs while clients keep updating and reading.
+    let stop = Arc::new(AtomicBool::new(false));
+    let load = {
+        let (target, ids, stop) = (g.target(), ids.clone(), stop.clone());
+        tokio::spawn(async move {
+            run_load_until(&target, &ids, 4, 5_000, false, "during", Some(stop)).await
+        })
+    };
+    wait_for_head(&g.target(), head_before + 20).await;
+    let (ok, out) = g
+        .rebuild_cli(&["--partition", "c"], Duration::from_secs(120))
+        .await;
+    assert!(
+        ok,
+        "regroup rebuild failed:\n{out}\nproxy log:\n{}",
+        g.proxy.log()
+    );
+    assert!(out.contains("done"), "{out}");
+    // Updates went on after the rebuild too, then the load stops.
+    let head_after = g.proxy.status(&g.http).await.groups[0].head;
+    wait_for_head(&g.target(), head_after + 20).await;
+    stop.store(true, Ordering::SeqCst);
+    let during = load.await.unwrap();
+    assert_no_failed_request(&during);
+    merge(&mut report, during);
+
+    let doc = g.wait_converged(Duration::from_secs(120)).await;
+    let (accounts, transfers) = g.assert_identical().await;
+    assert_bank_invariants(&report, &accounts, &transfers);
+
+    let group = &doc.groups[0];
+    let c = group.partitions.iter().find(|p| p.name == "c").unwrap();
+    let rebuild = c.rebuild.as_ref().expect("c's rebuild in /status");
+    assert_eq!(rebuild.phase, regroup_proxy::rebuild::RebuildPhase::Done);
+    assert_eq!(
+        rebuild.source, "b",
+        "a replica is the source before the primary"
+    );
+    assert!(rebuild.bytes > 0, "{rebuild:?}");
+    let seq = rebuild.seq.unwrap();
+    assert!(
+        seq > head_before,
+        "the snapshot was taken under load: {rebuild:?}"
+    );
+    let names: Vec<&str> = group.transitions.iter().map(|t| t.name.as_str()).collect();
+    assert!(
+        group
+            .transitions
+            .iter()
+            .any(|t| t.name == "rebuild" && t.reason.contains(&format!("at seq {seq}"))),
+        "{names:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rebuild_refusals_and_failures_name_the_problem() {
+    // c knows another secret: the proxy's replays and its restore are refused there.
+    let g = signed_group(|name| {
+        secret_env(if name == "c" {
+            "another-secret"
+        } else {
+            SECRET
+        })
+    })
+    .await;
+    let mut report = LoadReport::default();
+    seed_accounts(&g, 2, &mut report).await;
+
+    let (ok, out) = g
+        .rebuild_cli(&["--partition", "a"], Duration::from_secs(30))
+        .await;
+    assert!(!ok && out.contains("is the primary"), "{out}");
+    let (ok, out) = g
+        .rebuild_cli(
+            &["--partition", "c", "--from", "c"],
+            Duration::from_secs(30),
+        )
+        .await;
+    assert!(!ok && out.contains("itself"), "{out}");
+    let (ok, out) = g
+        .rebuild_cli(&["--partition", "z"], Duration::from_secs(30))
+        .await;
+    assert!(!ok && out.contains("no partition \"z\""), "{out}");
+
+    let (ok, out) = g
+        .rebuild_cli(
+            &["--partition", "c", "--from", "b"],
+            Duration::from_secs(60),
+        )
+        .await;
+    assert!(!ok, "a restore refused by the target must fail:\n{out}");
+    assert!(
+        out.contains("/_regroup/restore") && out.contains("403"),
+        "{out}"
+    );
+    let doc = g.proxy.status(&g.http).await;
+    let group = &doc.groups[0];
+    let c = group.partitions.iter().find(|p| p.name == "c").unwrap();
+    assert_eq!(
+        c.status, "diverged",
+        "a target that was sent a snapshot stays quarantined"
+    );
+    assert!(
+        c.reason.contains("rebuild from \"b\" failed"),
+        "{}",
+        c.reason
+    );
+    assert!(
+        group
+            .transitions
+            .iter()
+            .any(|t| t.name == "rebuild_failed" && t.reason.contains("403")),
+        "{:?}",
+        group.transitions
+    );
+    // The others go on serving.
+    let a = g
+        .post(
+            "/accounts",
+            serde_json::json!({"name": "after", "balance": 1}),
+        )
+        .await
+        .unwrap();
+    assert_eq!(a.status, 201);
+}

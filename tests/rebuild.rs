@@ -229,3 +229,96 @@ async fn rebuild_refusals_and_failures_name_the_problem() {
         .unwrap();
     assert_eq!(a.status, 201);
 }
+
+/// The PostgreSQL snapshotter: every table read in one REPEATABLE READ READ ONLY
+/// transaction, restored in one transaction into a database with other rows, foreign keys
+/// and serial ids continuing where the snapshot's did.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_snapshot_restores_every_table() {
+    use regroup_replay::{SeaOrmSnapshotter, Snapshotter};
+    use sea_orm::{ConnectionTrait, Database, Statement};
+    use sea_orm_migration::{MigrationTrait, SchemaManager};
+    let Some(source_db) = support::postgres::TempDatabase::create_or_skip().await else {
+        return;
+    };
+    let Some(target_db) = support::postgres::TempDatabase::create_or_skip().await else {
+        return;
+    };
+    let schema = "CREATE TABLE owner (id SERIAL PRIMARY KEY, name TEXT NOT NULL);
+                  CREATE TABLE pet (id BIGSERIAL PRIMARY KEY,
+                                    owner INTEGER NOT NULL REFERENCES owner(id),
+                                    name TEXT NOT NULL, tags JSONB, born TIMESTAMPTZ);";
+    let mut dbs = Vec::new();
+    for t in [&source_db, &target_db] {
+        let db = Database::connect(&t.url).await.unwrap();
+        regroup_migrations::AppliedMigration
+            .up(&SchemaManager::new(&db))
+            .await
+            .unwrap();
+        db.execute_unprepared(schema).await.unwrap();
+        dbs.push(db);
+    }
+    let (source, target) = (&dbs[0], &dbs[1]);
+    source
+        .execute_unprepared(
+            "INSERT INTO owner (name) VALUES ('ann'), ('bo');
+             INSERT INTO pet (owner, name, tags, born) VALUES
+               (1, 'rex', '{\"a\": [1, 2]}', '2026-01-02T03:04:05Z'), (2, 'tom', NULL, NULL);
+             INSERT INTO regroup_applied (seq, txn_id, epoch, status, body) VALUES
+               (1, 't1', 1, 201, '\\x7b7d'), (3, 't3', 2, 201, '\\x7b7d');",
+        )
+        .await
+        .unwrap();
+    target
+        .execute_unprepared(
+            "INSERT INTO owner (name) VALUES ('x'), ('y'), ('z');
+             INSERT INTO pet (owner, name) VALUES (3, 'stale');
+             INSERT INTO regroup_applied (seq, txn_id, epoch, status, body) VALUES
+               (9, 't9', 4, 201, '\\x00');",
+        )
+        .await
+        .unwrap();
+    let dump = |db: &sea_orm::DatabaseConnection| {
+        let db = db.clone();
+        async move {
+            let mut out = Vec::new();
+            for q in [
+                "SELECT row_to_json(t)::text FROM (SELECT * FROM owner ORDER BY id) t",
+                "SELECT row_to_json(t)::text FROM (SELECT * FROM pet ORDER BY id) t",
+                "SELECT row_to_json(t)::text FROM (SELECT * FROM regroup_applied ORDER BY seq) t",
+            ] {
+                for r in db
+                    .query_all_raw(Statement::from_string(db.get_database_backend(), q))
+                    .await
+                    .unwrap()
+                {
+                    out.push(r.try_get_by_index::<String>(0).unwrap());
+                }
+            }
+            out
+        }
+    };
+    let snap = SeaOrmSnapshotter::new(source.clone())
+        .snapshot()
+        .await
+        .unwrap();
+    assert_eq!((snap.seq, snap.epoch), (3, 2));
+    let restored = SeaOrmSnapshotter::new(target.clone())
+        .restore(&snap.format.clone(), snap.body)
+        .await
+        .unwrap();
+    assert_eq!((restored.seq, restored.epoch), (3, 2));
+    assert_eq!(dump(target).await, dump(source).await);
+    // New ids continue after the restored ones, the same on both.
+    for db in [source, target] {
+        db.execute_unprepared(
+            "INSERT INTO owner (name) VALUES ('cy'); INSERT INTO pet (owner, name) VALUES (3, 'new');",
+        )
+        .await
+        .unwrap();
+    }
+    assert_eq!(dump(target).await, dump(source).await);
+    for db in dbs {
+        let _ = db.close().await;
+    }
+}

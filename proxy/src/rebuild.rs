@@ -14,8 +14,9 @@
 //!
 //! Progress (phase, bytes, seq, source) is part of the partition's state, in `/status` as
 //! `rebuild`; `rebuild` and `rebuild_failed` transitions say why it started and how it
-//! ended. A failure names what failed; a target that had not been sent anything yet is
-//! left as it was, otherwise it stays quarantined until the next rebuild.
+//! ended. A failure names what failed; a target that cannot have changed (nothing sent, or
+//! a restore refused) is left as it was, otherwise it stays quarantined until the next
+//! rebuild.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -248,7 +249,7 @@ fn choose_source(
         })
 }
 
-/// Why a rebuild failed, and whether the target was sent anything.
+/// Why a rebuild failed, and whether the target may have changed.
 struct Failure {
     what: String,
     touched: bool,
@@ -455,22 +456,25 @@ async fn steps(
     .await
     .map_err(|_| failed("the target's restore timed out", true))?
     .map_err(|e| {
+        // Refused before anything was sent: the target is as it was.
+        let sent = !crate::link::is_connect_error(e.as_ref());
         failed(
             format!(
                 "the target's restore got no answer: {}",
                 crate::link::error_chain(e.as_ref())
             ),
-            true,
+            sent,
         )
     })?;
     let (status, answer) = resp;
     if !status.is_success() {
+        // A restore that fails changes nothing (the Snapshotter's contract).
         return Err(failed(
             format!(
                 "the target answered {status} to {RESTORE_PATH}: {}",
                 String::from_utf8_lossy(&answer)
             ),
-            true,
+            false,
         ));
     }
     let restored = serde_json::from_slice::<serde_json::Value>(&answer)

@@ -9,7 +9,8 @@
 //! being rebuilt, at the seq its snapshot includes. One that is `unavailable`, `diverged`
 //! or `rebuilding` without a snapshot yet does not hold it: a partition that is down for
 //! long cannot make the journal grow without bound. When it returns needing truncated
-//! records, its replayer finds them gone and it is rebuilt from a snapshot automatically.
+//! records, its replayer finds them gone and it is rebuilt from a snapshot automatically;
+//! meanwhile (standing below what is left) it holds nothing either.
 //! The newest record always stays (it holds the head).
 
 use std::sync::Arc;
@@ -77,7 +78,9 @@ async fn truncatable(group: &Group, low: u64) -> Option<u64> {
         through = through.min(group.head().saturating_sub(n));
     }
     for p in group.members().iter() {
-        if group.is_primary(p) {
+        // Nor a partition that already needs truncated records: only a rebuild helps it,
+        // and the journal must not grow while it waits for one.
+        if group.is_primary(p) || p.applied() < low {
             continue;
         }
         if let Some(r) = p.rebuild().filter(|r| r.phase.running()) {

@@ -327,6 +327,12 @@ fn status_table(doc: &StatusDoc) -> String {
                 "{role} {:<12} {:<28} {:<12} {:>8}  {} {}\n",
                 p.name, p.url, p.status, p.applied, p.since, p.reason
             ));
+            if let Some(r) = p.rebuild.as_ref().filter(|r| r.phase.running()) {
+                out.push_str(&format!(
+                    "    rebuild from {}: {:?}, {} bytes\n",
+                    r.source, r.phase, r.bytes
+                ));
+            }
         }
     }
     out

@@ -160,6 +160,10 @@ pub(crate) async fn start_because(
 pub(crate) fn start_when_answering(group: &Arc<Group>, target: &str, applied: u64) {
     let group = group.clone();
     let target = target.to_owned();
+    let before = group
+        .member(&target)
+        .and_then(|p| p.rebuild())
+        .map(|r| r.id);
     tokio::spawn(async move {
         let mut stop = group.stop.subscribe();
         let mut attempts = 0u32;
@@ -170,7 +174,11 @@ pub(crate) fn start_when_answering(group: &Arc<Group>, target: &str, applied: u6
             let Some(p) = group.member(&target) else {
                 return;
             };
-            if p.health() == Health::Up && !p.is_rebuilding() {
+            if p.rebuild().map(|r| r.id) != before {
+                // Another rebuild started meanwhile (an operator's): it takes care of it.
+                return;
+            }
+            if p.health() == Health::Up {
                 let reason =
                     format!("it stands at {applied}, but retention truncated the records after it");
                 match start_because(&group, &target, None, reason).await {

@@ -188,6 +188,24 @@ async fn rebuild_refusals_and_failures_name_the_problem() {
         .await;
     assert!(!ok && out.contains("no partition \"z\""), "{out}");
 
+    eventually(
+        "c to be quarantined: it refuses the proxy's replays",
+        Duration::from_secs(30),
+        || async {
+            let doc = g.proxy.status(&g.http).await;
+            let c = doc.groups[0]
+                .partitions
+                .iter()
+                .find(|p| p.name == "c")
+                .unwrap();
+            if c.status == "diverged" {
+                Ok(())
+            } else {
+                Err(format!("c is {}", c.status))
+            }
+        },
+    )
+    .await;
     let (ok, out) = g
         .rebuild_cli(
             &["--partition", "c", "--from", "b"],
@@ -204,7 +222,7 @@ async fn rebuild_refusals_and_failures_name_the_problem() {
     let c = group.partitions.iter().find(|p| p.name == "c").unwrap();
     assert_eq!(
         c.status, "diverged",
-        "a target that was sent a snapshot stays quarantined"
+        "a quarantined target stays quarantined when its rebuild fails"
     );
     assert!(
         c.reason.contains("rebuild from \"b\" failed"),

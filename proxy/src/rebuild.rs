@@ -4,7 +4,9 @@
 //! 1. The target leaves client traffic and replay: it is quarantined durably (so a proxy
 //!    restart mid-way never serves it) and shown `rebuilding`; its replayer stops.
 //! 2. A source is chosen: answering, not quarantined, caught up (`available`), not the
-//!    target, a replica before the primary; `from` forces one.
+//!    target, a replica before the primary; `from` forces one. The target is asked whether
+//!    it would take a restore from this proxy (`GET /_regroup/restore`) before anything
+//!    is sent.
 //! 3. The source's `GET /_regroup/snapshot` is streamed, as it arrives, into the target's
 //!    `PUT /_regroup/restore` (both signed with the group's replay secret when it has one).
 //!    No write slot is held: updates go on meanwhile, and retention keeps every record after
@@ -362,6 +364,43 @@ async fn steps(
         .await
         .map_err(|e| failed(format!("cannot store the quarantine: {e}"), false))?;
     let secret = group.config.signing_secret();
+
+    // The target must be ready to take a restore from this proxy before anything is sent.
+    let uri = forward::upstream_uri(target.base(), RESTORE_PATH)
+        .map_err(|e| failed(format!("restore address: {e}"), false))?;
+    let mut req = Request::get(uri)
+        .body(forward::full(bytes::Bytes::new()))
+        .map_err(|e| failed(e.to_string(), false))?;
+    if let Some(s) = &secret {
+        sign_snapshot_request(req.headers_mut(), "GET", RESTORE_PATH, s);
+    }
+    let ready = tokio::time::timeout(group.config.update_timeout(), async {
+        let resp = group.client.request(req).await?;
+        let status = resp.status();
+        let body = resp.into_body().collect().await?.to_bytes();
+        Ok::<_, BoxError>((status, body))
+    })
+    .await
+    .map_err(|_| failed("the target's restore did not answer", false))?
+    .map_err(|e| {
+        failed(
+            format!(
+                "cannot reach the target's restore: {}",
+                crate::link::error_chain(e.as_ref())
+            ),
+            false,
+        )
+    })?;
+    if !ready.0.is_success() {
+        return Err(failed(
+            format!(
+                "the target answered {} to {RESTORE_PATH}: {}",
+                ready.0,
+                String::from_utf8_lossy(&ready.1)
+            ),
+            false,
+        ));
+    }
 
     // 2. The source's snapshot.
     set_phase(target, RebuildPhase::Snapshot);

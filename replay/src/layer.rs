@@ -25,7 +25,8 @@
 //!   or `{"seq": N, "applied": false}`.
 //! - [`ReplayLayer::snapshots`] makes a [`SnapshotLayer`] to stack outside it: `GET
 //!   /_regroup/snapshot` and `PUT /_regroup/restore` over a [`Snapshotter`] (see
-//!   [`crate::snapshot`] for the format and who may call them). A restore repositions this
+//!   [`crate::snapshot`] for the format and who may call them; `GET /_regroup/restore`
+//!   answers 204 to a caller whose restore would be taken). A restore repositions this
 //!   layer's memory (highest seq and epoch) at the restored copy's.
 
 use std::future::Future;
@@ -589,7 +590,8 @@ where
     fn call(&mut self, req: Request<ReqBody>) -> Self::Future {
         let path = req.uri().path();
         let ours = (path == snapshot::SNAPSHOT_PATH && req.method() == Method::GET)
-            || (path == snapshot::RESTORE_PATH && req.method() == Method::PUT);
+            || (path == snapshot::RESTORE_PATH
+                && (req.method() == Method::PUT || req.method() == Method::GET));
         if !ours {
             let fut = self.inner.call(req);
             return Box::pin(fut);
@@ -641,8 +643,15 @@ impl SnapshotLayer {
         if let Some(refused) = self.authorize(&parts) {
             return refused;
         }
-        if parts.method == Method::GET {
+        if parts.method == Method::GET && parts.uri.path() == snapshot::SNAPSHOT_PATH {
             return self.snapshot().await;
+        }
+        if parts.method == Method::GET {
+            // `GET /_regroup/restore`: whether a restore from this caller would be taken,
+            // asked before a snapshot is streamed here.
+            let mut resp = Response::new(B::from(String::new()));
+            *resp.status_mut() = StatusCode::NO_CONTENT;
+            return resp;
         }
         let Some(format) = parts
             .headers

@@ -15,7 +15,9 @@
 //! The app layer serves it ([`crate::ReplayLayer::with_snapshots`]): `GET
 //! /_regroup/snapshot` answers the snapshot as the body with `Regroup-Snapshot-Seq`,
 //! `Regroup-Snapshot-Epoch` and `Regroup-Snapshot-Format`; `PUT /_regroup/restore` takes one
-//! (with `Regroup-Snapshot-Format`) and answers `{"seq": S, "epoch": E}`.
+//! (with `Regroup-Snapshot-Format`) and answers `{"seq": S, "epoch": E}`; `GET
+//! /_regroup/restore` answers 204 when a restore from this caller would be taken (the proxy
+//! asks before it streams a snapshot, so a refusal is clear and nothing is sent).
 //!
 //! **Who may call them.** A snapshot is the whole database and a restore replaces it, so
 //! with a replay secret both need a `Regroup-Signature` made with it

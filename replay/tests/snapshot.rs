@@ -273,6 +273,18 @@ async fn snapshot_endpoints_are_not_open_to_anyone() {
         .insert(FORMAT_HEADER, FORMAT_SQLITE.parse().unwrap());
     let resp = signed.clone().oneshot(req).await.unwrap();
     assert_eq!(resp.status(), StatusCode::FORBIDDEN);
+    // Asking whether a restore would be taken: only a signed caller hears yes.
+    let ask = |secret: Option<&Secret>| {
+        let mut req = Request::get(RESTORE_PATH).body(Body::default()).unwrap();
+        if let Some(s) = secret {
+            sign_snapshot_request(req.headers_mut(), "GET", RESTORE_PATH, s);
+        }
+        req
+    };
+    let resp = signed.clone().oneshot(ask(None)).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::FORBIDDEN);
+    let resp = signed.clone().oneshot(ask(Some(&secret))).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::NO_CONTENT);
     let resp = signed
         .clone()
         .oneshot(get_snapshot(Some(&secret)))

@@ -114,9 +114,20 @@ async fn truncatable(group: &Group, low: u64) -> Option<u64> {
             _ => false,
         }
     };
+    let newest = newest_old_enough(low, through, old_enough).await;
+    (newest > low).then_some(newest)
+}
+
+/// The highest seq in `low..=through` for which `old_enough` holds, given that it holds for
+/// a prefix of the range (timestamps rise with seq); `low` when it holds for none.
+async fn newest_old_enough<F, Fut>(low: u64, through: u64, old_enough: F) -> u64
+where
+    F: Fn(u64) -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
     let (mut lo, mut hi) = (low, through);
-    if old_enough(hi).await {
-        return Some(hi);
+    if hi <= lo || old_enough(hi).await {
+        return hi.max(lo);
     }
     // Invariant: everything up to `lo` may go, `hi` may not.
     while lo + 1 < hi {
@@ -127,5 +138,21 @@ async fn truncatable(group: &Group, low: u64) -> Option<u64> {
             hi = mid;
         }
     }
-    (lo > low).then_some(lo)
+    lo
+}
+
+#[cfg(test)]
+mod tests {
+    use super::newest_old_enough;
+
+    #[tokio::test]
+    async fn the_search_finds_the_newest_record_old_enough() {
+        // Records low+1..=through; those up to `cut` are old enough.
+        for (low, through) in [(0u64, 1u64), (0, 10), (3, 17), (100, 101), (5, 5)] {
+            for cut in low..=through {
+                let found = newest_old_enough(low, through, |seq| async move { seq <= cut }).await;
+                assert_eq!(found, cut, "low {low} through {through} cut {cut}");
+            }
+        }
+    }
 }

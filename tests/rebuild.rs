@@ -265,7 +265,10 @@ async fn postgres_snapshot_restores_every_table() {
     let schema = "CREATE TABLE owner (id SERIAL PRIMARY KEY, name TEXT NOT NULL);
                   CREATE TABLE pet (id BIGSERIAL PRIMARY KEY,
                                     owner INTEGER NOT NULL REFERENCES owner(id),
-                                    name TEXT NOT NULL, tags JSONB, born TIMESTAMPTZ);";
+                                    name TEXT NOT NULL, tags JSONB, born TIMESTAMPTZ,
+                                    shout TEXT GENERATED ALWAYS AS (upper(name)) STORED);
+                  CREATE TABLE visit (id INTEGER GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+                                      pet BIGINT NOT NULL REFERENCES pet(id));";
     let mut dbs = Vec::new();
     for t in [&source_db, &target_db] {
         let db = Database::connect(&t.url).await.unwrap();
@@ -282,6 +285,7 @@ async fn postgres_snapshot_restores_every_table() {
             "INSERT INTO owner (name) VALUES ('ann'), ('bo');
              INSERT INTO pet (owner, name, tags, born) VALUES
                (1, 'rex', '{\"a\": [1, 2]}', '2026-01-02T03:04:05Z'), (2, 'tom', NULL, NULL);
+             INSERT INTO visit (pet) VALUES (2), (1);
              INSERT INTO regroup_applied (seq, txn_id, epoch, status, body) VALUES
                (1, 't1', 1, 201, '\\x7b7d'), (3, 't3', 2, 201, '\\x7b7d');",
         )
@@ -303,6 +307,7 @@ async fn postgres_snapshot_restores_every_table() {
             for q in [
                 "SELECT row_to_json(t)::text FROM (SELECT * FROM owner ORDER BY id) t",
                 "SELECT row_to_json(t)::text FROM (SELECT * FROM pet ORDER BY id) t",
+                "SELECT row_to_json(t)::text FROM (SELECT * FROM visit ORDER BY id) t",
                 "SELECT row_to_json(t)::text FROM (SELECT * FROM regroup_applied ORDER BY seq) t",
             ] {
                 for r in db
@@ -330,7 +335,8 @@ async fn postgres_snapshot_restores_every_table() {
     // New ids continue after the restored ones, the same on both.
     for db in [source, target] {
         db.execute_unprepared(
-            "INSERT INTO owner (name) VALUES ('cy'); INSERT INTO pet (owner, name) VALUES (3, 'new');",
+            "INSERT INTO owner (name) VALUES ('cy'); INSERT INTO pet (owner, name) VALUES (3, 'new');
+             INSERT INTO visit (pet) VALUES (3);",
         )
         .await
         .unwrap();

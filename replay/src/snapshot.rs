@@ -461,12 +461,27 @@ impl SeaOrmSnapshotter {
             txn.execute_unprepared(&format!("TRUNCATE {all}")).await?;
         }
         for (t, list) in &rows {
+            // Generated columns are computed again; identity columns take the stored ids.
+            let columns = txn
+                .query_all_raw(Statement::from_sql_and_values(
+                    DbBackend::Postgres,
+                    "SELECT column_name AS c FROM information_schema.columns \
+                     WHERE table_schema = current_schema() AND table_name = $1 \
+                     AND is_generated = 'NEVER' ORDER BY ordinal_position",
+                    [t.clone().into()],
+                ))
+                .await?
+                .iter()
+                .map(|r| r.try_get::<String>("", "c").map(|c| quote(&c)))
+                .collect::<Result<Vec<_>, _>>()?
+                .join(", ");
             for batch in list.chunks(PG_BATCH) {
                 let json = serde_json::Value::Array(batch.to_vec()).to_string();
                 txn.execute_raw(Statement::from_sql_and_values(
                     DbBackend::Postgres,
                     format!(
-                        "INSERT INTO {t} SELECT * FROM json_populate_recordset(NULL::{t}, $1::json)",
+                        "INSERT INTO {t} ({columns}) OVERRIDING SYSTEM VALUE \
+                         SELECT {columns} FROM json_populate_recordset(NULL::{t}, $1::json)",
                         t = quote(t)
                     ),
                     [json.into()],

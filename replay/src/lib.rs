@@ -1,7 +1,8 @@
 //! regroup's transport-free core: transaction records, the durable [`Journal`], and the
 //! [`Replayer`] that drives one partition through the journal via an [`Applier`]; and what
-//! an application links: the [`ReplayContext`] and its [`ReplayLayer`], and [`ExactlyOnce`]
-//! application with sea-orm.
+//! an application links: the [`ReplayContext`] and its [`ReplayLayer`], [`ExactlyOnce`]
+//! application with sea-orm, and the [`Snapshotter`] that lets the proxy rebuild a
+//! partition from another's snapshot ([`SnapshotLayer`]).
 //!
 //! # Design
 //!

@@ -12,7 +12,7 @@
 //! every table, and moves the serial sequences past the restored ids, in one transaction).
 //! An app on another store implements the trait itself.
 //!
-//! The app layer serves it ([`crate::ReplayLayer::with_snapshots`]): `GET
+//! The app layer serves it ([`crate::ReplayLayer::snapshots`], a [`crate::SnapshotLayer`]): `GET
 //! /_regroup/snapshot` answers the snapshot as the body with `Regroup-Snapshot-Seq`,
 //! `Regroup-Snapshot-Epoch` and `Regroup-Snapshot-Format`; `PUT /_regroup/restore` takes one
 //! (with `Regroup-Snapshot-Format`) and answers `{"seq": S, "epoch": E}`; `GET

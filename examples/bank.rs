@@ -31,7 +31,9 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 use clap::Parser;
-use regroup_replay::{Answer, ExactlyOnce, ReplayContext, ReplayLayer, RunError};
+use regroup_replay::{
+    Answer, ExactlyOnce, ReplayContext, ReplayLayer, RunError, SeaOrmSnapshotter,
+};
 use sea_orm::sqlx::sqlite::{SqliteJournalMode, SqliteSynchronous};
 use sea_orm::{
     ActiveModelTrait, ActiveValue::Set, ConnectOptions, Database, DatabaseConnection,
@@ -55,6 +57,11 @@ struct Args {
     /// Database URL: sqlite://FILE (created if missing) or postgres://...
     #[arg(long, default_value = "sqlite://bank.db")]
     db: String,
+    /// Serve `/_regroup/snapshot` and `/_regroup/restore` without a replay secret (only
+    /// where nothing but the proxy reaches this process); with `REGROUP_REPLAY_SECRET` set
+    /// they need a signature whatever this says.
+    #[arg(long)]
+    unsigned_snapshots: bool,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -69,13 +76,13 @@ fn main() -> anyhow::Result<()> {
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?
-        .block_on(serve(&args.listen, &args.db))
+        .block_on(serve(&args.listen, &args.db, args.unsigned_snapshots))
 }
 
 /// Binds `listen` (e.g. `"127.0.0.1:0"`), opens, creates if needed and migrates the
 /// database at `db`, prints `bank listening on http://IP:PORT` to stdout, and serves until
 /// SIGINT or SIGTERM, then shuts down gracefully.
-pub async fn serve(listen: &str, db: &str) -> anyhow::Result<()> {
+pub async fn serve(listen: &str, db: &str, unsigned_snapshots: bool) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(listen).await?;
     let addr = listener.local_addr()?;
     let db = connect(db).await?;
@@ -89,7 +96,7 @@ pub async fn serve(listen: &str, db: &str) -> anyhow::Result<()> {
     drop(stdout);
     tracing::info!(%addr, "bank listening");
 
-    axum::serve(listener, app(db))
+    axum::serve(listener, app(db, unsigned_snapshots))
         .with_graceful_shutdown(shutdown_signal())
         .await?;
     tracing::info!("bank stopped");
@@ -97,8 +104,12 @@ pub async fn serve(listen: &str, db: &str) -> anyhow::Result<()> {
 }
 
 /// The bank's routes over `db`; run the migrations first (as [`serve`] does).
-pub fn app(db: DatabaseConnection) -> Router {
+pub fn app(db: DatabaseConnection, unsigned_snapshots: bool) -> Router {
     let once = ExactlyOnce::new(db.clone());
+    let replay = ReplayLayer::new()
+        .with_store(once.clone())
+        .allow_unsigned_snapshots(unsigned_snapshots);
+    let snapshots = replay.snapshots(SeaOrmSnapshotter::new(db.clone()));
     let state = AppState {
         db,
         once: once.clone(),
@@ -114,7 +125,10 @@ pub fn app(db: DatabaseConnection) -> Router {
         // regroup's replay context on every request, fencing of stale epochs, and the
         // `/_regroup/applied` answers from the exactly-once records; with
         // REGROUP_REPLAY_SECRET set, only replay headers signed with it are accepted.
-        .layer(ReplayLayer::new().with_store(once))
+        .layer(replay)
+        // Outside it: `/_regroup/snapshot` and `/_regroup/restore`, so the proxy can rebuild
+        // a partition from another's snapshot (signed with REGROUP_REPLAY_SECRET when set).
+        .layer(snapshots)
 }
 
 /// Opens the database; a SQLite file is created if missing, in WAL mode with full fsync.

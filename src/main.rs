@@ -10,6 +10,7 @@ use regroup_proxy::admin::StatusDoc;
 use regroup_proxy::{Config, server};
 
 mod demo;
+mod rebuild_cli;
 
 #[derive(Parser)]
 #[command(
@@ -108,6 +109,8 @@ enum Command {
         #[arg(long)]
         to: String,
     },
+    /// Rebuild a partition from a snapshot of another, showing progress until it is done.
+    Rebuild(rebuild_cli::RebuildArgs),
     /// Run a redundancy group of three bank partitions behind the proxy, on SQLite files
     /// in a fresh directory.
     Demo(demo::DemoArgs),
@@ -274,6 +277,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let body = serde_json::json!({"partition": role.partition, "to": to});
             admin_verb("move", &role, body).await
         }
+        Command::Rebuild(args) => rebuild_cli::run(args).await,
         Command::Demo(args) => demo::run(args).await,
     }
 }
@@ -388,6 +392,12 @@ fn status_table(doc: &StatusDoc) -> String {
                 p.since,
                 p.reason
             ));
+            if let Some(r) = p.rebuild.as_ref().filter(|r| r.phase.running()) {
+                out.push_str(&format!(
+                    "    rebuild from {}: {:?}, {} bytes\n",
+                    r.source, r.phase, r.bytes
+                ));
+            }
         }
         for d in &g.config_drift {
             out.push_str(&format!("  config differs from the journal: {d}\n"));

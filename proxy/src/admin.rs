@@ -3,7 +3,8 @@
 //! record), `POST /groups/{group}/promote`, `/drain`, `/undrain` (`{"partition": NAME}`),
 //! `/rejoin` (`{"partition": NAME, "applied": SEQ}`: lift a diverged partition's quarantine),
 //! and the membership verbs `/add` (`{"partition", "url", "host"?, "priority"?}`), `/remove`
-//! (`{"partition"}`) and `/move` (`{"partition", "to": GROUP}`).
+//! (`{"partition"}`) and `/move` (`{"partition", "to": GROUP}`); `/rebuild`
+//! (`{"partition": NAME, "from": NAME?}`: 202, then progress in `/status`).
 //!
 //! `GET /metrics` (Prometheus text, [`crate::metrics`]), `GET /` (the live dashboard) and
 //! `GET /groups/{group}/journal?after=N` (the change feed, NDJSON; needs the token).
@@ -165,6 +166,9 @@ pub struct PartitionStatusDoc {
     /// Consecutive heartbeats missed (0: it answers).
     #[serde(default)]
     pub missed: u32,
+    /// The latest rebuild from a snapshot, running or ended.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rebuild: Option<crate::rebuild::RebuildProgress>,
 }
 
 impl From<GroupView> for GroupStatus {
@@ -204,6 +208,7 @@ impl From<PartitionView> for PartitionStatusDoc {
             since: regroup_replay::record::format_timestamp(p.since),
             reason: p.reason,
             missed: p.missed,
+            rebuild: p.rebuild,
         }
     }
 }
@@ -262,6 +267,18 @@ pub struct RejoinRequest {
     /// layer says).
     #[serde(default)]
     pub applied: Option<u64>,
+}
+
+/// The body of `POST /groups/{group}/rebuild`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RebuildRequest {
+    /// The partition to rebuild.
+    pub partition: String,
+    /// The partition to take the snapshot from (default: the best available replica, else
+    /// the primary).
+    #[serde(default)]
+    pub from: Option<String>,
 }
 
 /// How an operator settles an in-doubt record.
@@ -434,6 +451,26 @@ impl Admin {
                         hosts: Vec::new(),
                         proxy: None,
                     },
+                ))
+            }
+            (&Method::POST, ["groups", group, "rebuild"]) => {
+                self.authorize(&req)?;
+                let group = self.group(group)?;
+                let ask: RebuildRequest = read_json(
+                    req,
+                    limit,
+                    "{\"partition\": NAME, \"from\": NAME (optional)}",
+                )
+                .await?;
+                crate::rebuild::start(&group, &ask.partition, ask.from.as_deref()).await?;
+                let rebuild = group.member(&ask.partition).and_then(|p| p.rebuild());
+                Ok(json(
+                    StatusCode::ACCEPTED,
+                    &serde_json::json!({
+                        "group": group.name(),
+                        "partition": ask.partition,
+                        "rebuild": rebuild,
+                    }),
                 ))
             }
             (&Method::POST, ["groups", group, verb @ ("promote" | "drain" | "undrain")]) => {

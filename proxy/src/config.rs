@@ -204,6 +204,13 @@ pub struct GroupConfig {
     /// `REGROUP_REPLAY_SECRET` environment variable, if set; else nothing is signed.
     #[serde(default)]
     pub replay_secret: Option<String>,
+    /// Retention: keep at least this many of the newest records (absent, with
+    /// `retain_hours` absent too: keep every record). See [`GroupConfig::retains`].
+    #[serde(default)]
+    pub retain_records: Option<u64>,
+    /// Retention: keep at least the records of the last this many hours (fractions allowed).
+    #[serde(default)]
+    pub retain_hours: Option<f64>,
     /// The partitions; the first is the primary when the group is new.
     pub partitions: Vec<PartitionConfig>,
 }
@@ -555,6 +562,14 @@ impl Config {
                     "must not be empty (leave it out to sign nothing)".into(),
                 ));
             }
+            if let Some(h) = g.retain_hours
+                && !(h.is_finite() && h >= 0.0)
+            {
+                return Err(invalid(
+                    key("retain_hours"),
+                    format!("must be a number of hours, 0 or more (got {h})"),
+                ));
+            }
             if g.partitions.is_empty() {
                 return Err(invalid(
                     key("partitions"),
@@ -581,6 +596,18 @@ impl Config {
 }
 
 impl GroupConfig {
+    /// Whether retention truncates this group's journal (`retain_records` or
+    /// `retain_hours` set).
+    pub fn retains(&self) -> bool {
+        self.retain_records.is_some() || self.retain_hours.is_some()
+    }
+
+    /// How long records are kept at least, by `retain_hours` (zero when absent).
+    pub fn retain_for(&self) -> std::time::Duration {
+        std::time::Duration::try_from_secs_f64(self.retain_hours.unwrap_or(0.0) * 3600.0)
+            .unwrap_or(std::time::Duration::MAX)
+    }
+
     /// The group's classifier: its route rules and read methods.
     pub fn classifier(&self) -> Classifier {
         let c = Classifier::new(&self.routes);

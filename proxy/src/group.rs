@@ -265,6 +265,7 @@ impl Group {
         crate::replicate::start(self);
         crate::failover::start(self);
         crate::update::start_flusher(self);
+        crate::retention::start(self);
         if self.in_doubt().is_some() {
             crate::update::spawn_settle(self.clone());
         }
@@ -485,9 +486,15 @@ impl Group {
     fn derive_status(&self, p: &Partition) -> bool {
         let retries = self.config.heartbeat_retries;
         let sealed = self.sealed();
-        let (status, reason): (PartitionStatus, Box<dyn FnOnce() -> String>) = if let Some(why) =
-            p.diverged()
+        let rebuild = p.rebuild().filter(|r| r.phase.running());
+        let (status, reason): (PartitionStatus, Box<dyn FnOnce() -> String>) = if let Some(r) =
+            rebuild
         {
+            (
+                PartitionStatus::Rebuilding,
+                Box::new(move || format!("rebuilding: {}", r.reason)),
+            )
+        } else if let Some(why) = p.diverged() {
             (PartitionStatus::Diverged, Box::new(move || why))
         } else if p.is_draining() {
             (

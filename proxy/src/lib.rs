@@ -13,6 +13,13 @@
 //! **Replication.** One replayer per replica (`replicate.rs`, [`applier`]) follows the
 //! group's sealed head and replays records in order with `Regroup-Replay: 1`.
 //!
+//! **Rebuild and retention.** [`rebuild::start`] rebuilds a partition from a snapshot of a
+//! healthy one (the app layer's `/_regroup/snapshot` streamed into the target's
+//! `/_regroup/restore`), then the journal after the snapshot's seq, holding no lock of the
+//! group; `retention.rs` truncates records no partition that holds the journal still needs
+//! (`retain_records`, `retain_hours`), and a partition that needs truncated records is
+//! rebuilt by itself.
+//!
 //! **Supervision and failover.** Heartbeats with a time-out and a retry count
 //! (`supervise.rs`) and failed proxied connections drive each partition's
 //! [`status::PartitionStatus`]; when the primary becomes unavailable, `failover.rs` fences it
@@ -54,7 +61,9 @@ pub mod metrics;
 pub mod ownership;
 pub mod partition;
 pub mod read;
+pub mod rebuild;
 mod replicate;
+mod retention;
 pub mod route;
 pub mod server;
 #[cfg(test)]

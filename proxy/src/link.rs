@@ -228,7 +228,7 @@ impl PartitionLink for HttpLink {
     }
 }
 
-fn is_connect_error(e: &(dyn std::error::Error + 'static)) -> bool {
+pub(crate) fn is_connect_error(e: &(dyn std::error::Error + 'static)) -> bool {
     e.downcast_ref::<hyper_util::client::legacy::Error>()
         .is_some_and(|e| e.is_connect())
 }

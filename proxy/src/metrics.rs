@@ -57,11 +57,11 @@ use crate::status::PartitionStatus;
 pub const CONTENT_TYPE: &str = prometheus_client::encoding::prometheus_text::CONTENT_TYPE;
 
 /// Every status a partition can have, so each gets its 0/1 sample.
-fn statuses() -> [PartitionStatus; 6] {
+fn statuses() -> [PartitionStatus; 7] {
     use PartitionStatus::*;
     // Exhaustive: a new status does not compile here until it is listed below too.
     match Available {
-        Available | CatchingUp | Suspect | Unavailable | Diverged | Draining => {}
+        Available | CatchingUp | Suspect | Unavailable | Diverged | Draining | Rebuilding => {}
     }
     [
         Available,
@@ -70,6 +70,7 @@ fn statuses() -> [PartitionStatus; 6] {
         Unavailable,
         Diverged,
         Draining,
+        Rebuilding,
     ]
 }
 

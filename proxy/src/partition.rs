@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use http::Uri;
 use time::OffsetDateTime;
 
+use crate::rebuild::RebuildProgress;
 use crate::status::PartitionStatus;
 
 /// What supervision last learned about a partition.
@@ -25,6 +26,8 @@ struct State {
     status: PartitionStatus,
     since: OffsetDateTime,
     reason: String,
+    /// The latest rebuild, running or ended.
+    rebuild: Option<RebuildProgress>,
 }
 
 /// One partition of a group.
@@ -60,6 +63,8 @@ pub struct PartitionView {
     pub applied: u64,
     /// Consecutive heartbeats missed (0: it answers).
     pub missed: u32,
+    /// The latest rebuild, running or ended.
+    pub rebuild: Option<RebuildProgress>,
 }
 
 impl Partition {
@@ -83,6 +88,7 @@ impl Partition {
                 status: PartitionStatus::Suspect,
                 since: OffsetDateTime::now_utc(),
                 reason: "not yet checked".to_owned(),
+                rebuild: None,
             }),
         }
     }
@@ -154,7 +160,28 @@ impl Partition {
 
     /// Answering heartbeats, not diverged, not drained: may take the primary role.
     pub(crate) fn can_lead(&self) -> bool {
-        self.health() == Health::Up && self.diverged().is_none() && !self.is_draining()
+        self.health() == Health::Up
+            && self.diverged().is_none()
+            && !self.is_draining()
+            && !self.is_rebuilding()
+    }
+
+    /// Whether a rebuild runs.
+    pub fn is_rebuilding(&self) -> bool {
+        self.lock()
+            .rebuild
+            .as_ref()
+            .is_some_and(|r| r.phase.running())
+    }
+
+    /// The latest rebuild, running or ended.
+    pub fn rebuild(&self) -> Option<RebuildProgress> {
+        self.lock().rebuild.clone()
+    }
+
+    /// Changes the latest rebuild's progress.
+    pub(crate) fn update_rebuild(&self, f: impl FnOnce(&mut Option<RebuildProgress>)) {
+        f(&mut self.lock().rebuild);
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
@@ -235,6 +262,7 @@ impl Partition {
                 Health::Up => 0,
                 Health::Missed(n) => n,
             },
+            rebuild: s.rebuild.clone(),
         }
     }
 }

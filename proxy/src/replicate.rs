@@ -90,6 +90,8 @@ pub(crate) fn start_one(group: &Arc<Group>, partition: &Arc<Partition>) {
     let mut group_stop = group.stop.subscribe();
     let own_stop = stop_tx.clone();
     let name = format!("{}/{}", group.name(), partition.name());
+    let weak = Arc::downgrade(group);
+    let member = partition.name().to_owned();
     let task = tokio::spawn(async move {
         // The group stopping stops this replayer too.
         let forward = tokio::spawn(async move {
@@ -100,6 +102,13 @@ pub(crate) fn start_one(group: &Arc<Group>, partition: &Arc<Partition>) {
             ReplayExit::Stopped => tracing::debug!(partition = %name, "replayer stopped"),
             ReplayExit::Diverged(seq) => {
                 tracing::warn!(partition = %name, seq, "replayer stopped at divergence")
+            }
+            ReplayExit::Truncated(applied) => {
+                tracing::warn!(partition = %name, applied,
+                    "the journal no longer holds what it needs: rebuilding it from a snapshot");
+                if let Some(g) = weak.upgrade() {
+                    crate::rebuild::start_when_answering(&g, &member, applied);
+                }
             }
         }
         forward.abort();

@@ -413,6 +413,14 @@ impl Log for FaultyJournal {
         pause(&self.frozen).await;
         self.inner.record(group, seq).await
     }
+    async fn truncate(&self, group: &str, through: u64) -> Result<u64, JournalError> {
+        self.before()?;
+        let r = self.inner.truncate(group, through).await;
+        self.after(r)
+    }
+    async fn low_water(&self, group: &str) -> Result<u64, JournalError> {
+        self.inner.low_water(group).await
+    }
     fn seals_durable(&self) -> bool {
         self.deferred.is_none()
     }

@@ -24,6 +24,10 @@ pub enum PartitionStatus {
     /// Taken out of service by an operator (`regroup drain`): no client traffic; it keeps
     /// replaying so it can come back (`regroup undrain`) caught up.
     Draining,
+    /// Being rebuilt from a snapshot of another partition (`regroup rebuild`, or by itself
+    /// when it needs records retention truncated): quarantined, no traffic, no replay until
+    /// the snapshot is restored.
+    Rebuilding,
 }
 
 impl PartitionStatus {
@@ -36,6 +40,7 @@ impl PartitionStatus {
             PartitionStatus::Unavailable => "unavailable",
             PartitionStatus::Diverged => "diverged",
             PartitionStatus::Draining => "draining",
+            PartitionStatus::Rebuilding => "rebuilding",
         }
     }
 }

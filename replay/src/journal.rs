@@ -9,6 +9,9 @@
 //! - [`Checkpoints`]: per partition, the applied position and the quarantine.
 //! - [`Membership`]: the group's partitions, versioned, with compare-and-set.
 //!
+//! Retention ([`Log::truncate`], [`Log::low_water`]) removes old sealed records; the
+//! newest record of a group is never removed, so the head (and dense appends) survive.
+//!
 //! [`Journal`] is the three together. [`SqlJournal`] implements it on sea-orm (SQLite by
 //! default, PostgreSQL by URL), [`MemoryJournal`] in memory (tests and the simulation), and
 //! [`CachedJournal`] wraps either with an in-memory tail for replayers. Every implementation
@@ -196,6 +199,17 @@ pub trait Log: Send + Sync + 'static {
 
     /// One record.
     async fn record(&self, group: &str, seq: u64) -> Result<Option<Record>, JournalError>;
+
+    /// Retention: removes `group`'s records with seq up to `through`, except the group's
+    /// newest record, which is always kept (it holds the head, so appends stay dense after
+    /// any truncation). Only sealed records go: an unsealed record in the range is a
+    /// [`JournalError::Conflict`] and nothing is removed. Returns how many were removed;
+    /// truncating below what is already gone removes nothing.
+    async fn truncate(&self, group: &str, through: u64) -> Result<u64, JournalError>;
+
+    /// The highest seq truncated so far: `group`'s records up to it are gone (0 when none
+    /// ever was). [`Log::read_after`] below it returns what is left, starting above it.
+    async fn low_water(&self, group: &str) -> Result<u64, JournalError>;
 
     /// Whether a seal is durable when [`Log::seal`] returns (true), or only after the next
     /// append or [`Log::flush`] (false).

@@ -23,6 +23,11 @@
 //!   `GET /_regroup/applied` → `{"applied": <highest seq>, "epoch": <highest epoch>}` and
 //!   `GET /_regroup/applied?seq=N` → `{"seq": N, "applied": true, "status": S, "epoch": E}`
 //!   or `{"seq": N, "applied": false}`.
+//! - [`ReplayLayer::snapshots`] makes a [`SnapshotLayer`] to stack outside it: `GET
+//!   /_regroup/snapshot` and `PUT /_regroup/restore` over a [`Snapshotter`] (see
+//!   [`crate::snapshot`] for the format and who may call them; `GET /_regroup/restore`
+//!   answers 204 to a caller whose restore would be taken). A restore repositions this
+//!   layer's memory (highest seq and epoch) at the restored copy's.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -31,6 +36,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
+use futures_util::{StreamExt, TryStreamExt};
 use http::{Method, Request, Response, StatusCode, header};
 use http_body_util::{BodyExt, Limited};
 use tower::{Layer, Service};
@@ -40,6 +46,7 @@ use crate::context::ReplayContext;
 use crate::exactly_once::{AppliedRecord, ExactlyOnce};
 use crate::headers;
 use crate::signature::{PREVIOUS_SECRET_ENV, SECRET_ENV, Secret, Signed};
+use crate::snapshot::{self, SnapshotBody, Snapshotter};
 
 /// Default bound on the body the layer reads to check a signature (16 MiB).
 pub const DEFAULT_MAX_SIGNED_BODY_BYTES: usize = 16 * 1024 * 1024;
@@ -105,6 +112,7 @@ pub struct ReplayLayer {
     /// Whether the first record after start has been checked for a gap.
     gap_checked: Arc<std::sync::atomic::AtomicBool>,
     loaded: Arc<tokio::sync::OnceCell<()>>,
+    unsigned_snapshots: bool,
 }
 
 impl std::fmt::Debug for ReplayLayer {
@@ -137,6 +145,24 @@ impl ReplayLayer {
             highest_seq: Arc::default(),
             gap_checked: Arc::default(),
             loaded: Arc::default(),
+            unsigned_snapshots: false,
+        }
+    }
+
+    /// Without a replay secret, serves snapshots and restores to anyone who reaches the
+    /// partition (only for a network where nothing but the proxy does). With a secret this
+    /// changes nothing: a signature is always required.
+    pub fn allow_unsigned_snapshots(mut self, on: bool) -> Self {
+        self.unsigned_snapshots = on;
+        self
+    }
+
+    /// The layer serving `/_regroup/snapshot` and `/_regroup/restore` from `snapshotter`,
+    /// sharing this layer's secrets and memory; stack it outside this one.
+    pub fn snapshots(&self, snapshotter: impl Snapshotter) -> SnapshotLayer {
+        SnapshotLayer {
+            snapshotter: Arc::new(snapshotter),
+            replay: self.clone(),
         }
     }
 
@@ -530,5 +556,229 @@ async fn applied<B: From<String>>(store: &dyn AppliedStore, query: Option<&str>)
                 Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, "store_unavailable", e),
             }
         }
+    }
+}
+
+/// Serves `GET /_regroup/snapshot` and `PUT /_regroup/restore` (made by
+/// [`ReplayLayer::snapshots`]). The snapshot is buffered in memory to be answered, so the
+/// response body type must be buildable from [`Bytes`] (axum's `Body`).
+#[derive(Clone)]
+pub struct SnapshotLayer {
+    snapshotter: Arc<dyn Snapshotter>,
+    replay: ReplayLayer,
+}
+
+impl std::fmt::Debug for SnapshotLayer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SnapshotLayer")
+            .field("replay", &self.replay)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<S> Layer<S> for SnapshotLayer {
+    type Service = Snapshots<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        Snapshots {
+            inner,
+            layer: self.clone(),
+        }
+    }
+}
+
+/// The service made by [`SnapshotLayer`].
+#[derive(Debug, Clone)]
+pub struct Snapshots<S> {
+    inner: S,
+    layer: SnapshotLayer,
+}
+
+impl<S> Snapshots<S> {
+    /// The wrapped service.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+
+    /// Unwraps the inner service.
+    pub fn into_inner(self) -> S {
+        self.inner
+    }
+}
+
+impl<S, ReqBody, ResBody> Service<Request<ReqBody>> for Snapshots<S>
+where
+    S: Service<Request<ReqBody>, Response = Response<ResBody>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    ReqBody: http_body::Body + Send + 'static,
+    ReqBody::Data: Send,
+    ReqBody::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    ResBody: From<String> + From<Bytes> + Send + 'static,
+{
+    type Response = Response<ResBody>;
+    type Error = S::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request<ReqBody>) -> Self::Future {
+        let path = req.uri().path();
+        let ours = (path == snapshot::SNAPSHOT_PATH && req.method() == Method::GET)
+            || (path == snapshot::RESTORE_PATH
+                && (req.method() == Method::PUT || req.method() == Method::GET));
+        if !ours {
+            let fut = self.inner.call(req);
+            return Box::pin(fut);
+        }
+        let layer = self.layer.clone();
+        Box::pin(async move { Ok(layer.serve(req).await) })
+    }
+}
+
+impl SnapshotLayer {
+    /// Who may call: with secrets, a valid signature; without, only when allowed.
+    fn authorize<B: From<String>>(&self, parts: &http::request::Parts) -> Option<Response<B>> {
+        let replay = &self.replay;
+        if replay.secrets.is_empty() {
+            if replay.unsigned_snapshots {
+                return None;
+            }
+            return Some(error(
+                StatusCode::FORBIDDEN,
+                "snapshots_disabled",
+                "snapshots and restores need a replay secret (REGROUP_REPLAY_SECRET), or the \
+                 app's explicit permission to serve them unsigned"
+                    .into(),
+            ));
+        }
+        match snapshot::verify_snapshot_request(
+            &parts.headers,
+            parts.method.as_str(),
+            parts.uri.path(),
+            &replay.secrets,
+        ) {
+            Ok(()) => None,
+            Err(e) => {
+                tracing::warn!(path = parts.uri.path(), error = %e,
+                    "refused a snapshot request: bad signature");
+                Some(error(StatusCode::FORBIDDEN, "bad_signature", e))
+            }
+        }
+    }
+
+    async fn serve<ReqBody, B>(&self, req: Request<ReqBody>) -> Response<B>
+    where
+        ReqBody: http_body::Body + Send + 'static,
+        ReqBody::Data: Send,
+        ReqBody::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+        B: From<String> + From<Bytes>,
+    {
+        let (parts, body) = req.into_parts();
+        if let Some(refused) = self.authorize(&parts) {
+            return refused;
+        }
+        if parts.method == Method::GET && parts.uri.path() == snapshot::SNAPSHOT_PATH {
+            return self.snapshot().await;
+        }
+        if parts.method == Method::GET {
+            // `GET /_regroup/restore`: whether a restore from this caller would be taken,
+            // asked before a snapshot is streamed here.
+            let mut resp = Response::new(B::from(String::new()));
+            *resp.status_mut() = StatusCode::NO_CONTENT;
+            return resp;
+        }
+        let Some(format) = parts
+            .headers
+            .get(snapshot::FORMAT_HEADER)
+            .and_then(|v| v.to_str().ok())
+        else {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "no_format",
+                format!("a restore needs {}", snapshot::FORMAT_HEADER),
+            );
+        };
+        let stream: SnapshotBody = Box::pin(
+            BodyExt::into_data_stream(body)
+                .map_ok(|mut d| {
+                    let n = bytes::Buf::remaining(&d);
+                    bytes::Buf::copy_to_bytes(&mut d, n)
+                })
+                .map_err(|e| std::io::Error::other(e.into())),
+        );
+        match self.snapshotter.restore(format, stream).await {
+            Ok(restored) => {
+                // This copy now stands where the snapshot stood, even if it was further
+                // ahead before: the next record it takes is the one after it.
+                let replay = &self.replay;
+                replay.highest_seq.store(restored.seq, Ordering::Release);
+                replay
+                    .highest_epoch
+                    .store(restored.epoch, Ordering::Release);
+                replay.gap_checked.store(true, Ordering::Release);
+                tracing::info!(
+                    seq = restored.seq,
+                    epoch = restored.epoch,
+                    "restored a snapshot"
+                );
+                json(
+                    StatusCode::OK,
+                    serde_json::json!({"seq": restored.seq, "epoch": restored.epoch}),
+                )
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "restore failed; nothing changed");
+                let status = match e {
+                    snapshot::SnapshotError::Invalid(_) => StatusCode::UNPROCESSABLE_ENTITY,
+                    _ => StatusCode::SERVICE_UNAVAILABLE,
+                };
+                error(status, "restore_failed", e.to_string())
+            }
+        }
+    }
+
+    async fn snapshot<B: From<String> + From<Bytes>>(&self) -> Response<B> {
+        let snap = match self.snapshotter.snapshot().await {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!(error = %e, "snapshot failed");
+                return error(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "snapshot_failed",
+                    e.to_string(),
+                );
+            }
+        };
+        let mut body = Vec::new();
+        let mut stream = snap.body;
+        while let Some(chunk) = stream.next().await {
+            match chunk {
+                Ok(c) => body.extend_from_slice(&c),
+                Err(e) => {
+                    return error(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "snapshot_failed",
+                        e.to_string(),
+                    );
+                }
+            }
+        }
+        let mut resp = Response::new(B::from(Bytes::from(body)));
+        let h = resp.headers_mut();
+        h.insert(snapshot::SEQ_HEADER, header::HeaderValue::from(snap.seq));
+        h.insert(
+            snapshot::EPOCH_HEADER,
+            header::HeaderValue::from(snap.epoch),
+        );
+        if let Ok(v) = header::HeaderValue::from_str(&snap.format) {
+            h.insert(snapshot::FORMAT_HEADER, v);
+        }
+        h.insert(
+            header::CONTENT_TYPE,
+            header::HeaderValue::from_static("application/octet-stream"),
+        );
+        resp
     }
 }

@@ -1,7 +1,8 @@
 //! regroup's transport-free core: transaction records, the durable [`Journal`], and the
 //! [`Replayer`] that drives one partition through the journal via an [`Applier`]; and what
-//! an application links: the [`ReplayContext`] and its [`ReplayLayer`], and [`ExactlyOnce`]
-//! application with sea-orm.
+//! an application links: the [`ReplayContext`] and its [`ReplayLayer`], [`ExactlyOnce`]
+//! application with sea-orm, and the [`Snapshotter`] that lets the proxy rebuild a
+//! partition from another's snapshot ([`SnapshotLayer`]).
 //!
 //! # Design
 //!
@@ -36,6 +37,7 @@ pub mod layer;
 pub mod record;
 pub mod replayer;
 pub mod signature;
+pub mod snapshot;
 
 pub use applier::{Applier, ApplyError};
 pub use context::ReplayContext;
@@ -45,6 +47,9 @@ pub use journal::{
     LogState, MemberSpec, Membership, MemoryJournal, Outcome, Owner, OwnerInfo, RoleStore,
     SqlJournal, StoredMembers, StoredRole,
 };
-pub use layer::{AppliedStore, Replay, ReplayLayer};
+pub use layer::{AppliedStore, Replay, ReplayLayer, SnapshotLayer, Snapshots};
 pub use record::{Compare, Fingerprint, Payload, Record, RecordState, RecordedRequest};
 pub use replayer::{Backoff, ReplayExit, ReplayObserver, Replayer};
+pub use snapshot::{
+    Restored, SeaOrmSnapshotter, Snapshot, SnapshotBody, SnapshotError, Snapshotter,
+};

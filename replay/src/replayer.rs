@@ -28,6 +28,9 @@ pub enum ReplayExit {
     Stopped,
     /// The partition's answer differed from the primary's at this seq.
     Diverged(u64),
+    /// The partition stands at this seq, but retention already truncated the records
+    /// after it: it can only be rebuilt from a snapshot.
+    Truncated(u64),
 }
 
 /// Backoff between attempts to apply one record.
@@ -171,6 +174,18 @@ impl Replayer {
             else {
                 return ReplayExit::Stopped;
             };
+            if records.first().is_none_or(|r| r.seq != applied + 1) {
+                // Retention may have removed what this partition still needs.
+                if let Some(low) = self
+                    .retry_journal(&mut stop, || self.journal.low_water(&self.group))
+                    .await
+                    && low > applied
+                {
+                    tracing::warn!(group = %self.group, partition = %self.partition, applied,
+                        low_water = low, "the records this partition needs were truncated");
+                    return ReplayExit::Truncated(applied);
+                }
+            }
             for record in records {
                 if *stop.borrow() {
                     return ReplayExit::Stopped;
@@ -517,5 +532,49 @@ mod tests {
             log[2].starts_with("diverged 2: seq 2: body hash"),
             "{log:?}"
         );
+    }
+
+    #[tokio::test]
+    #[allow(clippy::unwrap_used)]
+    async fn a_partition_whose_records_were_truncated_stops_as_truncated() {
+        let dir = tempfile::tempdir().unwrap();
+        let j = journal_with(&dir, 8, &[]).await;
+        j.save_checkpoint("g", "b", 2).await.unwrap();
+        j.save_checkpoint("g", "c", 5).await.unwrap();
+        assert_eq!(j.truncate("g", 5).await.unwrap(), 5);
+        let run = |partition: &'static str| {
+            let (j, echo) = (
+                j.clone(),
+                Arc::new(Echo {
+                    fail: Mutex::new(0),
+                    seen: Mutex::new(vec![]),
+                    corrupt_seq: None,
+                }),
+            );
+            async move {
+                let (_sealed_tx, sealed) = watch::channel(8u64);
+                let (stop_tx, stop) = watch::channel(false);
+                let task =
+                    tokio::spawn(Replayer::new("g", partition, j.clone(), echo.clone()).run(
+                        sealed,
+                        stop,
+                        Arc::new(Log::default()),
+                    ));
+                for _ in 0..200 {
+                    if task.is_finished() || j.checkpoint("g", partition).await.unwrap() == 8 {
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                let _ = stop_tx.send(true);
+                let exit = task.await.unwrap();
+                let seen = echo.seen.lock().unwrap().clone();
+                (exit, seen)
+            }
+        };
+        // b needs record 3, which is gone: nothing is sent, it must be rebuilt.
+        assert_eq!(run("b").await, (ReplayExit::Truncated(2), vec![]));
+        // c needs 6 on, which the journal still holds.
+        assert_eq!(run("c").await, (ReplayExit::Stopped, vec![6, 7, 8]));
     }
 }

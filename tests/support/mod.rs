@@ -210,7 +210,13 @@ impl Bank {
         let log = dir.join(format!("bank-{name}.log"));
         let (child, url) = spawn_exe_and_read_env(
             bank_exe(),
-            &["--listen", "127.0.0.1:0", "--db", &db],
+            &[
+                "--listen",
+                "127.0.0.1:0",
+                "--db",
+                &db,
+                "--unsigned-snapshots",
+            ],
             &log,
             "bank listening on ",
             &env,
@@ -273,7 +279,13 @@ impl Bank {
                 .open(&self.log)
                 .unwrap();
             let mut child = Command::new(bank_exe())
-                .args(["--listen", &listen, "--db", &self.db])
+                .args([
+                    "--listen",
+                    &listen,
+                    "--db",
+                    &self.db,
+                    "--unsigned-snapshots",
+                ])
                 .envs(self.env.iter().cloned())
                 .stdin(Stdio::null())
                 .stdout(Stdio::piped())
@@ -911,4 +923,48 @@ pub fn assert_no_failed_request(r: &LoadReport) {
         .map(|(_, n)| n)
         .sum();
     assert_eq!(failed, 0, "client requests failed: {:?}", r.statuses);
+}
+
+impl BankGroup {
+    /// The SQLite journal's records of group `bank`: how many rows, and the lowest seq
+    /// (0 when none), read through a connection of its own.
+    pub async fn journal_records(&self) -> (u64, u64) {
+        use sea_orm::sqlx::{Connection, Row};
+        let path = self.dir.path().join("journal.db");
+        let opts = sea_orm::sqlx::sqlite::SqliteConnectOptions::new()
+            .filename(&path)
+            .read_only(true);
+        let mut conn = sea_orm::sqlx::SqliteConnection::connect_with(&opts)
+            .await
+            .unwrap();
+        let row = sea_orm::sqlx::query(
+            "SELECT count(*), COALESCE(min(seq), 0) FROM regroup_record WHERE group_name = 'bank'",
+        )
+        .fetch_one(&mut conn)
+        .await
+        .unwrap();
+        let (count, min): (i64, i64) = (row.get(0), row.get(1));
+        let _ = conn.close().await;
+        (count as u64, min as u64)
+    }
+
+    /// Runs `regroup rebuild` against this group's admin API with `args`, bounded by
+    /// `timeout`: its exit status and what it printed (stdout and stderr).
+    pub async fn rebuild_cli(&self, args: &[&str], timeout: Duration) -> (bool, String) {
+        let mut cmd = Command::new(REGROUP);
+        cmd.args(["rebuild", "--group", "bank", "--admin", &self.proxy.admin])
+            .args(args)
+            .stdin(Stdio::null())
+            .kill_on_drop(true);
+        let out = tokio::time::timeout(timeout, cmd.output())
+            .await
+            .expect("regroup rebuild did not end in time")
+            .unwrap();
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (out.status.success(), text)
+    }
 }

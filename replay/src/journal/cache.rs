@@ -163,6 +163,23 @@ impl<J: Log> Log for CachedJournal<J> {
         self.inner.record(group, seq).await
     }
 
+    async fn truncate(&self, group: &str, through: u64) -> Result<u64, JournalError> {
+        let removed = self.inner.truncate(group, through).await?;
+        // The journal kept its newest record; so does the tail.
+        self.with_tail(group, |t| {
+            while t.records.len() > 1 && t.records.front().is_some_and(|r| r.seq <= through) {
+                if let Some(r) = t.records.pop_front() {
+                    t.bytes -= r.payload.size();
+                }
+            }
+        });
+        Ok(removed)
+    }
+
+    async fn low_water(&self, group: &str) -> Result<u64, JournalError> {
+        self.inner.low_water(group).await
+    }
+
     fn seals_durable(&self) -> bool {
         self.inner.seals_durable()
     }

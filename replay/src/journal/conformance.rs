@@ -13,7 +13,9 @@
 //! record, role creation and compare-and-set, checkpoints (which may go down), quarantine
 //! (set and cleared, keeping the checkpoint), and the lease: claim, a second claim refused
 //! naming the holder, renew, release, takeover after expiry with a higher token, and every
-//! write kind of a fenced handle refused without effect.
+//! write kind of a fenced handle refused without effect; retention (`truncate` removes
+//! sealed records up to a seq but never the newest one, refuses an unsealed one, keeps
+//! appends dense; `low_water` says what is gone).
 
 use std::future::Future;
 use std::time::Duration;
@@ -50,6 +52,7 @@ where
     note("checkpoints", checkpoints(&j).await);
     note("quarantine", quarantine(&j).await);
     note("membership", membership(&j).await);
+    note("truncate", truncate(&j).await);
     let b = open()
         .await
         .map_err(|e| format!("opening a second handle: {e}"))?;
@@ -295,6 +298,84 @@ async fn open_log<J: Journal>(j: &J) -> Result<(), String> {
         log.unsealed.iter().map(|r| r.seq).collect(),
         vec![2],
         "unsealed after sealing 3",
+    )
+}
+
+async fn truncate<J: Journal>(j: &J) -> Result<(), String> {
+    let g = "c-truncate";
+    let seqs = |v: Vec<Record>| v.into_iter().map(|r| r.seq).collect::<Vec<_>>();
+    ensure_eq(
+        j.low_water(g).await.at("low_water of nothing")?,
+        0,
+        "low water of an empty log",
+    )?;
+    fill(j, g, 10).await?;
+    for seq in 1..=9 {
+        j.seal(g, seq, &Outcome::Executed(None))
+            .await
+            .at(&format!("seal {seq}"))?;
+    }
+    ensure_eq(
+        j.truncate(g, 3).await.at("truncate through 3")?,
+        3,
+        "removed through 3",
+    )?;
+    ensure_eq(
+        j.low_water(g).await.at("low_water")?,
+        3,
+        "low water after 3",
+    )?;
+    ensure_eq(
+        j.record(g, 2).await.at("record 2")?,
+        None,
+        "a truncated record",
+    )?;
+    ensure_eq(
+        seqs(j.read_after(g, 0, 3).await.at("read_after 0")?),
+        vec![4, 5, 6],
+        "read_after below the low water",
+    )?;
+    ensure_eq(
+        j.truncate(g, 2).await.at("truncate again")?,
+        0,
+        "truncating what is gone",
+    )?;
+    // Record 10 is pending and 11 too: 10 is in range and unsealed, so nothing goes.
+    j.append(&record(g, 11)).await.at("append 11")?;
+    is_conflict(j.truncate(g, 10).await, "truncating an unsealed record")?;
+    ensure_eq(
+        j.low_water(g).await.at("low_water")?,
+        3,
+        "low water after a refusal",
+    )?;
+    j.seal(g, 10, &Outcome::Skipped).await.at("seal 10")?;
+    j.seal(g, 11, &Outcome::Executed(None))
+        .await
+        .at("seal 11")?;
+    // Through past the head: everything but the newest record.
+    ensure_eq(
+        j.truncate(g, 100).await.at("truncate through 100")?,
+        7,
+        "removed 4..=10",
+    )?;
+    ensure_eq(
+        j.low_water(g).await.at("low_water")?,
+        10,
+        "low water keeps the newest",
+    )?;
+    ensure_eq(
+        j.open_log(g).await.at("open_log")?.head,
+        11,
+        "head after truncation",
+    )?;
+    is_gap(j.append(&record(g, 5)).await, 12, 5)?;
+    j.append(&record(g, 12))
+        .await
+        .at("append 12 after truncation")?;
+    ensure_eq(
+        seqs(j.read_after(g, 0, 10).await.at("read_after 0")?),
+        vec![11, 12],
+        "what is left",
     )
 }
 
@@ -767,6 +848,7 @@ async fn fenced_writes<J: Journal>(
         holder,
         "set_members",
     )?;
+    is_fenced(fenced.truncate(g, head).await, holder, "truncate")?;
 
     let last = owner.record(g, head).await.at("record")?;
     ensure_eq(

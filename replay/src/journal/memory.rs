@@ -213,6 +213,38 @@ impl Log for MemoryJournal {
             .and_then(|g| g.records.get(&seq).cloned()))
     }
 
+    async fn truncate(&self, group: &str, through: u64) -> Result<u64, JournalError> {
+        self.write(|s| {
+            let g = group_mut(s, group);
+            let head = g.records.keys().next_back().copied().unwrap_or(0);
+            let bound = through.min(head.saturating_sub(1));
+            if let Some(r) = g
+                .records
+                .range(..=bound)
+                .map(|(_, r)| r)
+                .find(|r| !r.state.is_sealed())
+            {
+                return Err(JournalError::Conflict {
+                    group: group.to_owned(),
+                    what: format!("record {} is not sealed and cannot be truncated", r.seq),
+                });
+            }
+            let keep = g.records.split_off(&bound.saturating_add(1));
+            let removed = g.records.len();
+            g.records = keep;
+            Ok(u64::try_from(removed).unwrap_or(u64::MAX))
+        })
+    }
+
+    async fn low_water(&self, group: &str) -> Result<u64, JournalError> {
+        Ok(self
+            .lock()
+            .groups
+            .get(group)
+            .and_then(|g| g.records.keys().next().copied())
+            .map_or(0, |first| first - 1))
+    }
+
     async fn flush(&self) -> Result<(), JournalError> {
         // Nothing to make durable; a fenced handle still hears that it is.
         self.write(|_| Ok(()))

@@ -528,6 +528,55 @@ impl Log for SqlJournal {
         .await
     }
 
+    async fn truncate(&self, group: &str, through: u64) -> Result<u64, JournalError> {
+        // Off the hot path: a fenced handle hears so before anything else.
+        self.check_fence().await?;
+        let head = self.head(group).await?;
+        let bound = to_i64(std::cmp::min(through, head.saturating_sub(1)));
+        let unsealed = Query::select()
+            .expr(Func::min(Expr::col(R::Seq)))
+            .from(R::Table)
+            .and_where(Expr::col(R::GroupName).eq(group))
+            .and_where(Expr::col(R::Seq).lte(bound))
+            .and_where(Expr::col(R::State).is_in(UNSEALED))
+            .to_owned();
+        let first: Option<i64> = match self.db.query_one(&unsealed).await? {
+            Some(row) => row.try_get_by_index(0)?,
+            None => None,
+        };
+        if let Some(seq) = first {
+            return Err(JournalError::Conflict {
+                group: group.to_owned(),
+                what: format!("record {seq} is not sealed and cannot be truncated"),
+            });
+        }
+        let delete = Query::delete()
+            .from_table(R::Table)
+            .and_where(Expr::col(R::GroupName).eq(group))
+            .and_where(Expr::col(R::Seq).lte(bound))
+            .and_where(Expr::col(R::State).is_not_in(UNSEALED))
+            .and_where(self.fence())
+            .to_owned();
+        let removed = self.db.execute(&delete).await?.rows_affected();
+        if removed == 0 {
+            self.check_fence().await?;
+        }
+        Ok(removed)
+    }
+
+    async fn low_water(&self, group: &str) -> Result<u64, JournalError> {
+        let q = Query::select()
+            .expr(Func::min(Expr::col(R::Seq)))
+            .from(R::Table)
+            .and_where(Expr::col(R::GroupName).eq(group))
+            .to_owned();
+        let min: Option<i64> = match self.db.query_one(&q).await? {
+            Some(row) => row.try_get_by_index(0)?,
+            None => None,
+        };
+        Ok(min.map_or(0, |m| to_u64(m).saturating_sub(1)))
+    }
+
     async fn record(&self, group: &str, seq: u64) -> Result<Option<Record>, JournalError> {
         let mut v = self
             .select_records(

@@ -130,7 +130,11 @@ impl PartitionLink for HttpLink {
     ) -> Result<Answer, SendError> {
         let req =
             crate::update::record_request(record, partition.base(), replay, self.secret.as_ref())
-                .map_err(|e| SendError::NotSent(format!("cannot build request: {e}")))?;
+                .map_err(|e| {
+                tracing::error!(partition = %partition.name(), seq = record.seq, error = %e,
+                        "refusing to send a record over HTTP");
+                SendError::NotSent(format!("cannot build request: {e}"))
+            })?;
         let answer = self.exchange(req, timeout).await?;
         if answer.parts.status == http::StatusCode::CONFLICT
             && let Some(applied) = answer

@@ -45,5 +45,8 @@ pub use journal::{
     LogState, MemoryJournal, Outcome, Owner, OwnerInfo, RoleStore, SqlJournal, StoredRole,
 };
 pub use layer::{AppliedStore, Replay, ReplayLayer};
-pub use record::{Compare, Fingerprint, Payload, Record, RecordState, RecordedRequest};
+pub use record::{
+    Compare, Fingerprint, Payload, Record, RecordState, RecordedRequest, SqlStatement,
+    SqlTransaction, SqlValue,
+};
 pub use replayer::{Backoff, ReplayExit, ReplayObserver, Replayer};

@@ -4,6 +4,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+pub mod postgres;
+
 use regroup_sql::{CopyConfig, SqlGroup};
 use sea_orm::entity::prelude::*;
 use sea_orm::{ActiveValue::Set, ConnectionTrait, TransactionTrait};

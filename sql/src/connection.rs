@@ -31,7 +31,7 @@
 //! Inside a transaction everything runs on the primary.
 
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -111,6 +111,44 @@ struct Copy {
     db: DatabaseConnection,
     applied: AtomicU64,
     diverged: Mutex<Option<String>>,
+    /// Consecutive failed health checks.
+    misses: AtomicU32,
+}
+
+impl Copy {
+    fn healthy(&self, retries: u32) -> bool {
+        self.misses.load(Ordering::Acquire) < retries
+    }
+}
+
+/// How the group watches its copies: a cheap query every `interval`, answered within
+/// `timeout`; a copy that misses `retries` in a row is unavailable, and an unavailable
+/// primary hands its role to the most caught-up available copy.
+#[derive(Debug, Clone, Copy)]
+pub struct Supervision {
+    /// Between health checks.
+    pub interval: Duration,
+    /// For one health check.
+    pub timeout: Duration,
+    /// Consecutive misses before a copy is unavailable.
+    pub retries: u32,
+}
+
+impl Default for Supervision {
+    fn default() -> Self {
+        Supervision {
+            interval: Duration::from_millis(200),
+            timeout: Duration::from_secs(1),
+            retries: 3,
+        }
+    }
+}
+
+/// The primary role: who leads, in which term (one value, read together).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Role {
+    epoch: u64,
+    primary: usize,
 }
 
 impl Copy {
@@ -129,19 +167,26 @@ struct Writer {
     unsealed: Option<Record>,
 }
 
+/// A running replayer: its copy's index, its stop, its task.
+type Running = (usize, watch::Sender<bool>, JoinHandle<ReplayExit>);
+
 struct Inner {
     group: String,
     dialect: Dialect,
     backend: DbBackend,
     copies: Vec<Arc<Copy>>,
     journal: Arc<dyn Journal>,
-    epoch: u64,
-    primary: usize,
+    /// Lock order: the write slot (`writer`), then `role`, then `replayers`; the last two
+    /// are short `std` locks never held across an await.
+    role: std::sync::RwLock<Role>,
+    supervision: Supervision,
     writer: Arc<tokio::sync::Mutex<Writer>>,
     sealed: watch::Sender<u64>,
     stop: watch::Sender<bool>,
     next_read: AtomicUsize,
-    replayers: Mutex<Vec<JoinHandle<ReplayExit>>>,
+    /// The running replayers, by copy index, each with its own stop.
+    replayers: Mutex<Vec<Running>>,
+    supervisor: Mutex<Option<JoinHandle<()>>>,
 }
 
 /// A sea-orm connection over a redundancy group of database copies. Cheap to clone.
@@ -167,7 +212,8 @@ pub async fn connect_copy(url: &str) -> Result<DatabaseConnection, DbErr> {
     let mut opts = ConnectOptions::new(url.to_owned());
     opts.sqlx_logging(false)
         .connect_timeout(Duration::from_secs(5))
-        .acquire_timeout(Duration::from_secs(10))
+        // Short: a copy that does not answer must not hold the write slot long.
+        .acquire_timeout(Duration::from_secs(3))
         .max_connections(if url.starts_with("sqlite") { 4 } else { 8 })
         .map_sqlx_sqlite_opts(|o| {
             o.create_if_missing(true)
@@ -188,6 +234,16 @@ impl SqlGroup {
         group: &str,
         copies: &[CopyConfig],
         journal: Arc<dyn Journal>,
+    ) -> Result<Self, OpenError> {
+        Self::open_with(group, copies, journal, Supervision::default()).await
+    }
+
+    /// [`SqlGroup::open`] with a choice of supervision.
+    pub async fn open_with(
+        group: &str,
+        copies: &[CopyConfig],
+        journal: Arc<dyn Journal>,
+        supervision: Supervision,
     ) -> Result<Self, OpenError> {
         let Some(first) = copies.first() else {
             return Err(OpenError::Config(format!("group {group:?} has no copies")));
@@ -212,6 +268,7 @@ impl SqlGroup {
                 db,
                 applied: AtomicU64::new(at.seq),
                 diverged: Mutex::new(None),
+                misses: AtomicU32::new(0),
             }));
         }
         let backend = opened[0].db.get_database_backend();
@@ -267,8 +324,11 @@ impl SqlGroup {
             backend,
             copies: opened,
             journal,
-            epoch: state.role.epoch,
-            primary,
+            role: std::sync::RwLock::new(Role {
+                epoch: state.role.epoch,
+                primary,
+            }),
+            supervision,
             writer: Arc::new(tokio::sync::Mutex::new(Writer {
                 head: state.log.head,
                 hash: at.hash,
@@ -278,31 +338,61 @@ impl SqlGroup {
             stop,
             next_read: AtomicUsize::new(0),
             replayers: Mutex::new(Vec::new()),
+            supervisor: Mutex::new(None),
         });
         let group = SqlGroup { inner };
-        group.start_replayers();
+        for n in 0..group.inner.copies.len() {
+            if n != primary {
+                group.start_replayer(n);
+            }
+        }
+        let weak = Arc::downgrade(&group.inner);
+        let task = tokio::spawn(supervise(weak, group.inner.stop.subscribe()));
+        if let Ok(mut s) = group.inner.supervisor.lock() {
+            *s = Some(task);
+        }
         Ok(group)
     }
 
-    fn start_replayers(&self) {
+    fn start_replayer(&self, n: usize) {
         let i = &self.inner;
-        let mut tasks = Vec::new();
-        for (n, copy) in i.copies.iter().enumerate() {
-            if n == i.primary {
-                continue;
-            }
-            let applier = Arc::new(CopyApplier::new(&i.group, &copy.name, copy.db.clone()));
-            let replayer = Replayer::new(&i.group, &copy.name, i.journal.clone(), applier);
-            let observer = Arc::new(Observe(copy.clone()));
-            tasks.push(tokio::spawn(replayer.run(
-                i.sealed.subscribe(),
-                i.stop.subscribe(),
-                observer,
-            )));
-        }
+        let copy = &i.copies[n];
+        let applier = Arc::new(CopyApplier::new(&i.group, &copy.name, copy.db.clone()));
+        let replayer = Replayer::new(&i.group, &copy.name, i.journal.clone(), applier);
+        let observer = Arc::new(Observe(copy.clone()));
+        let (stop, stopped) = watch::channel(false);
+        let task = tokio::spawn(replayer.run(i.sealed.subscribe(), stopped, observer));
         if let Ok(mut r) = i.replayers.lock() {
-            r.extend(tasks);
+            r.push((n, stop, task));
         }
+    }
+
+    /// Stops copy `n`'s replayer and waits for it.
+    async fn stop_replayer(&self, n: usize) {
+        let found = match self.inner.replayers.lock() {
+            Ok(mut r) => r
+                .iter()
+                .position(|(m, _, _)| *m == n)
+                .map(|at| r.remove(at)),
+            Err(_) => None,
+        };
+        if let Some((_, stop, task)) = found {
+            let _ = stop.send(true);
+            let _ = task.await;
+        }
+    }
+
+    fn role(&self) -> Role {
+        match self.inner.role.read() {
+            Ok(r) => *r,
+            Err(p) => *p.into_inner(),
+        }
+    }
+
+    /// The copy holding the primary role and the epoch it holds it in.
+    pub fn primary_name(&self) -> (String, u64) {
+        let r = self.role();
+        (self.inner.copies[r.primary].name.clone(), r.epoch)
     }
 
     /// The group's name.
@@ -323,7 +413,7 @@ impl SqlGroup {
             .enumerate()
             .map(|(n, c)| CopyStatus {
                 name: c.name.clone(),
-                primary: n == i.primary,
+                primary: n == self.role().primary,
                 applied: c.applied.load(Ordering::Acquire),
                 diverged: c.diverged(),
             })
@@ -368,13 +458,18 @@ impl SqlGroup {
             Ok(mut r) => r.drain(..).collect(),
             Err(_) => Vec::new(),
         };
-        for t in tasks {
+        for (_, stop, t) in tasks {
+            let _ = stop.send(true);
+            let _ = t.await;
+        }
+        let supervisor = self.inner.supervisor.lock().ok().and_then(|mut s| s.take());
+        if let Some(t) = supervisor {
             let _ = t.await;
         }
     }
 
     fn primary(&self) -> &Arc<Copy> {
-        &self.inner.copies[self.inner.primary]
+        &self.inner.copies[self.role().primary]
     }
 
     /// A copy for a read: round-robin over the caught-up copies that are not quarantined;
@@ -385,7 +480,11 @@ impl SqlGroup {
         let ready: Vec<&Arc<Copy>> = i
             .copies
             .iter()
-            .filter(|c| c.applied.load(Ordering::Acquire) >= sealed && c.diverged().is_none())
+            .filter(|c| {
+                c.applied.load(Ordering::Acquire) >= sealed
+                    && c.diverged().is_none()
+                    && c.healthy(i.supervision.retries)
+            })
             .collect();
         if ready.is_empty() {
             return self.primary();
@@ -398,6 +497,10 @@ impl SqlGroup {
         let slot = self.inner.writer.clone().lock_owned().await;
         let primary = self.primary().clone();
         let txn = primary.db.begin_with_options(options).await?;
+        let prelude = match self.inner.backend {
+            DbBackend::Postgres => sequence_positions(&txn).await?,
+            _ => Vec::new(),
+        };
         let txn_id = Uuid::now_v7();
         let now = OffsetDateTime::now_utc();
         let timestamp = now.replace_microsecond(now.microsecond()).unwrap_or(now);
@@ -409,6 +512,7 @@ impl SqlGroup {
             timestamp,
             state: Mutex::new(TxnState {
                 statements: Vec::new(),
+                prelude,
                 fixed: Fixed::new(timestamp, txn_id),
             }),
         })
@@ -624,6 +728,10 @@ impl TransactionTrait for SqlGroup {
 
 struct TxnState {
     statements: Vec<SqlStatement>,
+    /// Journaled before the statements when there are any: the primary's sequence
+    /// positions as the transaction began (PostgreSQL sequences are not transactional, so
+    /// a rolled-back insert on one copy would otherwise shift every later id).
+    prelude: Vec<SqlStatement>,
     fixed: Fixed,
 }
 
@@ -729,7 +837,11 @@ impl SqlTransaction {
             state,
         } = self;
         let statements = match state.into_inner() {
-            Ok(s) => s.statements,
+            Ok(s) if s.statements.is_empty() => Vec::new(),
+            Ok(mut s) => {
+                s.prelude.append(&mut s.statements);
+                s.prelude
+            }
             Err(_) => return Err(DbErr::Custom("transaction state poisoned".into())),
         };
         if statements.is_empty() {
@@ -752,7 +864,7 @@ impl SqlTransaction {
             group: i.group.clone(),
             seq,
             txn_id,
-            epoch: i.epoch,
+            epoch: group.role().epoch,
             timestamp,
             payload: Payload::Sql(JournaledTransaction {
                 dialect: i.dialect.as_str().to_owned(),
@@ -855,6 +967,34 @@ impl SqlGroup {
         }
         Ok(())
     }
+}
+
+/// `setval` statements that put every sequence where it stands on the primary now.
+async fn sequence_positions(txn: &DatabaseTransaction) -> Result<Vec<SqlStatement>, DbErr> {
+    let rows = txn
+        .query_all_raw(Statement::from_string(
+            DbBackend::Postgres,
+            "SELECT format('%I.%I', schemaname, sequencename) AS name, \
+             COALESCE(last_value, start_value) AS v, last_value IS NOT NULL AS called \
+             FROM pg_sequences ORDER BY 1",
+        ))
+        .await?;
+    let mut out = Vec::new();
+    for r in rows {
+        let name: String = r.try_get("", "name")?;
+        let v: i64 = r.try_get("", "v")?;
+        let called: bool = r.try_get("", "called")?;
+        out.push(SqlStatement {
+            sql: "SELECT setval(CAST($1 AS regclass), $2, $3)".to_owned(),
+            values: vec![
+                regroup_replay::SqlValue::String(Some(name)),
+                regroup_replay::SqlValue::BigInt(Some(v)),
+                regroup_replay::SqlValue::Bool(Some(called)),
+            ],
+            rows_affected: None,
+        });
+    }
+    Ok(out)
 }
 
 /// The fingerprint the primary's execution of a SQL record has: its affected-row counts.
@@ -1015,5 +1155,138 @@ impl ReplayObserver for Observe {
         if let Ok(mut d) = self.0.diverged.lock() {
             *d = Some(reason.to_owned());
         }
+    }
+}
+
+/// Checks every copy's health every interval; hands the primary role over when the
+/// primary is unavailable. Ends when the group is closed or dropped.
+async fn supervise(inner: std::sync::Weak<Inner>, mut stop: watch::Receiver<bool>) {
+    loop {
+        let Some(i) = inner.upgrade() else { return };
+        let sup = i.supervision;
+        let checks = i.copies.iter().map(|c| {
+            let c = c.clone();
+            async move {
+                let ok = matches!(
+                    tokio::time::timeout(sup.timeout, c.db.execute_unprepared("SELECT 1")).await,
+                    Ok(Ok(_))
+                );
+                let before = c.misses.load(Ordering::Acquire);
+                if ok {
+                    if before >= sup.retries {
+                        tracing::info!(copy = %c.name, "copy answers again");
+                    }
+                    c.misses.store(0, Ordering::Release);
+                } else {
+                    let now = c.misses.fetch_add(1, Ordering::AcqRel) + 1;
+                    if now == sup.retries {
+                        tracing::warn!(copy = %c.name, misses = now, "copy unavailable");
+                    }
+                }
+            }
+        });
+        futures_util::future::join_all(checks).await;
+        let group = SqlGroup { inner: i };
+        let primary = group.primary().clone();
+        if !primary.healthy(sup.retries) {
+            group.fail_over().await;
+        }
+        drop(group);
+        tokio::select! {
+            _ = tokio::time::sleep(sup.interval) => {}
+            _ = stop.changed() => return,
+        }
+    }
+}
+
+impl SqlGroup {
+    /// Moves the primary role from an unavailable primary to the most caught-up available
+    /// copy (ties: the first in the group's order). Under the write slot, so no write
+    /// transaction runs meanwhile (they wait). A record whose commit is in doubt is applied
+    /// on the new primary (exactly once by its checkpoint row) and sealed executed: the old
+    /// primary, when it comes back, skips it by its own row if it committed it, or replays
+    /// it if it did not.
+    async fn fail_over(&self) {
+        let i = &self.inner;
+        let retries = i.supervision.retries;
+        let mut slot = i.writer.clone().lock_owned().await;
+        let role = self.role();
+        let old = i.copies[role.primary].clone();
+        if old.healthy(retries) {
+            return;
+        }
+        let sealed = self.sealed();
+        let candidate = i
+            .copies
+            .iter()
+            .enumerate()
+            .filter(|(n, c)| *n != role.primary && c.healthy(retries) && c.diverged().is_none())
+            .max_by(|(an, a), (bn, b)| {
+                a.applied
+                    .load(Ordering::Acquire)
+                    .cmp(&b.applied.load(Ordering::Acquire))
+                    .then(bn.cmp(an))
+            })
+            .map(|(n, _)| n);
+        let Some(n) = candidate else {
+            tracing::error!(group = %i.group, primary = %old.name, "primary unavailable and no other copy can take the role; writes wait");
+            return;
+        };
+        let new = i.copies[n].clone();
+        tracing::warn!(group = %i.group, from = %old.name, to = %new.name, epoch = role.epoch + 1, "failover: handing the primary role over");
+        // The candidate replays what it lacks first (bounded).
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        while new.applied.load(Ordering::Acquire) < sealed {
+            if tokio::time::Instant::now() >= deadline || new.diverged().is_some() {
+                tracing::error!(group = %i.group, candidate = %new.name, "candidate did not catch up; failover abandoned");
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        self.stop_replayer(n).await;
+        if let Some(record) = slot.unsealed.take() {
+            let applier = CopyApplier::new(&i.group, &new.name, new.db.clone());
+            match regroup_replay::Applier::apply(&applier, &record).await {
+                Ok(fp) if fp == record_fingerprint(&record) => {
+                    let seq = record.seq;
+                    self.seal(&mut slot, record, true).await;
+                    if slot.unsealed.is_some() {
+                        self.start_replayer(n);
+                        return;
+                    }
+                    new.applied.store(seq, Ordering::Release);
+                }
+                other => {
+                    tracing::error!(group = %i.group, seq = record.seq, result = ?other, "the in-doubt record does not apply on the candidate; failover abandoned");
+                    slot.unsealed = Some(record);
+                    self.start_replayer(n);
+                    return;
+                }
+            }
+        }
+        let stored = regroup_replay::StoredRole {
+            epoch: role.epoch + 1,
+            primary: new.name.clone(),
+        };
+        if let Err(e) = i.journal.set_role(&i.group, role.epoch, &stored).await {
+            tracing::error!(group = %i.group, error = %e, "cannot store the new role; failover abandoned");
+            self.start_replayer(n);
+            return;
+        }
+        match checkpoint::read(&new.db, &i.group).await {
+            Ok(at) => slot.hash = at.hash,
+            Err(e) => {
+                tracing::error!(group = %i.group, error = %e, "the new primary's checkpoint row cannot be read");
+            }
+        }
+        if let Ok(mut r) = i.role.write() {
+            *r = Role {
+                epoch: role.epoch + 1,
+                primary: n,
+            };
+        }
+        // The old primary catches up from its own row when it answers again.
+        self.start_replayer(role.primary);
+        tracing::warn!(group = %i.group, primary = %new.name, epoch = role.epoch + 1, "failover done");
     }
 }

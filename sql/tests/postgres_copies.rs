@@ -61,3 +61,41 @@ async fn three_postgres_copies_concurrent_transfers_stay_identical_and_conserve_
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rolled_back_insert_does_not_shift_serial_ids_on_the_copies() {
+    let mut dbs = Vec::new();
+    for _ in 0..3 {
+        let Some(db) = TempDatabase::create_or_skip().await else {
+            return;
+        };
+        dbs.push(db);
+    }
+    let urls: Vec<String> = dbs.iter().map(|d| d.url.clone()).collect();
+    let dir = tempfile::tempdir().unwrap();
+    let journal = Arc::new(
+        SqlJournal::connect(&format!(
+            "sqlite://{}",
+            dir.path().join("journal.db").display()
+        ))
+        .await
+        .unwrap(),
+    );
+    let g = SqlGroup::open("bank", &copies(&urls), journal)
+        .await
+        .unwrap();
+    create_bank(&g, true).await;
+    // The primary's sequence moves on in a transaction that rolls back; the copies never
+    // see that transaction.
+    let txn = sea_orm::TransactionTrait::begin(&g).await.unwrap();
+    txn.execute_unprepared(
+        "INSERT INTO transfers (src, dst, amount, at) VALUES (1, 2, 5, 'rolled back')",
+    )
+    .await
+    .unwrap();
+    sea_orm::TransactionSession::rollback(txn).await.unwrap();
+    assert!(transfer(&g, 1, 2, 5).await.unwrap());
+    caught_up(&g).await;
+    assert_identical(&g, &["a", "b", "c"]).await;
+    g.close().await;
+}

@@ -62,8 +62,19 @@ pub async fn create_bank(g: &SqlGroup, pg: bool) {
 /// One transfer in one transaction, as an application writes it: entity reads and
 /// updates, and a raw insert whose time comes from the database's clock.
 pub async fn transfer(g: &SqlGroup, src: i64, dst: i64, amount: i64) -> Result<bool, String> {
+    transfer_noted(g, src, dst, amount, None).await
+}
+
+/// [`transfer`] with a note kept in the transfer's row (a client's token).
+pub async fn transfer_noted(
+    g: &SqlGroup,
+    src: i64,
+    dst: i64,
+    amount: i64,
+    note: Option<String>,
+) -> Result<bool, String> {
     let pg = g.get_database_backend() == sea_orm::DbBackend::Postgres;
-    g.transaction::<_, bool, DbErr>(|txn| {
+    g.transaction::<_, bool, DbErr>(move |txn| {
         Box::pin(async move {
             let Some(from) = account::Entity::find_by_id(src).one(txn).await? else {
                 return Ok(false);
@@ -82,14 +93,14 @@ pub async fn transfer(g: &SqlGroup, src: i64, dst: i64, amount: i64) -> Result<b
             b.balance = Set(to.balance + amount);
             b.update(txn).await?;
             let sql = if pg {
-                "INSERT INTO transfers (src, dst, amount, at) VALUES ($1, $2, $3, CAST(now() AS TEXT))"
+                "INSERT INTO transfers (src, dst, amount, at, note) VALUES ($1, $2, $3, CAST(now() AS TEXT), $4)"
             } else {
-                "INSERT INTO transfers (src, dst, amount, at) VALUES (?, ?, ?, strftime('%Y-%m-%d %H:%M:%f', 'now'))"
+                "INSERT INTO transfers (src, dst, amount, at, note) VALUES (?, ?, ?, strftime('%Y-%m-%d %H:%M:%f', 'now'), ?)"
             };
             txn.execute_raw(sea_orm::Statement::from_sql_and_values(
                 txn.get_database_backend(),
                 sql,
-                [src.into(), dst.into(), amount.into()],
+                [src.into(), dst.into(), amount.into(), note.clone().into()],
             ))
             .await?;
             Ok(true)

@@ -1,4 +1,5 @@
-//! `regroup sql`: SQL mode's commands (`classify`: what SQL mode does with each statement).
+//! `regroup sql`: SQL mode's commands (`classify`: what SQL mode does with each statement;
+//! `verify`: table checksums across a group's copies).
 
 use std::io::{BufRead, Write};
 
@@ -22,6 +23,13 @@ enum SqlCommand {
         /// The SQL dialect.
         #[arg(long)]
         dialect: DialectArg,
+    },
+    /// Compare every table's checksum across copies; names the first table that differs
+    /// from the first copy's (exit status 1), or says they agree.
+    Verify {
+        /// A copy as NAME=URL (`sqlite://path`, `postgres://…`); two or more.
+        #[arg(long = "copy", required = true, num_args = 1)]
+        copies: Vec<String>,
     },
 }
 
@@ -52,7 +60,50 @@ struct Input {
 pub(crate) async fn run(args: SqlArgs) -> anyhow::Result<()> {
     match args.command {
         SqlCommand::Classify { dialect } => classify(dialect.into()),
+        SqlCommand::Verify { copies } => verify(&copies).await,
     }
+}
+
+async fn verify(copies: &[String]) -> anyhow::Result<()> {
+    if copies.len() < 2 {
+        anyhow::bail!("verify needs two or more --copy NAME=URL");
+    }
+    let mut digests = Vec::new();
+    for c in copies {
+        let Some((name, url)) = c.split_once('=') else {
+            anyhow::bail!("--copy {c:?}: expected NAME=URL");
+        };
+        if url.starts_with("sqlite:") {
+            let path = url.trim_start_matches("sqlite:").trim_start_matches("//");
+            let path = path.split('?').next().unwrap_or(path);
+            if !std::path::Path::new(path).exists() {
+                anyhow::bail!("copy {name}: {path} does not exist");
+            }
+        }
+        let db = sea_orm::Database::connect(url)
+            .await
+            .with_context(|| format!("copy {name}: connecting"))?;
+        let d = regroup_sql::verify::digests(&db)
+            .await
+            .with_context(|| format!("copy {name}: reading its tables"))?;
+        let _ = db.close().await;
+        digests.push((name.to_owned(), d));
+    }
+    let (first, base) = &digests[0];
+    let mut differ = false;
+    for (name, d) in &digests[1..] {
+        match regroup_sql::verify::first_difference(base, d) {
+            None => println!("{name}: identical to {first} ({} tables)", d.len()),
+            Some((table, how)) => {
+                differ = true;
+                println!("{name}: table {table} differs from {first}'s: {how}");
+            }
+        }
+    }
+    if differ {
+        anyhow::bail!("copies differ");
+    }
+    Ok(())
 }
 
 /// One output line per non-blank input line; a line that is not `{"sql": "..."}` gets

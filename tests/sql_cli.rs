@@ -1,4 +1,4 @@
-//! `regroup sql classify`: the real binary, JSON lines in and out.
+//! `regroup sql classify` and `regroup sql verify`: the real binary.
 
 use std::io::Write;
 use std::process::{Command, Stdio};
@@ -88,4 +88,63 @@ fn sql_classify_refuses_an_unknown_dialect() {
     assert!(!ok);
     assert!(lines.is_empty());
     assert!(stderr.contains("oracle"), "{stderr}");
+}
+
+#[test]
+fn sql_verify_names_the_first_differing_table() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let url = |n: &str| format!("sqlite://{}", dir.path().join(format!("{n}.db")).display());
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    rt.block_on(async {
+        use sea_orm::ConnectionTrait;
+        for n in ["a", "b"] {
+            let db = sea_orm::Database::connect(format!("{}?mode=rwc", url(n)))
+                .await
+                .expect("sqlite");
+            for sql in [
+                "CREATE TABLE accounts (id INTEGER PRIMARY KEY, balance INTEGER)",
+                "CREATE TABLE zebra (id INTEGER PRIMARY KEY)",
+                "INSERT INTO accounts VALUES (1, 10), (2, 20)",
+            ] {
+                db.execute_unprepared(sql).await.expect("setup");
+            }
+            if n == "b" {
+                db.execute_unprepared("UPDATE accounts SET balance = 21 WHERE id = 2")
+                    .await
+                    .expect("change");
+                db.execute_unprepared("INSERT INTO zebra VALUES (1)")
+                    .await
+                    .expect("change");
+            }
+            let _ = db.close().await;
+        }
+    });
+    let run = |copies: &[&str]| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_regroup"));
+        cmd.args(["sql", "verify"]);
+        for c in copies {
+            cmd.arg("--copy").arg(format!("{c}={}", url(c)));
+        }
+        cmd.output().expect("regroup runs")
+    };
+    let same = run(&["a", "a"]);
+    assert!(same.status.success(), "{same:?}");
+    assert!(String::from_utf8_lossy(&same.stdout).contains("identical"));
+    let differ = run(&["a", "b"]);
+    assert!(!differ.status.success());
+    let out = String::from_utf8_lossy(&differ.stdout);
+    assert!(out.contains("b: table accounts differs from a's"), "{out}");
+    let missing = Command::new(env!("CARGO_BIN_EXE_regroup"))
+        .args([
+            "sql",
+            "verify",
+            "--copy",
+            "a=sqlite:///nonexistent/x.db",
+            "--copy",
+        ])
+        .arg(format!("b={}", url("b")))
+        .output()
+        .expect("regroup runs");
+    assert!(!missing.status.success());
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("does not exist"));
 }

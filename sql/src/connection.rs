@@ -223,6 +223,9 @@ pub async fn connect_copy(url: &str) -> Result<DatabaseConnection, DbErr> {
     Database::connect(opts).await
 }
 
+/// How long a write waits for the group's write slot.
+const WRITE_SLOT_WAIT: Duration = Duration::from_secs(60);
+
 /// How long a seal is retried before the record is left for the next write to settle.
 const SEAL_ATTEMPTS: u32 = 5;
 
@@ -494,7 +497,17 @@ impl SqlGroup {
     }
 
     async fn begin_txn(&self, options: TransactionOptions) -> Result<SqlTransaction, DbErr> {
-        let slot = self.inner.writer.clone().lock_owned().await;
+        // Bounded: a write through the group while the same task holds an open transaction
+        // would otherwise wait for itself forever.
+        let slot = tokio::time::timeout(WRITE_SLOT_WAIT, self.inner.writer.clone().lock_owned())
+            .await
+            .map_err(|_| {
+                DbErr::Custom(format!(
+                    "group {:?}: no write slot within {} s (another write transaction is open: inside a transaction, write through it, not through the group)",
+                    self.inner.group,
+                    WRITE_SLOT_WAIT.as_secs()
+                ))
+            })?;
         let primary = self.primary().clone();
         let txn = primary.db.begin_with_options(options).await?;
         let prelude = match self.inner.backend {

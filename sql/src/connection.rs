@@ -520,14 +520,15 @@ impl SqlGroup {
         Ok(SqlTransaction {
             group: self.clone(),
             txn,
-            slot,
+            slot: Some(slot),
+            parent: None,
             txn_id,
             timestamp,
-            state: Mutex::new(TxnState {
+            state: Arc::new(Mutex::new(TxnState {
                 statements: Vec::new(),
                 prelude,
                 fixed: Fixed::new(timestamp, txn_id),
-            }),
+            })),
         })
     }
 
@@ -754,10 +755,13 @@ struct TxnState {
 pub struct SqlTransaction {
     group: SqlGroup,
     txn: DatabaseTransaction,
-    slot: OwnedMutexGuard<Writer>,
+    /// The write slot (top level); `None` in a nested transaction, whose parent holds it.
+    slot: Option<OwnedMutexGuard<Writer>>,
+    /// A nested transaction's parent's state: its statements join the parent's on commit.
+    parent: Option<Arc<Mutex<TxnState>>>,
     txn_id: Uuid,
     timestamp: OffsetDateTime,
-    state: Mutex<TxnState>,
+    state: Arc<Mutex<TxnState>>,
 }
 
 impl std::fmt::Debug for SqlTransaction {
@@ -844,18 +848,41 @@ impl SqlTransaction {
         let SqlTransaction {
             group,
             txn,
-            mut slot,
+            slot,
+            parent,
             txn_id,
             timestamp,
             state,
         } = self;
-        let statements = match state.into_inner() {
-            Ok(s) if s.statements.is_empty() => Vec::new(),
-            Ok(mut s) => {
-                s.prelude.append(&mut s.statements);
-                s.prelude
-            }
-            Err(_) => return Err(DbErr::Custom("transaction state poisoned".into())),
+        let poisoned = || DbErr::Custom("transaction state poisoned".into());
+        let mut own = std::mem::replace(
+            &mut *state.lock().map_err(|_| poisoned())?,
+            TxnState {
+                statements: Vec::new(),
+                prelude: Vec::new(),
+                fixed: Fixed::new(timestamp, txn_id),
+            },
+        );
+        if let Some(parent) = parent {
+            // A savepoint released: its statements become the parent's.
+            txn.commit().await?;
+            parent
+                .lock()
+                .map_err(|_| poisoned())?
+                .statements
+                .append(&mut own.statements);
+            return Ok(());
+        }
+        let Some(mut slot) = slot else {
+            return Err(DbErr::Custom(
+                "internal: a top-level transaction without the write slot".into(),
+            ));
+        };
+        let statements = if own.statements.is_empty() {
+            Vec::new()
+        } else {
+            own.prelude.append(&mut own.statements);
+            own.prelude
         };
         if statements.is_empty() {
             // Read only: nothing to journal.
@@ -1095,8 +1122,23 @@ impl TransactionSession for SqlTransaction {
     }
 }
 
-fn nested() -> DbErr {
-    DbErr::Custom("SQL mode does not support nested transactions (savepoints) yet".into())
+impl SqlTransaction {
+    /// A nested transaction: a savepoint on the same database transaction.
+    async fn nest(&self, txn: DatabaseTransaction) -> SqlTransaction {
+        SqlTransaction {
+            group: self.group.clone(),
+            txn,
+            slot: None,
+            parent: Some(self.state.clone()),
+            txn_id: self.txn_id,
+            timestamp: self.timestamp,
+            state: Arc::new(Mutex::new(TxnState {
+                statements: Vec::new(),
+                prelude: Vec::new(),
+                fixed: Fixed::new(self.timestamp, Uuid::now_v7()),
+            })),
+        }
+    }
 }
 
 #[async_trait::async_trait]
@@ -1104,22 +1146,31 @@ impl TransactionTrait for SqlTransaction {
     type Transaction = SqlTransaction;
 
     async fn begin(&self) -> Result<SqlTransaction, DbErr> {
-        Err(nested())
+        let txn = self.txn.begin().await?;
+        Ok(self.nest(txn).await)
     }
 
     async fn begin_with_config(
         &self,
-        _isolation_level: Option<IsolationLevel>,
-        _access_mode: Option<AccessMode>,
+        isolation_level: Option<IsolationLevel>,
+        access_mode: Option<AccessMode>,
     ) -> Result<SqlTransaction, DbErr> {
-        Err(nested())
+        let txn = self
+            .txn
+            .begin_with_config(isolation_level, access_mode)
+            .await?;
+        Ok(self.nest(txn).await)
     }
 
-    async fn begin_with_options(&self, _: TransactionOptions) -> Result<SqlTransaction, DbErr> {
-        Err(nested())
+    async fn begin_with_options(
+        &self,
+        options: TransactionOptions,
+    ) -> Result<SqlTransaction, DbErr> {
+        let txn = self.txn.begin_with_options(options).await?;
+        Ok(self.nest(txn).await)
     }
 
-    async fn transaction<F, T, E>(&self, _callback: F) -> Result<T, TransactionError<E>>
+    async fn transaction<F, T, E>(&self, callback: F) -> Result<T, TransactionError<E>>
     where
         F: for<'c> FnOnce(
                 &'c SqlTransaction,
@@ -1128,14 +1179,14 @@ impl TransactionTrait for SqlTransaction {
         T: Send,
         E: std::fmt::Display + std::fmt::Debug + Send,
     {
-        Err(TransactionError::Connection(nested()))
+        self.transaction_with_config(callback, None, None).await
     }
 
     async fn transaction_with_config<F, T, E>(
         &self,
-        _callback: F,
-        _isolation_level: Option<IsolationLevel>,
-        _access_mode: Option<AccessMode>,
+        callback: F,
+        isolation_level: Option<IsolationLevel>,
+        access_mode: Option<AccessMode>,
     ) -> Result<T, TransactionError<E>>
     where
         F: for<'c> FnOnce(
@@ -1145,7 +1196,20 @@ impl TransactionTrait for SqlTransaction {
         T: Send,
         E: std::fmt::Display + std::fmt::Debug + Send,
     {
-        Err(TransactionError::Connection(nested()))
+        let txn = self
+            .begin_with_config(isolation_level, access_mode)
+            .await
+            .map_err(TransactionError::Connection)?;
+        match callback(&txn).await {
+            Ok(v) => {
+                txn.commit().await.map_err(TransactionError::Connection)?;
+                Ok(v)
+            }
+            Err(e) => {
+                txn.rollback().await.map_err(TransactionError::Connection)?;
+                Err(TransactionError::Transaction(e))
+            }
+        }
     }
 }
 

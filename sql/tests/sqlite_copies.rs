@@ -144,3 +144,45 @@ async fn a_copy_whose_affected_rows_differ_is_quarantined_durably_and_serves_no_
     }
     g.close().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nested_transactions_are_savepoints_journaled_with_their_parent() {
+    use sea_orm::{TransactionSession, TransactionTrait};
+    let s = setup().await;
+    let g = &s.group;
+    create_bank(g, false).await;
+    let head = s.journal.open_log("bank").await.unwrap().head;
+    let outer = g.begin().await.unwrap();
+    outer
+        .execute_unprepared("UPDATE accounts SET balance = balance - 5 WHERE id = 1")
+        .await
+        .unwrap();
+    let kept = outer.begin().await.unwrap();
+    kept.execute_unprepared("UPDATE accounts SET balance = balance + 5 WHERE id = 2")
+        .await
+        .unwrap();
+    kept.commit().await.unwrap();
+    let dropped = outer.begin().await.unwrap();
+    dropped
+        .execute_unprepared("UPDATE accounts SET balance = balance + 1000 WHERE id = 3")
+        .await
+        .unwrap();
+    dropped.rollback().await.unwrap();
+    outer.commit().await.unwrap();
+    // One record: the outer statement and the released savepoint's, not the rolled-back one.
+    let log = s.journal.read_after("bank", head, 10).await.unwrap();
+    assert_eq!(log.len(), 1);
+    let regroup_replay::Payload::Sql(t) = &log[0].payload else {
+        panic!("a SQL record");
+    };
+    assert_eq!(t.statements.len(), 2, "{:?}", t.statements);
+    caught_up(g).await;
+    assert_identical(g, &["a", "b", "c"]).await;
+    for name in ["a", "b", "c"] {
+        assert_eq!(
+            money(g.copy_connection(name).unwrap()).await,
+            ACCOUNTS * OPENING
+        );
+    }
+    g.close().await;
+}

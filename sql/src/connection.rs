@@ -815,6 +815,15 @@ impl SqlTransaction {
     }
 
     fn journal_values(stmt: &Statement) -> Result<Vec<regroup_replay::SqlValue>, DbErr> {
+        if stmt.db_backend == DbBackend::Sqlite
+            && let Some(values) = &stmt.values
+            && sqlite_now_bound(&stmt.sql, &values.0)
+        {
+            return Err(refused(&format!(
+                "a bound value 'now' may reach SQLite's date and time functions, which read the clock on each copy: bind the time itself, in statement `{}`",
+                stmt.sql
+            )));
+        }
         match &stmt.values {
             None => Ok(Vec::new()),
             Some(values) => values
@@ -1007,6 +1016,28 @@ impl SqlGroup {
         }
         Ok(())
     }
+}
+
+/// Whether a statement calling SQLite's date and time functions binds the text `'now'`
+/// (which those functions read as the clock): checked coarsely, failing closed.
+fn sqlite_now_bound(sql: &str, values: &[sea_orm::Value]) -> bool {
+    let binds_now = values.iter().any(
+        |v| matches!(v, sea_orm::Value::String(Some(s)) if s.trim().eq_ignore_ascii_case("now")),
+    );
+    if !binds_now {
+        return false;
+    }
+    let sql = sql.to_ascii_lowercase();
+    [
+        "date",
+        "time",
+        "julianday",
+        "unixepoch",
+        "strftime",
+        "timediff",
+    ]
+    .iter()
+    .any(|f| sql.contains(&format!("{f}(")) || sql.contains(&format!("{f} (")))
 }
 
 /// `setval` statements that put every sequence where it stands on the primary now.

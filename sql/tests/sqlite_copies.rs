@@ -91,6 +91,17 @@ async fn a_nondeterministic_statement_that_cannot_be_fixed_is_refused_and_nothin
         .unwrap_err()
         .to_string();
     assert!(err.contains("LIMIT without ORDER BY"), "{err}");
+    // 'now' bound as a value is the clock too, for SQLite's date functions.
+    let err = txn
+        .execute_raw(Statement::from_sql_and_values(
+            txn.get_database_backend(),
+            "INSERT INTO transfers (src, dst, amount, at) VALUES (1, 2, 3, datetime(?))",
+            ["now".into()],
+        ))
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("bound value 'now'"), "{err}");
     sea_orm::TransactionSession::rollback(txn).await.unwrap();
     assert_eq!(s.journal.open_log("bank").await.unwrap().head, head);
     caught_up(g).await;

@@ -197,3 +197,98 @@ async fn nested_transactions_are_savepoints_journaled_with_their_parent() {
     }
     g.close().await;
 }
+
+/// A record left pending (the process stopped between the journal append and the seal) is
+/// settled on the next open by the primary's checkpoint row: below it, the commit never
+/// happened (skipped); at it, it did (executed, and replayed on the others).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_record_left_pending_is_settled_by_the_primarys_checkpoint_row_on_open() {
+    use regroup_replay::{Payload, Record, RecordState, SqlStatement, SqlTransaction};
+    let s = setup().await;
+    create_bank(&s.group, false).await;
+    caught_up(&s.group).await;
+    s.group.close().await;
+    let a = s.group.copy_connection("a").unwrap().clone();
+    let row = |a: sea_orm::DatabaseConnection| async move {
+        let r = a
+            .query_one_raw(Statement::from_string(
+                a.get_database_backend(),
+                "SELECT seq, hash FROM regroup_sql_checkpoint WHERE group_name = 'bank'",
+            ))
+            .await
+            .unwrap()
+            .unwrap();
+        (
+            r.try_get::<i64>("", "seq").unwrap() as u64,
+            r.try_get::<String>("", "hash").unwrap(),
+        )
+    };
+    let pending = |seq: u64, hash: &str| {
+        let statements = vec![SqlStatement {
+            sql: "UPDATE accounts SET balance = balance - 7 WHERE id = 1".into(),
+            values: vec![],
+            rows_affected: Some(1),
+        }];
+        let hash = regroup_sql::checkpoint::chain(hash, &statements);
+        Record::pending(
+            "bank",
+            seq,
+            1,
+            SqlTransaction {
+                dialect: "sqlite".into(),
+                statements,
+                hash,
+            },
+        )
+    };
+
+    // Never committed on the primary: skipped.
+    let (seq, hash) = row(a.clone()).await;
+    s.journal.append(&pending(seq + 1, &hash)).await.unwrap();
+    let g = SqlGroup::open("bank", &copies_of(&s), s.journal.clone())
+        .await
+        .unwrap();
+    let r = s.journal.record("bank", seq + 1).await.unwrap().unwrap();
+    assert_eq!(r.state, RecordState::Skipped);
+    g.close().await;
+
+    // Committed on the primary (its row moved with it), the seal lost: executed.
+    let record = pending(seq + 2, &hash);
+    s.journal.append(&record).await.unwrap();
+    let Payload::Sql(t) = &record.payload else {
+        panic!("a SQL record")
+    };
+    a.execute_unprepared(&t.statements[0].sql).await.unwrap();
+    a.execute_unprepared(&format!(
+        "UPDATE regroup_sql_checkpoint SET seq = {}, hash = '{}', txn_id = '{}' WHERE group_name = 'bank'",
+        seq + 2,
+        t.hash,
+        record.txn_id
+    ))
+    .await
+    .unwrap();
+    let g = SqlGroup::open("bank", &copies_of(&s), s.journal.clone())
+        .await
+        .unwrap();
+    let r = s.journal.record("bank", seq + 2).await.unwrap().unwrap();
+    assert_eq!(r.state, RecordState::Executed);
+    caught_up(&g).await;
+    assert_identical(&g, &["a", "b", "c"]).await;
+    let b = g.copy_connection("b").unwrap();
+    assert_eq!(money(b).await, ACCOUNTS * OPENING - 7);
+    assert!(g.status().iter().all(|c| c.diverged.is_none()));
+    g.close().await;
+}
+
+fn copies_of(s: &Setup) -> Vec<regroup_sql::CopyConfig> {
+    let urls: Vec<String> = ["a", "b", "c"]
+        .iter()
+        .map(|n| {
+            format!(
+                "sqlite://{}",
+                s._dir.path().join(format!("{n}.db")).display()
+            )
+        })
+        .collect();
+    copies(&urls)
+}

@@ -20,6 +20,11 @@
 //! counts or running hash differ from the primary's is quarantined durably and serves no
 //! read; a read outside a transaction goes to a copy that has applied everything sealed.
 //!
+//! **Failover.** Supervision queries every copy (`SELECT 1`) on an interval; an
+//! unavailable primary hands its role to the most caught-up healthy copy (epoch + 1,
+//! compare-and-set in the journal's role store) under the write slot, after applying a
+//! record whose commit is in doubt on it (exactly once by its checkpoint row).
+//!
 //! **Failure modes and their cost.** Write transactions of a group are serialized (one
 //! write slot), read-only ones included once they begin a transaction. A commit whose
 //! answer is lost is settled by the primary's checkpoint row; while the primary cannot be

@@ -11,6 +11,7 @@ use regroup_proxy::{Config, server};
 
 mod demo;
 mod rebuild_cli;
+mod sql_cli;
 
 #[derive(Parser)]
 #[command(
@@ -114,6 +115,8 @@ enum Command {
     /// Run a redundancy group of three bank partitions behind the proxy, on SQLite files
     /// in a fresh directory.
     Demo(demo::DemoArgs),
+    /// SQL mode: `classify` statements.
+    Sql(sql_cli::SqlArgs),
 }
 
 #[derive(clap::Args)]
@@ -170,6 +173,7 @@ fn main() -> ExitCode {
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
+        Command::Sql(args) => sql_cli::run(args).await,
         Command::Serve { config } => {
             // Before anything else, so that no signal finds the default handler (see
             // `shutdown_signal`).

@@ -163,7 +163,9 @@ async fn three_partitions_duplicate_replay_is_applied_once() {
     .await
     .unwrap();
     let record = journal.record("bank", seq).await.unwrap().unwrap();
-    let regroup_replay::Payload::Http(request) = &record.payload;
+    let regroup_replay::Payload::Http(request) = &record.payload else {
+        panic!("the bank's records are HTTP requests");
+    };
     assert_eq!(request.uri, "/transfers");
     let mut headers: Vec<(String, String)> = request
         .headers

@@ -87,7 +87,10 @@ pub(crate) fn parse_after(query: Option<&str>) -> Result<u64, ProxyError> {
 
 /// The NDJSON line of `record`.
 fn line(record: &Record) -> Option<Bytes> {
-    let Payload::Http(request) = &record.payload;
+    // A group the proxy serves holds HTTP records only (SQL mode journals its own groups).
+    let Payload::Http(request) = &record.payload else {
+        return None;
+    };
     let (body, body_encoding) = match std::str::from_utf8(&request.body) {
         Ok(text) => (text.to_owned(), "utf-8"),
         Err(_) => (

@@ -165,7 +165,11 @@ impl PartitionLink for HttpLink {
             self.term,
             self.secret.as_ref(),
         )
-        .map_err(|e| SendError::NotSent(format!("cannot build request: {e}")))?;
+        .map_err(|e| {
+            tracing::error!(partition = %partition.name(), seq = record.seq, error = %e,
+                "refusing to send a record over HTTP");
+            SendError::NotSent(format!("cannot build request: {e}"))
+        })?;
         let answer = self.exchange(req, timeout).await?;
         if let Some(refusal) = deposed(&answer, self.term) {
             return Err(refusal);

@@ -96,16 +96,36 @@ fn recorded_headers(headers: &HeaderMap) -> Result<Vec<(String, String)>, ProxyE
 }
 
 /// Builds the request a partition receives for `record` (`replay`: with
-/// `Regroup-Replay: 1`; `term` > 0: with `Regroup-Term`), signed with `secret` when set.
+/// `Regroup-Replay: 1`; `term` > 0: with `Regroup-Term`), signed with `secret` when set. A SQL
+/// mode payload is refused: it is replayed by SQL mode's own applier on database copies,
+/// never sent over HTTP.
 pub(crate) fn record_request(
     record: &Record,
     base: &http::Uri,
     replay: bool,
     term: u64,
     secret: Option<&Secret>,
+) -> Result<Request<ProxyBody>, String> {
+    let request = match &record.payload {
+        Payload::Http(request) => request,
+        Payload::Sql(_) => {
+            return Err(format!(
+                "record {} of group {:?} holds SQL statements (SQL mode), which are never sent over HTTP",
+                record.seq, record.group
+            ));
+        }
+    };
+    build_request(record, request, base, replay, term, secret).map_err(|e| e.to_string())
+}
+
+fn build_request(
+    record: &Record,
+    request: &RecordedRequest,
+    base: &http::Uri,
+    replay: bool,
+    term: u64,
+    secret: Option<&Secret>,
 ) -> Result<Request<ProxyBody>, http::Error> {
-    // The HTTP payload is sent as recorded; another payload kind does not travel over HTTP.
-    let Payload::Http(request) = &record.payload;
     let mut builder = Request::builder()
         .method(request.method.as_str())
         .uri(forward::upstream_uri(base, &request.uri)?);
@@ -793,4 +813,28 @@ async fn keeps_own_record(group: &Group, partition: &Partition) -> bool {
         partition.set_keeps_own_record(true);
     }
     keeps
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_sql_payload_is_never_sent_over_http() {
+        let record = Record::pending(
+            "bank",
+            4,
+            1,
+            regroup_replay::SqlTransaction {
+                dialect: "sqlite".into(),
+                statements: vec![],
+                hash: String::new(),
+            },
+        );
+        let base: http::Uri = "http://127.0.0.1:1".parse().unwrap_or_default();
+        match record_request(&record, &base, true, 0, None) {
+            Err(e) => assert!(e.contains("never sent over HTTP"), "{e}"),
+            Ok(_) => panic!("a SQL payload was turned into an HTTP request"),
+        }
+    }
 }

@@ -48,7 +48,10 @@ pub use journal::{
     SqlJournal, StoredMembers, StoredRole,
 };
 pub use layer::{AppliedStore, Replay, ReplayLayer, SnapshotLayer, Snapshots};
-pub use record::{Compare, Fingerprint, Payload, Record, RecordState, RecordedRequest};
+pub use record::{
+    Compare, Fingerprint, Payload, Record, RecordState, RecordedRequest, SqlStatement,
+    SqlTransaction, SqlValue,
+};
 pub use replayer::{Backoff, ReplayExit, ReplayObserver, Replayer};
 pub use snapshot::{
     Restored, SeaOrmSnapshotter, Snapshot, SnapshotBody, SnapshotError, Snapshotter,

@@ -19,13 +19,79 @@ pub struct RecordedRequest {
     pub body: Bytes,
 }
 
-/// What a record carries: the transaction every partition re-executes. An HTTP request
-/// today; another way of capturing transactions (SQL statements) is another variant, so
-/// every place that sends or stores a payload says what it does with each kind.
+/// What a record carries: the transaction every partition re-executes: an HTTP request
+/// (the proxy), or one database transaction's SQL statements (SQL mode). Every place that
+/// sends or stores a payload says what it does with each kind.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Payload {
     /// An HTTP request, sent to every partition as recorded.
     Http(RecordedRequest),
+    /// One database transaction's statements with their bound values, executed on every
+    /// copy in one database transaction with the copy's checkpoint row. Never sent over
+    /// HTTP.
+    Sql(SqlTransaction),
+}
+
+/// One database transaction of SQL mode, as executed on the primary copy (nondeterministic
+/// values already fixed to literals).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SqlTransaction {
+    /// The dialect of the copies (`sqlite`, `postgres`, `mysql`): a record is replayed
+    /// only on copies of the same backend.
+    pub dialect: String,
+    /// The statements, in execution order.
+    pub statements: Vec<SqlStatement>,
+    /// Hex SHA-256 chaining the group's previous running hash with these statements and
+    /// values: the running hash kept with each copy's checkpoint.
+    pub hash: String,
+}
+
+/// One statement of a [`SqlTransaction`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SqlStatement {
+    /// The SQL text, with placeholders.
+    pub sql: String,
+    /// The bound values, in placeholder order.
+    pub values: Vec<SqlValue>,
+    /// Rows the primary's execution affected (for statements run as `execute`), compared
+    /// on every replay; `None` for queries whose rows were returned instead.
+    pub rows_affected: Option<u64>,
+}
+
+/// A bound value, typed as the application bound it (a typed NULL stays typed, so a
+/// replay binds exactly what the primary bound). Floating-point values are kept as their
+/// shortest exact decimal text.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "type", content = "value")]
+pub enum SqlValue {
+    /// A boolean.
+    Bool(Option<bool>),
+    /// An 8-bit integer.
+    TinyInt(Option<i8>),
+    /// A 16-bit integer.
+    SmallInt(Option<i16>),
+    /// A 32-bit integer.
+    Int(Option<i32>),
+    /// A 64-bit integer.
+    BigInt(Option<i64>),
+    /// An unsigned 8-bit integer.
+    TinyUnsigned(Option<u8>),
+    /// An unsigned 16-bit integer.
+    SmallUnsigned(Option<u16>),
+    /// An unsigned 32-bit integer.
+    Unsigned(Option<u32>),
+    /// An unsigned 64-bit integer.
+    BigUnsigned(Option<u64>),
+    /// A 32-bit float, as decimal text.
+    Float(Option<String>),
+    /// A 64-bit float, as decimal text.
+    Double(Option<String>),
+    /// Text.
+    String(Option<String>),
+    /// One character.
+    Char(Option<char>),
+    /// Bytes, as hex.
+    Bytes(Option<String>),
 }
 
 impl Payload {
@@ -40,7 +106,18 @@ impl Payload {
                         .map(|(n, v)| n.len() + v.len())
                         .sum::<usize>()
             }
+            Payload::Sql(t) => t
+                .statements
+                .iter()
+                .map(|s| s.sql.len() + s.values.len() * 16)
+                .sum(),
         }
+    }
+}
+
+impl From<SqlTransaction> for Payload {
+    fn from(t: SqlTransaction) -> Self {
+        Payload::Sql(t)
     }
 }
 

@@ -392,8 +392,10 @@ mod tests {
             if self.corrupt_seq == Some(record.seq) {
                 return Ok(Fingerprint::of(200, b"something else"));
             }
-            let crate::record::Payload::Http(request) = &record.payload;
-            Ok(Fingerprint::of(200, &request.body))
+            match &record.payload {
+                crate::record::Payload::Http(request) => Ok(Fingerprint::of(200, &request.body)),
+                crate::record::Payload::Sql(_) => Err(ApplyError::Unreachable("sql".into())),
+            }
         }
     }
 

@@ -25,7 +25,9 @@ use time::macros::datetime;
 use uuid::Uuid;
 
 use super::{Journal, JournalError, MemberSpec, Outcome, Owner, StoredRole};
-use crate::record::{Fingerprint, Record, RecordState, RecordedRequest};
+use crate::record::{
+    Fingerprint, Record, RecordState, RecordedRequest, SqlStatement, SqlTransaction, SqlValue,
+};
 
 /// Runs every check. `open` gives a new handle on the same store each time it is called
 /// (as another process connecting to the same database would); the store must be empty.
@@ -48,6 +50,7 @@ where
     note("open_log", open_log(&j).await);
     note("read_after", read_after(&j).await);
     note("record round trip", round_trip(&j).await);
+    note("sql payload round trip", sql_round_trip(&j).await);
     note("role", role(&j).await);
     note("checkpoints", checkpoints(&j).await);
     note("quarantine", quarantine(&j).await);
@@ -462,6 +465,56 @@ async fn round_trip<J: Journal>(j: &J) -> Result<(), String> {
         vec![r],
         "the sealed record read after 0",
     )
+}
+
+/// A SQL mode payload (statements, typed values and NULLs, counts, the running hash)
+/// comes back exactly as appended, pending and sealed, beside an HTTP record.
+async fn sql_round_trip<J: Journal>(j: &J) -> Result<(), String> {
+    let g = "c-sql-round-trip";
+    fill(j, g, 1).await?;
+    let t = SqlTransaction {
+        dialect: "postgres".into(),
+        statements: vec![
+            SqlStatement {
+                sql: "UPDATE accounts SET balance = balance - $1, note = $2 WHERE id = $3".into(),
+                values: vec![
+                    SqlValue::BigInt(Some(-9_007_199_254_740_993)),
+                    SqlValue::String(Some("café \"quoted\" 'x'".into())),
+                    SqlValue::Int(None),
+                ],
+                rows_affected: Some(1),
+            },
+            SqlStatement {
+                sql: "INSERT INTO t (b, f, u, c, z) VALUES (?, ?, ?, ?, ?) RETURNING id".into(),
+                values: vec![
+                    SqlValue::Bytes(Some("00ff10".into())),
+                    SqlValue::Double(Some("0.1".into())),
+                    SqlValue::BigUnsigned(Some(u64::MAX)),
+                    SqlValue::Char(Some('é')),
+                    SqlValue::Bool(Some(false)),
+                ],
+                rows_affected: None,
+            },
+        ],
+        hash: "ab".repeat(32),
+    };
+    let mut r = Record::pending(g, 2, 3, t);
+    r.executors = vec!["a".into()];
+    j.append(&r).await.at("append")?;
+    ensure_eq(
+        j.record(g, 2).await.at("record pending")?,
+        Some(r.clone()),
+        "the pending sql record",
+    )?;
+    j.seal(g, 2, &Outcome::Executed(None)).await.at("seal")?;
+    r.state = RecordState::Executed;
+    let read = j.read_after(g, 0, 5).await.at("read_after")?;
+    ensure_eq(read.len(), 2, "records read")?;
+    ensure(
+        matches!(read[0].payload, crate::record::Payload::Http(_)),
+        || "the http record before it stays http".to_owned(),
+    )?;
+    ensure_eq(read.get(1).cloned(), Some(r), "the sealed sql record")
 }
 
 async fn role<J: Journal>(j: &J) -> Result<(), String> {

@@ -222,6 +222,22 @@ fn row_to_record(group: &str, row: &QueryResult) -> Result<Record, JournalError>
         _ => None,
     };
     let body: Vec<u8> = row.try_get("", "body")?;
+    let method: String = row.try_get("", "method")?;
+    let uri: String = row.try_get("", "uri")?;
+    // An empty method (no HTTP request has one) marks a SQL mode payload, kept as JSON in
+    // the body column; the uri names its dialect.
+    let payload = if method.is_empty() && uri.starts_with(SQL_URI_PREFIX) {
+        Payload::Sql(
+            serde_json::from_slice(&body).map_err(|e| corrupt(format!("sql payload: {e}")))?,
+        )
+    } else {
+        Payload::Http(RecordedRequest {
+            method,
+            uri,
+            headers,
+            body: Bytes::from(body),
+        })
+    };
     let executors: String = row.try_get("", "executors")?;
     let executors: Vec<String> =
         serde_json::from_str(&executors).map_err(|e| corrupt(format!("executors: {e}")))?;
@@ -231,12 +247,7 @@ fn row_to_record(group: &str, row: &QueryResult) -> Result<Record, JournalError>
         txn_id,
         epoch: to_u64(row.try_get::<i64>("", "epoch")?),
         timestamp,
-        payload: Payload::Http(RecordedRequest {
-            method: row.try_get("", "method")?,
-            uri: row.try_get("", "uri")?,
-            headers,
-            body: Bytes::from(body),
-        }),
+        payload,
         state,
         fingerprint,
         executors,
@@ -386,10 +397,24 @@ impl Log for SqlJournal {
     }
 
     async fn append(&self, record: &Record) -> Result<(), JournalError> {
-        // The HTTP payload's columns; another payload kind gets its own columns.
-        let Payload::Http(request) = &record.payload;
-        let headers = serde_json::to_string(&request.headers)
-            .map_err(|e| corrupt_input(record, format!("headers: {e}")))?;
+        // The HTTP payload's columns; a SQL payload is JSON in the body, with an empty
+        // method (which no HTTP request has) and its dialect in the uri.
+        let (method, uri, headers, body) = match &record.payload {
+            Payload::Http(request) => (
+                request.method.clone(),
+                request.uri.clone(),
+                serde_json::to_string(&request.headers)
+                    .map_err(|e| corrupt_input(record, format!("headers: {e}")))?,
+                request.body.to_vec(),
+            ),
+            Payload::Sql(t) => (
+                String::new(),
+                format!("{SQL_URI_PREFIX}{}", t.dialect),
+                "[]".to_owned(),
+                serde_json::to_vec(t)
+                    .map_err(|e| corrupt_input(record, format!("sql payload: {e}")))?,
+            ),
+        };
         let executors = serde_json::to_string(&record.executors)
             .map_err(|e| corrupt_input(record, format!("executors: {e}")))?;
         let values: [sea_orm::sea_query::Expr; 13] = [
@@ -398,10 +423,10 @@ impl Log for SqlJournal {
             Expr::val(record.txn_id.to_string()),
             Expr::val(to_i64(record.epoch)),
             Expr::val(record.timestamp_rfc3339()),
-            Expr::val(request.method.clone()),
-            Expr::val(request.uri.clone()),
+            Expr::val(method),
+            Expr::val(uri),
             Expr::val(headers),
-            Expr::val(request.body.to_vec()),
+            Expr::val(body),
             Expr::val(RecordState::Pending.as_str()),
             Expr::val(None::<i32>),
             Expr::val(None::<String>),
@@ -938,6 +963,9 @@ const CLAIM_ATTEMPTS: u32 = 3;
 
 /// The holder named when a renewal finds the lease released.
 const RELEASED: &str = "nobody (the lease was released)";
+
+/// The uri column's prefix for a SQL mode payload (followed by its dialect).
+const SQL_URI_PREFIX: &str = "sql:";
 
 const UNSEALED: [&str; 2] = ["pending", "in_doubt"];
 

@@ -286,12 +286,16 @@ async fn failover_with_no_partition_left_answers_503_and_applies_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn failover_prefers_priority_among_equally_caught_up_partitions() {
     let mut g = BankGroup::start(3, None, FAST).await;
-    // Give c the higher priority (b would win the tie on name otherwise).
+    // Give c the higher priority (b would win the tie on name otherwise). The journal's
+    // membership wins over the config once stored, so the new config seeds a new journal
+    // (nothing was written yet).
     let config = std::fs::read_to_string(&g.proxy.config).unwrap();
     let c_url = format!("url = \"{}\"\n", g.banks[2].url);
     std::fs::write(
         &g.proxy.config,
-        config.replace(&c_url, &format!("{c_url}priority = 5\n")),
+        config
+            .replace(&c_url, &format!("{c_url}priority = 5\n"))
+            .replace("journal.db", "journal-2.db"),
     )
     .unwrap();
     g.proxy.restart().await;

@@ -70,6 +70,13 @@ pub trait PartitionLink: Send + Sync + 'static {
         partition: &Partition,
         timeout: Duration,
     ) -> Result<Option<u64>, SendError>;
+
+    /// Whether partitions behind this link are reached over HTTP at their URLs, where a
+    /// rebuild takes its snapshot and restores it (`rebuild.rs`). A link that reaches them
+    /// otherwise (the simulation's) has no rebuilds.
+    fn serves_snapshots(&self) -> bool {
+        true
+    }
 }
 
 /// [`PartitionLink`] over HTTP with the proxy's pooled client.

@@ -8,12 +8,16 @@
 //! are serialized by `membership_lock`, taken before `role_lock`.
 //!
 //! - `add`: a new partition starts at seq 0 (its old checkpoint and quarantine, if the name
-//!   was used before, are reset) and replays the journal; it takes reads once caught up.
+//!   was used before, are reset) and is rebuilt from a snapshot of a healthy partition as
+//!   soon as it answers (`rebuild`), then replays the journal after the snapshot; until
+//!   then (or when its app offers no snapshots) it replays the journal from the start. It
+//!   takes reads once caught up.
 //! - `remove`: the partition leaves client traffic first (as `drain`); a primary hands the
 //!   role to another partition with no failed request, then it leaves the membership. A
 //!   partition that may have executed the in-doubt record is kept until it is settled.
 //! - `move`: `remove` from one group, then `add` to the other, where it holds the first
-//!   group's data: it is quarantined there until it is rebuilt for its new group.
+//!   group's data: it is quarantined there and rebuilt for its new group from a snapshot
+//!   of one of that group's partitions.
 
 use std::sync::Arc;
 
@@ -85,11 +89,16 @@ pub(crate) async fn add(
     members.push(partition.clone());
     store(group, &members).await?;
     crate::supervise::start_one(group, &partition);
-    crate::replicate::start_one(group, &partition);
+    if quarantine.is_none() {
+        // Until the rebuild takes over (or if it cannot: an app without snapshots), it
+        // replays the journal from the start.
+        crate::replicate::start_one(group, &partition);
+    }
     group.transition(
         "add",
         format!(
-            "{:?} ({}{}) added{}",
+            "{:?} ({}{}) added{}; it is rebuilt from a snapshot of a healthy partition once \
+             it answers",
             spec.name,
             spec.url,
             spec.host
@@ -98,10 +107,14 @@ pub(crate) async fn add(
                 .unwrap_or_default(),
             match &quarantine {
                 Some(r) => format!(", quarantined: {r}"),
-                None => ": it replays the journal from the start".to_owned(),
+                None => String::new(),
             }
         ),
     );
+    if group.link.serves_snapshots() {
+        let reason = quarantine.unwrap_or_else(|| "added to the group".to_owned());
+        crate::rebuild::start_when_answering_because(group, &spec.name, reason);
+    }
     Ok(partition)
 }
 

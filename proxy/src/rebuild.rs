@@ -119,6 +119,12 @@ pub(crate) async fn start_because(
             group.name()
         )));
     }
+    if !group.link.serves_snapshots() {
+        return Err(bad(format!(
+            "group {:?} reaches its partitions without HTTP: no snapshots to rebuild from",
+            group.name()
+        )));
+    }
     let source = choose_source(group, &t, from)?;
     let id = IDS.fetch_add(1, Ordering::Relaxed);
     let mut started = false;
@@ -160,6 +166,13 @@ pub(crate) async fn start_because(
 /// Rebuilds `target` once it answers heartbeats again (a partition that needs records
 /// retention truncated): tried again every second until it starts or the group stops.
 pub(crate) fn start_when_answering(group: &Arc<Group>, target: &str, applied: u64) {
+    let reason = format!("it stands at {applied}, but retention truncated the records after it");
+    start_when_answering_because(group, target, reason);
+}
+
+/// Rebuilds `target` once it answers heartbeats, for `reason` (a partition just added or
+/// moved here): tried again every second until it starts or the group stops.
+pub(crate) fn start_when_answering_because(group: &Arc<Group>, target: &str, reason: String) {
     let group = group.clone();
     let target = target.to_owned();
     let before = group
@@ -181,9 +194,7 @@ pub(crate) fn start_when_answering(group: &Arc<Group>, target: &str, applied: u6
                 return;
             }
             if p.health() == Health::Up {
-                let reason =
-                    format!("it stands at {applied}, but retention truncated the records after it");
-                match start_because(&group, &target, None, reason).await {
+                match start_because(&group, &target, None, reason.clone()).await {
                     Ok(()) => return,
                     Err(e) => {
                         attempts = attempts.saturating_add(1);

@@ -167,3 +167,81 @@ async fn target_last(g: &BankGroup) -> String {
     assert_eq!(doc.groups[0].partitions.len(), 1);
     doc.groups[0].partitions[0].name.clone()
 }
+
+/// `move`: a partition leaves one group and joins a second one, where it is rebuilt from a
+/// snapshot of that group's partitions and ends identical to them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_partition_moved_to_a_second_group_is_rebuilt_for_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut banks = Vec::new();
+    for name in ["a", "b", "x", "y"] {
+        banks.push(Bank::start(dir.path(), name).await);
+    }
+    let mut toml = format!(
+        "listen = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\njournal = \"sqlite://{}\"\n\
+         journal_lease_ms = 1000\n",
+        dir.path().join("journal.db").display()
+    );
+    for (group, prefix, members) in [("bank", "/", &banks[..2]), ("audit", "/audit", &banks[2..])] {
+        toml.push_str(&format!(
+            "\n[[groups]]\nname = \"{group}\"\npath_prefix = \"{prefix}\"\nstrip_prefix = true\n{FAST}\n"
+        ));
+        for b in members {
+            toml.push_str(&format!(
+                "\n[[groups.partitions]]\nname = \"{}\"\nurl = \"{}\"\n",
+                b.name, b.url
+            ));
+        }
+    }
+    let config = dir.path().join("regroup.toml");
+    std::fs::write(&config, toml).unwrap();
+    let proxy = Proxy::start(&config).await;
+    let http = regroup::client::HttpClient::new();
+    for (prefix, name) in [
+        ("", "in-bank"),
+        ("/audit", "in-audit-1"),
+        ("/audit", "in-audit-2"),
+    ] {
+        let a = http
+            .post(
+                &format!("{}{prefix}/accounts", proxy.url),
+                &json!({"name": name, "balance": 10}),
+            )
+            .await
+            .unwrap();
+        assert_eq!(a.status, 201, "{}", String::from_utf8_lossy(&a.body));
+    }
+    let a = http
+        .post(
+            &format!("{}/groups/bank/move", proxy.admin),
+            &json!({"partition": "b", "to": "audit"}),
+        )
+        .await
+        .unwrap();
+    assert_eq!(a.status, 200, "{}", String::from_utf8_lossy(&a.body));
+    let doc = eventually("b to serve in audit", Duration::from_secs(60), || async {
+        let doc = proxy.status(&http).await;
+        let audit = doc.groups.iter().find(|g| g.name == "audit").unwrap();
+        match audit.partitions.iter().find(|p| p.name == "b") {
+            Some(b) if b.status == "available" && b.applied == audit.head => Ok(doc),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await;
+    let bank = doc.groups.iter().find(|g| g.name == "bank").unwrap();
+    assert!(bank.partitions.iter().all(|p| p.name != "b"), "{bank:?}");
+    let audit = doc.groups.iter().find(|g| g.name == "audit").unwrap();
+    assert!(
+        audit.transitions.iter().any(|t| t.name == "rebuild"),
+        "{:?}",
+        audit.transitions
+    );
+    // b now holds the audit group's data, nothing of the bank's.
+    let want = banks[2].get(&http, "/accounts").await;
+    let got = banks[1].get(&http, "/accounts").await;
+    assert_eq!(
+        String::from_utf8_lossy(&got.body),
+        String::from_utf8_lossy(&want.body)
+    );
+    assert!(!String::from_utf8_lossy(&got.body).contains("in-bank"));
+}

@@ -422,11 +422,13 @@ impl Log for FaultyJournal {
         self.inner.record(group, seq).await
     }
     async fn truncate(&self, group: &str, through: u64) -> Result<u64, JournalError> {
+        pause(&self.frozen).await;
         self.before()?;
         let r = self.inner.truncate(group, through).await;
         self.after(r)
     }
     async fn low_water(&self, group: &str) -> Result<u64, JournalError> {
+        pause(&self.frozen).await;
         self.inner.low_water(group).await
     }
     fn seals_durable(&self) -> bool {

@@ -252,3 +252,71 @@ async fn a_frozen_leader_resumed_after_a_takeover_writes_nothing_and_stops() {
     let (accounts, transfers) = g.assert_identical().await;
     assert_bank_invariants(&report, &accounts, &transfers);
 }
+
+/// A follower serves reads itself, from the partitions: with the leader frozen (its lease
+/// not yet run out), reads through the follower still answer, with the data written before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_follower_serves_reads_from_the_partitions_itself() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut banks = Vec::new();
+    for name in ["a", "b", "c"] {
+        banks.push(Bank::start(dir.path(), name).await);
+    }
+    // A long lease: the follower must not take over during the test.
+    let mut toml = format!(
+        "listen = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\nproxies = \"several\"\n\
+         journal = \"sqlite://{}\"\njournal_lease_ms = 60000\n\n[[groups]]\nname = \"bank\"\n{FAST}\n",
+        dir.path().join("journal.db").display()
+    );
+    for b in &banks {
+        toml.push_str(&format!(
+            "\n[[groups.partitions]]\nname = \"{}\"\nurl = \"{}\"\n",
+            b.name, b.url
+        ));
+    }
+    let config = dir.path().join("regroup.toml");
+    std::fs::write(&config, toml).unwrap();
+    let leader = Proxy::start(&config).await;
+    let follower = Proxy::start_after(&config, &[&leader]).await;
+    let http = regroup::client::HttpClient::new();
+    leads(&http, &leader).await;
+    let a = http
+        .post(
+            &format!("{}/accounts", follower.url),
+            &json!({"name": "seen", "balance": 7}),
+        )
+        .await
+        .unwrap();
+    assert_eq!(a.status, 201, "{}", String::from_utf8_lossy(&a.body));
+    // Every partition has it, and the follower has seen the leader say so.
+    eventually(
+        "the follower's view to be caught up",
+        Duration::from_secs(20),
+        || async {
+            let d = doc(&http, &follower).await.ok_or("no status")?;
+            let g = &d.groups[0];
+            if g.partitions
+                .iter()
+                .all(|p| p.status == "available" && p.applied == g.head)
+            {
+                Ok(())
+            } else {
+                Err(format!("{g:?}"))
+            }
+        },
+    )
+    .await;
+    leader.signal(nix::sys::signal::Signal::SIGSTOP);
+    for _ in 0..6 {
+        let r = tokio::time::timeout(
+            Duration::from_secs(5),
+            http.get(&format!("{}/accounts", follower.url)),
+        )
+        .await
+        .expect("a read through the follower must not wait for the frozen leader")
+        .unwrap();
+        assert_eq!(r.status, 200);
+        assert!(String::from_utf8_lossy(&r.body).contains("seen"));
+    }
+    leader.signal(nix::sys::signal::Signal::SIGCONT);
+}

@@ -16,6 +16,14 @@
 //! lease taken (see `ownership`).
 //!
 //! Each partition is replayed by exactly one proxy: only the leader runs replayers.
+//!
+//! **Reads on a follower** are served by the follower itself, from the partitions, by the
+//! same rules as on the leader: it polls the leader's `/status` (every 100 ms) and sends a
+//! read (a bodiless request its group classifies as a read, consistency `any` or `session`)
+//! to a partition the leader has `available` (for `session`, one that applied the position),
+//! refusing an answer whose `Regroup-Applied` stands further behind the sealed head than
+//! `max_read_lag`. With no fresh view (the last poll older than a second), no eligible
+//! partition, or `primary` consistency, the read goes to the leader like an update.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -75,9 +83,48 @@ impl Leading {
     }
 }
 
+/// How often a follower asks the leader for the group's state.
+const MIRROR_POLL: Duration = Duration::from_millis(100);
+/// A view older than this is not used for reads.
+const MIRROR_FRESH: Duration = Duration::from_secs(1);
+
+/// What a follower knows of the groups (the leader's `/status`), to serve reads itself.
+struct Mirror {
+    /// The groups' configs, longest path prefix first.
+    groups: Vec<(crate::config::GroupConfig, crate::classify::Classifier)>,
+    view: std::sync::RwLock<Option<(tokio::time::Instant, crate::admin::StatusDoc)>>,
+    next: std::sync::atomic::AtomicUsize,
+}
+
+impl Mirror {
+    fn new(config: &Config) -> Mirror {
+        let mut groups: Vec<_> = config
+            .groups
+            .iter()
+            .map(|g| (g.clone(), g.classifier()))
+            .collect();
+        groups.sort_by_key(|(g, _)| std::cmp::Reverse(g.path_prefix.len()));
+        Mirror {
+            groups,
+            view: std::sync::RwLock::new(None),
+            next: std::sync::atomic::AtomicUsize::new(0),
+        }
+    }
+
+    fn fresh(&self) -> Option<crate::admin::StatusDoc> {
+        let view = self.view.read().unwrap_or_else(|p| p.into_inner());
+        view.as_ref()
+            .filter(|(at, _)| at.elapsed() <= MIRROR_FRESH)
+            .map(|(_, doc)| doc.clone())
+    }
+}
+
 /// One node of several sharing a journal.
 pub(crate) struct Node {
     mode: watch::Sender<Mode>,
+    mirror: Mirror,
+    /// The admin token, for the leader's `/status`.
+    token: Option<String>,
     client: Upstream,
     /// Largest body a forwarded request may have (the largest group's `max_body_bytes`).
     max_body: usize,
@@ -89,6 +136,8 @@ impl Node {
     fn new(config: &Config, mode: Mode, describe: String) -> Arc<Node> {
         Arc::new(Node {
             mode: watch::Sender::new(mode),
+            mirror: Mirror::new(config),
+            token: crate::server::admin_token(config).ok().flatten(),
             client: forward::upstream_client(),
             max_body: config
                 .groups
@@ -129,6 +178,10 @@ impl Node {
             Mode::Following(leader) => leader,
         };
         let client = req.extensions().get::<ClientAddr>().map(|c| c.0);
+        let req = match self.read_here(req, client).await {
+            Ok(resp) => return Ok(resp),
+            Err(req) => req,
+        };
         let (parts, body) = req.into_parts();
         let body = match read_body(body, self.max_body).await {
             Ok(b) => b,
@@ -142,6 +195,135 @@ impl Node {
                 Mode::Following(_) => Ok(no_leader("client").into_response()),
             },
             Err(Handoff::Failed(e)) => Ok(e.into_response()),
+        }
+    }
+
+    /// Serves `req` from the partitions when it is a read this follower may serve (see the
+    /// module docs); hands it back otherwise, or when no partition served it.
+    async fn read_here(
+        &self,
+        req: Request<ProxyBody>,
+        client: Option<std::net::SocketAddr>,
+    ) -> Result<Response<ProxyBody>, Request<ProxyBody>> {
+        if !crate::route::has_no_body(&req) {
+            return Err(req);
+        }
+        let path = req.uri().path().to_owned();
+        let Some((config, classifier)) = self
+            .mirror
+            .groups
+            .iter()
+            .find(|(g, _)| crate::route::prefix_matches(&g.path_prefix, &path))
+        else {
+            return Err(req);
+        };
+        let Some(doc) = self.mirror.fresh() else {
+            return Err(req);
+        };
+        let Some(group) = doc.groups.iter().find(|g| g.name == config.name) else {
+            return Err(req);
+        };
+        let (parts, body) = req.into_parts();
+        let probe = Request::from_parts(parts.clone(), ());
+        let Ok(local) = crate::route::strip_prefix(config, probe) else {
+            return Err(Request::from_parts(parts, body));
+        };
+        if classifier.classify(local.method(), local.uri().path()) != crate::classify::Kind::Read {
+            return Err(Request::from_parts(parts, body));
+        }
+        let mut headers = local.headers().clone();
+        let consistency = match crate::read::Consistency::take_from(&mut headers) {
+            Ok(crate::read::Consistency::Any) => None,
+            Ok(crate::read::Consistency::Session(at)) => Some(at),
+            // `primary` (and a malformed header, answered by the leader) goes to the leader.
+            _ => return Err(Request::from_parts(parts, body)),
+        };
+        let eligible: Vec<&crate::admin::PartitionStatusDoc> = group
+            .partitions
+            .iter()
+            .filter(|p| p.status == "available" && consistency.is_none_or(|at| p.applied >= at))
+            .collect();
+        if eligible.is_empty() {
+            return Err(Request::from_parts(parts, body));
+        }
+        let pq = local
+            .uri()
+            .path_and_query()
+            .map_or("/", |pq| pq.as_str())
+            .to_owned();
+        let turn = self
+            .mirror
+            .next
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        for i in 0..eligible.len().min(2) {
+            let p = eligible[(turn + i) % eligible.len()];
+            let Ok(base) = crate::config::base_uri(&p.url) else {
+                continue;
+            };
+            let Ok(uri) = forward::upstream_uri(&base, &pq) else {
+                continue;
+            };
+            let mut out = Request::from_parts(local.clone_parts(), forward::full(Bytes::new()));
+            *out.headers_mut() = headers.clone();
+            *out.uri_mut() = uri;
+            let out = forward::prepare_request(out, client);
+            let answer =
+                tokio::time::timeout(config.read_timeout(), self.client.request(out)).await;
+            let Ok(Ok(resp)) = answer else {
+                continue;
+            };
+            let behind = resp
+                .headers()
+                .get(regroup_replay::headers::APPLIED)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse::<u64>().ok())
+                .is_some_and(|applied| applied.saturating_add(config.max_read_lag) < group.sealed);
+            if behind {
+                continue;
+            }
+            return Ok(forward::client_response(resp));
+        }
+        Err(Request::from_parts(parts, body))
+    }
+
+    /// Keeps the follower's view of the groups: the leader's `/status`, every
+    /// [`MIRROR_POLL`], while following.
+    async fn mirror(self: Arc<Self>) {
+        let mut tick = tokio::time::interval(MIRROR_POLL);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let Mode::Following(leader) = self.mode() else {
+                continue;
+            };
+            let Some(admin) = &leader.admin else {
+                continue;
+            };
+            let Ok(uri) = forward::upstream_uri(admin, "/status") else {
+                continue;
+            };
+            let mut req = Request::get(uri).body(forward::full(Bytes::new()));
+            if let (Ok(r), Some(t)) = (&mut req, &self.token)
+                && let Ok(v) = http::HeaderValue::from_str(&format!("Bearer {t}"))
+            {
+                r.headers_mut().insert(http::header::AUTHORIZATION, v);
+            }
+            let Ok(req) = req else { continue };
+            let doc = match tokio::time::timeout(MIRROR_FRESH, self.client.request(req)).await {
+                Ok(Ok(resp)) if resp.status() == StatusCode::OK => {
+                    match resp.into_body().collect().await {
+                        Ok(b) => {
+                            serde_json::from_slice::<crate::admin::StatusDoc>(&b.to_bytes()).ok()
+                        }
+                        Err(_) => None,
+                    }
+                }
+                _ => None,
+            };
+            if let Some(doc) = doc {
+                *self.mirror.view.write().unwrap_or_else(|p| p.into_inner()) =
+                    Some((tokio::time::Instant::now(), doc));
+            }
         }
     }
 
@@ -358,6 +540,8 @@ pub(crate) async fn start(
         }
     };
     let node = Node::new(config, first, describe);
+    let mirrored = node.clone();
+    tokio::spawn(mirrored.mirror());
     let config = config.clone();
     let task_node = node.clone();
     let lost = async move {

@@ -80,7 +80,7 @@ impl<S> Regroup<S> {
     }
 }
 
-fn prefix_matches(prefix: &str, path: &str) -> bool {
+pub(crate) fn prefix_matches(prefix: &str, path: &str) -> bool {
     prefix == "/"
         || path == prefix
         || (path.starts_with(prefix)
@@ -197,7 +197,7 @@ where
 
 /// With `strip_prefix`, removes the group's path prefix before the request is classified,
 /// journaled and forwarded (`/bank/accounts?x` reaches the partitions as `/accounts?x`).
-fn strip_prefix<B>(
+pub(crate) fn strip_prefix<B>(
     config: &crate::config::GroupConfig,
     mut req: Request<B>,
 ) -> Result<Request<B>, ProxyError> {

@@ -12,7 +12,7 @@ use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
-use regroup_replay::{CachedJournal, Journal, SqlJournal};
+use regroup_replay::{CachedJournal, Journal, NatsJournal, SqlJournal};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tower::{Service, ServiceBuilder};
@@ -50,10 +50,8 @@ struct Limits {
 impl Proxy {
     /// Connects the configured journal and starts every group.
     pub async fn start(config: &Config) -> Result<Proxy, ProxyError> {
-        let journal = SqlJournal::connect_with(&config.journal, config.journal_sync)
-            .await
-            .map_err(|e| ProxyError::Journal(format!("{}: {e}", redact(&config.journal))))?;
-        Proxy::with_journal(config, Arc::new(CachedJournal::new(journal))).await
+        let journal = open_journal(&config.journal, config.journal_sync).await?;
+        Proxy::with_journal(config, journal).await
     }
 
     /// Starts every group on `journal`.
@@ -324,8 +322,12 @@ pub fn admin_token(config: &Config) -> Result<Option<String>, ProxyError> {
     }
 }
 
-/// A URL with its password hidden, for messages.
+/// A URL with its password hidden, for messages (every server's, in a `nats://` URL
+/// naming several).
 pub fn redact(url: &str) -> String {
+    if url.starts_with("nats://") {
+        return regroup_replay::NatsJournal::redact(url);
+    }
     match (url.find("://"), url.find('@')) {
         (Some(s), Some(at)) if at > s => {
             let userinfo = &url[s + 3..at];
@@ -336,4 +338,20 @@ pub fn redact(url: &str) -> String {
         }
         _ => url.to_owned(),
     }
+}
+
+/// Opens the journal at `url`: `nats://` on NATS JetStream, `sqlite:` and `postgres://` on
+/// SQL (with `sync`), each behind an in-memory tail for replayers.
+pub async fn open_journal(
+    url: &str,
+    sync: regroup_replay::JournalSync,
+) -> Result<Arc<dyn Journal>, ProxyError> {
+    let failed =
+        |e: regroup_replay::JournalError| ProxyError::Journal(format!("{}: {e}", redact(url)));
+    if url.starts_with("nats://") {
+        let journal = NatsJournal::connect(url).await.map_err(failed)?;
+        return Ok(Arc::new(CachedJournal::new(journal)));
+    }
+    let journal = SqlJournal::connect_with(url, sync).await.map_err(failed)?;
+    Ok(Arc::new(CachedJournal::new(journal)))
 }

@@ -41,6 +41,55 @@ pub async fn local_or_skip() -> bool {
     }
 }
 
+/// A journal prefix of its own on `url`; every stream and bucket of it is deleted when
+/// this is dropped (also when the test fails).
+pub struct TempJournal {
+    pub server: String,
+    pub prefix: String,
+}
+
+impl TempJournal {
+    pub fn new(server: &str) -> TempJournal {
+        TempJournal {
+            server: server.to_owned(),
+            prefix: unique_prefix(),
+        }
+    }
+
+    /// The journal URL for the proxy's config.
+    pub fn url(&self) -> String {
+        format!("{}?prefix={}", self.server, self.prefix)
+    }
+
+    /// A handle of its own on the journal.
+    pub async fn open(&self) -> NatsJournal {
+        NatsJournal::connect(&self.url())
+            .await
+            .unwrap_or_else(|e| panic!("opening {}: {e}", self.url()))
+    }
+}
+
+impl Drop for TempJournal {
+    fn drop(&mut self) {
+        // Drop may run inside the test's runtime, which cannot be blocked on: clean up from
+        // a thread with a runtime of its own.
+        let (server, prefix) = (self.server.clone(), self.prefix.clone());
+        let done = std::thread::spawn(move || {
+            if let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                rt.block_on(tokio::time::timeout(
+                    Duration::from_secs(20),
+                    delete_journal(&server, &prefix),
+                ))
+                .ok();
+            }
+        });
+        let _ = done.join();
+    }
+}
+
 /// Deletes every stream and bucket of `prefix` on `url` (best effort, logged).
 pub async fn delete_journal(url: &str, prefix: &str) {
     match NatsJournal::connect_with_prefix(url, prefix).await {
@@ -123,22 +172,26 @@ impl Cluster {
             cluster.spawn(&exe, i, &routes);
         }
         let url = cluster.url();
-        super::eventually("the NATS cluster to serve JetStream", Duration::from_secs(60), || {
-            let url = url.clone();
-            async move {
-                let prefix = unique_prefix();
-                let j = NatsJournal::connect_with_prefix(&url, &prefix)
-                    .await
-                    .map_err(|e| e.to_string())?;
-                let replicas = j.replicas();
-                let _ = j.delete_all().await;
-                if replicas == 3 {
-                    Ok(())
-                } else {
-                    Err(format!("{replicas} replicas"))
+        super::eventually(
+            "the NATS cluster to serve JetStream",
+            Duration::from_secs(60),
+            || {
+                let url = url.clone();
+                async move {
+                    let prefix = unique_prefix();
+                    let j = NatsJournal::connect_with_prefix(&url, &prefix)
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    let replicas = j.replicas();
+                    let _ = j.delete_all().await;
+                    if replicas == 3 {
+                        Ok(())
+                    } else {
+                        Err(format!("{replicas} replicas"))
+                    }
                 }
-            }
-        })
+            },
+        )
         .await;
         cluster
     }

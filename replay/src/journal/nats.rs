@@ -244,7 +244,7 @@ fn unavailable(what: impl std::fmt::Display) -> JournalError {
 }
 
 /// `url` with every password replaced by `***`.
-pub(super) fn redact(url: &str) -> String {
+fn redact(url: &str) -> String {
     url.split(',')
         .map(|part| {
             let (scheme, rest) = part.split_once("://").unwrap_or(("", part));
@@ -265,8 +265,8 @@ pub(super) fn redact(url: &str) -> String {
         .join(",")
 }
 
-/// The servers of a `nats://host:port[,host:port...]` URL.
-fn servers(url: &str) -> Result<Vec<async_nats::ServerAddr>, JournalError> {
+/// The servers of a `nats://host:port[,host:port...][?prefix=NAME]` URL, and its prefix.
+fn parse_url(url: &str) -> Result<(Vec<async_nats::ServerAddr>, Option<String>), JournalError> {
     let bad = |why: String| JournalError::Unavailable {
         reason: format!("{}: {why}", redact(url)),
         retryable: false,
@@ -274,26 +274,28 @@ fn servers(url: &str) -> Result<Vec<async_nats::ServerAddr>, JournalError> {
     if !url.starts_with("nats://") {
         return Err(bad("not a nats:// URL".into()));
     }
-    url.split(',')
-        .map(str::trim)
+    let (list, query) = url.split_once('?').unwrap_or((url, ""));
+    let mut prefix = None;
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        match pair.split_once('=') {
+            Some(("prefix", value)) => prefix = Some(value.to_owned()),
+            _ => return Err(bad(format!("unknown option {pair:?} (known: prefix=NAME)"))),
+        }
+    }
+    let servers = list
+        .split(',')
+        .map(|s| s.trim().trim_start_matches("nats://"))
         .filter(|s| !s.is_empty())
         .map(|s| {
-            let full = if s.contains("://") {
-                s.to_owned()
-            } else {
-                format!("nats://{s}")
-            };
+            let full = format!("nats://{s}");
             full.parse::<async_nats::ServerAddr>()
                 .map_err(|e| bad(format!("server {}: {e}", redact(s))))
         })
-        .collect::<Result<Vec<_>, _>>()
-        .and_then(|v| {
-            if v.is_empty() {
-                Err(bad("no server".into()))
-            } else {
-                Ok(v)
-            }
-        })
+        .collect::<Result<Vec<_>, _>>()?;
+    if servers.is_empty() {
+        return Err(bad("no server".into()));
+    }
+    Ok((servers, prefix))
 }
 
 fn valid_prefix(prefix: &str) -> bool {
@@ -307,15 +309,18 @@ impl NatsJournal {
     /// The prefix of stream and bucket names when none is given.
     pub const DEFAULT_PREFIX: &'static str = "REGROUP";
 
-    /// Connects to the NATS servers of `url` (`nats://host:port[,host:port...]`) and opens
-    /// (creating them when missing) the journal's buckets, named with
-    /// [`NatsJournal::DEFAULT_PREFIX`].
+    /// Connects to the NATS servers of `url` (`nats://host:port[,host:port...]`, optionally
+    /// `?prefix=NAME`) and opens (creating them when missing) the journal's buckets, named
+    /// from the URL's prefix or [`NatsJournal::DEFAULT_PREFIX`].
     pub async fn connect(url: &str) -> Result<Self, JournalError> {
-        Self::connect_with_prefix(url, Self::DEFAULT_PREFIX).await
+        let (_, prefix) = parse_url(url)?;
+        let prefix = prefix.unwrap_or_else(|| Self::DEFAULT_PREFIX.to_owned());
+        Self::connect_with_prefix(url, &prefix).await
     }
 
     /// [`NatsJournal::connect`] with streams and buckets named from `prefix` (letters,
-    /// digits, `_` and `-`): several journals on one NATS system, e.g. one per test.
+    /// digits, `_` and `-`; it overrides the URL's): several journals on one NATS system,
+    /// e.g. one per test.
     pub async fn connect_with_prefix(url: &str, prefix: &str) -> Result<Self, JournalError> {
         if !valid_prefix(prefix) {
             return Err(JournalError::Unavailable {
@@ -324,7 +329,7 @@ impl NatsJournal {
             });
         }
         let shown = redact(url);
-        let addrs = servers(url)?;
+        let (addrs, _) = parse_url(url)?;
         let count = addrs.len();
         let client = async_nats::ConnectOptions::new()
             .name("regroup journal")
@@ -359,12 +364,13 @@ impl NatsJournal {
         let client = async_nats::ConnectOptions::new()
             .name("regroup check")
             .connection_timeout(Duration::from_secs(5))
-            .connect(servers(url)?)
+            .connect(parse_url(url)?.0)
             .await
             .map_err(|e| unavailable(format!("{shown}: cannot connect: {e}")))?;
         // The account's JetStream information, read raw: the typed answer of this client
         // expects fields that older servers do not send.
-        let no_js = |why: String| unavailable(format!("{shown}: JetStream is not available: {why}"));
+        let no_js =
+            |why: String| unavailable(format!("{shown}: JetStream is not available: {why}"));
         let answer = client
             .request("$JS.API.INFO", Bytes::new())
             .await
@@ -377,9 +383,31 @@ impl NatsJournal {
         Ok(())
     }
 
+    /// `url` (`nats://` with one or more servers) with every password replaced by `***`,
+    /// for messages.
+    pub fn redact(url: &str) -> String {
+        redact(url)
+    }
+
     /// How many replicas this journal's streams and buckets get.
     pub fn replicas(&self) -> usize {
         self.inner.replicas
+    }
+
+    /// The replicas of `group`'s stream as the NATS server reports them.
+    pub async fn stream_replicas(&self, group: &str) -> Result<usize, JournalError> {
+        let name = self.stream_name(group);
+        let mut stream = self
+            .inner
+            .js
+            .get_stream(&name)
+            .await
+            .map_err(|e| unavailable(format!("reading stream {name}: {e}")))?;
+        let info = stream
+            .info()
+            .await
+            .map_err(|e| unavailable(format!("reading stream {name}: {e}")))?;
+        Ok(info.config.num_replicas)
     }
 
     /// The name of `group`'s stream.
@@ -479,8 +507,11 @@ impl NatsJournal {
                         }
                         match decode_entry(&msg.payload) {
                             Ok((entry, body)) => apply(log, group, entry, body),
-                            Err(why) => tracing::warn!(group, seq = msg.sequence,
-                                "skipping an unreadable journal entry: {why}"),
+                            Err(why) => tracing::warn!(
+                                group,
+                                seq = msg.sequence,
+                                "skipping an unreadable journal entry: {why}"
+                            ),
                         }
                         log.last = msg.sequence;
                     }
@@ -663,7 +694,11 @@ impl NatsJournal {
     }
 
     /// Runs a read of `group` on its state, caught up first.
-    async fn read<T>(&self, group: &str, f: impl FnOnce(&GroupLog) -> T) -> Result<T, JournalError> {
+    async fn read<T>(
+        &self,
+        group: &str,
+        f: impl FnOnce(&GroupLog) -> T,
+    ) -> Result<T, JournalError> {
         let cell = self.group(group);
         let mut log = cell.lock().await;
         self.catch_up(&mut log, group).await?;
@@ -697,7 +732,10 @@ impl NatsJournal {
     async fn server_now(&self) -> Result<OffsetDateTime, JournalError> {
         let store = &self.inner.lease;
         let clock_err = |e: &dyn std::fmt::Display| {
-            unavailable(format!("{}: reading the server's clock: {e}", self.inner.url))
+            unavailable(format!(
+                "{}: reading the server's clock: {e}",
+                self.inner.url
+            ))
         };
         let revision = store
             .put(CLOCK_KEY, Bytes::new())
@@ -711,7 +749,11 @@ impl NatsJournal {
     }
 
     /// Milliseconds the stored lease has left by the server's clock.
-    async fn remaining_ms(&self, entry: &kv::Entry, value: &LeaseValue) -> Result<u64, JournalError> {
+    async fn remaining_ms(
+        &self,
+        entry: &kv::Entry,
+        value: &LeaseValue,
+    ) -> Result<u64, JournalError> {
         let now = self.server_now().await?;
         let until = entry.created + Duration::from_millis(value.ttl_ms);
         let left = until - now;
@@ -723,8 +765,7 @@ impl NatsJournal {
     }
 
     fn set_claim(&self, token: u64, describe: &str) {
-        *self.inner.claim.lock().unwrap_or_else(|p| p.into_inner()) =
-            (token, describe.to_owned());
+        *self.inner.claim.lock().unwrap_or_else(|p| p.into_inner()) = (token, describe.to_owned());
     }
 
     /// Refuses when another claim holds the lease.
@@ -822,7 +863,11 @@ fn apply(log: &mut GroupLog, group: &str, entry: Entry, body: Bytes) {
             executors,
         } => {
             if seq != log.head() + 1 {
-                tracing::warn!(group, seq, "skipping an append that does not extend the log");
+                tracing::warn!(
+                    group,
+                    seq,
+                    "skipping an append that does not extend the log"
+                );
                 return;
             }
             let Some(timestamp) = parse_timestamp(&timestamp) else {
@@ -1103,12 +1148,10 @@ impl RoleStore for NatsJournal {
 impl Checkpoints for NatsJournal {
     async fn checkpoint(&self, group: &str, partition: &str) -> Result<u64, JournalError> {
         let key = Self::checkpoint_key("c", group, partition);
-        let value = self
-            .inner
-            .checkpoints
-            .get(key)
-            .await
-            .map_err(|e| unavailable(format!("{}: reading a checkpoint: {e}", self.inner.url)))?;
+        let value =
+            self.inner.checkpoints.get(key).await.map_err(|e| {
+                unavailable(format!("{}: reading a checkpoint: {e}", self.inner.url))
+            })?;
         Ok(value
             .and_then(|v| std::str::from_utf8(&v).ok()?.parse().ok())
             .unwrap_or(0))
@@ -1132,12 +1175,10 @@ impl Checkpoints for NatsJournal {
 
     async fn diverged(&self, group: &str, partition: &str) -> Result<Option<String>, JournalError> {
         let key = Self::checkpoint_key("q", group, partition);
-        let value = self
-            .inner
-            .checkpoints
-            .get(key)
-            .await
-            .map_err(|e| unavailable(format!("{}: reading a quarantine: {e}", self.inner.url)))?;
+        let value =
+            self.inner.checkpoints.get(key).await.map_err(|e| {
+                unavailable(format!("{}: reading a quarantine: {e}", self.inner.url))
+            })?;
         Ok(value.and_then(|v| serde_json::from_slice::<Option<String>>(&v).ok().flatten()))
     }
 
@@ -1377,11 +1418,13 @@ mod tests {
 
     #[test]
     fn urls_name_every_server() {
-        let s = servers("nats://127.0.0.1:4222,127.0.0.1:4223, nats://127.0.0.1:4224")
-            .expect("three servers");
-        assert_eq!(s.len(), 3);
-        assert!(servers("postgres://x").is_err());
-        assert!(servers("nats://").is_err());
+        let (s, prefix) =
+            parse_url("nats://127.0.0.1:4222,127.0.0.1:4223, nats://127.0.0.1:4224?prefix=P1")
+                .expect("three servers");
+        assert_eq!((s.len(), prefix.as_deref()), (3, Some("P1")));
+        assert!(parse_url("postgres://x").is_err());
+        assert!(parse_url("nats://").is_err());
+        assert!(parse_url("nats://h:1?replicas=2").is_err());
     }
 
     #[test]

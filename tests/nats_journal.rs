@@ -108,11 +108,17 @@ async fn a_nats_node_stopped_under_load_loses_nothing() {
     let g = BankGroup::start(3, Some(&journal.url()), "").await;
     let mut report = LoadReport::default();
     let seeds = seed_accounts(&g, 6, &mut report).await;
+    let (replicas, leader) = journal.open().await.stream_placement("bank").await.unwrap();
     assert_eq!(
-        journal.open().await.stream_replicas("bank").await.unwrap(),
-        3,
+        replicas, 3,
         "the group's stream is replicated on every node"
     );
+    // The node that leads the group's stream is the one stopped.
+    let victim = cluster
+        .nodes
+        .iter()
+        .position(|n| leader.as_deref() == Some(n.name.as_str()))
+        .unwrap_or_else(|| panic!("the stream's leader {leader:?} is none of the nodes"));
 
     let stop = Arc::new(AtomicBool::new(false));
     let target = g.target();
@@ -127,7 +133,7 @@ async fn a_nats_node_stopped_under_load_loses_nothing() {
     );
     let chaos = async {
         wait_for_head(&target, 6 + 40).await;
-        cluster.kill(0).await;
+        cluster.kill(victim).await;
         let stopped_at = target.status().await.groups[0].head;
         // The group goes on with two of three nodes.
         wait_for_head(&target, stopped_at + 40).await;

@@ -79,11 +79,15 @@ impl Drop for TempJournal {
                 .enable_all()
                 .build()
             {
-                rt.block_on(tokio::time::timeout(
-                    Duration::from_secs(20),
-                    delete_journal(&server, &prefix),
-                ))
-                .ok();
+                rt.block_on(async {
+                    let cleanup = delete_journal(&server, &prefix);
+                    if tokio::time::timeout(Duration::from_secs(20), cleanup)
+                        .await
+                        .is_err()
+                    {
+                        eprintln!("cleaning up NATS journal {prefix}: no answer within 20 s");
+                    }
+                });
             }
         });
         let _ = done.join();

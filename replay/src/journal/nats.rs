@@ -394,20 +394,23 @@ impl NatsJournal {
         self.inner.replicas
     }
 
-    /// The replicas of `group`'s stream as the NATS server reports them.
-    pub async fn stream_replicas(&self, group: &str) -> Result<usize, JournalError> {
+    /// The replicas of `group`'s stream and the name of the server leading it (`None` on a
+    /// single server), as the NATS server reports them.
+    pub async fn stream_placement(
+        &self,
+        group: &str,
+    ) -> Result<(usize, Option<String>), JournalError> {
         let name = self.stream_name(group);
+        let failed = |e: &dyn std::fmt::Display| unavailable(format!("reading stream {name}: {e}"));
         let mut stream = self
             .inner
             .js
             .get_stream(&name)
             .await
-            .map_err(|e| unavailable(format!("reading stream {name}: {e}")))?;
-        let info = stream
-            .info()
-            .await
-            .map_err(|e| unavailable(format!("reading stream {name}: {e}")))?;
-        Ok(info.config.num_replicas)
+            .map_err(|e| failed(&e))?;
+        let info = stream.info().await.map_err(|e| failed(&e))?;
+        let leader = info.cluster.as_ref().and_then(|c| c.leader.clone());
+        Ok((info.config.num_replicas, leader))
     }
 
     /// The name of `group`'s stream.

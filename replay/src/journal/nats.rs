@@ -650,26 +650,26 @@ impl NatsJournal {
         }
         for _ in 0..WRITE_ATTEMPTS {
             let (token, describe) = self.claim_state();
-            if token == 0 || log.fence != token {
-                if let Some((entry, value)) = self.lease_entry().await? {
-                    match &value.owner {
-                        Some(o) if value.token != token => {
-                            let _ = entry;
-                            return Err(JournalError::Fenced {
-                                holder: o.describe.clone(),
-                            });
-                        }
-                        Some(_) => {
-                            let fence = Entry::Fence { token, describe };
-                            if let Published::Refused =
-                                self.publish(&mut log, group, fence, Bytes::new()).await?
-                            {
-                                fresh = true;
-                                continue;
-                            }
-                        }
-                        None => {}
+            // Not this handle's fence last: the lease says whether it may write.
+            if (token == 0 || log.fence != token)
+                && let Some((_, value)) = self.lease_entry().await?
+            {
+                match &value.owner {
+                    Some(o) if value.token != token => {
+                        return Err(JournalError::Fenced {
+                            holder: o.describe.clone(),
+                        });
                     }
+                    Some(_) => {
+                        let fence = Entry::Fence { token, describe };
+                        if let Published::Refused =
+                            self.publish(&mut log, group, fence, Bytes::new()).await?
+                        {
+                            fresh = true;
+                            continue;
+                        }
+                    }
+                    None => {}
                 }
             }
             match plan(&log) {

@@ -72,6 +72,15 @@
 //! the last entries; three replicas on three hosts cover one host's power loss. An entry
 //! (a record with its body) must fit the server's `max_payload` (1 MB by default).
 //! The whole log of every group a handle opened is kept in its memory.
+//!
+//! # Servers and replicas
+//!
+//! The replicas of a new stream or bucket are the number of servers known (named in the
+//! URL, or announced by the cluster at connect time) up to 3; streams created earlier keep
+//! theirs. NATS 2.9 (Debian's) works: the client is built without its 2.10+ features, buckets
+//! are created as their streams (the client's `create_key_value` first reads account
+//! information in a shape 2.9 does not send), and reads use the stream leader's
+//! `STREAM.MSG.GET` (consistent, no consumer to create).
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
@@ -1409,6 +1418,71 @@ impl Lease for NatsJournal {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Serialized updates on the journal alone, NATS beside SQLite in the same run: 2,000
+    /// appends each followed by its seal (as the update path does them) on the local NATS
+    /// server (`REGROUP_COST_NATS`, default `nats://127.0.0.1:4222`; a prefix of its own,
+    /// deleted after) and on a SQLite file with its durable defaults.
+    /// `cargo test -p regroup-replay --release --lib -- --ignored nats_vs_sqlite_cost --nocapture`
+    #[tokio::test]
+    #[ignore = "a measurement, not a check"]
+    #[allow(clippy::unwrap_used)]
+    async fn nats_vs_sqlite_cost() {
+        use crate::journal::{Journal, SqlJournal};
+
+        async fn cost<J: Journal>(j: &J, n: u64) -> Duration {
+            let owner = Owner {
+                id: Uuid::now_v7().to_string(),
+                describe: "cost loop".into(),
+            };
+            j.claim(&owner, Duration::from_secs(60)).await.unwrap();
+            let group = format!("cost{:x}", rand::random::<u32>());
+            let request = RecordedRequest {
+                method: "POST".into(),
+                uri: "/transfers".into(),
+                headers: vec![("content-type".into(), "application/json".into())],
+                body: Bytes::from_static(br#"{"from":1,"to":2,"amount":1}"#),
+            };
+            j.open_log(&group).await.unwrap();
+            let started = std::time::Instant::now();
+            for seq in 1..=n {
+                j.append(&Record::pending(&group, seq, 1, request.clone()))
+                    .await
+                    .unwrap();
+                j.seal(&group, seq, &Outcome::Executed(None)).await.unwrap();
+            }
+            let took = started.elapsed();
+            j.release().await.unwrap();
+            took
+        }
+
+        let n = 2000u64;
+        let per = |d: Duration| d.as_secs_f64() * 1e6 / n as f64;
+        let url = std::env::var("REGROUP_COST_NATS")
+            .unwrap_or_else(|_| "nats://127.0.0.1:4222".to_owned());
+        let prefix = format!("COST{:X}", rand::random::<u32>());
+        let nats = NatsJournal::connect_with_prefix(&url, &prefix)
+            .await
+            .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let sqlite =
+            SqlJournal::connect(&format!("sqlite://{}", dir.path().join("j.db").display()))
+                .await
+                .unwrap();
+        // Alternated, so both see the same machine.
+        let mut rounds = Vec::new();
+        for _ in 0..3 {
+            rounds.push((per(cost(&nats, n).await), per(cost(&sqlite, n).await)));
+        }
+        nats.delete_all().await.unwrap();
+        for (i, (a, b)) in rounds.iter().enumerate() {
+            println!(
+                "round {}: {url} ({} replica(s)): {a:.0} us per update; SQLite: {b:.0} us per update",
+                i + 1,
+                nats.replicas()
+            );
+        }
+    }
 
     #[test]
     fn passwords_are_redacted_in_every_server() {

@@ -191,15 +191,18 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Check { config: path } => {
             let config = Config::load(&path)?;
             server::admin_token(&config)?;
-            regroup_replay::SqlJournal::probe(&config.journal)
-                .await
-                .with_context(|| {
-                    format!(
-                        "{}: journal {}",
-                        path.display(),
-                        server::redact(&config.journal)
-                    )
-                })?;
+            let probed = if config.journal.starts_with("nats://") {
+                regroup_replay::NatsJournal::probe(&config.journal).await
+            } else {
+                regroup_replay::SqlJournal::probe(&config.journal).await
+            };
+            probed.with_context(|| {
+                format!(
+                    "{}: journal {}",
+                    path.display(),
+                    server::redact(&config.journal)
+                )
+            })?;
             let partitions: usize = config.groups.iter().map(|g| g.partitions.len()).sum();
             println!(
                 "{}: ok ({} group(s), {partitions} partition(s), journal {})",

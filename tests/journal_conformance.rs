@@ -1,11 +1,12 @@
 //! The journal conformance suite (`regroup_replay::journal::conformance`) over every
-//! implementation: in memory, SQLite, PostgreSQL (a fresh database per run, dropped after)
-//! and the cached journal over SQLite.
+//! implementation: in memory, SQLite, PostgreSQL (a fresh database per run, dropped after),
+//! the cached journal over SQLite, and NATS JetStream (a journal prefix of its own per run,
+//! deleted after).
 
 mod support;
 
 use regroup_replay::journal::conformance;
-use regroup_replay::{CachedJournal, JournalError, MemoryJournal, SqlJournal};
+use regroup_replay::{CachedJournal, JournalError, MemoryJournal, NatsJournal, SqlJournal};
 use support::postgres::TempDatabase;
 
 fn pass(name: &str, result: Result<(), String>) {
@@ -61,4 +62,16 @@ async fn cached_journal_conforms() {
     })
     .await;
     pass("CachedJournal over SQLite", result);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nats_journal_conforms() {
+    if !support::nats::local_or_skip().await {
+        return;
+    }
+    let url = support::nats::LOCAL_URL;
+    let prefix = support::nats::unique_prefix();
+    let result = conformance::run(|| NatsJournal::connect_with_prefix(url, &prefix)).await;
+    support::nats::delete_journal(url, &prefix).await;
+    pass("NatsJournal on the local NATS server", result);
 }

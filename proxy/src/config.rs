@@ -77,7 +77,8 @@ pub struct Config {
     /// Admin address: `GET /status`, admin verbs.
     #[serde(default = "default_admin_listen")]
     pub admin_listen: SocketAddr,
-    /// Journal URL: `sqlite://path` (created if missing) or `postgres://…`.
+    /// Journal URL: `sqlite://path` (created if missing), `postgres://…`, or
+    /// `nats://host:port[,host:port...]` (NATS JetStream).
     #[serde(default = "default_journal")]
     pub journal: String,
     /// When journal writes wait for the disk: `full` (every write, the default) or `append`
@@ -429,11 +430,15 @@ impl Config {
         }
         if !(self.journal.starts_with("sqlite:")
             || self.journal.starts_with("postgres://")
-            || self.journal.starts_with("postgresql://"))
+            || self.journal.starts_with("postgresql://")
+            || self.journal.starts_with("nats://"))
         {
             return Err(invalid(
                 "journal".into(),
-                format!("{:?} is not a sqlite:// or postgres:// URL", self.journal),
+                format!(
+                    "{:?} is not a sqlite://, postgres:// or nats:// URL",
+                    self.journal
+                ),
             ));
         }
         if self
@@ -800,7 +805,7 @@ url = "http://127.0.0.1:9002"
         let e = err(&GOOD.replace("sqlite://j.db", "mysql://x"));
         assert_eq!(
             e,
-            "regroup.toml: journal: \"mysql://x\" is not a sqlite:// or postgres:// URL"
+            "regroup.toml: journal: \"mysql://x\" is not a sqlite://, postgres:// or nats:// URL"
         );
         let e = err(&GOOD.replace("name = \"bank\"", "name = \"bank\"\nheartbeat_retries = 0"));
         assert_eq!(

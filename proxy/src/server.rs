@@ -13,7 +13,7 @@ use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
-use regroup_replay::{CachedJournal, Journal, SqlJournal};
+use regroup_replay::{CachedJournal, Journal, NatsJournal, SqlJournal};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tower::{Service, ServiceBuilder};
@@ -51,7 +51,11 @@ struct Limits {
 impl Proxy {
     /// Connects the configured journal and starts every group.
     pub async fn start(config: &Config) -> Result<Proxy, ProxyError> {
-        Proxy::with_journal(config, open_journal(config).await?).await
+        Proxy::with_journal(
+            config,
+            open_journal(&config.journal, config.journal_sync).await?,
+        )
+        .await
     }
 
     /// Starts every group on `journal`.
@@ -226,7 +230,7 @@ pub async fn serve(
         admin: admin_listener,
     };
     if config.proxies == Proxies::Several {
-        let journal = open_journal(&config).await?;
+        let journal = open_journal(&config.journal, config.journal_sync).await?;
         let (node, lost) = crate::follow::start(&config, journal).await?;
         on_bound(bound);
         let body_timeout = config.body_read_timeout();
@@ -280,14 +284,6 @@ async fn finish(
     }
     release.await;
     Ok(())
-}
-
-/// Connects the configured journal (wrapped with the in-memory tail for replayers).
-async fn open_journal(config: &Config) -> Result<Arc<dyn Journal>, ProxyError> {
-    let journal = SqlJournal::connect_with(&config.journal, config.journal_sync)
-        .await
-        .map_err(|e| ProxyError::Journal(format!("{}: {e}", redact(&config.journal))))?;
-    Ok(Arc::new(CachedJournal::new(journal)))
 }
 
 /// The client and admin listeners.
@@ -444,8 +440,12 @@ pub fn admin_token(config: &Config) -> Result<Option<String>, ProxyError> {
     }
 }
 
-/// A URL with its password hidden, for messages.
+/// A URL with its password hidden, for messages (every server's, in a `nats://` URL
+/// naming several).
 pub fn redact(url: &str) -> String {
+    if url.starts_with("nats://") {
+        return regroup_replay::NatsJournal::redact(url);
+    }
     match (url.find("://"), url.find('@')) {
         (Some(s), Some(at)) if at > s => {
             let userinfo = &url[s + 3..at];
@@ -456,4 +456,20 @@ pub fn redact(url: &str) -> String {
         }
         _ => url.to_owned(),
     }
+}
+
+/// Opens the journal at `url`: `nats://` on NATS JetStream, `sqlite:` and `postgres://` on
+/// SQL (with `sync`), each behind an in-memory tail for replayers.
+pub async fn open_journal(
+    url: &str,
+    sync: regroup_replay::JournalSync,
+) -> Result<Arc<dyn Journal>, ProxyError> {
+    let failed =
+        |e: regroup_replay::JournalError| ProxyError::Journal(format!("{}: {e}", redact(url)));
+    if url.starts_with("nats://") {
+        let journal = NatsJournal::connect(url).await.map_err(failed)?;
+        return Ok(Arc::new(CachedJournal::new(journal)));
+    }
+    let journal = SqlJournal::connect_with(url, sync).await.map_err(failed)?;
+    Ok(Arc::new(CachedJournal::new(journal)))
 }

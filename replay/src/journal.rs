@@ -13,7 +13,8 @@
 //! newest record of a group is never removed, so the head (and dense appends) survive.
 //!
 //! [`Journal`] is the three together. [`SqlJournal`] implements it on sea-orm (SQLite by
-//! default, PostgreSQL by URL), [`MemoryJournal`] in memory (tests and the simulation), and
+//! default, PostgreSQL by URL), [`NatsJournal`] on NATS JetStream (`nats://` URLs),
+//! [`MemoryJournal`] in memory (tests and the simulation), and
 //! [`CachedJournal`] wraps either with an in-memory tail for replayers. Every implementation
 //! passes the same conformance suite (`conformance`, behind the `conformance` feature).
 
@@ -23,12 +24,14 @@ pub mod conformance;
 mod lease;
 mod membership;
 mod memory;
+mod nats;
 mod sql;
 
 pub use cache::CachedJournal;
 pub use lease::{Lease, Owner, OwnerInfo};
 pub use membership::{MemberSpec, Membership, StoredMembers};
 pub use memory::MemoryJournal;
+pub use nats::NatsJournal;
 pub use sql::{JournalSync, SqlJournal};
 
 use crate::record::{Fingerprint, Record};

@@ -44,8 +44,8 @@ pub use context::ReplayContext;
 pub use exactly_once::{Answer, AppliedRecord, ExactlyOnce, RunError, Work};
 pub use journal::{
     CachedJournal, Checkpoints, GroupState, Journal, JournalError, JournalSync, Lease, Log,
-    LogState, MemberSpec, Membership, MemoryJournal, Outcome, Owner, OwnerInfo, RoleStore,
-    SqlJournal, StoredMembers, StoredRole,
+    LogState, MemberSpec, Membership, MemoryJournal, NatsJournal, Outcome, Owner, OwnerInfo,
+    RoleStore, SqlJournal, StoredMembers, StoredRole,
 };
 pub use layer::{AppliedStore, Replay, ReplayLayer, SnapshotLayer, Snapshots};
 pub use record::{

@@ -8,6 +8,7 @@
 
 #![allow(dead_code, unreachable_pub, missing_docs, clippy::unwrap_used)]
 
+pub mod nats;
 pub mod postgres;
 
 use std::future::Future;

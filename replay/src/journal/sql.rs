@@ -965,7 +965,7 @@ const CLAIM_ATTEMPTS: u32 = 3;
 const RELEASED: &str = "nobody (the lease was released)";
 
 /// The uri column's prefix for a SQL mode payload (followed by its dialect).
-const SQL_URI_PREFIX: &str = "sql:";
+pub(super) const SQL_URI_PREFIX: &str = "sql:";
 
 const UNSEALED: [&str; 2] = ["pending", "in_doubt"];
 

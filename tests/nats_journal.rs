@@ -1,0 +1,168 @@
+//! The bank group with its journal on NATS JetStream: on the local server (a journal
+//! prefix of its own per run, deleted after) with the proxy killed under load and
+//! restarted, and on a 3-node cluster started by the test (its streams at 3 replicas) with
+//! one node stopped under load. Nothing acknowledged is lost, nothing is applied twice,
+//! every copy is identical.
+
+#![allow(clippy::unwrap_used)]
+
+mod support;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use regroup_replay::{Log, RecordState};
+use support::nats::{Cluster, LOCAL_URL, TempJournal, local_or_skip};
+use support::*;
+
+/// The journal in NATS holds exactly the group's records, dense and every one sealed.
+async fn assert_journal_sealed(journal: &TempJournal, head: u64) {
+    let j = journal.open().await;
+    let records = j.read_after("bank", 0, u64::MAX).await.unwrap();
+    let seqs: Vec<u64> = records.iter().map(|r| r.seq).collect();
+    assert_eq!(seqs, (1..=head).collect::<Vec<_>>(), "the journal's seqs");
+    let unsealed: Vec<(u64, RecordState)> = records
+        .iter()
+        .filter(|r| !r.state.is_sealed())
+        .map(|r| (r.seq, r.state))
+        .collect();
+    assert!(unsealed.is_empty(), "unsealed records: {unsealed:?}");
+}
+
+/// At most one copy of each transfer: the transfers stored are the acknowledged ones plus
+/// at most one per request that was cut off without an answer.
+fn assert_applied_once(report: &LoadReport, cut_off: usize, transfers: &[serde_json::Value]) {
+    assert!(
+        transfers.len() <= report.acked_transfers.len() + cut_off,
+        "{} transfers stored for {} acknowledged and {cut_off} cut off",
+        transfers.len(),
+        report.acked_transfers.len()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn proxy_killed_under_load_on_a_nats_journal_loses_nothing() {
+    if !local_or_skip().await {
+        return;
+    }
+    // Declared before the group, so dropped after it: the proxy is gone first.
+    let journal = TempJournal::new(LOCAL_URL);
+    let mut g = BankGroup::start(3, Some(&journal.url()), "").await;
+    let mut report = LoadReport::default();
+    let seeds = seed_accounts(&g, 6, &mut report).await;
+
+    let load = {
+        let g = &g;
+        let seeds = &seeds;
+        let load = run_load(g, seeds, 16, 100_000, true, "nats-killed");
+        let killer = async {
+            tokio::time::sleep(Duration::from_millis(1500)).await;
+            g.proxy.child_pid()
+        };
+        tokio::pin!(load);
+        tokio::select! {
+            r = &mut load => panic!("load ended before the kill: {:?}", r.statuses),
+            pid = killer => {
+                support::sigkill(pid);
+                load.await
+            }
+        }
+    };
+    assert!(
+        load.count(201) > 20,
+        "too little load before the kill: {:?}",
+        load.statuses
+    );
+    let cut_off = load.errors.len();
+    merge(&mut report, load);
+
+    g.proxy.restart().await;
+    eventually("no record in doubt", Duration::from_secs(30), || async {
+        let d = g.proxy.status(&g.http).await;
+        let group = &d.groups[0];
+        if group.in_doubt.is_empty() {
+            Ok(())
+        } else {
+            Err(format!("{group:?}"))
+        }
+    })
+    .await;
+    let after = run_load(&g, &seeds, 8, 60, false, "nats-after").await;
+    assert_no_failed_request(&after);
+    merge(&mut report, after);
+
+    let doc = g.wait_converged(Duration::from_secs(90)).await;
+    let (accounts, transfers) = g.assert_identical().await;
+    assert_bank_invariants(&report, &accounts, &transfers);
+    assert_applied_once(&report, cut_off, &transfers);
+    assert!(!g.dir.path().join("journal.db").exists());
+    assert_journal_sealed(&journal, doc.groups[0].head).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_nats_node_stopped_under_load_loses_nothing() {
+    // The cluster is the test's own (nats-server is installed when missing): no skip.
+    let mut cluster = Cluster::start().await;
+    let journal = TempJournal::new(&cluster.url());
+    let g = BankGroup::start(3, Some(&journal.url()), "").await;
+    let mut report = LoadReport::default();
+    let seeds = seed_accounts(&g, 6, &mut report).await;
+    let (replicas, leader) = journal.open().await.stream_placement("bank").await.unwrap();
+    assert_eq!(
+        replicas, 3,
+        "the group's stream is replicated on every node"
+    );
+    // The node that leads the group's stream is the one stopped.
+    let victim = cluster
+        .nodes
+        .iter()
+        .position(|n| leader.as_deref() == Some(n.name.as_str()))
+        .unwrap_or_else(|| panic!("the stream's leader {leader:?} is none of the nodes"));
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let target = g.target();
+    let load = run_load_until(
+        &target,
+        &seeds,
+        8,
+        usize::MAX,
+        true,
+        "nats-node",
+        Some(stop.clone()),
+    );
+    let chaos = async {
+        wait_for_head(&target, 6 + 40).await;
+        cluster.kill(victim).await;
+        let stopped_at = target.status().await.groups[0].head;
+        // The group goes on with two of three nodes.
+        wait_for_head(&target, stopped_at + 40).await;
+        stop.store(true, Ordering::Relaxed);
+    };
+    let (load, ()) = tokio::join!(load, chaos);
+    let cut_off = load.errors.len();
+    let answered_5xx: u64 = load
+        .statuses
+        .iter()
+        .filter(|(s, _)| **s >= 500)
+        .map(|(_, n)| n)
+        .sum();
+    eprintln!(
+        "with a node stopped: {:?}, {cut_off} without an answer, {answered_5xx} 5xx",
+        load.statuses
+    );
+    merge(&mut report, load);
+
+    let after = run_load(&g, &seeds, 8, 40, false, "nats-node-after").await;
+    assert_no_failed_request(&after);
+    merge(&mut report, after);
+
+    let doc = g.wait_converged(Duration::from_secs(90)).await;
+    let (accounts, transfers) = g.assert_identical().await;
+    assert_bank_invariants(&report, &accounts, &transfers);
+    assert_applied_once(&report, cut_off + answered_5xx as usize, &transfers);
+    assert_journal_sealed(&journal, doc.groups[0].head).await;
+    drop(g);
+    drop(journal);
+    drop(cluster);
+}

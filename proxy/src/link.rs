@@ -136,6 +136,27 @@ impl HttpLink {
     }
 }
 
+/// The app layer's own refusal code in a 409 (`behind`, `out_of_order`, `deposed`,
+/// `fenced`), as opposed to an app's 409 answer.
+fn layer_refusal(answer: &Answer) -> Option<String> {
+    if answer.parts.status != http::StatusCode::CONFLICT {
+        return None;
+    }
+    let doc: serde_json::Value = serde_json::from_slice(&answer.body).ok()?;
+    let code = doc["error"].as_str()?;
+    matches!(code, "behind" | "out_of_order" | "deposed" | "fenced")
+        .then(|| doc["message"].as_str().unwrap_or(code).to_owned())
+}
+
+/// A partition's refusal of a record that does not follow the one it recorded last while
+/// it stands further (409 `out_of_order`): this proxy's idea of it is out of date; nothing
+/// was executed.
+pub(crate) fn out_of_order(answer: &Answer) -> Option<SendError> {
+    let message = layer_refusal(answer)?;
+    let doc: serde_json::Value = serde_json::from_slice(&answer.body).ok()?;
+    (doc["error"] == "out_of_order").then(|| SendError::NotSent(format!("refused: {message}")))
+}
+
 /// A partition's refusal of a proxy that was taken over (409 with a higher
 /// `Regroup-Term`): nothing was executed.
 pub(crate) fn deposed(answer: &Answer, term: u64) -> Option<SendError> {
@@ -170,6 +191,7 @@ impl PartitionLink for HttpLink {
             partition.base(),
             replay,
             self.term,
+            partition.delivered(),
             self.secret.as_ref(),
         )
         .map_err(|e| {
@@ -178,7 +200,23 @@ impl PartitionLink for HttpLink {
             SendError::NotSent(format!("cannot build request: {e}"))
         })?;
         let answer = self.exchange(req, timeout).await?;
+        // What the partition says it recorded, unless its layer refused the record (then
+        // this proxy's idea stays as it was: a refused sender must not be re-aimed by the
+        // refusal; supervision's question re-aims it).
+        if let Some(applied) = answer
+            .parts
+            .headers
+            .get(regroup_replay::headers::APPLIED)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok())
+            && layer_refusal(&answer).is_none()
+        {
+            partition.set_delivered(applied);
+        }
         if let Some(refusal) = deposed(&answer, self.term) {
+            return Err(refusal);
+        }
+        if let Some(refusal) = out_of_order(&answer) {
             return Err(refusal);
         }
         if answer.parts.status == http::StatusCode::CONFLICT
@@ -233,9 +271,13 @@ impl PartitionLink for HttpLink {
             // Not an app-side layer: the journal checkpoint is the only record.
             return Ok(None);
         }
-        Ok(serde_json::from_slice::<serde_json::Value>(&answer.body)
+        let position = serde_json::from_slice::<serde_json::Value>(&answer.body)
             .ok()
-            .and_then(|v| v.get("applied").and_then(|a| a.as_u64())))
+            .and_then(|v| v.get("applied").and_then(|a| a.as_u64()));
+        if let Some(p) = position {
+            partition.set_delivered(p);
+        }
+        Ok(position)
     }
 }
 

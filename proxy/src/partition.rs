@@ -10,6 +10,9 @@ use time::OffsetDateTime;
 use crate::rebuild::RebuildProgress;
 use crate::status::PartitionStatus;
 
+/// `delivered` before the partition's app layer said anything.
+const UNKNOWN: u64 = u64::MAX;
+
 /// What supervision last learned about a partition.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Health {
@@ -39,6 +42,9 @@ pub struct Partition {
     base: Uri,
     priority: i32,
     applied: AtomicU64,
+    /// The last seq its app layer says it recorded (`Regroup-Applied`), sent as
+    /// `Regroup-Prev` with the next record; [`UNKNOWN`] until it said.
+    delivered: AtomicU64,
     draining: AtomicBool,
     own_record: AtomicBool,
     state: Mutex<State>,
@@ -78,6 +84,7 @@ impl Partition {
             base,
             priority: spec.priority,
             applied: AtomicU64::new(applied),
+            delivered: AtomicU64::new(UNKNOWN),
             draining: AtomicBool::new(false),
             own_record: AtomicBool::new(false),
             state: Mutex::new(State {
@@ -121,6 +128,17 @@ impl Partition {
     /// Failover preference.
     pub fn priority(&self) -> i32 {
         self.priority
+    }
+
+    /// The last seq its app layer said it recorded, if it said (see `Regroup-Prev`).
+    pub(crate) fn delivered(&self) -> Option<u64> {
+        let d = self.delivered.load(Ordering::Acquire);
+        (d != UNKNOWN).then_some(d)
+    }
+
+    /// Notes what its app layer says it recorded last.
+    pub(crate) fn set_delivered(&self, seq: u64) {
+        self.delivered.store(seq, Ordering::Release);
     }
 
     /// Highest seq applied.

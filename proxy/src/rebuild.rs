@@ -558,6 +558,8 @@ async fn steps(
         .await
         .map_err(|e| failed(format!("cannot lift the quarantine: {e}"), true))?;
     target.clear_diverged(Some(seq));
+    // Its layer's record now ends at the snapshot's seq: the next record follows it.
+    target.set_delivered(seq);
     set_phase(target, RebuildPhase::Done);
     group.refresh(target);
     replicate::start_one(group, target);

@@ -96,7 +96,8 @@ fn recorded_headers(headers: &HeaderMap) -> Result<Vec<(String, String)>, ProxyE
 }
 
 /// Builds the request a partition receives for `record` (`replay`: with
-/// `Regroup-Replay: 1`; `term` > 0: with `Regroup-Term`), signed with `secret` when set. A SQL
+/// `Regroup-Replay: 1`; `term` > 0: with `Regroup-Term`; `prev`: with `Regroup-Prev`), signed
+/// with `secret` when set. A SQL
 /// mode payload is refused: it is replayed by SQL mode's own applier on database copies,
 /// never sent over HTTP.
 pub(crate) fn record_request(
@@ -104,6 +105,7 @@ pub(crate) fn record_request(
     base: &http::Uri,
     replay: bool,
     term: u64,
+    prev: Option<u64>,
     secret: Option<&Secret>,
 ) -> Result<Request<ProxyBody>, String> {
     let request = match &record.payload {
@@ -115,7 +117,7 @@ pub(crate) fn record_request(
             ));
         }
     };
-    build_request(record, request, base, replay, term, secret).map_err(|e| e.to_string())
+    build_request(record, request, base, replay, term, prev, secret).map_err(|e| e.to_string())
 }
 
 fn build_request(
@@ -124,6 +126,7 @@ fn build_request(
     base: &http::Uri,
     replay: bool,
     term: u64,
+    prev: Option<u64>,
     secret: Option<&Secret>,
 ) -> Result<Request<ProxyBody>, http::Error> {
     let mut builder = Request::builder()
@@ -145,6 +148,9 @@ fn build_request(
         }
         if term > 0 {
             h.insert(rh::TERM, HeaderValue::from(term));
+        }
+        if let Some(prev) = prev {
+            h.insert(rh::PREV, HeaderValue::from(prev));
         }
     }
     let mut req = builder.body(forward::full(request.body.clone()))?;
@@ -832,7 +838,7 @@ mod tests {
             },
         );
         let base: http::Uri = "http://127.0.0.1:1".parse().unwrap_or_default();
-        match record_request(&record, &base, true, 0, None) {
+        match record_request(&record, &base, true, 0, None, None) {
             Err(e) => assert!(e.contains("never sent over HTTP"), "{e}"),
             Ok(_) => panic!("a SQL payload was turned into an HTTP request"),
         }

@@ -23,6 +23,14 @@ pub const REPLAY: &str = "regroup-replay";
 /// updates or replays to a partition the new proxy already talks to.
 pub const TERM: &str = "regroup-term";
 
+/// The seq of the record the sender last delivered to this partition (by the partition's
+/// own word: its `Regroup-Applied`), sent when the sender knows it. A partition's app layer
+/// that keeps the exactly-once record applies a record only right after that one (a
+/// re-delivery of a recorded seq is answered from the record): a sender that is out of
+/// date — a proxy that was frozen and taken over, a copy reset behind its back — is refused
+/// with 409 `behind` or `out_of_order` and `Regroup-Applied`, and nothing is applied.
+pub const PREV: &str = "regroup-prev";
+
 /// On every answer of a partition that keeps the exactly-once record: the highest seq it
 /// has applied. The proxy refuses to serve a read from a partition whose answer says it
 /// stands further behind the sealed head than the group allows (a copy restored from an
@@ -34,4 +42,4 @@ pub const SIGNATURE: &str = "regroup-signature";
 
 /// All replay headers, for stripping them from client requests (a client must not be
 /// able to forge a replay).
-pub const ALL: [&str; 7] = [SEQ, TXN_ID, EPOCH, TIMESTAMP, REPLAY, TERM, SIGNATURE];
+pub const ALL: [&str; 8] = [SEQ, TXN_ID, EPOCH, TIMESTAMP, REPLAY, TERM, PREV, SIGNATURE];

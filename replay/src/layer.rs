@@ -326,6 +326,9 @@ where
                     if let Some(resp) = layer.gap(&ctx).await {
                         return Ok(resp);
                     }
+                    if let Some(resp) = layer.contiguous(&ctx, req.headers()).await {
+                        return Ok(resp);
+                    }
                     if let Some(resp) = layer.term_fence(req.headers()) {
                         return Ok(resp);
                     }
@@ -464,6 +467,58 @@ impl ReplayLayer {
             "behind",
             format!(
                 "seq {} offered, but this partition has applied only up to {highest}",
+                ctx.seq()
+            ),
+        );
+        resp.headers_mut()
+            .insert(crate::headers::APPLIED, header::HeaderValue::from(highest));
+        Some(resp)
+    }
+
+    /// With `Regroup-Prev: P` and the exactly-once record: applies the record only right after
+    /// seq P (this partition's own last recorded seq must be P), unless the seq is recorded
+    /// already (a re-delivery, answered from the record). Otherwise 409 `behind` (it stands
+    /// before P) or `out_of_order` (after P: the sender is out of date), with
+    /// `Regroup-Applied`; nothing is applied.
+    async fn contiguous<B: From<String>>(
+        &self,
+        ctx: &ReplayContext,
+        h: &http::HeaderMap,
+    ) -> Option<Response<B>> {
+        let value = h.get(headers::PREV)?;
+        let Some(prev) = value.to_str().ok().and_then(|v| v.parse::<u64>().ok()) else {
+            return Some(error(
+                StatusCode::BAD_REQUEST,
+                "bad_replay_headers",
+                format!("invalid replay header {}: not a number", headers::PREV),
+            ));
+        };
+        let store = self.store.as_ref()?;
+        if !self.load().await {
+            return None;
+        }
+        let mut highest = self.highest_seq.load(Ordering::Acquire);
+        if highest != prev {
+            // Memory may lag the store (a request whose connection was dropped after its
+            // work committed): the store decides.
+            if let Ok((seq, _)) = store.applied().await {
+                highest = seq;
+                self.highest_seq.store(seq, Ordering::Release);
+            }
+        }
+        if highest == prev || matches!(store.lookup(ctx.seq()).await, Ok(Some(_))) {
+            return None;
+        }
+        let (code, why) = if highest < prev {
+            ("behind", "it has applied only up to")
+        } else {
+            ("out_of_order", "it has applied up to")
+        };
+        let mut resp: Response<B> = error(
+            StatusCode::CONFLICT,
+            code,
+            format!(
+                "seq {} offered after {prev}, but {why} {highest}",
                 ctx.seq()
             ),
         );

@@ -5,9 +5,10 @@
 //! `Regroup-Epoch`, `Regroup-Timestamp` (the header values exactly as sent),
 //! `Regroup-Replay` (`1` or empty), the method, the path and query, and the hex SHA-256 of
 //! the body. No part can hold a line feed, so the message is unambiguous. The signature
-//! goes in `Regroup-Signature` as lowercase hex. A request that carries `Regroup-Term` is
-//! signed as version 2: the same lines with the term after `Regroup-Replay`, so the term
-//! cannot be raised by anyone without the secret.
+//! goes in `Regroup-Signature` as lowercase hex. A request that carries `Regroup-Term` or
+//! `Regroup-Prev` is signed as version 2: the same lines with the term and the previous seq
+//! (each empty when absent) after `Regroup-Replay`, so neither can be changed by anyone
+//! without the secret.
 
 use std::sync::Arc;
 
@@ -73,6 +74,8 @@ pub struct Signed<'a> {
     pub replay: bool,
     /// `Regroup-Term`, when sent.
     pub term: Option<&'a str>,
+    /// `Regroup-Prev`, when sent.
+    pub prev: Option<&'a str>,
     /// The request method.
     pub method: &'a str,
     /// The request's path and query, as in the request line.
@@ -124,6 +127,13 @@ impl<'a> Signed<'a> {
                 ),
                 None => None,
             },
+            prev: match h.get(headers::PREV) {
+                Some(v) => Some(
+                    v.to_str()
+                        .map_err(|_| SignatureError::Header(headers::PREV))?,
+                ),
+                None => None,
+            },
             method,
             path_and_query,
             body,
@@ -133,12 +143,9 @@ impl<'a> Signed<'a> {
     fn mac(&self, secret: &Secret) -> HmacSha256 {
         let mut mac = secret.mac();
         let body = hex::encode(Sha256::digest(self.body));
+        let v2 = self.term.is_some() || self.prev.is_some();
         let head = [
-            if self.term.is_some() {
-                VERSION_WITH_TERM
-            } else {
-                VERSION
-            },
+            if v2 { VERSION_WITH_TERM } else { VERSION },
             self.seq,
             self.txn_id,
             self.epoch,
@@ -146,7 +153,9 @@ impl<'a> Signed<'a> {
             if self.replay { "1" } else { "" },
         ];
         let tail = [self.method, self.path_and_query, &body];
-        for part in head.iter().chain(self.term.as_slice()).chain(tail.iter()) {
+        let extra = [self.term.unwrap_or(""), self.prev.unwrap_or("")];
+        let extra: &[&str] = if v2 { &extra } else { &[] };
+        for part in head.iter().chain(extra.iter()).chain(tail.iter()) {
             mac.update(part.as_bytes());
             mac.update(b"\n");
         }
@@ -214,6 +223,7 @@ mod tests {
             timestamp: "2026-11-30T12:00:00Z",
             replay: true,
             term: None,
+            prev: None,
             method: "POST",
             path_and_query: "/transfers?x=1",
             body,
@@ -263,6 +273,10 @@ mod tests {
             // A term added, or another term: both change the signature.
             Signed {
                 term: Some("3"),
+                ..base
+            },
+            Signed {
+                prev: Some("6"),
                 ..base
             },
             Signed {

@@ -578,6 +578,7 @@ fn signed<'a>(method: &'a str, path: &'a str, timestamp: &'a str, nonce: &'a str
         timestamp,
         replay: false,
         term: None,
+        prev: None,
         method,
         path_and_query: path,
         body: b"",

@@ -826,3 +826,53 @@ async fn layer_with_store_stamps_where_it_stands_on_every_answer() {
     assert_eq!(resp.headers()["regroup-applied"], "4");
     assert_eq!(calls(&seen), 2);
 }
+
+/// `Regroup-Prev`: a record is applied only right after the one the sender last delivered;
+/// a stale sender (it believes the copy stands elsewhere) is refused, naming where the copy
+/// stands, and a re-delivery of a recorded seq still passes.
+#[tokio::test]
+async fn a_record_not_following_the_senders_last_is_refused_with_where_the_copy_stands() {
+    let (_dir, db) = database().await;
+    let once = ExactlyOnce::new(db.clone());
+    let n = Arc::new(AtomicUsize::new(0));
+    for seq in 1..=2 {
+        insert_item(&once, &ctx(seq, 1), "x", false, &n)
+            .await
+            .unwrap();
+    }
+    let (svc, seen) = inner();
+    let svc = ReplayLayer::new()
+        .without_secret()
+        .with_store(once)
+        .layer(svc);
+    let after = |seq: &str, prev: &str| {
+        update(seq, "1")
+            .header("regroup-prev", prev)
+            .body(Body::default())
+            .unwrap()
+    };
+    // The copy stands at 2: a sender that believes 57 is ahead of it…
+    let resp = svc.clone().oneshot(after("58", "57")).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::CONFLICT);
+    assert_eq!(resp.headers()["regroup-applied"], "2");
+    let body: Value = serde_json::from_str(resp.body()).unwrap();
+    assert_eq!(body["error"], "behind");
+    // …one that believes 1 is behind it.
+    let (status, body) = send_json(&svc, after("2x", "1")).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    let (status, body) = send_json(&svc, after("3", "1")).await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (StatusCode::CONFLICT, Some("out_of_order"))
+    );
+    assert_eq!(calls(&seen), 0, "a refused record must not reach the app");
+    // A re-delivery of a recorded seq passes (answered from the record by the app), and so
+    // does the record right after 2.
+    let (status, _) = send(&svc, after("2", "1")).await;
+    assert_eq!(status, StatusCode::OK);
+    let (status, _) = send(&svc, after("3", "2")).await;
+    assert_eq!(status, StatusCode::OK);
+    let (status, _) = send(&svc, after("4", "x")).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert_eq!(calls(&seen), 2);
+}

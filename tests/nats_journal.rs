@@ -153,6 +153,34 @@ async fn a_nats_node_stopped_under_load_loses_nothing() {
     );
     merge(&mut report, load);
 
+    // The remaining two nodes may still be electing leaders for the journal's buckets (a
+    // few 503s, nothing lost): once updates pass again in a row, none may fail.
+    let mut in_a_row = 0;
+    let started = std::time::Instant::now();
+    let mut probe = 0;
+    while in_a_row < 5 {
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "updates did not pass again on the two remaining nodes"
+        );
+        probe += 1;
+        let name = format!("steady-{probe}");
+        // Requested, whether or not it is answered (an unanswered one may exist).
+        report.initial_balance.insert(name.clone(), 0);
+        let a = g
+            .post("/accounts", serde_json::json!({"name": name, "balance": 0}))
+            .await;
+        match a {
+            Ok(a) if a.status == 201 => {
+                in_a_row += 1;
+                report.acked_accounts.push(a.json().unwrap());
+            }
+            _ => {
+                in_a_row = 0;
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    }
     let after = run_load(&g, &seeds, 8, 40, false, "nats-node-after").await;
     assert_no_failed_request(&after);
     merge(&mut report, after);

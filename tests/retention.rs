@@ -47,6 +47,14 @@ async fn a_long_loop_under_retention_keeps_the_journal_bounded() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let r = load.await.unwrap();
+    if r.count(503) > 0 {
+        let log = g.proxy.log();
+        let lines: Vec<&str> = log
+            .lines()
+            .filter(|l| l.contains("WARN") || l.contains("ERROR"))
+            .collect();
+        eprintln!("proxy warnings and errors:\n{}", lines.join("\n"));
+    }
     assert_no_failed_request(&r);
     let head = g.proxy.status(&g.http).await.groups[0].head;
     assert!(head > 1_000, "the loop wrote {head} records");

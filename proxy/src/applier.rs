@@ -78,9 +78,16 @@ impl Applier for LinkApplier {
     }
 
     async fn position(&self) -> Result<Option<u64>, ApplyError> {
-        self.link
+        let position = self
+            .link
             .position(&self.partition, self.timeout)
             .await
-            .map_err(apply_error)
+            .map_err(apply_error)?;
+        if let Some(at) = position {
+            // The replayer asks before it sends: nothing else is sent to this partition
+            // meanwhile, so this is where the next record follows.
+            self.partition.set_delivered(at);
+        }
+        Ok(position)
     }
 }

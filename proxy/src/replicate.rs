@@ -161,6 +161,7 @@ pub(crate) async fn rewind(group: &Arc<Group>, p: &Arc<Partition>, position: u64
         return;
     }
     p.set_applied(position);
+    p.set_delivered(position);
     group.refresh(p);
     group.transition(
         "rewind",

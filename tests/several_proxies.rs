@@ -44,19 +44,12 @@ async fn the_leader_killed_under_load_the_other_proxy_takes_over() {
     for name in ["a", "b", "c"] {
         banks.push(Bank::start(dir.path(), name).await);
     }
-    let mut toml = format!(
-        "listen = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\nproxies = \"several\"\n\
-         journal = \"sqlite://{}\"\njournal_lease_ms = 1000\n\n[[groups]]\nname = \"bank\"\n{FAST}\n",
-        dir.path().join("journal.db").display()
+    let config = write_config(
+        dir.path(),
+        "proxies = \"several\"\njournal_lease_ms = 1000",
+        FAST,
+        &banks,
     );
-    for b in &banks {
-        toml.push_str(&format!(
-            "\n[[groups.partitions]]\nname = \"{}\"\nurl = \"{}\"\n",
-            b.name, b.url
-        ));
-    }
-    let config = dir.path().join("regroup.toml");
-    std::fs::write(&config, toml).unwrap();
     let first = Proxy::start(&config).await;
     let second = Proxy::start_after(&config, &[&first]).await;
     let http = regroup::client::HttpClient::new();
@@ -189,19 +182,12 @@ async fn a_frozen_leader_resumed_after_a_takeover_writes_nothing_and_stops() {
     for name in ["a", "b"] {
         banks.push(Bank::start(dir.path(), name).await);
     }
-    let mut toml = format!(
-        "listen = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\nproxies = \"several\"\n\
-         journal = \"sqlite://{}\"\njournal_lease_ms = 1000\n\n[[groups]]\nname = \"bank\"\n{FAST}\n",
-        dir.path().join("journal.db").display()
+    let config = write_config(
+        dir.path(),
+        "proxies = \"several\"\njournal_lease_ms = 1000",
+        FAST,
+        &banks,
     );
-    for b in &banks {
-        toml.push_str(&format!(
-            "\n[[groups.partitions]]\nname = \"{}\"\nurl = \"{}\"\n",
-            b.name, b.url
-        ));
-    }
-    let config = dir.path().join("regroup.toml");
-    std::fs::write(&config, toml).unwrap();
     let mut frozen = Proxy::start(&config).await;
     let follower = Proxy::start_after(&config, &[&frozen]).await;
     let http = regroup::client::HttpClient::new();
@@ -263,19 +249,12 @@ async fn a_follower_serves_reads_from_the_partitions_itself() {
         banks.push(Bank::start(dir.path(), name).await);
     }
     // A long lease: the follower must not take over during the test.
-    let mut toml = format!(
-        "listen = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\nproxies = \"several\"\n\
-         journal = \"sqlite://{}\"\njournal_lease_ms = 60000\n\n[[groups]]\nname = \"bank\"\n{FAST}\n",
-        dir.path().join("journal.db").display()
+    let config = write_config(
+        dir.path(),
+        "proxies = \"several\"\njournal_lease_ms = 60000",
+        FAST,
+        &banks,
     );
-    for b in &banks {
-        toml.push_str(&format!(
-            "\n[[groups.partitions]]\nname = \"{}\"\nurl = \"{}\"\n",
-            b.name, b.url
-        ));
-    }
-    let config = dir.path().join("regroup.toml");
-    std::fs::write(&config, toml).unwrap();
     let leader = Proxy::start(&config).await;
     let follower = Proxy::start_after(&config, &[&leader]).await;
     let http = regroup::client::HttpClient::new();

@@ -602,8 +602,14 @@ impl BankGroup {
 /// Starts a proxy in `dir` for `banks` as group "bank", with `top` lines at the top level of
 /// its config (e.g. an admin token).
 pub async fn start_proxy_for(dir: &Path, top: &str, banks: &[Bank]) -> Proxy {
+    Proxy::start(&write_config(dir, top, "", banks)).await
+}
+
+/// Writes `dir/regroup.toml`: loopback ports, a SQLite journal in `dir`, `top` lines at the
+/// top level, and one group `bank` with `group` lines over `banks`; returns its path.
+pub fn write_config(dir: &Path, top: &str, group: &str, banks: &[Bank]) -> PathBuf {
     let mut toml = format!(
-        "listen = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\njournal = \"sqlite://{}\"\n{top}\n\n[[groups]]\nname = \"bank\"\n",
+        "listen = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\njournal = \"sqlite://{}\"\n{top}\n\n[[groups]]\nname = \"bank\"\n{group}\n",
         dir.join("journal.db").display()
     );
     for b in banks {
@@ -614,7 +620,7 @@ pub async fn start_proxy_for(dir: &Path, top: &str, banks: &[Bank]) -> Proxy {
     }
     let config = dir.join("regroup.toml");
     std::fs::write(&config, toml).unwrap();
-    Proxy::start(&config).await
+    config
 }
 
 /// Whether tests must not skip when a service is missing.

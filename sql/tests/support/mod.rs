@@ -4,7 +4,15 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+/// The root's PostgreSQL helper (a member crate's tests cannot reach the root's `tests/`
+/// as a module otherwise).
+#[path = "../../../tests/support/postgres.rs"]
 pub mod postgres;
+
+/// Whether the tests run in CI (`CI=true`), where a missing server fails them.
+pub fn in_ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| !v.is_empty() && v != "false" && v != "0")
+}
 
 use regroup_sql::{CopyConfig, SqlGroup};
 use sea_orm::entity::prelude::*;

@@ -34,6 +34,27 @@ async fn sqlite_journal_conforms() {
     pass("SqlJournal on SQLite", result);
 }
 
+#[tokio::test]
+async fn memory_journal_with_deferred_writes_conforms() {
+    let store = MemoryJournal::deferred();
+    let result = conformance::run(|| {
+        let handle = store.handle();
+        async move { Ok::<_, JournalError>(handle) }
+    })
+    .await;
+    pass("MemoryJournal (deferred writes)", result);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_journal_with_overlapped_flushes_conforms() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let url = format!("sqlite://{}", dir.path().join("journal.db").display());
+    let result =
+        conformance::run(|| SqlJournal::connect_with(&url, regroup_replay::JournalSync::Overlap))
+            .await;
+    pass("SqlJournal on SQLite (journal_sync = overlap)", result);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sqlite_journal_with_relaxed_seals_conforms() {
     let dir = tempfile::tempdir().expect("temp dir");

@@ -81,7 +81,17 @@ async fn rejoin_replica_killed_mid_load_catches_up() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn proxy_killed_mid_load_loses_no_acknowledged_update() {
-    let mut g = BankGroup::start(3, None, "").await;
+    proxy_killed_mid_load(BankGroup::start(3, None, "").await).await;
+}
+
+/// The same with `journal_sync = "overlap"`: each record is flushed while the primary
+/// executes it. A killed process loses nothing it wrote, flushed or not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn proxy_killed_mid_load_loses_no_acknowledged_update_with_overlapped_flushes() {
+    proxy_killed_mid_load(BankGroup::start_top(3, "journal_sync = \"overlap\"").await).await;
+}
+
+async fn proxy_killed_mid_load(mut g: BankGroup) {
     let mut report = LoadReport::default();
     let seeds = seed_accounts(&g, 6, &mut report).await;
 

@@ -202,6 +202,15 @@ async fn hand_over(
 ) -> Result<String, ProxyError> {
     let journal_err = |e: regroup_replay::JournalError| ProxyError::Journal(e.to_string());
     let epoch = was.epoch + 1;
+    // Seals the journal defers (`journal_sync = "append"`, `"overlap"`) are made durable
+    // first: the candidate is caught up to every record the old primary executed and
+    // sealed, not only to those already flushed (no seal comes meanwhile: the role is
+    // handing over).
+    if !group.journal.seals_durable() {
+        let written = group.written();
+        group.journal.flush().await.map_err(journal_err)?;
+        group.flushed(written);
+    }
     // A seal whose acknowledgement was lost may have landed: the journal says.
     if let Some(record) = group.in_doubt() {
         let found = group

@@ -264,8 +264,8 @@ async fn execute(
     let written_before = group.written();
     append(&group, &record).await?;
     group.set_head(seq);
-    // The append's flush made earlier seals durable too.
-    group.flushed(written_before);
+    // Written; flushed too unless the journal defers appends (`journal_sync = "overlap"`).
+    let mut unflushed = Unflushed::after_append(&group, written_before);
     let appended = Instant::now();
     loop {
         let (role, primary) = match wait_for_primary(&group, deadline).await {
@@ -277,8 +277,25 @@ async fn execute(
             let reason = format!("cannot restamp it for {:?}: {e}", primary.name());
             return in_doubt(&group, record, deadline, reason).await;
         }
-        match forward(&group, &record, &primary, role.epoch).await {
+        // Only a primary that keeps the app layer's record may execute a record that is
+        // not durable yet: if the journal then loses it (a power loss), that primary says
+        // it stands ahead of the journal and is quarantined. Any other waits for the flush.
+        let overlap = primary.keeps_own_record();
+        if !overlap && let Err(e) = unflushed.flush(&group).await {
+            let reason = format!("the journal cannot make it durable: {e}");
+            return skip_unexecuted(&group, record, reason, deadline).await;
+        }
+        let (forwarded, flushed) = tokio::join!(
+            forward(&group, &record, &primary, role.epoch),
+            unflushed.flush(&group)
+        );
+        match forwarded {
             Forwarded::Answer(answer) => {
+                if let Err(e) = flushed {
+                    // Executed, but its record is not durable: never answered as done.
+                    let reason = format!("executed, but the journal cannot make it durable: {e}");
+                    return in_doubt(&group, record, deadline, reason).await;
+                }
                 let answered = Instant::now();
                 return match seal_answer(&group, &mut record, &role, &primary, &answer).await {
                     Ok(()) => {
@@ -333,6 +350,41 @@ async fn execute(
                 return in_doubt(&group, record, deadline, reason).await;
             }
         }
+    }
+}
+
+/// An appended record the journal has not made durable yet (`journal_sync = "overlap"`).
+struct Unflushed {
+    /// The journal's written head before the append: seals up to it become durable with
+    /// the record's flush.
+    written_before: Option<u64>,
+}
+
+impl Unflushed {
+    /// After the append: nothing left to flush when the journal's appends are durable.
+    fn after_append(group: &Group, written_before: u64) -> Unflushed {
+        if group.journal.appends_durable() {
+            // The append's flush made earlier seals durable too.
+            group.flushed(written_before);
+            return Unflushed {
+                written_before: None,
+            };
+        }
+        Unflushed {
+            written_before: Some(written_before),
+        }
+    }
+
+    /// Flushes the journal unless the record is durable already; an error leaves it to
+    /// flush again.
+    async fn flush(&mut self, group: &Group) -> Result<(), JournalError> {
+        let Some(written_before) = self.written_before else {
+            return Ok(());
+        };
+        group.journal.flush().await?;
+        group.flushed(written_before);
+        self.written_before = None;
+        Ok(())
     }
 }
 
@@ -632,7 +684,29 @@ async fn in_doubt(
     let seq = record.seq;
     group.mark_in_doubt(record, &reason);
     match settle(group, Some(deadline)).await {
-        Settled::Answer(answer) => return Ok(client_answer(answer, seq)),
+        Settled::Answer(answer) => {
+            // Under `overlap` the record itself may not be durable yet: it is acknowledged
+            // only once it is.
+            if group.journal.appends_durable() {
+                return Ok(client_answer(answer, seq));
+            }
+            let written = group.written();
+            match group.journal.flush().await {
+                Ok(()) => {
+                    group.flushed(written);
+                    return Ok(client_answer(answer, seq));
+                }
+                Err(e) => {
+                    return Err(ProxyError::InDoubt {
+                        group: group.name().to_owned(),
+                        seq,
+                        reason: format!(
+                            "{reason}; settled, but the journal cannot make it durable: {e}"
+                        ),
+                    });
+                }
+            }
+        }
         Settled::Elsewhere => {}
         Settled::Pending => spawn_settle(group.clone()),
     }

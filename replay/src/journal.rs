@@ -172,7 +172,9 @@ pub trait Log: Send + Sync + 'static {
     async fn open_log(&self, group: &str) -> Result<LogState, JournalError>;
 
     /// Appends a pending record; it must be exactly one past the group's head
-    /// ([`JournalError::Gap`] otherwise). Durable when this returns.
+    /// ([`JournalError::Gap`] otherwise). Written when this returns (a crash of this
+    /// process loses nothing); durable too unless the journal defers appends to the next
+    /// [`Log::flush`] (see [`Log::appends_durable`]).
     async fn append(&self, record: &Record) -> Result<(), JournalError>;
 
     /// Seals an unsealed record with its outcome. Sealing a sealed record again with the
@@ -217,6 +219,13 @@ pub trait Log: Send + Sync + 'static {
     /// Whether a seal is durable when [`Log::seal`] returns (true), or only after the next
     /// append or [`Log::flush`] (false).
     fn seals_durable(&self) -> bool {
+        true
+    }
+
+    /// Whether an append is durable when [`Log::append`] returns (true), or only after the
+    /// next [`Log::flush`] (false: the update path then flushes while the primary executes
+    /// the record, and answers the client only once it is durable).
+    fn appends_durable(&self) -> bool {
         true
     }
 

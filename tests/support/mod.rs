@@ -474,7 +474,13 @@ impl BankGroup {
         extra: &str,
         fault: impl Fn(&str) -> Option<fault::Fault>,
     ) -> BankGroup {
-        BankGroup::start_full(n, journal, extra, fault, |_| Vec::new()).await
+        BankGroup::start_full(n, journal, "", extra, fault, |_| Vec::new()).await
+    }
+
+    /// [`BankGroup::start`] with `top` lines at the config's top level (the SQLite journal
+    /// in the temp dir).
+    pub async fn start_top(n: usize, top: &str) -> BankGroup {
+        BankGroup::start_full(n, None, top, "", |_| None, |_| Vec::new()).await
     }
 
     /// [`BankGroup::start`] with extra environment variables for each bank.
@@ -484,12 +490,13 @@ impl BankGroup {
         extra: &str,
         env: impl Fn(&str) -> Vec<(String, String)>,
     ) -> BankGroup {
-        BankGroup::start_full(n, journal, extra, |_| None, env).await
+        BankGroup::start_full(n, journal, "", extra, |_| None, env).await
     }
 
     async fn start_full(
         n: usize,
         journal: Option<&str>,
+        top: &str,
         extra: &str,
         fault: impl Fn(&str) -> Option<fault::Fault>,
         env: impl Fn(&str) -> Vec<(String, String)>,
@@ -505,7 +512,7 @@ impl BankGroup {
         let mut toml = format!(
             "listen = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\njournal = \"{journal}\"\n\
              # A killed proxy's successor waits at most this long for the journal.\n\
-             journal_lease_ms = 1000\n\n[[groups]]\nname = \"bank\"\n{extra}\n"
+             journal_lease_ms = 1000\n{top}\n\n[[groups]]\nname = \"bank\"\n{extra}\n"
         );
         for b in &banks {
             toml.push_str(&format!(

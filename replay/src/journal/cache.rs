@@ -184,6 +184,10 @@ impl<J: Log> Log for CachedJournal<J> {
         self.inner.seals_durable()
     }
 
+    fn appends_durable(&self) -> bool {
+        self.inner.appends_durable()
+    }
+
     async fn flush(&self) -> Result<(), JournalError> {
         self.inner.flush().await
     }

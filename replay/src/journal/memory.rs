@@ -2,6 +2,11 @@
 //! It keeps the same rules as the durable journals (compare-and-set appends and roles, one
 //! seal per record, fencing by the lease token) and passes the same conformance suite;
 //! nothing survives the process.
+//!
+//! [`MemoryJournal::deferred`] models a journal that writes records, seals and checkpoints
+//! at once but makes them durable only at the next [`Log::flush`] or durable write
+//! (`journal_sync = "overlap"` on SQL): [`MemoryJournal::power_loss`] then drops what was
+//! not durable, as a power loss of the journal's host would.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
@@ -16,7 +21,7 @@ use super::{
 };
 use crate::record::{Record, RecordState};
 
-#[derive(Debug, Default)]
+#[derive(Debug, Clone, Default)]
 struct Group {
     role: Option<StoredRole>,
     records: BTreeMap<u64, Record>,
@@ -25,13 +30,13 @@ struct Group {
     members: Option<StoredMembers>,
 }
 
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 struct Held {
     info: OwnerInfo,
     until: Instant,
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug, Clone, Default)]
 struct Store {
     groups: HashMap<String, Group>,
     lease: Option<Held>,
@@ -45,6 +50,9 @@ struct Store {
 pub struct MemoryJournal {
     store: Arc<Mutex<Store>>,
     token: Arc<Mutex<Option<u64>>>,
+    /// With deferred writes: what is durable (the store as of the last flush or durable
+    /// write). `None`: every write is durable when it returns.
+    disk: Option<Arc<Mutex<Store>>>,
 }
 
 impl MemoryJournal {
@@ -53,11 +61,44 @@ impl MemoryJournal {
         Self::default()
     }
 
+    /// An empty journal whose appends, seals and checkpoints are durable only at the next
+    /// [`Log::flush`] or durable write (a role, a restamp, a lease, a membership change:
+    /// each makes everything before it durable too, as one file's sync does).
+    pub fn deferred() -> Self {
+        MemoryJournal {
+            disk: Some(Arc::default()),
+            ..Self::default()
+        }
+    }
+
     /// Another handle on the same store with no lease of its own (another process).
     pub fn handle(&self) -> Self {
         MemoryJournal {
             store: self.store.clone(),
             token: Arc::new(Mutex::new(None)),
+            disk: self.disk.clone(),
+        }
+    }
+
+    /// A power loss of the journal's host: every write not yet durable is gone. Nothing
+    /// changes on a journal without deferred writes.
+    pub fn power_loss(&self) {
+        if let Some(disk) = &self.disk {
+            let durable = disk.lock().unwrap_or_else(|p| p.into_inner()).clone();
+            *self.lock() = durable;
+        }
+    }
+
+    /// This handle's process is gone (it lost power with the journal's host): every later
+    /// write through it is refused as fenced, as a dead process writes nothing.
+    pub fn lose_process(&self) {
+        *self.token.lock().unwrap_or_else(|p| p.into_inner()) = Some(u64::MAX);
+    }
+
+    /// Makes everything written so far durable.
+    fn sync(&self, store: &Store) {
+        if let Some(disk) = &self.disk {
+            *disk.lock().unwrap_or_else(|p| p.into_inner()) = store.clone();
         }
     }
 
@@ -76,14 +117,39 @@ impl MemoryJournal {
         f: impl FnOnce(&mut Store) -> Result<T, JournalError>,
     ) -> Result<T, JournalError> {
         let mut store = self.lock();
+        let r = Self::fenced_write(&self.my_token(), &mut store, f);
+        if r.is_ok() {
+            self.sync(&store);
+        }
+        r
+    }
+
+    /// A write that is durable only at the next flush or durable write (with deferred
+    /// writes; like [`MemoryJournal::write`] otherwise).
+    fn write_deferred<T>(
+        &self,
+        f: impl FnOnce(&mut Store) -> Result<T, JournalError>,
+    ) -> Result<T, JournalError> {
+        if self.disk.is_none() {
+            return self.write(f);
+        }
+        let mut store = self.lock();
+        Self::fenced_write(&self.my_token(), &mut store, f)
+    }
+
+    fn fenced_write<T>(
+        token: &Option<u64>,
+        store: &mut Store,
+        f: impl FnOnce(&mut Store) -> Result<T, JournalError>,
+    ) -> Result<T, JournalError> {
         if let Some(held) = &store.lease
-            && Some(held.info.token) != self.my_token()
+            && Some(held.info.token) != *token
         {
             return Err(JournalError::Fenced {
                 holder: held.info.describe.clone(),
             });
         }
-        f(&mut store)
+        f(store)
     }
 }
 
@@ -114,7 +180,7 @@ impl Log for MemoryJournal {
     }
 
     async fn append(&self, record: &Record) -> Result<(), JournalError> {
-        self.write(|s| {
+        self.write_deferred(|s| {
             let g = group_mut(s, &record.group);
             let head = g.records.keys().next_back().copied().unwrap_or(0);
             if record.seq != head + 1 {
@@ -133,7 +199,7 @@ impl Log for MemoryJournal {
     }
 
     async fn seal(&self, group: &str, seq: u64, outcome: &Outcome) -> Result<(), JournalError> {
-        self.write(|s| {
+        self.write_deferred(|s| {
             let r = group_mut(s, group).records.get_mut(&seq).ok_or_else(|| {
                 JournalError::NoSuchRecord {
                     group: group.to_owned(),
@@ -245,8 +311,16 @@ impl Log for MemoryJournal {
             .map_or(0, |first| first - 1))
     }
 
+    fn seals_durable(&self) -> bool {
+        self.disk.is_none()
+    }
+
+    fn appends_durable(&self) -> bool {
+        self.disk.is_none()
+    }
+
     async fn flush(&self) -> Result<(), JournalError> {
-        // Nothing to make durable; a fenced handle still hears that it is.
+        // A durable write of nothing; a fenced handle still hears that it is.
         self.write(|_| Ok(()))
     }
 }
@@ -309,7 +383,7 @@ impl Checkpoints for MemoryJournal {
         partition: &str,
         applied: u64,
     ) -> Result<(), JournalError> {
-        self.write(|s| {
+        self.write_deferred(|s| {
             group_mut(s, group)
                 .checkpoints
                 .insert(partition.to_owned(), applied);

@@ -57,6 +57,15 @@ pub enum JournalSync {
     /// doubt and is settled like any other (exactly, when the partition runs the app-side
     /// layer). Saves one disk flush per update.
     Append,
+    /// Records and seals are written at once (a process crash loses nothing) and the
+    /// record's flush runs while the primary executes it: the client is answered only once
+    /// the record is durable, so no acknowledged update is lost, and the primary never
+    /// waits for the disk. Only a primary that keeps the app-side layer's record is sent a
+    /// record before it is durable (others wait for the flush, as with `append`). After a
+    /// power loss, a primary may have executed a record the journal lost (its client was
+    /// never answered): it stands ahead of the journal and is quarantined when the proxy
+    /// starts (rebuild it). Seals and checkpoints as with `append`.
+    Overlap,
 }
 
 /// A journal in a SQL database reached through sea-orm.
@@ -67,6 +76,9 @@ pub struct SqlJournal {
     /// Seals and checkpoints (the same connection under [`JournalSync::Full`]).
     relaxed: DatabaseConnection,
     sync: JournalSync,
+    /// SQLite under [`JournalSync::Overlap`]: the database's write-ahead log, synced by
+    /// [`Log::flush`] (everything committed on either connection is in it).
+    wal: Option<std::path::PathBuf>,
     /// The fencing token of this handle's claim (0: never claimed). Clones share it.
     token: Arc<AtomicU64>,
 }
@@ -100,7 +112,7 @@ impl SqlJournal {
         JournalMigrator::up(&db, None).await?;
         let relaxed = match sync {
             JournalSync::Full => db.clone(),
-            JournalSync::Append => {
+            JournalSync::Append | JournalSync::Overlap => {
                 opts.map_sqlx_sqlite_opts(|o| {
                     o.journal_mode(SqliteJournalMode::Wal)
                         .synchronous(SqliteSynchronous::Normal)
@@ -110,10 +122,19 @@ impl SqlJournal {
                 Database::connect(opts).await?
             }
         };
+        let wal = match sync {
+            JournalSync::Overlap => sqlite_file(url).map(|f| {
+                let mut wal = f.into_os_string();
+                wal.push("-wal");
+                std::path::PathBuf::from(wal)
+            }),
+            _ => None,
+        };
         Ok(SqlJournal {
             db,
             relaxed,
             sync,
+            wal,
             token: Arc::new(AtomicU64::new(0)),
         })
     }
@@ -122,13 +143,11 @@ impl SqlJournal {
     /// directory must exist (and the file, if present, must open); a PostgreSQL server
     /// must accept the connection.
     pub async fn probe(url: &str) -> Result<(), JournalError> {
-        if let Some(rest) = url.strip_prefix("sqlite:") {
-            let path = rest.trim_start_matches("//");
-            let path = path.split('?').next().unwrap_or(path);
-            if path.is_empty() || path == ":memory:" {
+        if url.starts_with("sqlite:") {
+            let Some(path) = sqlite_file(url) else {
                 return Ok(());
-            }
-            let path = std::path::Path::new(path);
+            };
+            let path = path.as_path();
             let dir = match path.parent() {
                 Some(d) if !d.as_os_str().is_empty() => d,
                 _ => std::path::Path::new("."),
@@ -187,6 +206,31 @@ const RECORD_COLUMNS: [R; 13] = [
     R::BodyHash,
     R::Executors,
 ];
+
+/// The file of a `sqlite:` URL (`None` for an in-memory database or another scheme).
+fn sqlite_file(url: &str) -> Option<std::path::PathBuf> {
+    let rest = url.strip_prefix("sqlite:")?;
+    let path = rest.trim_start_matches("//");
+    let path = path.split('?').next().unwrap_or(path);
+    if path.is_empty() || path == ":memory:" {
+        return None;
+    }
+    Some(std::path::PathBuf::from(path))
+}
+
+/// Syncs `file` to disk (`fsync` on a descriptor of its own): everything written to it by
+/// any process is durable after. A missing file has nothing unsynced.
+async fn sync_file(file: &std::path::Path) -> Result<(), JournalError> {
+    let file = file.to_owned();
+    let synced = tokio::task::spawn_blocking(move || match std::fs::File::open(&file) {
+        Ok(f) => f.sync_data(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e),
+    })
+    .await
+    .map_err(|e| JournalError::unavailable(format!("flush task: {e}")))?;
+    synced.map_err(|e| JournalError::unavailable(format!("cannot sync the journal: {e}")))
+}
 
 fn to_i64(v: u64) -> i64 {
     i64::try_from(v).unwrap_or(i64::MAX)
@@ -456,7 +500,13 @@ impl Log for SqlJournal {
             .select_from(select)
             .map_err(|e| corrupt_input(record, e.to_string()))?
             .to_owned();
-        let inserted = self.db.execute(&insert).await?.rows_affected();
+        // Under `overlap` the record is written at once and made durable by `flush`.
+        let conn = if self.sync == JournalSync::Overlap {
+            &self.relaxed
+        } else {
+            &self.db
+        };
+        let inserted = conn.execute(&insert).await?.rows_affected();
         if inserted != 1 {
             if let Some(fenced) = self.fenced().await? {
                 return Err(fenced);
@@ -619,9 +669,19 @@ impl Log for SqlJournal {
         self.sync == JournalSync::Full
     }
 
+    fn appends_durable(&self) -> bool {
+        self.sync != JournalSync::Overlap
+    }
+
     async fn flush(&self) -> Result<(), JournalError> {
         if self.sync == JournalSync::Full {
             // Everything is durable already; a fenced handle still hears that it is.
+            return self.check_fence().await;
+        }
+        if let Some(wal) = &self.wal {
+            // SQLite: one sync of the write-ahead log makes every commit in it durable,
+            // without a write that would wait for the connection the seals use.
+            sync_file(wal).await?;
             return self.check_fence().await;
         }
         // A write on the flushed connection: its commit makes everything written before it

@@ -1,6 +1,7 @@
 //! The seam between the group's core and its partitions: send a record to partition X (as
-//! the primary's execution or as a replay), check its health, ask where it stands. The core
-//! (update, settlement, hand-over, supervision, replay) only talks to partitions through
+//! the primary's execution or as a replay), check its health, ask where it stands, take a
+//! snapshot of its copy and restore one into another. The core (update, settlement,
+//! hand-over, supervision, replay, rebuild) only talks to partitions through
 //! [`PartitionLink`], so it runs against real partitions over HTTP ([`HttpLink`]) and
 //! against simulated ones in the deterministic simulation alike. Reads stream through the
 //! balancer in `read.rs` and do not use this seam.
@@ -13,8 +14,11 @@ use http_body_util::BodyExt;
 use regroup_replay::Record;
 use regroup_replay::layer::APPLIED_PATH;
 use regroup_replay::signature::Secret;
+use regroup_replay::snapshot::{
+    EPOCH_HEADER, FORMAT_HEADER, RESTORE_PATH, SEQ_HEADER, SNAPSHOT_PATH, sign_snapshot_request,
+};
 
-use crate::forward::{self, BoxError, Upstream};
+use crate::forward::{self, BoxError, ProxyBody, Upstream};
 use crate::partition::Partition;
 
 /// A partition's whole answer.
@@ -41,6 +45,48 @@ pub enum SendError {
     #[error("the partition stands behind, at {0}")]
     Behind(u64),
 }
+
+/// A snapshot of a partition's copy, as it streams from the partition.
+pub struct Snapshot {
+    /// The last seq its copy had applied when it was taken.
+    pub seq: u64,
+    /// The epoch of that record.
+    pub epoch: u64,
+    /// Its format, handed to the restore as it is.
+    pub format: http::HeaderValue,
+    /// The snapshot itself.
+    pub body: ProxyBody,
+}
+
+/// Why taking or restoring a snapshot failed, and whether the target may have changed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SnapshotError {
+    /// What failed.
+    pub what: String,
+    /// Whether the target may have been changed (a restore that was under way).
+    pub touched: bool,
+}
+
+impl SnapshotError {
+    /// A failure that changed nothing on the target.
+    pub fn untouched(what: impl Into<String>) -> Self {
+        SnapshotError {
+            what: what.into(),
+            touched: false,
+        }
+    }
+
+    /// A failure after which the target may have changed.
+    pub fn touched(what: impl Into<String>) -> Self {
+        SnapshotError {
+            what: what.into(),
+            touched: true,
+        }
+    }
+}
+
+/// Called with the size of each piece of a snapshot as it passes into the target.
+pub type Progress = Box<dyn Fn(u64) + Send + Sync>;
 
 /// Talks to partitions.
 #[async_trait::async_trait]
@@ -71,12 +117,30 @@ pub trait PartitionLink: Send + Sync + 'static {
         timeout: Duration,
     ) -> Result<Option<u64>, SendError>;
 
-    /// Whether partitions behind this link are reached over HTTP at their URLs, where a
-    /// rebuild takes its snapshot and restores it (`rebuild.rs`). A link that reaches them
-    /// otherwise (the simulation's) has no rebuilds.
-    fn serves_snapshots(&self) -> bool {
-        true
-    }
+    /// Whether `target` takes a restore from this proxy now, before anything is taken.
+    async fn restore_ready(
+        &self,
+        target: &Partition,
+        timeout: Duration,
+    ) -> Result<(), SnapshotError>;
+
+    /// A snapshot of `source`'s copy, streaming; `timeout` bounds its start.
+    async fn snapshot(
+        &self,
+        source: &Partition,
+        timeout: Duration,
+    ) -> Result<Snapshot, SnapshotError>;
+
+    /// Restores `snapshot` into `target`, replacing its copy, within `timeout`; returns the
+    /// seq the target says it restored. A restore that fails changes nothing unless the
+    /// error says it touched the target.
+    async fn restore(
+        &self,
+        target: &Partition,
+        snapshot: Snapshot,
+        progress: Progress,
+        timeout: Duration,
+    ) -> Result<Option<u64>, SnapshotError>;
 }
 
 /// [`PartitionLink`] over HTTP with the proxy's pooled client.
@@ -109,6 +173,27 @@ impl HttpLink {
     pub fn term(mut self, term: u64) -> Self {
         self.term = term;
         self
+    }
+
+    /// A signed request for a snapshot endpoint (`path`) of `partition`.
+    fn snapshot_request(
+        &self,
+        partition: &Partition,
+        method: http::Method,
+        path: &str,
+        body: ProxyBody,
+    ) -> Result<Request<ProxyBody>, SnapshotError> {
+        let uri = forward::upstream_uri(partition.base(), path)
+            .map_err(|e| SnapshotError::untouched(format!("{path} address: {e}")))?;
+        let mut req = Request::builder()
+            .method(method.clone())
+            .uri(uri)
+            .body(body)
+            .map_err(|e| SnapshotError::untouched(e.to_string()))?;
+        if let Some(s) = &self.secret {
+            sign_snapshot_request(req.headers_mut(), method.as_str(), path, s);
+        }
+        Ok(req)
     }
 
     async fn exchange(
@@ -277,6 +362,128 @@ impl PartitionLink for HttpLink {
         Ok(serde_json::from_slice::<serde_json::Value>(&answer.body)
             .ok()
             .and_then(|v| v.get("applied").and_then(|a| a.as_u64())))
+    }
+
+    async fn restore_ready(
+        &self,
+        target: &Partition,
+        timeout: Duration,
+    ) -> Result<(), SnapshotError> {
+        let req = self.snapshot_request(
+            target,
+            http::Method::GET,
+            RESTORE_PATH,
+            forward::full(Bytes::new()),
+        )?;
+        let answer = self.exchange(req, timeout).await.map_err(|e| {
+            SnapshotError::untouched(format!("cannot reach the target's restore: {e}"))
+        })?;
+        if !answer.parts.status.is_success() {
+            return Err(SnapshotError::untouched(format!(
+                "the target answered {} to {RESTORE_PATH}: {}",
+                answer.parts.status,
+                String::from_utf8_lossy(&answer.body)
+            )));
+        }
+        Ok(())
+    }
+
+    async fn snapshot(
+        &self,
+        source: &Partition,
+        timeout: Duration,
+    ) -> Result<Snapshot, SnapshotError> {
+        let req = self.snapshot_request(
+            source,
+            http::Method::GET,
+            SNAPSHOT_PATH,
+            forward::full(Bytes::new()),
+        )?;
+        let resp = tokio::time::timeout(timeout, self.client.request(req))
+            .await
+            .map_err(|_| SnapshotError::untouched("the source's snapshot timed out"))?
+            .map_err(|e| {
+                SnapshotError::untouched(format!(
+                    "cannot reach the source's snapshot: {}",
+                    error_chain(&e)
+                ))
+            })?;
+        if !resp.status().is_success() {
+            let status = resp.status();
+            let body = resp
+                .into_body()
+                .collect()
+                .await
+                .map(|b| b.to_bytes())
+                .unwrap_or_default();
+            return Err(SnapshotError::untouched(format!(
+                "the source answered {status} to {SNAPSHOT_PATH}: {}",
+                String::from_utf8_lossy(&body)
+            )));
+        }
+        let (parts, body) = resp.into_parts();
+        let header =
+            |name: &str| -> Option<u64> { parts.headers.get(name)?.to_str().ok()?.parse().ok() };
+        let seq = header(SEQ_HEADER).ok_or_else(|| {
+            SnapshotError::untouched(format!("the source's snapshot has no {SEQ_HEADER}"))
+        })?;
+        let epoch = header(EPOCH_HEADER).unwrap_or(0);
+        let format = parts.headers.get(FORMAT_HEADER).cloned().ok_or_else(|| {
+            SnapshotError::untouched(format!("the source's snapshot has no {FORMAT_HEADER}"))
+        })?;
+        Ok(Snapshot {
+            seq,
+            epoch,
+            format,
+            body: body.map_err(BoxError::from).boxed_unsync(),
+        })
+    }
+
+    async fn restore(
+        &self,
+        target: &Partition,
+        snapshot: Snapshot,
+        progress: Progress,
+        timeout: Duration,
+    ) -> Result<Option<u64>, SnapshotError> {
+        // Streamed into the target's restore, counted as it passes.
+        let body: ProxyBody = snapshot
+            .body
+            .map_frame(move |frame| {
+                if let Some(data) = frame.data_ref() {
+                    progress(u64::try_from(data.len()).unwrap_or(0));
+                }
+                frame
+            })
+            .boxed_unsync();
+        let mut req = self.snapshot_request(target, http::Method::PUT, RESTORE_PATH, body)?;
+        req.headers_mut().insert(FORMAT_HEADER, snapshot.format);
+        let (status, answer) = tokio::time::timeout(timeout, async {
+            let resp = self.client.request(req).await?;
+            let status = resp.status();
+            let body = resp.into_body().collect().await?.to_bytes();
+            Ok::<_, BoxError>((status, body))
+        })
+        .await
+        .map_err(|_| SnapshotError::touched("the target's restore timed out"))?
+        .map_err(|e| SnapshotError {
+            what: format!(
+                "the target's restore got no answer: {}",
+                error_chain(e.as_ref())
+            ),
+            // Refused before anything was sent: the target is as it was.
+            touched: !is_connect_error(e.as_ref()),
+        })?;
+        if !status.is_success() {
+            // A restore that fails changes nothing (the Snapshotter's contract).
+            return Err(SnapshotError::untouched(format!(
+                "the target answered {status} to {RESTORE_PATH}: {}",
+                String::from_utf8_lossy(&answer)
+            )));
+        }
+        Ok(serde_json::from_slice::<serde_json::Value>(&answer)
+            .ok()
+            .and_then(|v| v.get("seq").and_then(serde_json::Value::as_u64)))
     }
 }
 

@@ -111,10 +111,8 @@ pub(crate) async fn add(
             }
         ),
     );
-    if group.link.serves_snapshots() {
-        let reason = quarantine.unwrap_or_else(|| "added to the group".to_owned());
-        crate::rebuild::start_when_answering_because(group, &spec.name, reason);
-    }
+    let reason = quarantine.unwrap_or_else(|| "added to the group".to_owned());
+    crate::rebuild::start_when_answering_because(group, &spec.name, reason);
     Ok(partition)
 }
 

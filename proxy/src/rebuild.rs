@@ -24,16 +24,11 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use http::Request;
-use http_body_util::BodyExt;
-use regroup_replay::snapshot::{
-    EPOCH_HEADER, FORMAT_HEADER, RESTORE_PATH, SEQ_HEADER, SNAPSHOT_PATH, sign_snapshot_request,
-};
 use serde::{Deserialize, Serialize};
 
 use crate::error::ProxyError;
-use crate::forward::{self, BoxError, ProxyBody};
 use crate::group::Group;
+use crate::link::{Progress, SnapshotError};
 use crate::partition::{Health, Partition};
 use crate::replicate;
 use crate::status::PartitionStatus;
@@ -116,12 +111,6 @@ pub(crate) async fn start_because(
     if group.is_primary(&t) {
         return Err(bad(format!(
             "partition {target:?} is the primary of group {:?}: move the role first (regroup promote)",
-            group.name()
-        )));
-    }
-    if !group.link.serves_snapshots() {
-        return Err(bad(format!(
-            "group {:?} reaches its partitions without HTTP: no snapshots to rebuild from",
             group.name()
         )));
     }
@@ -271,13 +260,10 @@ fn choose_source(
 }
 
 /// Why a rebuild failed, and whether the target may have changed.
-struct Failure {
-    what: String,
-    touched: bool,
-}
+type Failure = SnapshotError;
 
 fn failed(what: impl Into<String>, touched: bool) -> Failure {
-    Failure {
+    SnapshotError {
         what: what.into(),
         touched,
     }
@@ -346,16 +332,37 @@ async fn run(group: Arc<Group>, target: Arc<Partition>, source: Arc<Partition>) 
     }
 }
 
+/// A rebuild's journal write (idempotent), tried again on a passing error: a journal that
+/// hiccups once must not leave a restored copy quarantined until an operator steps in.
+async fn journal_write<F, Fut>(write: F) -> Result<(), regroup_replay::JournalError>
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = Result<(), regroup_replay::JournalError>>,
+{
+    let mut wait = Duration::from_millis(50);
+    let mut attempt = 1u32;
+    loop {
+        match write().await {
+            Err(e) if e.is_retryable() && attempt < JOURNAL_ATTEMPTS => {
+                tracing::debug!(attempt, error = %e, "rebuild: journal write failed; retrying");
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(Duration::from_secs(1));
+                attempt += 1;
+            }
+            r => return r,
+        }
+    }
+}
+
+/// How many times a rebuild tries one journal write (~8 s in all).
+const JOURNAL_ATTEMPTS: u32 = 12;
+
 fn set_phase(p: &Partition, phase: RebuildPhase) {
     p.update_rebuild(|r| {
         if let Some(r) = r {
             r.phase = phase;
         }
     });
-}
-
-fn header_u64(h: &http::HeaderMap, name: &str) -> Option<u64> {
-    h.get(name)?.to_str().ok()?.parse().ok()
 }
 
 async fn steps(
@@ -369,98 +376,22 @@ async fn steps(
     target.set_diverged(&reason);
     group.refresh(target);
     replicate::stop_one(group, target.name()).await;
-    group
-        .journal
-        .set_diverged(name, target.name(), Some(&reason))
-        .await
-        .map_err(|e| failed(format!("cannot store the quarantine: {e}"), false))?;
-    let secret = group.config.signing_secret();
-
-    // The target must be ready to take a restore from this proxy before anything is sent.
-    let uri = forward::upstream_uri(target.base(), RESTORE_PATH)
-        .map_err(|e| failed(format!("restore address: {e}"), false))?;
-    let mut req = Request::get(uri)
-        .body(forward::full(bytes::Bytes::new()))
-        .map_err(|e| failed(e.to_string(), false))?;
-    if let Some(s) = &secret {
-        sign_snapshot_request(req.headers_mut(), "GET", RESTORE_PATH, s);
-    }
-    let ready = tokio::time::timeout(group.config.update_timeout(), async {
-        let resp = group.client.request(req).await?;
-        let status = resp.status();
-        let body = resp.into_body().collect().await?.to_bytes();
-        Ok::<_, BoxError>((status, body))
+    journal_write(|| {
+        group
+            .journal
+            .set_diverged(name, target.name(), Some(&reason))
     })
     .await
-    .map_err(|_| failed("the target's restore did not answer", false))?
-    .map_err(|e| {
-        failed(
-            format!(
-                "cannot reach the target's restore: {}",
-                crate::link::error_chain(e.as_ref())
-            ),
-            false,
-        )
-    })?;
-    if !ready.0.is_success() {
-        return Err(failed(
-            format!(
-                "the target answered {} to {RESTORE_PATH}: {}",
-                ready.0,
-                String::from_utf8_lossy(&ready.1)
-            ),
-            false,
-        ));
-    }
+    .map_err(|e| failed(format!("cannot store the quarantine: {e}"), false))?;
+
+    // The target must be ready to take a restore from this proxy before anything is taken.
+    let timeout = group.config.update_timeout();
+    group.link.restore_ready(target, timeout).await?;
 
     // 2. The source's snapshot.
     set_phase(target, RebuildPhase::Snapshot);
-    let uri = forward::upstream_uri(source.base(), SNAPSHOT_PATH)
-        .map_err(|e| failed(format!("snapshot address: {e}"), false))?;
-    let mut req = Request::get(uri)
-        .body(forward::full(bytes::Bytes::new()))
-        .map_err(|e| failed(e.to_string(), false))?;
-    if let Some(s) = &secret {
-        sign_snapshot_request(req.headers_mut(), "GET", SNAPSHOT_PATH, s);
-    }
-    let resp = tokio::time::timeout(REBUILD_TIMEOUT, group.client.request(req))
-        .await
-        .map_err(|_| failed("the source's snapshot timed out", false))?
-        .map_err(|e| {
-            failed(
-                format!(
-                    "cannot reach the source's snapshot: {}",
-                    crate::link::error_chain(&e)
-                ),
-                false,
-            )
-        })?;
-    if !resp.status().is_success() {
-        let status = resp.status();
-        let body = resp
-            .into_body()
-            .collect()
-            .await
-            .map(|b| b.to_bytes())
-            .unwrap_or_default();
-        return Err(failed(
-            format!(
-                "the source answered {status} to {SNAPSHOT_PATH}: {}",
-                String::from_utf8_lossy(&body)
-            ),
-            false,
-        ));
-    }
-    let (parts, body) = resp.into_parts();
-    let seq = header_u64(&parts.headers, SEQ_HEADER)
-        .ok_or_else(|| failed(format!("the source's snapshot has no {SEQ_HEADER}"), false))?;
-    let epoch = header_u64(&parts.headers, EPOCH_HEADER).unwrap_or(0);
-    let format = parts.headers.get(FORMAT_HEADER).cloned().ok_or_else(|| {
-        failed(
-            format!("the source's snapshot has no {FORMAT_HEADER}"),
-            false,
-        )
-    })?;
+    let snapshot = group.link.snapshot(source, REBUILD_TIMEOUT).await?;
+    let seq = snapshot.seq;
     if seq > group.head() {
         return Err(failed(
             format!(
@@ -477,67 +408,22 @@ async fn steps(
             r.phase = RebuildPhase::Restore;
         }
     });
-    tracing::info!(group = name, partition = %target.name(), source = %source.name(), seq, epoch,
-        "snapshot taken; streaming it into the target");
+    tracing::info!(group = name, partition = %target.name(), source = %source.name(), seq,
+        epoch = snapshot.epoch, "snapshot taken; streaming it into the target");
 
-    // 3. Streamed into the target's restore, counting bytes as they pass.
+    // 3. Into the target's restore, counting bytes as they pass.
     let counted = target.clone();
-    let body: ProxyBody = body
-        .map_err(BoxError::from)
-        .map_frame(move |frame| {
-            if let Some(data) = frame.data_ref() {
-                let n = u64::try_from(data.len()).unwrap_or(0);
-                counted.update_rebuild(|r| {
-                    if let Some(r) = r {
-                        r.bytes += n;
-                    }
-                });
+    let progress: Progress = Box::new(move |n| {
+        counted.update_rebuild(|r| {
+            if let Some(r) = r {
+                r.bytes += n;
             }
-            frame
-        })
-        .boxed_unsync();
-    let uri = forward::upstream_uri(target.base(), RESTORE_PATH)
-        .map_err(|e| failed(format!("restore address: {e}"), false))?;
-    let mut req = Request::put(uri)
-        .header(FORMAT_HEADER, format)
-        .body(body)
-        .map_err(|e| failed(e.to_string(), false))?;
-    if let Some(s) = &secret {
-        sign_snapshot_request(req.headers_mut(), "PUT", RESTORE_PATH, s);
-    }
-    let resp = tokio::time::timeout(REBUILD_TIMEOUT, async {
-        let resp = group.client.request(req).await?;
-        let status = resp.status();
-        let body = resp.into_body().collect().await?.to_bytes();
-        Ok::<_, BoxError>((status, body))
-    })
-    .await
-    .map_err(|_| failed("the target's restore timed out", true))?
-    .map_err(|e| {
-        // Refused before anything was sent: the target is as it was.
-        let sent = !crate::link::is_connect_error(e.as_ref());
-        failed(
-            format!(
-                "the target's restore got no answer: {}",
-                crate::link::error_chain(e.as_ref())
-            ),
-            sent,
-        )
-    })?;
-    let (status, answer) = resp;
-    if !status.is_success() {
-        // A restore that fails changes nothing (the Snapshotter's contract).
-        return Err(failed(
-            format!(
-                "the target answered {status} to {RESTORE_PATH}: {}",
-                String::from_utf8_lossy(&answer)
-            ),
-            false,
-        ));
-    }
-    let restored = serde_json::from_slice::<serde_json::Value>(&answer)
-        .ok()
-        .and_then(|v| v.get("seq").and_then(serde_json::Value::as_u64));
+        });
+    });
+    let restored = group
+        .link
+        .restore(target, snapshot, progress, REBUILD_TIMEOUT)
+        .await?;
     if restored != Some(seq) {
         return Err(failed(
             format!("the target restored seq {restored:?}, not the snapshot's {seq}"),
@@ -547,14 +433,10 @@ async fn steps(
 
     // 4. Back in service from the snapshot's seq.
     set_phase(target, RebuildPhase::Rejoin);
-    group
-        .journal
-        .save_checkpoint(name, target.name(), seq)
+    journal_write(|| group.journal.save_checkpoint(name, target.name(), seq))
         .await
         .map_err(|e| failed(format!("cannot save the checkpoint: {e}"), true))?;
-    group
-        .journal
-        .set_diverged(name, target.name(), None)
+    journal_write(|| group.journal.set_diverged(name, target.name(), None))
         .await
         .map_err(|e| failed(format!("cannot lift the quarantine: {e}"), true))?;
     target.clear_diverged(Some(seq));

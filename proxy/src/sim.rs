@@ -774,7 +774,7 @@ fn config(seed: u64) -> crate::config::GroupConfig {
 fn retains(seed: u64) -> bool {
     !REGRESSION_SEEDS.contains(&seed)
         && every_copy_keeps_the_layer(seed)
-        && ChaCha8Rng::seed_from_u64(seed ^ 0x4e7a_1a).random_bool(0.3)
+        && ChaCha8Rng::seed_from_u64(seed ^ 0x004e_7a1a).random_bool(0.3)
 }
 
 /// Whether every copy of the run of `seed` keeps the app layer: the run's first draw.

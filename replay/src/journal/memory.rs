@@ -3,8 +3,8 @@
 //! seal per record, fencing by the lease token) and passes the same conformance suite;
 //! nothing survives the process.
 //!
-//! [`MemoryJournal::deferred`] models a journal that writes records, seals and checkpoints
-//! at once but makes them durable only at the next [`Log::flush`] or durable write
+//! [`MemoryJournal::deferred`] models a journal that writes records and seals at once but
+//! makes them durable only at the next [`Log::flush`] or durable write
 //! (`journal_sync = "overlap"` on SQL): [`MemoryJournal::power_loss`] then drops what was
 //! not durable, as a power loss of the journal's host would.
 
@@ -61,7 +61,7 @@ impl MemoryJournal {
         Self::default()
     }
 
-    /// An empty journal whose appends, seals and checkpoints are durable only at the next
+    /// An empty journal whose appends and seals are durable only at the next
     /// [`Log::flush`] or durable write (a role, a restamp, a lease, a membership change:
     /// each makes everything before it durable too, as one file's sync does).
     pub fn deferred() -> Self {
@@ -383,7 +383,7 @@ impl Checkpoints for MemoryJournal {
         partition: &str,
         applied: u64,
     ) -> Result<(), JournalError> {
-        self.write_deferred(|s| {
+        self.write(|s| {
             group_mut(s, group)
                 .checkpoints
                 .insert(partition.to_owned(), applied);

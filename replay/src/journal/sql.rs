@@ -51,8 +51,8 @@ pub enum JournalSync {
     /// seal before the client is answered (the default).
     #[default]
     Full,
-    /// Records are flushed before they are forwarded (write-ahead); seals and checkpoints
-    /// are written at once but flushed with the next record. A process crash loses
+    /// Records are flushed before they are forwarded (write-ahead); seals are written at
+    /// once but flushed with the next record (checkpoints stay durable at once). A process crash loses
     /// nothing; after a power loss a record whose seal was not yet flushed comes back in
     /// doubt and is settled like any other (exactly, when the partition runs the app-side
     /// layer). Saves one disk flush per update.
@@ -64,7 +64,7 @@ pub enum JournalSync {
     /// record before it is durable (others wait for the flush, as with `append`). After a
     /// power loss, a primary may have executed a record the journal lost (its client was
     /// never answered): it stands ahead of the journal and is quarantined when the proxy
-    /// starts (rebuild it). Seals and checkpoints as with `append`.
+    /// starts (rebuild it). Seals as with `append`.
     Overlap,
 }
 
@@ -73,7 +73,7 @@ pub enum JournalSync {
 pub struct SqlJournal {
     /// Flushed writes: records, epochs.
     db: DatabaseConnection,
-    /// Seals and checkpoints (the same connection under [`JournalSync::Full`]).
+    /// Seals, and records under `overlap` (the same connection under [`JournalSync::Full`]).
     relaxed: DatabaseConnection,
     sync: JournalSync,
     /// SQLite under [`JournalSync::Overlap`]: the database's write-ahead log, synced by
@@ -820,7 +820,10 @@ impl Checkpoints for SqlJournal {
                     .to_owned(),
             )
             .to_owned();
-        if self.relaxed.execute(&upsert).await?.rows_affected() == 0 {
+        // Durable at once in every mode: for a partition without the app layer's record the
+        // checkpoint is the only record of what it applied, and one that went back after a
+        // power loss would have records applied there twice.
+        if self.db.execute(&upsert).await?.rows_affected() == 0 {
             self.check_fence().await?;
         }
         Ok(())

@@ -5,6 +5,7 @@
 //! `Upgrade`, in both directions, and adds `Forwarded` and `X-Forwarded-*` on the way in.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -37,6 +38,12 @@ pub fn full(bytes: impl Into<Bytes>) -> ProxyBody {
 pub fn stream(body: Incoming) -> ProxyBody {
     body.map_err(BoxError::from).boxed_unsync()
 }
+
+/// The upstream client of the thread that serves a client connection, as a request extension
+/// set by the server: a read sent through it has its upstream connection's task on the same
+/// thread (and runtime) as the client connection's, so the exchange wakes no other thread.
+#[derive(Clone)]
+pub(crate) struct LocalUpstream(pub(crate) Arc<Upstream>);
 
 /// A client with a keep-alive pool sized for a proxy.
 pub fn upstream_client() -> Upstream {
@@ -140,8 +147,17 @@ pub fn add_forwarded(headers: &mut HeaderMap, client: Option<SocketAddr>) {
 
 /// The URI of `path_and_query` on the partition at `base`.
 pub fn upstream_uri(base: &Uri, path_and_query: &str) -> Result<Uri, http::Error> {
+    on_partition(base, &path_and_query.parse()?)
+}
+
+/// The URI of a request's `path_and_query` on the partition at `base` (without re-parsing:
+/// the parts are shared, not copied).
+pub(crate) fn on_partition(
+    base: &Uri,
+    path_and_query: &http::uri::PathAndQuery,
+) -> Result<Uri, http::Error> {
     let mut parts = base.clone().into_parts();
-    parts.path_and_query = Some(path_and_query.parse()?);
+    parts.path_and_query = Some(path_and_query.clone());
     Ok(Uri::from_parts(parts)?)
 }
 

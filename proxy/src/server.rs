@@ -421,6 +421,7 @@ impl Listeners {
                         "client",
                         listener,
                         permits.clone(),
+                        PermitOrder::BeforeAccept,
                         |stream, peer, permit| {
                             serve_client(&http1, &graceful, &clients, None, stream, peer, permit);
                         },
@@ -436,6 +437,7 @@ impl Listeners {
             "admin",
             &admin_listener,
             admin_permits,
+            PermitOrder::BeforeAccept,
             |stream, peer, permit| {
                 let admin = admin.clone();
                 let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
@@ -571,7 +573,7 @@ fn client_thread<S: ClientService>(thread: ClientThread<S>) {
         let local = LocalUpstream(Arc::new(upstream_client()));
         let graceful = GracefulShutdown::new();
         tokio::select! {
-            _ = accept_loop("client", &listener, permits, |stream, peer, permit| {
+            _ = accept_loop("client", &listener, permits, PermitOrder::AfterAccept, |stream, peer, permit| {
                 serve_client(&http1, &graceful, &clients, Some(&local), stream, peer, permit);
             }) => {}
             _ = stop.wait_for(|stop| *stop) => {}
@@ -608,6 +610,18 @@ fn bind_client(addr: SocketAddr) -> std::io::Result<TcpListener> {
 /// The client port's listen backlog (as tokio's `TcpListener::bind` has it).
 const LISTEN_BACKLOG: u32 = 1024;
 
+/// When an accept loop takes its connection permit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum PermitOrder {
+    /// Before accepting: beyond the cap, new connections wait in the listen backlog. For a
+    /// listener with a semaphore of its own.
+    BeforeAccept,
+    /// After accepting: the connection waits, accepted, for a permit. For listeners sharing
+    /// one semaphore (the client threads'): a loop holding a permit while waiting in accept
+    /// would keep it from a connection waiting in another thread's backlog.
+    AfterAccept,
+}
+
 /// hyper's smallest read buffer (`max_buf_size` may not be set below it).
 const MIN_READ_BUFFER: usize = 8 * 1024;
 /// First pause after a failed accept (e.g. out of file descriptors); doubled on each
@@ -616,24 +630,37 @@ pub const ACCEPT_BACKOFF_MIN: Duration = Duration::from_millis(5);
 /// Longest pause between accepts after failures.
 pub const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
 
-/// Accepts connections on `listener` while `permits` has one (beyond it, new ones
-/// wait in the kernel's listen backlog), handing each to `serve` with its permit; a failed
-/// accept is logged and followed by a pause that grows while failures repeat, so running out
-/// of descriptors does not spin a core. Runs until dropped.
+/// Accepts connections on `listener` while `permits` has one, taken as `order` says (beyond
+/// the cap, new ones wait in the kernel's listen backlog, or accepted), handing each to
+/// `serve` with its permit; a failed accept is logged and followed by a pause that grows
+/// while failures repeat, so running out of descriptors does not spin a core. Runs until
+/// dropped.
 async fn accept_loop(
     what: &'static str,
     listener: &TcpListener,
     permits: Arc<Semaphore>,
+    order: PermitOrder,
     mut serve: impl FnMut(TcpStream, SocketAddr, OwnedSemaphorePermit),
 ) {
     let mut backoff = ACCEPT_BACKOFF_MIN;
     loop {
-        let Ok(permit) = permits.clone().acquire_owned().await else {
-            return;
-        };
+        let mut permit = None;
+        if order == PermitOrder::BeforeAccept {
+            let Ok(p) = permits.clone().acquire_owned().await else {
+                return;
+            };
+            permit = Some(p);
+        }
         match listener.accept().await {
             Ok((stream, peer)) => {
                 backoff = ACCEPT_BACKOFF_MIN;
+                let permit = match permit {
+                    Some(p) => p,
+                    None => match permits.clone().acquire_owned().await {
+                        Ok(p) => p,
+                        Err(_) => return,
+                    },
+                };
                 serve(stream, peer, permit);
             }
             Err(e) => {

@@ -2,10 +2,12 @@
 """The report of bench/run.sh: parses wrk outputs, takes medians, prints markdown.
 
     report.py RESULTS.tsv --rounds N --duration S [--nginx-version V] [--wrk-version V]
-              [--commit C] [--loadavg L]
+              [--commit C] [--loadavg L] [--command C] [--clk-tck HZ]
     report.py --splice BENCHMARKS.md REPORT.md
 
-RESULTS.tsv has one line per wrk run: target, round, path of wrk's output (with --latency).
+RESULTS.tsv has one line per wrk run: target, round, path of wrk's output (with --latency;
+a second wrk's output beside it as PATH.reads for the mixed load), the proxy's CPU time over
+the run in clock ticks, and its resident set in kB after the run.
 --splice replaces what lies between `<!-- bench:begin -->` and `<!-- bench:end -->` in the
 first file with the second file (appending the markers and the report when absent).
 """
@@ -22,25 +24,45 @@ END = "<!-- bench:end -->"
 
 # Floors from BENCHMARKS.md: (label, numerator, denominator, metric, comparison, bound).
 FLOORS = [
-    ("reads: regroup / nginx throughput", "read-regroup", "read-nginx", "rps", ">=", 0.8),
-    ("reads: regroup p99 / nginx p99", "read-regroup", "read-nginx", "p99", "<=", 2.0),
+    ("reads: regroup / nginx throughput", "read-regroup", "read-nginx", "rps", ">=", 0.95),
+    ("reads: regroup p99 / nginx p99", "read-regroup", "read-nginx", "p99", "<=", 1.2),
+    ("reads: regroup / nginx CPU per request", "read-regroup", "read-nginx", "cpu_us", "<=", 1.0),
+    ("health: regroup / nginx throughput", "health-regroup", "health-nginx", "rps", ">=", 0.95),
+    ("health: regroup p99 / nginx p99", "health-regroup", "health-nginx", "p99", "<=", 1.2),
+    ("health: regroup / nginx CPU per request", "health-regroup", "health-nginx", "cpu_us", "<=", 1.0),
     ("updates: regroup / direct throughput", "update-regroup", "update-direct", "rps", ">=", 0.5),
 ]
 # Further ratios, informative only.
 RATIOS = [
     ("reads: nginx / direct throughput", "read-nginx", "read-direct", "rps"),
     ("reads: regroup / direct throughput", "read-regroup", "read-direct", "rps"),
-    ("reads: nginx p99 / direct p99", "read-nginx", "read-direct", "p99"),
     ("reads: regroup p99 / direct p99", "read-regroup", "read-direct", "p99"),
+    ("health: nginx / direct throughput", "health-nginx", "health-direct", "rps"),
+    ("health: regroup / direct throughput", "health-regroup", "health-direct", "rps"),
+    ("health: regroup p99 / direct p99", "health-regroup", "health-direct", "p99"),
+    ("updates: one partition / direct throughput", "update-regroup1", "update-direct", "rps"),
     ("updates: regroup p50 / direct p50", "update-regroup", "update-direct", "p50"),
     ("updates: regroup p99 / direct p99", "update-regroup", "update-direct", "p99"),
+    ("16 clients: three partitions / direct throughput", "update16-regroup", "update16-direct", "rps"),
+    ("16 clients: one partition / direct throughput", "update16-regroup1", "update16-direct", "rps"),
+    ("mixed: regroup / direct updates/s", "mixed-regroup", "mixed-direct", "rps"),
+    ("mixed: regroup / direct reads/s", "mixed-regroup", "mixed-direct", "reads_rps"),
 ]
 TARGETS = [
     ("read-regroup", "reads", "regroup (balanced over a, b, c)", "GET /accounts/1, wrk -t1 -c16"),
     ("read-nginx", "reads", "nginx -> a", "GET /accounts/1, wrk -t1 -c16"),
     ("read-direct", "reads", "a, direct", "GET /accounts/1, wrk -t1 -c16"),
-    ("update-regroup", "updates", "regroup (journal + primary a)", "POST /transfers, wrk -t1 -c1"),
-    ("update-direct", "updates", "solo bank, direct", "POST /transfers, wrk -t1 -c1"),
+    ("health-regroup", "reads, one partition", "regroup (one partition)", "GET /health, wrk -t2 -c32"),
+    ("health-nginx", "reads, one partition", "nginx -> one", "GET /health, wrk -t2 -c32"),
+    ("health-direct", "reads, one partition", "one, direct", "GET /health, wrk -t2 -c32"),
+    ("update-regroup", "serialized updates", "regroup (journal + primary a, 3 partitions)", "POST /transfers, wrk -t1 -c1"),
+    ("update-regroup1", "serialized updates", "regroup (journal + one partition)", "POST /transfers, wrk -t1 -c1"),
+    ("update-direct", "serialized updates", "solo bank, direct", "POST /transfers, wrk -t1 -c1"),
+    ("update16-regroup", "16-client updates", "regroup (3 partitions)", "POST /transfers, wrk -t2 -c16"),
+    ("update16-regroup1", "16-client updates", "regroup (one partition)", "POST /transfers, wrk -t2 -c16"),
+    ("update16-direct", "16-client updates", "solo bank, direct", "POST /transfers, wrk -t2 -c16"),
+    ("mixed-regroup", "mixed", "regroup (3 partitions)", "POST /transfers wrk -t1 -c8 + GET /accounts/1 wrk -t1 -c32"),
+    ("mixed-direct", "mixed", "solo bank, direct", "POST /transfers wrk -t1 -c8 + GET /accounts/1 wrk -t1 -c32"),
 ]
 UNIT_MS = {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60000.0}
 
@@ -65,7 +87,10 @@ def parse_wrk(path):
     m3 = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", text)
     if m3:
         failed += sum(int(g) for g in m3.groups())
-    return {"rps": float(m.group(1)), "p50": latency(50), "p99": latency(99), "failed": failed}
+    m4 = re.search(r"^\s*(\d+) requests in ", text, re.M)
+    requests = int(m4.group(1)) if m4 else 0
+    return {"rps": float(m.group(1)), "p50": latency(50), "p99": latency(99), "failed": failed,
+            "requests": requests}
 
 
 def cpu_model():
@@ -82,13 +107,40 @@ def fmt_ms(v):
     return f"{v:.2f} ms" if v < 100 else f"{v:.0f} ms"
 
 
+def fmt_us(v):
+    return "" if v is None else f"{v:.1f} us"
+
+
+def fmt_mb(v):
+    return "" if v is None else f"{v / 1024:.1f} MB"
+
+
+def median_of(rs, key):
+    vals = [r[key] for r in rs if r.get(key) is not None]
+    return statistics.median(vals) if vals else None
+
+
 def report(args):
+    tick_us = 1e6 / float(args.clk_tck)
     runs = {}
     for line in open(args.results):
-        target, _round, path = line.rstrip("\n").split("\t")
-        runs.setdefault(target, []).append(parse_wrk(path))
+        target, _round, path, ticks, rss = line.rstrip("\n").split("\t")
+        r = parse_wrk(path)
+        requests = r["requests"]
+        r["reads_rps"] = None
+        if os.path.exists(path + ".reads"):
+            reads = parse_wrk(path + ".reads")
+            r["reads_rps"] = reads["rps"]
+            r["reads_p99"] = reads["p99"]
+            r["failed"] += reads["failed"]
+            requests += reads["requests"]
+        has_proxy = not target.endswith("-direct")
+        r["cpu_us"] = int(ticks) * tick_us / requests if has_proxy and requests else None
+        r["rss_kb"] = int(rss) if has_proxy else None
+        runs.setdefault(target, []).append(r)
     med = {
-        t: {k: statistics.median(r[k] for r in rs) for k in ("rps", "p50", "p99")}
+        t: {k: median_of(rs, k) for k in ("rps", "p50", "p99", "cpu_us", "rss_kb", "reads_rps",
+                                           "reads_p99")}
         for t, rs in runs.items()
     }
     failed = {t: sum(r["failed"] for r in rs) for t, rs in runs.items()}
@@ -97,40 +149,60 @@ def report(args):
     out = []
     out.append(f"### Results of {now}")
     out.append("")
+    out.append(f"- command: `{args.command}`")
     out.append(f"- machine: `nproc` {len(os.sched_getaffinity(0))}, {cpu_model()}; "
                f"load average before the runs {args.loadavg}")
     out.append(f"- commit {args.commit}; nginx {args.nginx_version}; wrk {args.wrk_version}; "
                f"regroup `journal_sync = \"{args.journal_sync}\"`")
     out.append(f"- {args.rounds} interleaved rounds x {args.duration} s per target; "
-               "figures are medians over the rounds")
+               "figures are medians over the rounds; proxy CPU = utime + stime of the proxy's "
+               "processes (regroup's, or nginx's master and workers) over the run / requests "
+               "answered, RSS after the run")
     out.append("")
-    out.append("| workload | target | generator | req/s | p50 | p99 | req/s per round |")
-    out.append("| --- | --- | --- | ---: | ---: | ---: | --- |")
+    out.append("| workload | target | generator | req/s | p50 | p99 | proxy CPU / req | proxy RSS "
+               "| req/s per round |")
+    out.append("| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | --- |")
     for t, kind, label, load in TARGETS:
         if t not in med:
             continue
         m = med[t]
         per_round = " ".join(f"{r['rps']:.0f}" for r in runs[t])
-        out.append(f"| {kind} | {label} | {load} | {m['rps']:.0f} | {fmt_ms(m['p50'])} | "
-                   f"{fmt_ms(m['p99'])} | {per_round} |")
+        rps = f"{m['rps']:.0f}"
+        p99 = fmt_ms(m["p99"])
+        if m["reads_rps"] is not None:
+            rps = f"{m['rps']:.0f} updates + {m['reads_rps']:.0f} reads"
+            p99 = f"{fmt_ms(m['p99'])} (reads {fmt_ms(m['reads_p99'])})"
+            per_round = " ".join(f"{r['rps']:.0f}+{r['reads_rps']:.0f}" for r in runs[t])
+        out.append(f"| {kind} | {label} | {load} | {rps} | {fmt_ms(m['p50'])} | {p99} | "
+                   f"{fmt_us(m['cpu_us'])} | {fmt_mb(m['rss_kb'])} | {per_round} |")
     out.append("")
     out.append("| ratio | value | floor | met |")
     out.append("| --- | ---: | ---: | --- |")
+
+    def ratio(a, b, metric):
+        if a not in med or b not in med or med[a][metric] is None or not med[b][metric]:
+            return None
+        return med[a][metric] / med[b][metric]
+
     for label, a, b, metric, cmp, bound in FLOORS:
-        v = med[a][metric] / med[b][metric]
+        v = ratio(a, b, metric)
+        if v is None:
+            continue
         ok = v >= bound if cmp == ">=" else v <= bound
         shown = f"{v:.2f}" if f"{v:.2f}" != f"{bound:.2f}" else f"{v:.3f}"
         out.append(f"| {label} | {shown}x | {cmp} {bound}x | {'yes' if ok else '**NO**'} |")
     for label, a, b, metric in RATIOS:
-        v = med[a][metric] / med[b][metric]
-        out.append(f"| {label} | {v:.2f}x | | |")
+        v = ratio(a, b, metric)
+        if v is not None:
+            out.append(f"| {label} | {v:.2f}x | | |")
     # Rounds are interleaved, so each round compares targets under the same conditions: the
     # per-round ratios show how much of a verdict is noise.
     paired = []
     for label, a, b, metric, _cmp, _bound in FLOORS:
-        if metric != "rps" or a not in runs or b not in runs:
+        if metric not in ("rps", "cpu_us") or a not in runs or b not in runs:
             continue
-        rs = [x[metric] / y[metric] for x, y in zip(runs[a], runs[b]) if y[metric]]
+        rs = [x[metric] / y[metric] for x, y in zip(runs[a], runs[b])
+              if x[metric] is not None and y[metric]]
         if rs:
             paired.append(f"{label}: " + " ".join(f"{r:.2f}" for r in rs)
                           + f" (median {statistics.median(rs):.2f}x)")
@@ -174,6 +246,8 @@ def main():
     p.add_argument("--commit", default="unknown")
     p.add_argument("--loadavg", default="unknown")
     p.add_argument("--journal-sync", default="full")
+    p.add_argument("--command", default="bench/run.sh")
+    p.add_argument("--clk-tck", default="100")
     report(p.parse_args())
 
 

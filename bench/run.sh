@@ -2,19 +2,27 @@
 # bench/run.sh: regroup's throughput and latency against baselines measured in the same run.
 #
 # Usage (from the repository root or anywhere in a clone):
-#   bench/run.sh                  # measure, print a markdown report
+#   bench/run.sh                  # measure everything, print a markdown report
 #   bench/run.sh --write          # ... and put it in BENCHMARKS.md between the bench markers
+#   bench/run.sh --only reads     # one workload (about a minute): reads, updates or mixed
 #   bench/run.sh --rounds 3 --duration 3 --keep
 #
 # Options:
 #   --write         replace the section between `<!-- bench:begin -->` and
-#                   `<!-- bench:end -->` in BENCHMARKS.md with the report
+#                   `<!-- bench:end -->` in BENCHMARKS.md with the report (full runs only)
+#   --only LIST     comma-separated workloads or targets: `reads`, `updates`, `mixed`, or
+#                   target names as listed below (e.g. `--only health-regroup,health-nginx`)
 #   --rounds N      interleaved rounds (default 5; env BENCH_ROUNDS)
 #   --duration S    seconds per wrk run (default 5; env BENCH_DURATION)
 #   --keep          keep the temporary directory (configs, logs, raw wrk output)
-#   REGROUP_LOG     the proxy's RUST_LOG (default info), e.g.
+#   --no-build      measure the binaries already in target/release (no cargo build)
+#   --set LINE      a top-level line for both regroup configs, e.g. `--set 'client_threads = 0'`
+#                   (repeatable; shown in the report)
+#   REGROUP_BIN     a regroup binary to measure instead of the one built (e.g. a copy of an
+#                   earlier build, for a before/after comparison)
+#   REGROUP_LOG     the proxies' RUST_LOG (default info), e.g.
 #                   info,regroup_proxy::update=debug for per-update timings
-#   --journal-sync M  the proxy's `journal_sync`: `full` (default) or `append`; with
+#   --journal-sync M  the proxies' `journal_sync`: `full` (default) or `append`; with
 #                   --write, `append` goes between `<!-- bench-append:begin -->` and
 #                   `<!-- bench-append:end -->`
 #
@@ -23,24 +31,43 @@
 #      target/release/examples/bank).
 #   2. Installs nginx (nginx-light) and wrk from Debian's packages when missing (needs root
 #      and apt-get), plus python3 for the report when missing.
-#   3. In a `mktemp -d` directory: starts three bank partitions a, b, c (the example `bank`, SQLite
-#      files), the regroup proxy in front of them (`regroup serve`, SQLite journal with its
-#      default durable settings), nginx (2 workers, keep-alive upstream) in front of
-#      partition a (the primary), and a standalone bank "solo" on its own SQLite file that is
-#      not part of the group. Every port is 127.0.0.1:0 or a free port picked by the kernel.
-#   4. Seeds accounts 1 and 2 (balance 1_000_000_000) through regroup (so every partition has
-#      them) and directly on solo.
-#   5. Runs, in interleaved rounds (each round runs every target once, in an order rotated
-#      by one each round), wrk for --duration seconds against:
-#        read-regroup   GET /accounts/1 through regroup          wrk -t1 -c16
-#        read-nginx     GET /accounts/1 through nginx -> a       wrk -t1 -c16
-#        read-direct    GET /accounts/1 on a                     wrk -t1 -c16
-#        update-regroup POST /transfers through regroup          wrk -t1 -c1
-#        update-direct  POST /transfers on solo                  wrk -t1 -c1
-#      After every run it waits until the group has replayed everything (admin /status), so
+#   3. In a `mktemp -d` directory: starts bank partitions a, b, c and "one" (the example
+#      `bank`, SQLite files); regroup "three" (`regroup serve`, SQLite journal with its
+#      default durable settings) in front of a, b, c; regroup "one" (its own journal) in
+#      front of the one partition "one"; nginx (2 workers, keep-alive upstreams) on two
+#      ports, one in front of a (the primary of three) and one in front of "one"; and a
+#      standalone bank "solo" on its own SQLite file that is part of no group. Every port is
+#      127.0.0.1:0 or a free port picked by the kernel.
+#   4. Seeds accounts 1 and 2 (balance 1_000_000_000) through both regroups (so every
+#      partition has them) and directly on solo.
+#   5. Runs, in interleaved rounds (each round runs every selected target once, in an order
+#      rotated by one each round), wrk for --duration seconds against:
+#        reads:
+#        read-regroup      GET /accounts/1 through regroup three      wrk -t1 -c16
+#        read-nginx        GET /accounts/1 through nginx -> a         wrk -t1 -c16
+#        read-direct       GET /accounts/1 on a                       wrk -t1 -c16
+#        health-regroup    GET /health through regroup one            wrk -t2 -c32
+#        health-nginx      GET /health through nginx -> one           wrk -t2 -c32
+#        health-direct     GET /health on one                         wrk -t2 -c32
+#        updates:
+#        update-regroup    POST /transfers through regroup three      wrk -t1 -c1
+#        update-regroup1   POST /transfers through regroup one        wrk -t1 -c1
+#        update-direct     POST /transfers on solo                    wrk -t1 -c1
+#        update16-regroup  POST /transfers through regroup three      wrk -t2 -c16
+#        update16-regroup1 POST /transfers through regroup one        wrk -t2 -c16
+#        update16-direct   POST /transfers on solo                    wrk -t2 -c16
+#        mixed:
+#        mixed-regroup     through regroup three, at once: POST /transfers wrk -t1 -c8
+#                          and GET /accounts/1 wrk -t1 -c32
+#        mixed-direct      the same two loads on solo
+#      Around every run it reads the proxy's CPU time (utime + stime of regroup's process,
+#      or of nginx's master and workers, from /proc/PID/stat) and afterwards its resident
+#      set (VmRSS); CPU per request is that CPU time over the requests wrk counted. After
+#      every run it waits until both groups have replayed everything (admin /status), so
 #      replays of one run do not eat into the next.
 #   6. Prints a markdown report: machine, date, medians over the rounds of req/s, p50, p99,
-#      the ratios and whether each floor of BENCHMARKS.md is met.
+#      proxy CPU per request and RSS, the ratios, and whether each floor of BENCHMARKS.md
+#      is met.
 # A trap kills every process the script started and removes the temporary directory.
 set -euo pipefail
 
@@ -49,11 +76,17 @@ DURATION="${BENCH_DURATION:-5}"
 WRITE=0
 KEEP=0
 SYNC=full
+ONLY=""
+SETS=()
+BUILD=1
 while [[ $# -gt 0 ]]; do
     case "$1" in
         --write) WRITE=1 ;;
         --journal-sync) SYNC="$2"; shift ;;
         --keep) KEEP=1 ;;
+        --only) ONLY="$2"; shift ;;
+        --set) SETS+=("$2"); shift ;;
+        --no-build) BUILD=0 ;;
         --rounds) ROUNDS="$2"; shift ;;
         --duration) DURATION="$2"; shift ;;
         -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
@@ -70,9 +103,11 @@ SCRIPT="bench/run.sh"
 source "$ROOT/bench/lib.sh"
 
 # --- 1. build ------------------------------------------------------------------------------
-log "cargo build --release --bin regroup --example bank"
-cargo build --release --bin regroup --example bank >&2
-BIN="$ROOT/target/release/regroup"
+if [[ $BUILD -eq 1 ]]; then
+    log "cargo build --release --bin regroup --example bank"
+    cargo build --release --bin regroup --example bank >&2
+fi
+BIN="${REGROUP_BIN:-$ROOT/target/release/regroup}"
 BANK="$ROOT/target/release/examples/bank"
 
 # --- 2. tools ------------------------------------------------------------------------------
@@ -120,49 +155,63 @@ start_bank() {
 }
 
 declare -A BANK
-for name in a b c solo; do
+for name in a b c one solo; do
     start_bank "$name"
     BANK[$name]="$BANK_URL"
 done
 
-cat >"$TMP/regroup.toml" <<EOF
+# Writes regroup config $1 (journal $2) for a group over partitions $3...
+regroup_config() {
+    local file="$1" journal="$2" name
+    shift 2
+    cat >"$file" <<CONF
 # Generated by bench/run.sh.
 listen = "127.0.0.1:0"
 admin_listen = "127.0.0.1:0"
-journal = "sqlite://$TMP/regroup-journal.db"
+journal = "sqlite://$journal"
 journal_sync = "$SYNC"
+$(printf '%s\n' "${SETS[@]}")
 
 [[groups]]
 name = "bank"
 health_path = "/health"
+CONF
+    for name in "$@"; do
+        printf '\n[[groups.partitions]]\nname = "%s"\nurl = "%s"\n' "$name" "${BANK[$name]}" >>"$file"
+    done
+}
 
-[[groups.partitions]]
-name = "a"
-url = "${BANK[a]}"
+# Starts regroup $1 with config $2; sets RG_PID, RG_URL and RG_ADMIN.
+start_regroup() {
+    local name="$1" config="$2" line
+    RUST_LOG="${REGROUP_LOG:-info}" "$BIN" serve --config "$config" \
+        >"$TMP/regroup-$name.out" 2>"$TMP/regroup-$name.out.err" </dev/null &
+    RG_PID="$!"
+    PIDS+=("$RG_PID")
+    line="$(wait_line "$TMP/regroup-$name.out" '^regroup listening on ' "$RG_PID")"
+    RG_URL="$(sed -E 's/^regroup listening on ([^ ]+) .*/\1/' <<<"$line")"
+    RG_ADMIN="$(sed -E 's/.*\(admin ([^)]+)\).*/\1/' <<<"$line")"
+    log "regroup $name at $RG_URL (admin $RG_ADMIN)"
+}
 
-[[groups.partitions]]
-name = "b"
-url = "${BANK[b]}"
+regroup_config "$TMP/regroup-three.toml" "$TMP/journal-three.db" a b c
+start_regroup three "$TMP/regroup-three.toml"
+REGROUP="$RG_URL" ADMIN="$RG_ADMIN" REGROUP_PID="$RG_PID"
+regroup_config "$TMP/regroup-one.toml" "$TMP/journal-one.db" one
+start_regroup one "$TMP/regroup-one.toml"
+REGROUP1="$RG_URL" ADMIN1="$RG_ADMIN" REGROUP1_PID="$RG_PID"
 
-[[groups.partitions]]
-name = "c"
-url = "${BANK[c]}"
-EOF
-RUST_LOG="${REGROUP_LOG:-info}" "$BIN" serve --config "$TMP/regroup.toml" \
-    >"$TMP/regroup.out" 2>"$TMP/regroup.out.err" </dev/null &
-REGROUP_PID="$!"
-PIDS+=("$REGROUP_PID")
-line="$(wait_line "$TMP/regroup.out" '^regroup listening on ' "$REGROUP_PID")"
-REGROUP="$(sed -E 's/^regroup listening on ([^ ]+) .*/\1/' <<<"$line")"
-ADMIN="$(sed -E 's/.*\(admin ([^)]+)\).*/\1/' <<<"$line")"
-log "regroup at $REGROUP (admin $ADMIN)"
-
-NGINX_PORT="$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')"
+free_port() {
+    python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
+}
+NGINX_PORT="$(free_port)"
+NGINX1_PORT="$(free_port)"
 mkdir -p "$TMP/nginx"
 NGINX_USER=""
 [[ $EUID -eq 0 ]] && NGINX_USER="user root;"
-cat >"$TMP/nginx/nginx.conf" <<EOF
-# Generated by bench/run.sh: a plain keep-alive reverse proxy in front of bank a.
+cat >"$TMP/nginx/nginx.conf" <<CONF
+# Generated by bench/run.sh: a plain keep-alive reverse proxy in front of bank a, and one
+# in front of bank one.
 $NGINX_USER
 daemon off;
 worker_processes 2;
@@ -180,6 +229,10 @@ http {
         server ${BANK[a]#http://};
         keepalive 64;
     }
+    upstream one {
+        server ${BANK[one]#http://};
+        keepalive 64;
+    }
     server {
         listen 127.0.0.1:$NGINX_PORT;
         location / {
@@ -188,40 +241,51 @@ http {
             proxy_set_header Connection "";
         }
     }
+    server {
+        listen 127.0.0.1:$NGINX1_PORT;
+        location / {
+            proxy_pass http://one;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+        }
+    }
 }
-EOF
+CONF
 "$NGINX" -p "$TMP/nginx" -c "$TMP/nginx/nginx.conf" -e "$TMP/nginx/error.log" \
     >"$TMP/nginx/out" 2>&1 </dev/null &
-PIDS+=("$!")
+NGINX_PID="$!"
+PIDS+=("$NGINX_PID")
 NGINX_URL="http://127.0.0.1:$NGINX_PORT"
+NGINX1_URL="http://127.0.0.1:$NGINX1_PORT"
 for _ in $(seq 100); do
-    curl -fs -o /dev/null "$NGINX_URL/health" && break
+    curl -fs -o /dev/null "$NGINX_URL/health" && curl -fs -o /dev/null "$NGINX1_URL/health" && break
     sleep 0.1
 done
-curl -fs -o /dev/null "$NGINX_URL/health" || {
+curl -fs -o /dev/null "$NGINX_URL/health" && curl -fs -o /dev/null "$NGINX1_URL/health" || {
     echo "bench/run.sh: nginx did not come up:" >&2
     cat "$TMP/nginx/out" "$TMP/nginx/error.log" >&2 || true
     exit 1
 }
-log "nginx at $NGINX_URL -> a"
+log "nginx at $NGINX_URL -> a and $NGINX1_URL -> one"
 
 # --- 4. seed -------------------------------------------------------------------------------
 post() { # url path json -> prints body; fails on a non-2xx answer
     curl -fsS -X POST "$1$2" -H 'content-type: application/json' -d "$3"
 }
 for i in 1 2; do
-    for base in "$REGROUP" "${BANK[solo]}"; do
+    for base in "$REGROUP" "$REGROUP1" "${BANK[solo]}"; do
         id="$(post "$base" /accounts "{\"name\":\"bench-$i\",\"balance\":1000000000}" |
             python3 -c 'import json,sys; print(json.load(sys.stdin)["id"])')"
         [[ "$id" == "$i" ]] || { echo "bench/run.sh: account bench-$i got id $id on $base" >&2; exit 1; }
     done
 done
 
-# Waits until every partition has applied the journal's head and is available.
-settle() {
+# Waits until every partition of the group behind admin $1 has applied the journal's head
+# and is available; prints the state.
+settle_one() {
     local state=""
     for _ in $(seq 600); do
-        state="$(curl -fsS "$ADMIN/status" | python3 -c '
+        state="$(curl -fsS "$1/status" | python3 -c '
 import json, sys
 g = json.load(sys.stdin)["groups"][0]
 ok = not g["in_doubt"] and all(p["applied"] == g["head"] and p["status"] == "available" for p in g["partitions"])
@@ -230,40 +294,120 @@ print("ok" if ok else "wait", g["primary"], g["head"], " ".join("%s=%s/%s" % (p[
         [[ "$state" == ok* ]] && { echo "$state"; return 0; }
         sleep 0.1
     done
-    echo "bench/run.sh: the group did not settle within 60 s: $state" >&2
+    echo "bench/run.sh: the group behind $1 did not settle within 60 s: $state" >&2
     return 1
+}
+settle() {
+    settle_one "$ADMIN1" >/dev/null
+    settle_one "$ADMIN"
 }
 state="$(settle)"
 [[ "$(cut -d' ' -f2 <<<"$state")" == a ]] || { echo "bench/run.sh: primary is not a: $state" >&2; exit 1; }
-for name in a b c; do
+for name in a b c one; do
     curl -fs -o /dev/null "${BANK[$name]}/accounts/2" || { echo "bench/run.sh: partition $name lacks account 2" >&2; exit 1; }
 done
-log "seeded accounts 1 and 2 on a, b, c (through regroup) and on solo"
+log "seeded accounts 1 and 2 on a, b, c (through regroup three), one (through regroup one) and solo"
 
-cat >"$TMP/transfer.lua" <<'EOF'
+cat >"$TMP/transfer.lua" <<'LUA'
 wrk.method = "POST"
 wrk.body = '{"from":1,"to":2,"amount":1}'
 wrk.headers["Content-Type"] = "application/json"
-EOF
+LUA
 
 # --- 5. measure ----------------------------------------------------------------------------
-TARGETS=(read-regroup read-nginx read-direct update-regroup update-direct)
-run_target() { # target seconds output-file
-    local t="$1" secs="$2" out="$3"
-    case "$t" in
-        read-regroup) wrk -t1 -c16 -d"${secs}s" --latency "$REGROUP/accounts/1" >"$out" ;;
-        read-nginx) wrk -t1 -c16 -d"${secs}s" --latency "$NGINX_URL/accounts/1" >"$out" ;;
-        read-direct) wrk -t1 -c16 -d"${secs}s" --latency "${BANK[a]}/accounts/1" >"$out" ;;
-        update-regroup) wrk -t1 -c1 -d"${secs}s" --latency -s "$TMP/transfer.lua" "$REGROUP/transfers" >"$out" ;;
-        update-direct) wrk -t1 -c1 -d"${secs}s" --latency -s "$TMP/transfer.lua" "${BANK[solo]}/transfers" >"$out" ;;
+READS=(read-regroup read-nginx read-direct health-regroup health-nginx health-direct)
+UPDATES=(update-regroup update-regroup1 update-direct update16-regroup update16-regroup1 update16-direct)
+MIXED=(mixed-regroup mixed-direct)
+TARGETS=()
+if [[ -z "$ONLY" ]]; then
+    TARGETS=("${READS[@]}" "${UPDATES[@]}" "${MIXED[@]}")
+else
+    IFS=, read -ra picks <<<"$ONLY"
+    for pick in "${picks[@]}"; do
+        case "$pick" in
+            reads) TARGETS+=("${READS[@]}") ;;
+            updates) TARGETS+=("${UPDATES[@]}") ;;
+            mixed) TARGETS+=("${MIXED[@]}") ;;
+            *)
+                [[ " ${READS[*]} ${UPDATES[*]} ${MIXED[*]} " == *" $pick "* ]] ||
+                    { echo "bench/run.sh: unknown workload or target $pick (see --help)" >&2; exit 2; }
+                TARGETS+=("$pick")
+                ;;
+        esac
+    done
+fi
+if [[ $WRITE -eq 1 && -n "$ONLY" ]]; then
+    echo "bench/run.sh: --write takes a full run (no --only)" >&2
+    exit 2
+fi
+
+# The processes whose CPU time counts as target $1's proxy (none for a direct target).
+proxy_pids() {
+    case "$1" in
+        read-regroup | update-regroup | update16-regroup | mixed-regroup) echo "$REGROUP_PID" ;;
+        health-regroup | update-regroup1 | update16-regroup1) echo "$REGROUP1_PID" ;;
+        *-nginx) echo "$NGINX_PID" $(pgrep -P "$NGINX_PID" || true) ;;
+        *) ;;
     esac
+}
+# utime + stime in clock ticks, summed over the processes $@ (fields 14 and 15 of
+# /proc/PID/stat, counted after the command name in parentheses).
+cpu_ticks() {
+    local pid total=0 stat rest
+    for pid in "$@"; do
+        stat="$(cat "/proc/$pid/stat" 2>/dev/null)" || continue
+        rest="${stat##*) }"
+        read -ra f <<<"$rest"
+        total=$((total + f[11] + f[12]))
+    done
+    echo "$total"
+}
+# VmRSS in kB, summed over the processes $@.
+rss_kb() {
+    local pid total=0 kb
+    for pid in "$@"; do
+        kb="$(awk '/^VmRSS:/ {print $2}' "/proc/$pid/status" 2>/dev/null || echo 0)"
+        total=$((total + ${kb:-0}))
+    done
+    echo "$total"
+}
+
+run_target() { # target seconds output-file; prints "cpu_ticks rss_kb" of the target's proxy
+    local t="$1" secs="$2" out="$3" pids before after w
+    read -ra pids <<<"$(proxy_pids "$t")"
+    before="$(cpu_ticks "${pids[@]}")"
+    w=(wrk -d"${secs}s" --latency)
+    case "$t" in
+        read-regroup) "${w[@]}" -t1 -c16 "$REGROUP/accounts/1" >"$out" ;;
+        read-nginx) "${w[@]}" -t1 -c16 "$NGINX_URL/accounts/1" >"$out" ;;
+        read-direct) "${w[@]}" -t1 -c16 "${BANK[a]}/accounts/1" >"$out" ;;
+        health-regroup) "${w[@]}" -t2 -c32 "$REGROUP1/health" >"$out" ;;
+        health-nginx) "${w[@]}" -t2 -c32 "$NGINX1_URL/health" >"$out" ;;
+        health-direct) "${w[@]}" -t2 -c32 "${BANK[one]}/health" >"$out" ;;
+        update-regroup) "${w[@]}" -t1 -c1 -s "$TMP/transfer.lua" "$REGROUP/transfers" >"$out" ;;
+        update-regroup1) "${w[@]}" -t1 -c1 -s "$TMP/transfer.lua" "$REGROUP1/transfers" >"$out" ;;
+        update-direct) "${w[@]}" -t1 -c1 -s "$TMP/transfer.lua" "${BANK[solo]}/transfers" >"$out" ;;
+        update16-regroup) "${w[@]}" -t2 -c16 -s "$TMP/transfer.lua" "$REGROUP/transfers" >"$out" ;;
+        update16-regroup1) "${w[@]}" -t2 -c16 -s "$TMP/transfer.lua" "$REGROUP1/transfers" >"$out" ;;
+        update16-direct) "${w[@]}" -t2 -c16 -s "$TMP/transfer.lua" "${BANK[solo]}/transfers" >"$out" ;;
+        mixed-regroup | mixed-direct)
+            local base="$REGROUP"
+            [[ "$t" == mixed-direct ]] && base="${BANK[solo]}"
+            "${w[@]}" -t1 -c32 "$base/accounts/1" >"$out.reads" &
+            local reads=$!
+            "${w[@]}" -t1 -c8 -s "$TMP/transfer.lua" "$base/transfers" >"$out"
+            wait "$reads"
+            ;;
+    esac
+    after="$(cpu_ticks "${pids[@]}")"
+    echo "$((after - before)) $(rss_kb "${pids[@]}")"
     settle >/dev/null
 }
 
 LOADAVG="$(cut -d' ' -f1-3 /proc/loadavg)"
 log "warm-up: 1 s per target (load average before: $LOADAVG)"
 for t in "${TARGETS[@]}"; do
-    run_target "$t" 1 "$TMP/warmup-$t.txt"
+    run_target "$t" 1 "$TMP/warmup-$t.txt" >/dev/null
 done
 
 RESULTS="$TMP/results.tsv"
@@ -275,15 +419,22 @@ for ((r = 0; r < ROUNDS; r++)); do
     log "round $((r + 1))/$ROUNDS: ${order[*]}"
     for t in "${order[@]}"; do
         out="$TMP/round$r-$t.txt"
-        run_target "$t" "$DURATION" "$out"
-        printf '%s\t%s\t%s\n' "$t" "$r" "$out" >>"$RESULTS"
+        read -r ticks rss <<<"$(run_target "$t" "$DURATION" "$out")"
+        printf '%s\t%s\t%s\t%s\t%s\n' "$t" "$r" "$out" "$ticks" "$rss" >>"$RESULTS"
     done
 done
 
 # --- 6. report -----------------------------------------------------------------------------
 REPORT="$TMP/report.md"
+COMMAND="bench/run.sh"
+[[ -n "$ONLY" ]] && COMMAND+=" --only $ONLY"
+COMMAND+=" --rounds $ROUNDS --duration $DURATION"
+[[ "$SYNC" != full ]] && COMMAND+=" --journal-sync $SYNC"
+for line in "${SETS[@]}"; do COMMAND+=" --set '$line'"; done
 python3 "$ROOT/bench/report.py" "$RESULTS" \
     --rounds "$ROUNDS" --duration "$DURATION" \
+    --command "$COMMAND" \
+    --clk-tck "$(getconf CLK_TCK)" \
     --nginx-version "$("$NGINX" -v 2>&1 | sed 's/^nginx version: //')" \
     --wrk-version "$(wrk -v 2>&1 | head -1 | awk '{print $2}')" \
     --loadavg "$LOADAVG" \

@@ -58,6 +58,8 @@ pub const DEFAULT_BODY_READ_TIMEOUT_MS: u64 = 30_000;
 /// Default cap on concurrent client connections; beyond it new connections wait in the
 /// listen backlog until one closes.
 pub const DEFAULT_MAX_CONNECTIONS: usize = 1024;
+/// Most `client_threads`.
+pub const MAX_CLIENT_THREADS: usize = 256;
 /// Default cap on concurrent admin connections.
 pub const DEFAULT_ADMIN_MAX_CONNECTIONS: usize = 64;
 /// Default limit on an admin request body (64 KiB); larger gets 413.
@@ -126,8 +128,25 @@ pub struct Config {
     /// Cap on concurrent client connections; beyond it new ones wait in the listen backlog.
     #[serde(default = "default_max_connections")]
     pub max_connections: usize,
+    /// Threads serving client connections, each with its own single-threaded runtime, its
+    /// own listener on the client port (`SO_REUSEPORT`: the kernel spreads new connections
+    /// over them) and its own upstream pool, so a read's client and upstream connections
+    /// are served on one thread. Absent: one per core; `0`: clients are served on the
+    /// proxy's main runtime with everything else.
+    #[serde(default)]
+    pub client_threads: Option<usize>,
     /// The redundancy groups.
     pub groups: Vec<GroupConfig>,
+}
+
+impl Config {
+    /// The number of client threads: `client_threads`, else one per core (0: none, clients
+    /// are served on the main runtime).
+    pub fn client_threads(&self) -> usize {
+        self.client_threads.unwrap_or_else(|| {
+            std::thread::available_parallelism().map_or(1, std::num::NonZero::get)
+        })
+    }
 }
 
 /// Which of the primary's answers are replayed.
@@ -468,6 +487,12 @@ impl Config {
             if v == 0 {
                 return Err(invalid(k.into(), "must be greater than 0".into()));
             }
+        }
+        if self.client_threads.is_some_and(|n| n > MAX_CLIENT_THREADS) {
+            return Err(invalid(
+                "client_threads".into(),
+                format!("must be at most {MAX_CLIENT_THREADS}"),
+            ));
         }
         if self.proxies == Proxies::Several {
             for (k, addr) in [("listen", self.listen), ("admin_listen", self.admin_listen)] {

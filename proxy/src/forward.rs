@@ -5,6 +5,7 @@
 //! `Upgrade`, in both directions, and adds `Forwarded` and `X-Forwarded-*` on the way in.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -37,6 +38,12 @@ pub fn full(bytes: impl Into<Bytes>) -> ProxyBody {
 pub fn stream(body: Incoming) -> ProxyBody {
     body.map_err(BoxError::from).boxed_unsync()
 }
+
+/// The upstream client of the thread that serves a client connection, as a request extension
+/// set by the server: a read sent through it has its upstream connection's task on the same
+/// thread (and runtime) as the client connection's, so the exchange wakes no other thread.
+#[derive(Clone)]
+pub(crate) struct LocalUpstream(pub(crate) Arc<Upstream>);
 
 /// A client with a keep-alive pool sized for a proxy.
 pub fn upstream_client() -> Upstream {
@@ -104,44 +111,86 @@ pub fn strip_replay_headers(headers: &mut HeaderMap) {
     }
 }
 
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+
 /// Adds `Forwarded`, `X-Forwarded-For`, `X-Forwarded-Proto` and `X-Forwarded-Host` for
 /// a request received from `client`.
+///
+/// On every proxied request, so without formatting machinery: the address is written once
+/// into a stack buffer, each value built in one allocation, the host value reused as is.
 pub fn add_forwarded(headers: &mut HeaderMap, client: Option<SocketAddr>) {
     let Some(client) = client else { return };
     let ip = client.ip();
+    let mut text = [0u8; 64];
+    let ip_text = ip_text(&ip, &mut text);
     let host = headers
         .get(header::HOST)
-        .and_then(|h| h.to_str().ok())
-        .map(str::to_owned);
-    let xff = match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
-        Some(prev) => format!("{prev}, {ip}"),
-        None => ip.to_string(),
+        .filter(|h| h.to_str().is_ok())
+        .cloned();
+    let xff = match headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
+        Some(prev) => {
+            let mut v = String::with_capacity(prev.len() + 2 + ip_text.len());
+            v.push_str(prev);
+            v.push_str(", ");
+            v.push_str(ip_text);
+            HeaderValue::from_str(&v)
+        }
+        None => HeaderValue::from_str(ip_text),
     };
-    if let Ok(v) = HeaderValue::from_str(&xff) {
-        headers.insert("x-forwarded-for", v);
+    if let Ok(v) = xff {
+        headers.insert(X_FORWARDED_FOR, v);
     }
-    let node = if ip.is_ipv6() {
-        format!("\"[{ip}]\"")
+    let host_text = host.as_ref().and_then(|h| h.to_str().ok());
+    let mut fwd = String::with_capacity(40 + host_text.map_or(0, str::len));
+    fwd.push_str("for=");
+    if ip.is_ipv6() {
+        fwd.push_str("\"[");
+        fwd.push_str(ip_text);
+        fwd.push_str("]\"");
     } else {
-        ip.to_string()
-    };
-    let mut fwd = format!("for={node};proto=http");
-    if let Some(h) = &host {
-        fwd.push_str(&format!(";host=\"{h}\""));
+        fwd.push_str(ip_text);
+    }
+    fwd.push_str(";proto=http");
+    if let Some(h) = host_text {
+        fwd.push_str(";host=\"");
+        fwd.push_str(h);
+        fwd.push('"');
     }
     if let Ok(v) = HeaderValue::from_str(&fwd) {
         headers.append(header::FORWARDED, v);
     }
-    headers.insert("x-forwarded-proto", HeaderValue::from_static("http"));
-    if let Some(v) = host.and_then(|h| HeaderValue::from_str(&h).ok()) {
-        headers.insert("x-forwarded-host", v);
+    headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static("http"));
+    if let Some(h) = host {
+        headers.insert(X_FORWARDED_HOST, h);
     }
+}
+
+/// `ip` as text, written into `buf` (an IPv6 address takes at most 45 bytes).
+fn ip_text<'a>(ip: &std::net::IpAddr, buf: &'a mut [u8; 64]) -> &'a str {
+    use std::io::Write as _;
+    let mut cursor = std::io::Cursor::new(&mut buf[..]);
+    let len = match write!(cursor, "{ip}") {
+        Ok(()) => cursor.position() as usize,
+        Err(_) => 0,
+    };
+    std::str::from_utf8(&buf[..len]).unwrap_or("")
 }
 
 /// The URI of `path_and_query` on the partition at `base`.
 pub fn upstream_uri(base: &Uri, path_and_query: &str) -> Result<Uri, http::Error> {
+    on_partition(base, &path_and_query.parse()?)
+}
+
+/// The URI of a request's `path_and_query` on the partition at `base` (without re-parsing:
+/// the parts are shared, not copied).
+pub(crate) fn on_partition(
+    base: &Uri,
+    path_and_query: &http::uri::PathAndQuery,
+) -> Result<Uri, http::Error> {
     let mut parts = base.clone().into_parts();
-    parts.path_and_query = Some(path_and_query.parse()?);
+    parts.path_and_query = Some(path_and_query.clone());
     Ok(Uri::from_parts(parts)?)
 }
 
@@ -195,6 +244,12 @@ mod tests {
             "for=127.0.0.2;proto=http;host=\"bank.example\""
         );
         assert_eq!(h["x-forwarded-host"], "bank.example");
+        assert_eq!(h["x-forwarded-proto"], "http");
+        let mut h = HeaderMap::new();
+        add_forwarded(&mut h, Some("[2001:db8::1]:443".parse().expect("addr")));
+        assert_eq!(h["x-forwarded-for"], "2001:db8::1");
+        assert_eq!(h["forwarded"], "for=\"[2001:db8::1]\";proto=http");
+        assert!(!h.contains_key("x-forwarded-host"));
     }
 
     #[test]

@@ -23,7 +23,7 @@ use tower::discover::Change;
 use tower::load::{CompleteOnResponse, PeakEwma};
 
 use crate::error::ProxyError;
-use crate::forward::{BoxError, ProxyBody, Upstream, upstream_uri};
+use crate::forward::{BoxError, LocalUpstream, ProxyBody, Upstream, on_partition};
 use crate::group::Group;
 use crate::link::error_chain;
 use crate::partition::Partition;
@@ -109,7 +109,7 @@ struct EndpointError {
 /// Forwards a prepared read to one partition.
 #[derive(Clone)]
 struct ReadEndpoint {
-    client: Upstream,
+    client: Arc<Upstream>,
     partition: Arc<Partition>,
     /// The group's sealed head and allowed lag: an answer whose `Regroup-Applied` says the
     /// partition stands further behind is not served.
@@ -120,7 +120,7 @@ struct ReadEndpoint {
 impl ReadEndpoint {
     fn new(group: &Group, partition: Arc<Partition>) -> Self {
         ReadEndpoint {
-            client: group.client.clone(),
+            client: Arc::new(group.client.clone()),
             partition,
             sealed: group.watch_sealed(),
             max_lag: group.config.max_read_lag,
@@ -139,13 +139,16 @@ impl Service<Request<ProxyBody>> for ReadEndpoint {
 
     fn call(&mut self, mut req: Request<ProxyBody>) -> Self::Future {
         let partition = self.partition.clone();
-        let pq = req
-            .uri()
-            .path_and_query()
-            .map_or("/", |pq| pq.as_str())
-            .to_owned();
-        let uri = upstream_uri(partition.base(), &pq);
-        let client = self.client.clone();
+        let slash = http::uri::PathAndQuery::from_static("/");
+        let uri = on_partition(
+            partition.base(),
+            req.uri().path_and_query().unwrap_or(&slash),
+        );
+        // The serving thread's own client when there is one (see `LocalUpstream`).
+        let client = match req.extensions_mut().remove::<LocalUpstream>() {
+            Some(local) => local.0,
+            None => self.client.clone(),
+        };
         let sealed = *self.sealed.borrow();
         let max_lag = self.max_lag;
         Box::pin(async move {

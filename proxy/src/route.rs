@@ -32,6 +32,9 @@ pub struct ClientAddr(pub SocketAddr);
 pub(crate) struct Routed {
     pub(crate) group: Arc<Group>,
     pub(crate) reads: Arc<Reads>,
+    /// The runtime the group's background tasks run on: updates arriving on a client
+    /// thread's own runtime run there (see [`dispatch`]).
+    pub(crate) runtime: tokio::runtime::Handle,
 }
 
 /// Routes requests to regroup's groups; others go to the inner service.
@@ -141,6 +144,19 @@ where
         .classifier
         .classify(req.method(), req.uri().path());
     match kind {
+        // A connection served on a client thread's own runtime (it carries that thread's
+        // `LocalUpstream`) hands its updates to the group's runtime, where the journal, the
+        // replayers and supervision run: an update's work outlives no client runtime. The
+        // task is aborted if the client goes away, as the update's future would be dropped.
+        Kind::Update if req.extensions().get::<forward::LocalUpstream>().is_some() => {
+            let group = routed.group.clone();
+            let task = AbortOnDrop(
+                routed
+                    .runtime
+                    .spawn(update::handle(routed.group, req, client)),
+            );
+            task.join(&group).await
+        }
         Kind::Update => update::handle(routed.group, req, client).await,
         Kind::Read => {
             // A read's body streams to the partition; when the client is too slow sending
@@ -191,6 +207,29 @@ where
             };
             routed.group.metrics.read_done(&result, started.elapsed());
             result
+        }
+    }
+}
+
+/// A spawned update, aborted when dropped.
+struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+impl AbortOnDrop<Result<Response<ProxyBody>, ProxyError>> {
+    /// The update's answer; a panic in it goes on unwinding here, as it would have inline.
+    async fn join(mut self, group: &Group) -> Result<Response<ProxyBody>, ProxyError> {
+        match (&mut self.0).await {
+            Ok(answer) => answer,
+            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+            Err(_) => Err(ProxyError::Unavailable {
+                group: group.name().to_owned(),
+                reason: "the proxy is shutting down".into(),
+            }),
         }
     }
 }

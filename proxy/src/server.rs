@@ -14,7 +14,7 @@ use hyper_util::rt::TokioIo;
 use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
 use regroup_replay::{CachedJournal, Journal, NatsJournal, SqlJournal};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tower::{Service, ServiceBuilder};
 use tower_http::timeout::{DeadlineBody, RequestBodyDeadlineLayer};
@@ -22,7 +22,7 @@ use tower_http::timeout::{DeadlineBody, RequestBodyDeadlineLayer};
 use crate::admin::Admin;
 use crate::config::{Config, Proxies};
 use crate::error::ProxyError;
-use crate::forward::{BoxError, ProxyBody, upstream_client};
+use crate::forward::{BoxError, LocalUpstream, ProxyBody, upstream_client};
 use crate::group::Group;
 use crate::link::{HttpLink, PartitionLink};
 use crate::ownership::{self, Ownership};
@@ -89,7 +89,11 @@ impl Proxy {
             tracing::info!(group = %group.name(), primary = %group.role().primary,
                 epoch = group.epoch(), head = group.head(), "group started");
             groups.push(group.clone());
-            routes.push(Routed { group, reads });
+            routes.push(Routed {
+                group,
+                reads,
+                runtime: tokio::runtime::Handle::current(),
+            });
         }
         if token.is_none() && !config.admin_listen.ip().is_loopback() {
             tracing::warn!(admin_listen = %config.admin_listen,
@@ -209,9 +213,18 @@ pub async fn serve(
     on_bound: impl FnOnce(Bound),
 ) -> Result<(), ProxyError> {
     admin_token(&config)?;
-    let listener = TcpListener::bind(config.listen)
-        .await
-        .map_err(|e| ProxyError::BadRequest(format!("cannot listen on {}: {e}", config.listen)))?;
+    let client_threads = match config.proxies {
+        Proxies::Several => 0,
+        _ => config.client_threads(),
+    };
+    // With client threads, each listens on the client port: the first listener already
+    // allows that (`SO_REUSEPORT`).
+    let listener = if client_threads > 0 {
+        bind_client(config.listen)
+    } else {
+        TcpListener::bind(config.listen).await
+    }
+    .map_err(|e| ProxyError::BadRequest(format!("cannot listen on {}: {e}", config.listen)))?;
     let admin_listener = TcpListener::bind(config.admin_listen).await.map_err(|e| {
         ProxyError::BadRequest(format!("cannot listen on {}: {e}", config.admin_listen))
     })?;
@@ -243,11 +256,13 @@ pub async fn serve(
         };
         let admin_node = node.clone();
         let admin = move |req: Request<Incoming>| admin_node.clone().admin(req);
+        // Several proxies: a node's clients stay on its main runtime (the node forwards to
+        // the leader or takes over; client threads are for the single proxy).
         let taken_over = listeners
-            .run(&config, clients, admin, shutdown, async move {
+            .run(&config, 0, clients, admin, shutdown, async move {
                 Some(lost.await)
             })
-            .await;
+            .await?;
         return finish(&config, taken_over, node.release()).await;
     }
     let proxy = Proxy::start(&config).await?;
@@ -258,10 +273,15 @@ pub async fn serve(
         async move { admin.handle(req).await }
     };
     let taken_over = listeners
-        .run(&config, proxy.service(), handle_admin, shutdown, async {
-            Some(proxy.ownership().lost().await)
-        })
-        .await;
+        .run(
+            &config,
+            client_threads,
+            proxy.service(),
+            handle_admin,
+            shutdown,
+            async { Some(proxy.ownership().lost().await) },
+        )
+        .await?;
     finish(&config, taken_over, proxy.ownership().release()).await
 }
 
@@ -292,23 +312,47 @@ struct Listeners {
     admin: TcpListener,
 }
 
+/// The client-facing stack as the listeners take it.
+trait ClientService:
+    Service<
+        Request<Incoming>,
+        Response = Response<ProxyBody>,
+        Error = BoxError,
+        Future: Send + 'static,
+    > + Clone
+    + Send
+    + 'static
+{
+}
+
+impl<S> ClientService for S where
+    S: Service<
+            Request<Incoming>,
+            Response = Response<ProxyBody>,
+            Error = BoxError,
+            Future: Send + 'static,
+        > + Clone
+        + Send
+        + 'static
+{
+}
+
 impl Listeners {
     /// Serves `clients` and `admin` until `shutdown` or `lost` completes (then finishes the
     /// requests in flight, for at most 10 s); returns what `lost` said, if it ended it.
+    /// With `client_threads` above 0, clients are served on that many threads of their own
+    /// (see [`client_thread`]), else on this runtime.
     async fn run<S, A, AF>(
         self,
         config: &Config,
+        client_threads: usize,
         clients: S,
         admin: A,
         shutdown: impl Future<Output = ()> + Send,
         lost: impl Future<Output = Option<String>>,
-    ) -> Option<String>
+    ) -> Result<Option<String>, ProxyError>
     where
-        S: Service<Request<Incoming>, Response = Response<ProxyBody>, Error = BoxError>
-            + Clone
-            + Send
-            + 'static,
-        S::Future: Send + 'static,
+        S: ClientService,
         A: Fn(Request<Incoming>) -> AF + Clone + Send + Sync + 'static,
         AF: Future<Output = Response<ProxyBody>> + Send + 'static,
     {
@@ -328,33 +372,72 @@ impl Listeners {
         if config.max_headers != crate::config::DEFAULT_MAX_HEADERS {
             http1.max_headers(config.max_headers);
         }
-        let client_loop = accept_loop(
-            "client",
-            &self.client,
-            config.max_connections,
-            |stream, peer, permit| {
-                let _ = stream.set_nodelay(true);
-                let svc = ServiceBuilder::new()
-                    .map_request(move |mut req: Request<Incoming>| {
-                        req.extensions_mut().insert(ClientAddr(peer));
-                        req
-                    })
-                    .service(clients.clone());
-                let conn =
-                    http1.serve_connection(TokioIo::new(stream), TowerToHyperService::new(svc));
-                let conn = graceful.watch(conn);
-                tokio::spawn(async move {
-                    if let Err(e) = conn.await {
-                        tracing::debug!(%peer, error = %e, "client connection ended with an error");
-                    }
-                    drop(permit);
-                });
-            },
-        );
+        let Listeners {
+            client,
+            admin: admin_listener,
+        } = self;
+        let permits = Arc::new(Semaphore::new(config.max_connections));
+        // Client threads: each stops accepting when `stop` says so, finishes its connections
+        // and drops its sender of `alive`, which closes when none is left.
+        let (stop, stopped) = tokio::sync::watch::channel(false);
+        let (alive, mut all_gone) = tokio::sync::mpsc::channel::<()>(1);
+        let mut inline = None;
+        if client_threads == 0 {
+            inline = Some(client);
+        } else {
+            let addr = client.local_addr().map_err(|e| {
+                ProxyError::BadRequest(format!("cannot read the client listener's address: {e}"))
+            })?;
+            let mut first = Some(client.into_std().map_err(|e| {
+                ProxyError::BadRequest(format!("cannot hand the client listener over: {e}"))
+            })?);
+            for index in 0..client_threads {
+                let on = match first.take() {
+                    Some(listener) => ListenOn::Bound(listener),
+                    None => ListenOn::Port(addr),
+                };
+                let thread = ClientThread {
+                    index,
+                    on,
+                    clients: clients.clone(),
+                    http1: http1.clone(),
+                    permits: permits.clone(),
+                    stop: stopped.clone(),
+                    alive: alive.clone(),
+                };
+                std::thread::Builder::new()
+                    .name(format!("regroup-client-{index}"))
+                    .spawn(move || client_thread(thread))
+                    .map_err(|e| {
+                        ProxyError::BadRequest(format!("cannot start client thread {index}: {e}"))
+                    })?;
+            }
+        }
+        drop(alive);
+        let client_loop = async {
+            match &inline {
+                Some(listener) => {
+                    accept_loop(
+                        "client",
+                        listener,
+                        permits.clone(),
+                        PermitOrder::BeforeAccept,
+                        |stream, peer, permit| {
+                            serve_client(&http1, &graceful, &clients, None, stream, peer, permit);
+                        },
+                    )
+                    .await
+                }
+                // Ends when every client thread has (none could bind, or all stopped).
+                None => while all_gone.recv().await.is_some() {},
+            }
+        };
+        let admin_permits = Arc::new(Semaphore::new(config.admin_max_connections));
         let admin_loop = accept_loop(
             "admin",
-            &self.admin,
-            config.admin_max_connections,
+            &admin_listener,
+            admin_permits,
+            PermitOrder::BeforeAccept,
             |stream, peer, permit| {
                 let admin = admin.clone();
                 let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
@@ -378,15 +461,165 @@ impl Listeners {
             holder = lost => taken_over = holder,
         }
         tracing::info!("shutting down: finishing requests in flight");
-        drop(self);
-        if tokio::time::timeout(Duration::from_secs(10), graceful.shutdown())
-            .await
-            .is_err()
+        drop((inline, admin_listener));
+        let _ = stop.send(true);
+        let threads_done = async { while all_gone.recv().await.is_some() {} };
+        if tokio::time::timeout(
+            GRACE + Duration::from_secs(1),
+            futures_util::future::join(graceful.shutdown(), threads_done),
+        )
+        .await
+        .is_err()
         {
             tracing::warn!("requests still in flight after 10 s; closing");
         }
-        taken_over
+        Ok(taken_over)
     }
+}
+
+/// How long requests in flight have to finish at shutdown.
+const GRACE: Duration = Duration::from_secs(10);
+
+/// Serves one client connection on the current runtime: the client's address (and the
+/// thread's own upstream client, when it has one) go into every request's extensions.
+fn serve_client<S: ClientService>(
+    http1: &hyper::server::conn::http1::Builder,
+    graceful: &GracefulShutdown,
+    clients: &S,
+    local: Option<&LocalUpstream>,
+    stream: TcpStream,
+    peer: SocketAddr,
+    permit: OwnedSemaphorePermit,
+) {
+    let _ = stream.set_nodelay(true);
+    let local = local.cloned();
+    let svc = ServiceBuilder::new()
+        .map_request(move |mut req: Request<Incoming>| {
+            req.extensions_mut().insert(ClientAddr(peer));
+            if let Some(local) = &local {
+                req.extensions_mut().insert(local.clone());
+            }
+            req
+        })
+        .service(clients.clone());
+    let conn = http1.serve_connection(TokioIo::new(stream), TowerToHyperService::new(svc));
+    let conn = graceful.watch(conn);
+    tokio::spawn(async move {
+        if let Err(e) = conn.await {
+            tracing::debug!(%peer, error = %e, "client connection ended with an error");
+        }
+        drop(permit);
+    });
+}
+
+/// Where a client thread listens: the listener bound at start, or a listener of its own on
+/// the same port.
+enum ListenOn {
+    Bound(std::net::TcpListener),
+    Port(SocketAddr),
+}
+
+/// What a client thread needs.
+struct ClientThread<S> {
+    index: usize,
+    on: ListenOn,
+    clients: S,
+    http1: hyper::server::conn::http1::Builder,
+    /// Shared by every client thread: `max_connections` bounds them together.
+    permits: Arc<Semaphore>,
+    stop: tokio::sync::watch::Receiver<bool>,
+    alive: tokio::sync::mpsc::Sender<()>,
+}
+
+/// A client thread: a single-threaded runtime serving the connections its listener
+/// accepts, with an upstream pool of its own. A read's client connection and upstream
+/// connection then run on the same thread, so forwarding one wakes no other thread (on a
+/// multi-threaded runtime, most of a read's cost was the wake-ups between the two tasks).
+/// Updates are handed to the groups' runtime (see `route::dispatch`). When told to stop,
+/// it stops accepting and gives its connections [`GRACE`] to finish.
+fn client_thread<S: ClientService>(thread: ClientThread<S>) {
+    let ClientThread {
+        index,
+        on,
+        clients,
+        http1,
+        permits,
+        mut stop,
+        alive,
+    } = thread;
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            tracing::error!(thread = index, error = %e, "cannot start a client thread's runtime");
+            return;
+        }
+    };
+    runtime.block_on(async move {
+        let listener = match on {
+            ListenOn::Bound(listener) => TcpListener::from_std(listener),
+            ListenOn::Port(addr) => bind_client(addr),
+        };
+        let listener = match listener {
+            Ok(listener) => listener,
+            Err(e) => {
+                tracing::error!(thread = index, error = %e,
+                    "a client thread cannot listen on the client port; serving without it");
+                return;
+            }
+        };
+        let local = LocalUpstream(Arc::new(upstream_client()));
+        let graceful = GracefulShutdown::new();
+        tokio::select! {
+            _ = accept_loop("client", &listener, permits, PermitOrder::AfterAccept, |stream, peer, permit| {
+                serve_client(&http1, &graceful, &clients, Some(&local), stream, peer, permit);
+            }) => {}
+            _ = stop.wait_for(|stop| *stop) => {}
+        }
+        drop(listener);
+        if tokio::time::timeout(GRACE, graceful.shutdown())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                thread = index,
+                "client requests still in flight after 10 s; closing"
+            );
+        }
+        drop(alive);
+    });
+}
+
+/// Binds a client listener on `addr` with `SO_REUSEPORT`, so that every client thread can
+/// listen on the same port (another process of the same user could too).
+fn bind_client(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    #[cfg(unix)]
+    socket.set_reuseport(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
+}
+
+/// The client port's listen backlog (as tokio's `TcpListener::bind` has it).
+const LISTEN_BACKLOG: u32 = 1024;
+
+/// When an accept loop takes its connection permit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum PermitOrder {
+    /// Before accepting: beyond the cap, new connections wait in the listen backlog. For a
+    /// listener with a semaphore of its own.
+    BeforeAccept,
+    /// After accepting: the connection waits, accepted, for a permit. For listeners sharing
+    /// one semaphore (the client threads'): a loop holding a permit while waiting in accept
+    /// would keep it from a connection waiting in another thread's backlog.
+    AfterAccept,
 }
 
 /// hyper's smallest read buffer (`max_buf_size` may not be set below it).
@@ -397,25 +630,37 @@ pub const ACCEPT_BACKOFF_MIN: Duration = Duration::from_millis(5);
 /// Longest pause between accepts after failures.
 pub const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
 
-/// Accepts connections on `listener` while fewer than `max` are open (beyond it, new ones
-/// wait in the kernel's listen backlog), handing each to `serve` with its permit; a failed
-/// accept is logged and followed by a pause that grows while failures repeat, so running out
-/// of descriptors does not spin a core. Runs until dropped.
+/// Accepts connections on `listener` while `permits` has one, taken as `order` says (beyond
+/// the cap, new ones wait in the kernel's listen backlog, or accepted), handing each to
+/// `serve` with its permit; a failed accept is logged and followed by a pause that grows
+/// while failures repeat, so running out of descriptors does not spin a core. Runs until
+/// dropped.
 async fn accept_loop(
     what: &'static str,
     listener: &TcpListener,
-    max: usize,
+    permits: Arc<Semaphore>,
+    order: PermitOrder,
     mut serve: impl FnMut(TcpStream, SocketAddr, OwnedSemaphorePermit),
 ) {
-    let permits = Arc::new(Semaphore::new(max));
     let mut backoff = ACCEPT_BACKOFF_MIN;
     loop {
-        let Ok(permit) = permits.clone().acquire_owned().await else {
-            return;
-        };
+        let mut permit = None;
+        if order == PermitOrder::BeforeAccept {
+            let Ok(p) = permits.clone().acquire_owned().await else {
+                return;
+            };
+            permit = Some(p);
+        }
         match listener.accept().await {
             Ok((stream, peer)) => {
                 backoff = ACCEPT_BACKOFF_MIN;
+                let permit = match permit {
+                    Some(p) => p,
+                    None => match permits.clone().acquire_owned().await {
+                        Ok(p) => p,
+                        Err(_) => return,
+                    },
+                };
                 serve(stream, peer, permit);
             }
             Err(e) => {

@@ -266,6 +266,7 @@ impl Group {
         crate::failover::start(self);
         crate::update::start_flusher(self);
         crate::retention::start(self);
+        crate::rebuild::resume_interrupted(self);
         if self.in_doubt().is_some() {
             crate::update::spawn_settle(self.clone());
         }

@@ -152,6 +152,38 @@ pub(crate) async fn start_because(
     Ok(())
 }
 
+/// The start of a partition's stored quarantine while a rebuild of it runs: found at start,
+/// it says the proxy stopped mid-rebuild.
+const UNDER_WAY: &str = "being rebuilt from ";
+
+/// At start: every partition whose stored quarantine says a rebuild was under way when the
+/// proxy stopped (crashed, restarted, lost its lease) is rebuilt again once it answers, so
+/// it is not left quarantined until an operator notices.
+pub(crate) fn resume_interrupted(group: &Arc<Group>) {
+    let group = group.clone();
+    tokio::spawn(async move {
+        for p in group.members().iter() {
+            let stored = match group.journal.diverged(group.name(), p.name()).await {
+                Ok(stored) => stored,
+                Err(e) => {
+                    tracing::warn!(group = %group.name(), partition = %p.name(), error = %e,
+                        "cannot read whether a rebuild was under way; run regroup rebuild if it was");
+                    continue;
+                }
+            };
+            if stored.is_some_and(|why| why.starts_with(UNDER_WAY)) {
+                tracing::info!(group = %group.name(), partition = %p.name(),
+                    "a rebuild was under way when the proxy stopped: starting it again");
+                start_when_answering_because(
+                    &group,
+                    p.name(),
+                    "a rebuild was under way when the proxy stopped".to_owned(),
+                );
+            }
+        }
+    });
+}
+
 /// Rebuilds `target` once it answers heartbeats again (a partition that needs records
 /// retention truncated): tried again every second until it starts or the group stops.
 pub(crate) fn start_when_answering(group: &Arc<Group>, target: &str, applied: u64) {
@@ -372,7 +404,7 @@ async fn steps(
 ) -> Result<u64, Failure> {
     let name = group.name();
     // 1. Out of traffic and replay, durably.
-    let reason = format!("being rebuilt from {:?}", source.name());
+    let reason = format!("{UNDER_WAY}{:?}", source.name());
     target.set_diverged(&reason);
     group.refresh(target);
     replicate::stop_one(group, target.name()).await;

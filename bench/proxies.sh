@@ -117,11 +117,15 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-
-# The 3-node cluster.
+# The 3-node cluster, on six distinct free ports (bound together, then released).
+read -r -a PORTS <<<"$(python3 -c '
+import socket
+held = [socket.socket() for _ in range(6)]
+for s in held:
+    s.bind(("127.0.0.1", 0))
+print(" ".join(str(s.getsockname()[1]) for s in held))')"
 declare -a CPORT RPORT
-for i in 0 1 2; do CPORT[$i]="$(free_port)"; RPORT[$i]="$(free_port)"; done
+for i in 0 1 2; do CPORT[$i]="${PORTS[$((2 * i))]}"; RPORT[$i]="${PORTS[$((2 * i + 1))]}"; done
 ROUTES="nats://127.0.0.1:${RPORT[0]},nats://127.0.0.1:${RPORT[1]},nats://127.0.0.1:${RPORT[2]}"
 for i in 0 1 2; do
     mkdir -p "$TMP/nats-$i"

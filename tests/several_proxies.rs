@@ -79,10 +79,10 @@ async fn the_leader_killed_under_load_the_other_proxy_takes_over() {
 }
 
 /// A frozen leader resumed after the other proxy took over: its late writes are refused by
-/// the journal (fencing token), it stops serving, and nothing sent to it is acknowledged
-/// or stored.
+/// the journal (fencing token), it steps down and follows the new leader, and nothing is
+/// stored that was not acknowledged.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_frozen_leader_resumed_after_a_takeover_writes_nothing_and_stops() {
+async fn a_frozen_leader_resumed_after_a_takeover_writes_nothing_and_follows() {
     support::several::a_frozen_leader_writes_nothing(None).await;
 }
 

@@ -1,7 +1,7 @@
 //! Several proxies (`proxies = "several"`) on the NATS JetStream journal: two proxies on a
 //! 3-node cluster the test starts, the leader SIGKILLed under load four times (restarted
 //! each time, so two stay up) and one NATS node stopped during the run; and a frozen leader
-//! resumed after a takeover, whose late writes JetStream refuses.
+//! resumed after a takeover, whose late writes JetStream refuses, stepping down to follow.
 
 #![allow(clippy::unwrap_used)]
 
@@ -122,10 +122,10 @@ async fn two_proxies_on_a_nats_cluster_survive_leader_kills_and_a_node_stop() {
 }
 
 /// A frozen leader resumed after the other proxy took over, on the local NATS server:
-/// JetStream refuses its late writes (expected sequence, lease revision), it stops acting
-/// as leader, and nothing sent to it is acknowledged or stored.
+/// JetStream refuses its late writes (expected sequence, lease revision), it steps down and
+/// follows the new leader, and nothing is stored that was not acknowledged.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_frozen_leader_on_nats_writes_nothing_and_stops() {
+async fn a_frozen_leader_on_nats_writes_nothing_and_follows() {
     if !local_or_skip().await {
         return;
     }

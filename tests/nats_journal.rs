@@ -194,3 +194,181 @@ async fn a_nats_node_stopped_under_load_loses_nothing() {
     drop(journal);
     drop(cluster);
 }
+
+/// Truncation purges the group's stream below the first record kept: the stream's entry
+/// count stays bounded however many records were written, and a handle opened afterwards,
+/// and one that had read only the start of the stream, see the same log, role, membership
+/// and low water as the handle that truncated; the fence still holds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn truncation_purges_the_stream_and_reopening_gives_the_same_state() {
+    use regroup_replay::{Lease, MemberSpec, Membership, Outcome, Owner, Record, RoleStore};
+    if !local_or_skip().await {
+        return;
+    }
+    let journal = TempJournal::new(LOCAL_URL);
+    let g = "bank";
+    let writer = journal.open().await;
+    writer
+        .claim(
+            &Owner {
+                id: "writer".into(),
+                describe: "the writer".into(),
+            },
+            Duration::from_secs(60),
+        )
+        .await
+        .unwrap();
+    let request = |seq: u64| regroup_replay::RecordedRequest {
+        method: "POST".into(),
+        uri: "/transfers".into(),
+        headers: Vec::new(),
+        body: bytes::Bytes::from(format!("{{\"seq\":{seq}}}")),
+    };
+    let role = writer.role(g, "a").await.unwrap();
+    let members = |n: usize| {
+        ["a", "b", "c"][..n]
+            .iter()
+            .map(|name| MemberSpec {
+                name: (*name).into(),
+                url: format!("http://127.0.0.1:1/{name}"),
+                host: None,
+                priority: 0,
+            })
+            .collect::<Vec<_>>()
+    };
+    let version = writer.set_members(g, 0, &members(3)).await.unwrap();
+    // A handle that reads the first records only, then nothing until after the purge.
+    let behind = journal.open().await;
+    let mut kept_per_round = Vec::new();
+    let mut head = 0;
+    for round in 0..3u64 {
+        for _ in 0..40 {
+            head += 1;
+            writer
+                .append(&Record::pending(g, head, role.epoch, request(head)))
+                .await
+                .unwrap();
+            writer
+                .seal(g, head, &Outcome::Executed(None))
+                .await
+                .unwrap();
+        }
+        if round == 0 {
+            assert_eq!(behind.low_water(g).await.unwrap(), 0);
+            assert_eq!(
+                behind.read_after(g, 0, u64::MAX).await.unwrap().len() as u64,
+                head
+            );
+        }
+        if round == 1 {
+            // A role change and a membership change before the truncation.
+            writer
+                .set_role(
+                    g,
+                    role.epoch,
+                    &regroup_replay::StoredRole {
+                        epoch: role.epoch + 1,
+                        primary: "b".into(),
+                    },
+                )
+                .await
+                .unwrap();
+            writer.set_members(g, version, &members(2)).await.unwrap();
+        }
+        // Keep the last 5 records.
+        let removed = writer.truncate(g, head - 5).await.unwrap();
+        assert!(removed > 0);
+        let (messages, first) = writer.stream_extent(g).await.unwrap();
+        kept_per_round.push(messages);
+        assert!(first > 1, "the stream was not purged (first entry {first})");
+        // Each kept record has its append and its seal, plus the truncation entry (and in
+        // round 1 the role and membership entries written after the first kept record).
+        let changes = if round == 1 { 2 } else { 0 };
+        assert!(
+            messages <= 5 * 2 + 1 + changes,
+            "round {round}: {messages} entries left in the stream after the purge"
+        );
+    }
+    eprintln!("entries left after each truncation: {kept_per_round:?}");
+
+    let want_records = writer.read_after(g, 0, u64::MAX).await.unwrap();
+    assert_eq!(
+        want_records.iter().map(|r| r.seq).collect::<Vec<_>>(),
+        ((head - 4)..=head).collect::<Vec<_>>()
+    );
+    let want_low = writer.low_water(g).await.unwrap();
+    assert_eq!(want_low, head - 5);
+    let want_role = writer.role(g, "a").await.unwrap();
+    assert_eq!(want_role.primary, "b");
+    let want_members = writer.members(g).await.unwrap().unwrap();
+    assert_eq!(want_members.partitions.len(), 2);
+    let reopened = journal.open().await;
+    let fields = |r: &Record| (r.seq, r.txn_id, r.state, r.epoch);
+    for (name, h) in [
+        ("a reopened handle", &reopened),
+        ("a handle left behind", &behind),
+    ] {
+        let records = h.read_after(g, 0, u64::MAX).await.unwrap();
+        assert_eq!(
+            records.iter().map(fields).collect::<Vec<_>>(),
+            want_records.iter().map(fields).collect::<Vec<_>>(),
+            "{name}: records"
+        );
+        assert_eq!(h.low_water(g).await.unwrap(), want_low, "{name}: low water");
+        assert_eq!(
+            h.members(g).await.unwrap().unwrap(),
+            want_members,
+            "{name}: membership"
+        );
+        // Not the lease holder: refused.
+        let refused = h
+            .append(&Record::pending(
+                g,
+                head + 1,
+                want_role.epoch,
+                request(head + 1),
+            ))
+            .await;
+        assert!(
+            matches!(refused, Err(regroup_replay::JournalError::Fenced { .. })),
+            "{name}: {refused:?}"
+        );
+    }
+    // The writer hands over: the reopened handle claims, its log and role are the
+    // writer's, it writes, and the writer is refused.
+    writer.release().await.unwrap();
+    reopened
+        .claim(
+            &Owner {
+                id: "next".into(),
+                describe: "the next writer".into(),
+            },
+            Duration::from_secs(60),
+        )
+        .await
+        .unwrap();
+    assert_eq!(reopened.open_log(g).await.unwrap().head, head);
+    assert_eq!(reopened.role(g, "a").await.unwrap(), want_role);
+    reopened
+        .append(&Record::pending(
+            g,
+            head + 1,
+            want_role.epoch,
+            request(head + 1),
+        ))
+        .await
+        .unwrap();
+    let late = writer
+        .append(&Record::pending(
+            g,
+            head + 2,
+            want_role.epoch,
+            request(head + 2),
+        ))
+        .await;
+    assert!(
+        matches!(late, Err(regroup_replay::JournalError::Fenced { .. })),
+        "the old writer: {late:?}"
+    );
+    assert_eq!(behind.read_after(g, 0, u64::MAX).await.unwrap().len(), 6);
+}

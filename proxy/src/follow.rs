@@ -12,8 +12,9 @@
 //! (connection refused) waits for the new leader, up to `failover_wait_ms`; one whose outcome
 //! is unknown (the leader died while it was executing) is answered 502 and must be retried
 //! by the client like any update without an answer. A deposed leader's late writes are
-//! refused by the journal's fencing token; it stops serving when its next renewal finds the
-//! lease taken (see `ownership`).
+//! refused by the journal's fencing token; when its next renewal finds the lease taken (see
+//! `ownership`) it steps down: its groups' background work stops and it follows the new
+//! leader.
 //!
 //! Each partition is replayed by exactly one proxy: only the leader runs replayers.
 //!
@@ -515,9 +516,11 @@ async fn leader(journal: &dyn Journal) -> Arc<Leader> {
 }
 
 /// Runs this node: leads when it holds the lease, follows otherwise, taking the lease over
-/// when the leader's runs out. Returns the node (for the listeners) at once, and a future
-/// that ends when this node, having led, lost the lease (with the new holder's
-/// description) — it never ends while following.
+/// when the leader's runs out. A leader that finds the lease taken over (it was frozen or
+/// cut off past its lease) **steps down**: it stops its groups' background work (its late
+/// writes are refused by the journal anyway), and follows the new holder, forwarding to it
+/// and ready to take over again. Returns the node (for the listeners) at once, and the
+/// future that runs the node's changes of role; it does not end by itself.
 pub(crate) async fn start(
     config: &Config,
     journal: Arc<dyn Journal>,
@@ -549,7 +552,15 @@ pub(crate) async fn start(
         let every = Duration::from_millis(config.journal_lease_ms) / ownership::RENEWALS_PER_TTL;
         loop {
             if let Mode::Leading(l) = node.mode() {
-                return l.proxy.ownership().lost().await;
+                let holder = l.proxy.ownership().lost().await;
+                l.proxy.stop_groups();
+                drop(l);
+                let now = leader(journal.as_ref()).await;
+                tracing::error!(new_owner = %holder, leader = %now.describe,
+                    "the journal was taken over by another proxy: this proxy stops leading \
+                     and follows it");
+                node.mode.send_replace(Mode::Following(now));
+                continue;
             }
             tokio::time::sleep(every).await;
             match ownership::try_claim(&config, journal.clone(), &owner).await {

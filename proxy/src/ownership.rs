@@ -20,8 +20,8 @@
 //! fails for a database error is retried at the next tick (the lease survives a few); one
 //! refused because another proxy claimed the journal meanwhile
 //! ([`regroup_replay::JournalError::Fenced`], e.g. this process was paused past its TTL) is
-//! logged as an error naming the new owner, and [`Ownership::lost`] resolves so the server
-//! stops serving and exits non-zero. The journal's fencing refuses every write this process
+//! logged as an error naming the new owner, and [`Ownership::lost`] resolves: a lone proxy
+//! stops serving and exits non-zero, a node of several steps down and follows (`follow`). The journal's fencing refuses every write this process
 //! still attempts, so nothing it does after the takeover reaches the journal.
 //!
 //! Expiry alone does not fence: a proxy whose lease ran out (say the database was
@@ -296,7 +296,7 @@ async fn renew(
             Err(JournalError::Fenced { .. }) if stopping(&stop) => return,
             Err(JournalError::Fenced { holder }) => {
                 tracing::error!(new_owner = %holder,
-                    "another proxy took the journal over: this proxy stops serving");
+                    "another proxy took the journal over");
                 lost.send_replace(Some(holder));
                 return;
             }

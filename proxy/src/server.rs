@@ -184,6 +184,16 @@ impl Proxy {
     }
 }
 
+impl Proxy {
+    /// Stops every group's background work (supervision, replayers, failover, retention):
+    /// a node of several proxies that lost the lease steps down.
+    pub(crate) fn stop_groups(&self) {
+        for r in &self.routes {
+            r.group.stop();
+        }
+    }
+}
+
 impl Drop for Proxy {
     fn drop(&mut self) {
         for r in &self.routes {

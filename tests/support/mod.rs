@@ -24,6 +24,7 @@ use tokio::process::{Child, Command};
 
 pub mod fault;
 pub mod raw;
+pub mod several;
 
 pub const REGROUP: &str = env!("CARGO_BIN_EXE_regroup");
 
@@ -615,9 +616,20 @@ pub async fn start_proxy_for(dir: &Path, top: &str, banks: &[Bank]) -> Proxy {
 /// Writes `dir/regroup.toml`: loopback ports, a SQLite journal in `dir`, `top` lines at the
 /// top level, and one group `bank` with `group` lines over `banks`; returns its path.
 pub fn write_config(dir: &Path, top: &str, group: &str, banks: &[Bank]) -> PathBuf {
+    let journal = format!("sqlite://{}", dir.join("journal.db").display());
+    write_config_on(dir, &journal, top, group, banks)
+}
+
+/// [`write_config`] with the journal at `journal`.
+pub fn write_config_on(
+    dir: &Path,
+    journal: &str,
+    top: &str,
+    group: &str,
+    banks: &[Bank],
+) -> PathBuf {
     let mut toml = format!(
-        "listen = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\njournal = \"sqlite://{}\"\n{top}\n\n[[groups]]\nname = \"bank\"\n{group}\n",
-        dir.join("journal.db").display()
+        "listen = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\njournal = \"{journal}\"\n{top}\n\n[[groups]]\nname = \"bank\"\n{group}\n"
     );
     for b in banks {
         toml.push_str(&format!(

@@ -126,10 +126,16 @@ pub fn nats_server() -> PathBuf {
     PathBuf::from("/usr/sbin/nats-server")
 }
 
-/// A free loopback port (bound and released: the server binds it right after).
-fn free_port() -> u16 {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a port");
-    l.local_addr().expect("local addr").port()
+/// `n` distinct free loopback ports (bound together, then released: the servers bind them
+/// right after). Bound one at a time and released, the kernel may hand the same port out
+/// twice.
+fn free_ports(n: usize) -> Vec<u16> {
+    let held: Vec<std::net::TcpListener> = (0..n)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").expect("bind a port"))
+        .collect();
+    held.iter()
+        .map(|l| l.local_addr().expect("local addr").port())
+        .collect()
 }
 
 /// One node of a [`Cluster`].
@@ -154,13 +160,14 @@ impl Cluster {
         let exe = nats_server();
         let dir = tempfile::tempdir().expect("temp dir");
         let mut nodes = Vec::new();
+        let ports = free_ports(6);
         for i in 0..3 {
             let store = dir.path().join(format!("n{i}"));
             std::fs::create_dir_all(&store).expect("store dir");
             nodes.push(Node {
                 name: format!("n{i}"),
-                client_port: free_port(),
-                cluster_port: free_port(),
+                client_port: ports[2 * i],
+                cluster_port: ports[2 * i + 1],
                 log: dir.path().join(format!("n{i}.log")),
                 store,
                 child: None,

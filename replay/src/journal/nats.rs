@@ -40,6 +40,20 @@
 //! (retryable) and a late arrival is refused by its stale expected sequence if anything
 //! was stored since.
 //!
+//! # Truncation and purge
+//!
+//! [`Log::truncate`] writes a `Truncate` entry that also carries the group's role,
+//! membership and last fence as they stand, then purges the stream below the append of the
+//! first record it keeps (JetStream's purge up to a sequence): what goes is the truncated
+//! records' entries and older role, membership and fence entries, all summarized by the
+//! `Truncate` entry, which stays (it comes after the first kept append). So the stream holds
+//! the kept records' entries plus those written after them, however long the group ran. A
+//! handle reads each position as "the first entry at or after it" (`next_by_subj`): one
+//! that opens a purged stream, or had folded less than what was purged, finds the gap,
+//! drops the truncated records it had, starts the log at the next append, and gets the
+//! rest back from the `Truncate` entry. A failed purge is logged; the next truncation
+//! purges again.
+//!
 //! # The lease
 //!
 //! The `owner` key holds `{owner, token, ttl_ms}`. A claim is `create` when the key is
@@ -162,6 +176,14 @@ struct GroupLog {
     fence: u64,
     /// The highest seq truncated (0: none).
     low: u64,
+    /// The stream sequence of each record's append (a purge keeps the stream from the
+    /// first kept record's on).
+    appended_at: BTreeMap<u64, u64>,
+    /// The stream was found purged past what this handle had folded: the next append
+    /// starts the log wherever it stands.
+    resync: bool,
+    /// The stream sequence the stream was last purged below (0: never, by this handle).
+    purged: u64,
 }
 
 impl GroupLog {
@@ -221,10 +243,38 @@ enum Entry {
         token: u64,
         describe: String,
     },
-    /// Records up to `through` are gone (retention).
+    /// Records up to `through` are gone (retention). With the group's role, membership
+    /// and last fence as they stood, so that the stream can be purged below the first
+    /// record kept: a reader that finds the stream purged gets them from here.
     Truncate {
         through: u64,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        state: Option<Compacted>,
     },
+}
+
+/// A group's state besides its records, as a `Truncate` entry carries it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Compacted {
+    /// The role: epoch and primary.
+    role: Option<(u64, String)>,
+    /// The membership: version and partitions.
+    members: Option<(u64, Vec<MemberSpec>)>,
+    /// The token of the last fence (0: none).
+    fence: u64,
+}
+
+impl Compacted {
+    fn of(log: &GroupLog) -> Compacted {
+        Compacted {
+            role: log.role.as_ref().map(|r| (r.epoch, r.primary.clone())),
+            members: log
+                .members
+                .as_ref()
+                .map(|m| (m.version, m.partitions.clone())),
+            fence: log.fence,
+        }
+    }
 }
 
 /// What a write does once checked against the folded state.
@@ -429,6 +479,21 @@ impl NatsJournal {
         Ok((info.config.num_replicas, leader))
     }
 
+    /// How many entries `group`'s stream holds, and the stream sequence of its first (for
+    /// tests and operators: a purge after truncation keeps these bounded).
+    pub async fn stream_extent(&self, group: &str) -> Result<(u64, u64), JournalError> {
+        let name = self.stream_name(group);
+        let failed = |e: &dyn std::fmt::Display| unavailable(format!("reading stream {name}: {e}"));
+        let stream = self
+            .inner
+            .js
+            .get_stream(&name)
+            .await
+            .map_err(|e| failed(&e))?;
+        let info = stream.get_info().await.map_err(|e| failed(&e))?;
+        Ok((info.state.messages, info.state.first_sequence))
+    }
+
     /// The name of `group`'s stream.
     pub fn stream_name(&self, group: &str) -> String {
         format!("{}_G_{}", self.inner.prefix, hex::encode(group))
@@ -505,27 +570,46 @@ impl NatsJournal {
         };
         let mut seen = Vec::new();
         let mut window = 1;
+        let subject = self.subject(group);
         loop {
             let from = log.last + 1;
-            let reads = (from..from + window).map(|seq| stream.get_raw_message(seq));
+            // The first entry at or after each sequence: the same one unless the stream was
+            // purged past `from`.
+            let reads = (from..from + window).map(|seq| {
+                stream
+                    .raw_message_builder()
+                    .sequence(seq)
+                    .next_by_subject(subject.clone())
+                    .send()
+            });
             let results = futures_util::future::join_all(reads).await;
             let mut ended = false;
             for result in results {
                 match result {
                     Ok(msg) => {
+                        if msg.sequence <= log.last {
+                            // Read twice (a purge moved a later read to the same entry).
+                            continue;
+                        }
                         if msg.sequence != log.last + 1 {
-                            return Err(unavailable(format!(
-                                "stream {} has no entry {} (found {})",
-                                self.stream_name(group),
-                                log.last + 1,
-                                msg.sequence
-                            )));
+                            // Purged below `msg.sequence` (only below a record's append):
+                            // what was folded before is older than the truncation that
+                            // follows, which brings the state back.
+                            tracing::debug!(
+                                group,
+                                from = log.last + 1,
+                                to = msg.sequence,
+                                "the stream was purged past this handle's position"
+                            );
+                            log.records.clear();
+                            log.appended_at.clear();
+                            log.resync = true;
                         }
                         if let Some(id) = msg.headers.get(async_nats::header::NATS_MESSAGE_ID) {
                             seen.push(id.as_str().to_owned());
                         }
                         match decode_entry(&msg.payload) {
-                            Ok((entry, body)) => apply(log, group, entry, body),
+                            Ok((entry, body)) => apply(log, group, entry, body, msg.sequence),
                             Err(why) => tracing::warn!(
                                 group,
                                 seq = msg.sequence,
@@ -602,7 +686,7 @@ impl NatsJournal {
         };
         match ack {
             Ok(ack) if ack.sequence == log.last + 1 && !ack.duplicate => {
-                apply(log, group, entry, body);
+                apply(log, group, entry, body, ack.sequence);
                 log.last = ack.sequence;
                 Ok(Published::Stored)
             }
@@ -722,6 +806,33 @@ impl NatsJournal {
         let mut log = cell.lock().await;
         self.catch_up(&mut log, group).await?;
         Ok(f(&log))
+    }
+
+    /// Purges `group`'s stream below the append of its first record kept, once a
+    /// `Truncate` entry (which carries the role, membership and last fence) was stored
+    /// after it: what is purged is truncated records and entries the truncation
+    /// summarizes. Best effort: a failure is logged, and the next truncation purges.
+    async fn purge(&self, group: &str) {
+        let cell = self.group(group);
+        let mut log = cell.lock().await;
+        let Some(below) = log.appended_at.values().next().copied() else {
+            return;
+        };
+        if below <= log.purged.max(1) {
+            return;
+        }
+        let Some(stream) = log.stream.clone() else {
+            return;
+        };
+        match stream.purge().sequence(below).await {
+            Ok(r) => {
+                log.purged = below;
+                tracing::debug!(group, below, purged = r.purged, "journal stream purged");
+            }
+            Err(e) => tracing::warn!(group, below, error = %e,
+                "could not purge the journal's stream below its first record kept; the next \
+                 truncation tries again"),
+        }
     }
 
     // ---- the lease ----
@@ -867,9 +978,10 @@ fn decode_entry(payload: &Bytes) -> Result<(Entry, Bytes), String> {
     Ok((entry, payload.slice(end + 1..)))
 }
 
-/// Folds one stored entry into the group's state. Every entry was checked against the
-/// state it was published on, so the checks here only guard against a corrupt stream.
-fn apply(log: &mut GroupLog, group: &str, entry: Entry, body: Bytes) {
+/// Folds one stored entry (at stream sequence `at`) into the group's state. Every entry was
+/// checked against the state it was published on, so the checks here only guard against a
+/// corrupt stream.
+fn apply(log: &mut GroupLog, group: &str, entry: Entry, body: Bytes, at: u64) {
     match entry {
         Entry::Append {
             seq,
@@ -881,7 +993,11 @@ fn apply(log: &mut GroupLog, group: &str, entry: Entry, body: Bytes) {
             headers,
             executors,
         } => {
-            if seq != log.head() + 1 {
+            if log.resync && log.records.is_empty() && seq > log.low {
+                // The first append after a purge: the log starts here.
+                log.low = seq - 1;
+                log.resync = false;
+            } else if seq != log.head() + 1 {
                 tracing::warn!(
                     group,
                     seq,
@@ -923,6 +1039,7 @@ fn apply(log: &mut GroupLog, group: &str, entry: Entry, body: Bytes) {
                     executors,
                 },
             );
+            log.appended_at.insert(seq, at);
         }
         Entry::Seal {
             seq,
@@ -973,10 +1090,27 @@ fn apply(log: &mut GroupLog, group: &str, entry: Entry, body: Bytes) {
             });
         }
         Entry::Fence { token, .. } => log.fence = token,
-        Entry::Truncate { through } => {
+        Entry::Truncate { through, state } => {
             let keep = log.records.split_off(&through.saturating_add(1));
             log.records = keep;
+            log.appended_at = log.appended_at.split_off(&through.saturating_add(1));
             log.low = log.low.max(through);
+            if let Some(state) = state {
+                if let Some((epoch, primary)) = state.role
+                    && log.role.as_ref().is_none_or(|r| epoch >= r.epoch)
+                {
+                    log.role = Some(StoredRole { epoch, primary });
+                }
+                if let Some((version, partitions)) = state.members {
+                    log.members = Some(StoredMembers {
+                        version,
+                        partitions,
+                    });
+                }
+                if state.fence != 0 {
+                    log.fence = state.fence;
+                }
+            }
         }
     }
 }
@@ -1067,31 +1201,39 @@ impl Log for NatsJournal {
     }
 
     async fn truncate(&self, group: &str, through: u64) -> Result<u64, JournalError> {
-        self.write(group, |log| {
-            let bound = through.min(log.head().saturating_sub(1));
-            if let Some(r) = log
-                .records
-                .range(..=bound)
-                .map(|(_, r)| r)
-                .find(|r| !r.state.is_sealed())
-            {
-                return Err(conflict(
-                    group,
-                    format!("record {} is not sealed and cannot be truncated", r.seq),
-                ));
-            }
-            let removed = log.records.range(..=bound).count();
-            if removed == 0 {
-                return Ok(Plan::Done(0));
-            }
-            let removed = u64::try_from(removed).unwrap_or(u64::MAX);
-            Ok(Plan::Publish(
-                Entry::Truncate { through: bound },
-                Bytes::new(),
-                removed,
-            ))
-        })
-        .await
+        let removed = self
+            .write(group, |log| {
+                let bound = through.min(log.head().saturating_sub(1));
+                if let Some(r) = log
+                    .records
+                    .range(..=bound)
+                    .map(|(_, r)| r)
+                    .find(|r| !r.state.is_sealed())
+                {
+                    return Err(conflict(
+                        group,
+                        format!("record {} is not sealed and cannot be truncated", r.seq),
+                    ));
+                }
+                let removed = log.records.range(..=bound).count();
+                if removed == 0 {
+                    return Ok(Plan::Done(0));
+                }
+                let removed = u64::try_from(removed).unwrap_or(u64::MAX);
+                Ok(Plan::Publish(
+                    Entry::Truncate {
+                        through: bound,
+                        state: Some(Compacted::of(log)),
+                    },
+                    Bytes::new(),
+                    removed,
+                ))
+            })
+            .await?;
+        if removed > 0 {
+            self.purge(group).await;
+        }
+        Ok(removed)
     }
 
     async fn low_water(&self, group: &str) -> Result<u64, JournalError> {

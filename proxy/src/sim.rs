@@ -1200,8 +1200,10 @@ async fn settle(group: &Group) -> bool {
     let limit = Instant::now() + Duration::from_secs(120);
     loop {
         let view = group.view();
+        // A partition being rebuilt is quarantined only on its way back: waited for too.
         let caught_up = group.members().iter().all(|p| {
-            p.diverged().is_some()
+            let rebuilding = p.rebuild().is_some_and(|r| r.phase.running());
+            (p.diverged().is_some() && !rebuilding)
                 || (p.applied() >= view.sealed && p.status() == PartitionStatus::Available)
         });
         if view.in_doubt.is_empty() && view.sealed == view.head && caught_up && !view.handing_over {

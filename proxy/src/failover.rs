@@ -207,9 +207,7 @@ async fn hand_over(
     // sealed, not only to those already flushed (no seal comes meanwhile: the role is
     // handing over).
     if !group.journal.seals_durable() {
-        let written = group.written();
-        group.journal.flush().await.map_err(journal_err)?;
-        group.flushed(written);
+        group.flush_journal().await.map_err(journal_err)?;
     }
     // A seal whose acknowledgement was lost may have landed: the journal says.
     if let Some(record) = group.in_doubt() {

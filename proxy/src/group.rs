@@ -453,6 +453,15 @@ impl Group {
         self.flush_wanted.notify_one();
     }
 
+    /// Flushes the journal: every seal written before it becomes durable (and visible to
+    /// replicas).
+    pub(crate) async fn flush_journal(&self) -> Result<(), regroup_replay::JournalError> {
+        let written = self.written();
+        self.journal.flush().await?;
+        self.flushed(written);
+        Ok(())
+    }
+
     /// Everything written before the flush that just completed is durable.
     pub(crate) fn flushed(&self, written_before: u64) {
         if written_before > self.sealed() {

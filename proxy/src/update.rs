@@ -353,12 +353,8 @@ async fn execute(
     }
 }
 
-/// An appended record the journal has not made durable yet (`journal_sync = "overlap"`).
-struct Unflushed {
-    /// The journal's written head before the append: seals up to it become durable with
-    /// the record's flush.
-    written_before: Option<u64>,
-}
+/// Whether an appended record is not durable yet (`journal_sync = "overlap"`).
+struct Unflushed(bool);
 
 impl Unflushed {
     /// After the append: nothing left to flush when the journal's appends are durable.
@@ -366,24 +362,18 @@ impl Unflushed {
         if group.journal.appends_durable() {
             // The append's flush made earlier seals durable too.
             group.flushed(written_before);
-            return Unflushed {
-                written_before: None,
-            };
+            return Unflushed(false);
         }
-        Unflushed {
-            written_before: Some(written_before),
-        }
+        Unflushed(true)
     }
 
     /// Flushes the journal unless the record is durable already; an error leaves it to
     /// flush again.
     async fn flush(&mut self, group: &Group) -> Result<(), JournalError> {
-        let Some(written_before) = self.written_before else {
-            return Ok(());
-        };
-        group.journal.flush().await?;
-        group.flushed(written_before);
-        self.written_before = None;
+        if self.0 {
+            group.flush_journal().await?;
+            self.0 = false;
+        }
         Ok(())
     }
 }
@@ -690,12 +680,8 @@ async fn in_doubt(
             if group.journal.appends_durable() {
                 return Ok(client_answer(answer, seq));
             }
-            let written = group.written();
-            match group.journal.flush().await {
-                Ok(()) => {
-                    group.flushed(written);
-                    return Ok(client_answer(answer, seq));
-                }
+            match group.flush_journal().await {
+                Ok(()) => return Ok(client_answer(answer, seq)),
                 Err(e) => {
                     return Err(ProxyError::InDoubt {
                         group: group.name().to_owned(),

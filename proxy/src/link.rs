@@ -106,7 +106,7 @@ pub trait PartitionLink: Send + Sync + 'static {
         false
     }
 
-    /// Sends `record` to `partition` as the primary's execution right behind record `prev`,
+    /// Sends `record` to `partition` (as [`PartitionLink::send`]) right behind record `prev`,
     /// which may still be on its way or executing there (`Regroup-Prev: prev`,
     /// `Regroup-Pipelined: 1`): the partition's app layer waits for `prev` to be recorded,
     /// bounded, before it runs this one, or refuses it (`Behind`) when `prev` was not
@@ -115,10 +115,11 @@ pub trait PartitionLink: Send + Sync + 'static {
         &self,
         partition: &Partition,
         record: &Record,
+        replay: bool,
         prev: u64,
         timeout: Duration,
     ) -> Result<Answer, SendError> {
-        let _ = (partition, prev, timeout);
+        let _ = (partition, replay, prev, timeout);
         Err(SendError::NotSent(format!(
             "record {}: this link does not send records pipelined",
             record.seq
@@ -380,10 +381,11 @@ impl PartitionLink for HttpLink {
         &self,
         partition: &Partition,
         record: &Record,
+        replay: bool,
         prev: u64,
         timeout: Duration,
     ) -> Result<Answer, SendError> {
-        self.send_after(partition, record, false, Some(prev), true, timeout)
+        self.send_after(partition, record, replay, Some(prev), true, timeout)
             .await
     }
 

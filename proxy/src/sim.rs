@@ -229,10 +229,11 @@ impl PartitionLink for SimLink {
         &self,
         partition: &Partition,
         record: &Record,
+        replay: bool,
         prev: u64,
         timeout: Duration,
     ) -> Result<Answer, SendError> {
-        self.send_as(0, partition, record, false, Some(prev), timeout)
+        self.send_as(0, partition, record, replay, Some(prev), timeout)
             .await
     }
 
@@ -488,12 +489,13 @@ impl PartitionLink for CoreLink {
         &self,
         partition: &Partition,
         record: &Record,
+        replay: bool,
         prev: u64,
         timeout: Duration,
     ) -> Result<Answer, SendError> {
         pause(&self.frozen).await;
         self.inner
-            .send_as(self.term, partition, record, false, Some(prev), timeout)
+            .send_as(self.term, partition, record, replay, Some(prev), timeout)
             .await
     }
 

@@ -206,7 +206,12 @@ async fn forward(
     let timeout = group.config.update_timeout();
     let send = async {
         match behind {
-            Some(prev) => group.link.send_behind(primary, record, prev, timeout).await,
+            Some(prev) => {
+                group
+                    .link
+                    .send_behind(primary, record, false, prev, timeout)
+                    .await
+            }
             None => group.link.send(primary, record, false, timeout).await,
         }
     };

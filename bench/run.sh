@@ -17,6 +17,8 @@
 #   --keep          keep the temporary directory (configs, logs, raw wrk output)
 #   --no-build      measure the binaries already in target/release (no cargo build)
 #   --set LINE      a top-level line for both regroup configs, e.g. `--set 'client_threads = 0'`
+#   --group-set LINE  a line for the group of both regroup configs, e.g.
+#                   `--group-set 'pipeline_window = 1'`
 #                   (repeatable; shown in the report)
 #   REGROUP_BIN     a regroup binary to measure instead of the one built (e.g. a copy of an
 #                   earlier build, for a before/after comparison)
@@ -78,6 +80,7 @@ KEEP=0
 SYNC=full
 ONLY=""
 SETS=()
+GROUP_SETS=()
 BUILD=1
 while [[ $# -gt 0 ]]; do
     case "$1" in
@@ -86,6 +89,7 @@ while [[ $# -gt 0 ]]; do
         --keep) KEEP=1 ;;
         --only) ONLY="$2"; shift ;;
         --set) SETS+=("$2"); shift ;;
+        --group-set) GROUP_SETS+=("$2"); shift ;;
         --no-build) BUILD=0 ;;
         --rounds) ROUNDS="$2"; shift ;;
         --duration) DURATION="$2"; shift ;;
@@ -175,6 +179,7 @@ $(printf '%s\n' "${SETS[@]}")
 [[groups]]
 name = "bank"
 health_path = "/health"
+$(printf '%s\n' "${GROUP_SETS[@]}")
 CONF
     for name in "$@"; do
         printf '\n[[groups.partitions]]\nname = "%s"\nurl = "%s"\n' "$name" "${BANK[$name]}" >>"$file"
@@ -431,6 +436,7 @@ COMMAND="bench/run.sh"
 COMMAND+=" --rounds $ROUNDS --duration $DURATION"
 [[ "$SYNC" != full ]] && COMMAND+=" --journal-sync $SYNC"
 for line in "${SETS[@]}"; do COMMAND+=" --set '$line'"; done
+for line in "${GROUP_SETS[@]}"; do COMMAND+=" --group-set '$line'"; done
 python3 "$ROOT/bench/report.py" "$RESULTS" \
     --rounds "$ROUNDS" --duration "$DURATION" \
     --command "$COMMAND" \

@@ -1546,6 +1546,20 @@ async fn run(seed: u64) -> Result<(String, String), String> {
             ));
         }
     }
+    // 2b. Seals in seq order keep the epochs of executed records from going down along the
+    //     journal (a replica's layer would fence a lower one after a higher).
+    if let Some(w) = journal
+        .iter()
+        .filter(|r| r.state == RecordState::Executed)
+        .collect::<Vec<_>>()
+        .windows(2)
+        .find(|w| w[1].epoch < w[0].epoch)
+    {
+        return fail(format!(
+            "executed record {} has epoch {} after record {} of epoch {}",
+            w[1].seq, w[1].epoch, w[0].seq, w[0].epoch
+        ));
+    }
     // 3. No answer sealed from a deposed epoch: every executed record's answer came from
     //    the primary of the epoch it is stamped with.
     let roles = lock(&roles.roles).clone();

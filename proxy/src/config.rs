@@ -37,8 +37,10 @@ pub const DEFAULT_HEARTBEAT_RETRIES: u32 = 3;
 pub const DEFAULT_FAILOVER_WAIT_MS: u64 = 5000;
 /// Default time-out for the primary's answer to an update.
 pub const DEFAULT_UPDATE_TIMEOUT_MS: u64 = 30_000;
-/// Default `pipeline_window`: updates on their way to the primary at once.
-pub const DEFAULT_PIPELINE_WINDOW: usize = 4;
+/// Default `pipeline_window`: updates on their way to the primary at once. One, until
+/// replayers pipeline too: a primary fed without gaps outruns a replica that replays one
+/// record per round trip, and a replica behind under full load would never catch up.
+pub const DEFAULT_PIPELINE_WINDOW: usize = 1;
 /// Largest `pipeline_window`.
 pub const MAX_PIPELINE_WINDOW: usize = 64;
 /// Default bound on how long a read waits for an eligible partition.

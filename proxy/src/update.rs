@@ -434,6 +434,9 @@ async fn execute(
 pub(crate) struct Window {
     open: std::collections::BTreeSet<u64>,
     to: Option<(u64, String)>,
+    /// In-doubt records whose update task is settling them itself (its client waits for
+    /// the answer): the background settlement leaves them to it.
+    settling: std::collections::BTreeSet<u64>,
 }
 
 impl Window {
@@ -900,8 +903,10 @@ async fn in_doubt(
     reason: String,
 ) -> Result<Response<ProxyBody>, ProxyError> {
     let seq = record.seq;
+    group.window_lock().settling.insert(seq);
     leave_in_doubt(group, record.clone(), &reason);
     let settled = settle(group, Some(deadline), Some(&record)).await;
+    group.window_lock().settling.remove(&seq);
     if group.in_doubt().is_some() {
         // Records after this one (or this one) are left to the background settlement.
         spawn_settle(group.clone());
@@ -1006,6 +1011,8 @@ pub(crate) async fn settle(
             (Some(r), Some(own)) if r.seq > own.seq => return Settled::Elsewhere,
             // A record before it is settled first.
             (Some(r), Some(own)) if r.seq < own.seq => {}
+            // Its own update task is settling it (and answers its client).
+            (Some(r), None) if group.window_lock().settling.contains(&r.seq) => {}
             (Some(record), _) => {
                 if let Some(answer) = try_settle(group, record).await {
                     return Settled::Answer(answer);

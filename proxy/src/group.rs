@@ -451,18 +451,24 @@ impl Group {
     /// holds in its window, as in doubt (see `update::Window`: only a settlement that could
     /// not read the journal leaves one behind).
     pub(crate) async fn take_up_unsealed(self: &Arc<Self>) {
-        let from = self.written();
-        if let Ok(after) = self
-            .journal
-            .read_after(self.name(), from, IN_DOUBT_SCAN)
-            .await
-            && let Some(next) = after
-                .into_iter()
-                .find(|r| !r.state.is_sealed() && !self.window_lock().holds(r.seq))
-        {
+        if let Some(next) = self.unsealed_after(self.written()).await {
             self.mark_in_doubt(next, "found unsealed below the journal's head");
             crate::update::spawn_settle(self.clone());
         }
+    }
+
+    /// The first record after `seq` that is unsealed and held by no update task's window
+    /// (none when the journal cannot be read: the next scan finds it). One sealed since the
+    /// read is found sealed again by its settlement, and adopted.
+    async fn unsealed_after(&self, seq: u64) -> Option<Record> {
+        let after = self
+            .journal
+            .read_after(self.name(), seq, IN_DOUBT_SCAN)
+            .await
+            .ok()?;
+        after
+            .into_iter()
+            .find(|r| !r.state.is_sealed() && !self.window_lock().holds(r.seq))
     }
 
     /// Clears the in-doubt record `seq` (settled), and takes up the next unsealed record
@@ -472,13 +478,7 @@ impl Group {
         self.in_doubt
             .send_if_modified(|r| r.take_if(|r| r.seq == seq).is_some());
         if self.head() > seq
-            && let Ok(after) = self
-                .journal
-                .read_after(self.name(), seq, IN_DOUBT_SCAN)
-                .await
-            && let Some(next) = after
-                .into_iter()
-                .find(|r| !r.state.is_sealed() && !self.window_lock().holds(r.seq))
+            && let Some(next) = self.unsealed_after(seq).await
         {
             self.mark_in_doubt(next, "left unsealed behind a settled record");
         }

@@ -22,7 +22,7 @@ use tower_http::timeout::{DeadlineBody, RequestBodyDeadlineLayer};
 use crate::admin::Admin;
 use crate::config::{Config, Proxies};
 use crate::error::ProxyError;
-use crate::forward::{BoxError, LocalUpstream, ProxyBody, upstream_client};
+use crate::forward::{BoxError, ProxyBody, upstream_client};
 use crate::group::Group;
 use crate::link::{HttpLink, PartitionLink};
 use crate::ownership::{self, Ownership};
@@ -85,7 +85,7 @@ impl Proxy {
             );
             let group = Group::open(gc.clone(), journal.clone(), link, client.clone()).await?;
             group.start().await;
-            let reads = Arc::new(Reads::start(&group));
+            let reads = Reads::start(&group);
             tracing::info!(group = %group.name(), primary = %group.role().primary,
                 epoch = group.epoch(), head = group.head(), "group started");
             groups.push(group.clone());
@@ -93,6 +93,7 @@ impl Proxy {
                 group,
                 reads,
                 runtime: tokio::runtime::Handle::current(),
+                on_client_thread: false,
             });
         }
         if token.is_none() && !config.admin_listen.ip().is_loopback() {
@@ -169,19 +170,58 @@ impl Proxy {
     > + Clone
     + Send
     + 'static {
-        ServiceBuilder::new()
-            // Bounds the time a client has to send the whole body: a stalled or trickled
-            // update body fails its read with a time-out, answered 408 before anything is
-            // journaled. Outermost, so the clock starts when the request arrives.
-            .layer(RequestBodyDeadlineLayer::new(self.limits.body_read_timeout))
-            // Routes each request to its group: updates to the journaled path (body limit
-            // `max_body_bytes`, 413), reads to the balancer (time-out `read_timeout_ms`, 504).
-            .layer(self.layer())
-            // Requests no group serves get a JSON 404.
-            .service_fn(|req: Request<DeadlineBody<Incoming>>| async move {
-                Ok::<_, BoxError>(ProxyError::NoGroup(req.uri().path().to_owned()).into_response())
-            })
+        client_stack(self.layer(), self.limits)
     }
+
+    /// Builds, on a client thread, that thread's client-facing stack: the same as
+    /// [`Proxy::service`], with read balancers (and their upstream connections) of the
+    /// thread's own, each kept in step with its group by a task on the thread's runtime.
+    fn thread_service(&self) -> impl MakeClients {
+        let groups: Vec<(Arc<Group>, tokio::runtime::Handle)> = self
+            .routes
+            .iter()
+            .map(|r| (r.group.clone(), r.runtime.clone()))
+            .collect();
+        let limits = self.limits;
+        move || {
+            let routes = groups
+                .iter()
+                .map(|(group, runtime)| Routed {
+                    group: group.clone(),
+                    reads: Reads::start(group),
+                    runtime: runtime.clone(),
+                    on_client_thread: true,
+                })
+                .collect();
+            client_stack(RegroupLayer::new(routes), limits)
+        }
+    }
+}
+
+/// The client-facing stack over `layer`, outermost layer first.
+fn client_stack(
+    layer: RegroupLayer,
+    limits: Limits,
+) -> impl Service<
+    Request<Incoming>,
+    Response = Response<ProxyBody>,
+    Error = BoxError,
+    Future: Send + 'static,
+> + Clone
++ Send
++ 'static {
+    ServiceBuilder::new()
+        // Bounds the time a client has to send the whole body: a stalled or trickled
+        // update body fails its read with a time-out, answered 408 before anything is
+        // journaled. Outermost, so the clock starts when the request arrives.
+        .layer(RequestBodyDeadlineLayer::new(limits.body_read_timeout))
+        // Routes each request to its group: updates to the journaled path (body limit
+        // `max_body_bytes`, 413), reads to the balancer (time-out `read_timeout_ms`, 504).
+        .layer(layer)
+        // Requests no group serves get a JSON 404.
+        .service_fn(|req: Request<DeadlineBody<Incoming>>| async move {
+            Ok::<_, BoxError>(ProxyError::NoGroup(req.uri().path().to_owned()).into_response())
+        })
 }
 
 impl Proxy {
@@ -269,7 +309,7 @@ pub async fn serve(
         // Several proxies: a node's clients stay on its main runtime (the node forwards to
         // the leader or takes over; client threads are for the single proxy).
         let taken_over = listeners
-            .run(&config, 0, clients, admin, shutdown, async move {
+            .run(&config, 0, move || clients.clone(), admin, shutdown, async move {
                 Some(lost.await)
             })
             .await?;
@@ -286,7 +326,7 @@ pub async fn serve(
         .run(
             &config,
             client_threads,
-            proxy.service(),
+            proxy.thread_service(),
             handle_admin,
             shutdown,
             async { Some(proxy.ownership().lost().await) },
@@ -347,22 +387,36 @@ impl<S> ClientService for S where
 {
 }
 
+/// Builds a [`ClientService`] (once per client thread, on its runtime).
+trait MakeClients: Fn() -> Self::Clients + Clone + Send + 'static {
+    type Clients: ClientService;
+}
+
+impl<F, S> MakeClients for F
+where
+    F: Fn() -> S + Clone + Send + 'static,
+    S: ClientService,
+{
+    type Clients = S;
+}
+
 impl Listeners {
-    /// Serves `clients` and `admin` until `shutdown` or `lost` completes (then finishes the
+    /// Serves the clients (each client thread with its own stack from `make_clients`) and
+    /// `admin` until `shutdown` or `lost` completes (then finishes the
     /// requests in flight, for at most 10 s); returns what `lost` said, if it ended it.
     /// With `client_threads` above 0, clients are served on that many threads of their own
     /// (see [`client_thread`]), else on this runtime.
-    async fn run<S, A, AF>(
+    async fn run<M, A, AF>(
         self,
         config: &Config,
         client_threads: usize,
-        clients: S,
+        make_clients: M,
         admin: A,
         shutdown: impl Future<Output = ()> + Send,
         lost: impl Future<Output = Option<String>>,
     ) -> Result<Option<String>, ProxyError>
     where
-        S: ClientService,
+        M: MakeClients,
         A: Fn(Request<Incoming>) -> AF + Clone + Send + Sync + 'static,
         AF: Future<Output = Response<ProxyBody>> + Send + 'static,
     {
@@ -393,7 +447,7 @@ impl Listeners {
         let (alive, mut all_gone) = tokio::sync::mpsc::channel::<()>(1);
         let mut inline = None;
         if client_threads == 0 {
-            inline = Some(client);
+            inline = Some((client, make_clients()));
         } else {
             let addr = client.local_addr().map_err(|e| {
                 ProxyError::BadRequest(format!("cannot read the client listener's address: {e}"))
@@ -409,7 +463,7 @@ impl Listeners {
                 let thread = ClientThread {
                     index,
                     on,
-                    clients: clients.clone(),
+                    make_clients: make_clients.clone(),
                     http1: http1.clone(),
                     permits: permits.clone(),
                     stop: stopped.clone(),
@@ -426,14 +480,14 @@ impl Listeners {
         drop(alive);
         let client_loop = async {
             match &inline {
-                Some(listener) => {
+                Some((listener, clients)) => {
                     accept_loop(
                         "client",
                         listener,
                         permits.clone(),
                         PermitOrder::BeforeAccept,
                         |stream, peer, permit| {
-                            serve_client(&http1, &graceful, &clients, None, stream, peer, permit);
+                            serve_client(&http1, &graceful, clients, stream, peer, permit);
                         },
                     )
                     .await
@@ -490,25 +544,20 @@ impl Listeners {
 /// How long requests in flight have to finish at shutdown.
 const GRACE: Duration = Duration::from_secs(10);
 
-/// Serves one client connection on the current runtime: the client's address (and the
-/// thread's own upstream client, when it has one) go into every request's extensions.
+/// Serves one client connection on the current runtime: the client's address goes into
+/// every request's extensions.
 fn serve_client<S: ClientService>(
     http1: &hyper::server::conn::http1::Builder,
     graceful: &GracefulShutdown,
     clients: &S,
-    local: Option<&LocalUpstream>,
     stream: TcpStream,
     peer: SocketAddr,
     permit: OwnedSemaphorePermit,
 ) {
     let _ = stream.set_nodelay(true);
-    let local = local.cloned();
     let svc = ServiceBuilder::new()
         .map_request(move |mut req: Request<Incoming>| {
             req.extensions_mut().insert(ClientAddr(peer));
-            if let Some(local) = &local {
-                req.extensions_mut().insert(local.clone());
-            }
             req
         })
         .service(clients.clone());
@@ -530,10 +579,11 @@ enum ListenOn {
 }
 
 /// What a client thread needs.
-struct ClientThread<S> {
+struct ClientThread<M> {
     index: usize,
     on: ListenOn,
-    clients: S,
+    /// Builds the thread's client-facing stack, on its runtime.
+    make_clients: M,
     http1: hyper::server::conn::http1::Builder,
     /// Shared by every client thread: `max_connections` bounds them together.
     permits: Arc<Semaphore>,
@@ -542,16 +592,17 @@ struct ClientThread<S> {
 }
 
 /// A client thread: a single-threaded runtime serving the connections its listener
-/// accepts, with an upstream pool of its own. A read's client connection and upstream
-/// connection then run on the same thread, so forwarding one wakes no other thread (on a
-/// multi-threaded runtime, most of a read's cost was the wake-ups between the two tasks).
+/// accepts, with read balancers and upstream connections of its own. A read's upstream
+/// connection is driven in the client connection's own task, so forwarding one wakes no
+/// other task or thread (on a multi-threaded runtime, most of a read's cost was the
+/// wake-ups between the two tasks).
 /// Updates are handed to the groups' runtime (see `route::dispatch`). When told to stop,
 /// it stops accepting and gives its connections [`GRACE`] to finish.
-fn client_thread<S: ClientService>(thread: ClientThread<S>) {
+fn client_thread<M: MakeClients>(thread: ClientThread<M>) {
     let ClientThread {
         index,
         on,
-        clients,
+        make_clients,
         http1,
         permits,
         mut stop,
@@ -580,11 +631,11 @@ fn client_thread<S: ClientService>(thread: ClientThread<S>) {
                 return;
             }
         };
-        let local = LocalUpstream(Arc::new(upstream_client()));
+        let clients = make_clients();
         let graceful = GracefulShutdown::new();
         tokio::select! {
             _ = accept_loop("client", &listener, permits, PermitOrder::AfterAccept, |stream, peer, permit| {
-                serve_client(&http1, &graceful, &clients, Some(&local), stream, peer, permit);
+                serve_client(&http1, &graceful, &clients, stream, peer, permit);
             }) => {}
             _ = stop.wait_for(|stop| *stop) => {}
         }

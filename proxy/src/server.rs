@@ -169,6 +169,7 @@ impl Proxy {
         Future: Send + 'static,
     > + Clone
     + Send
+    + Sync
     + 'static {
         client_stack(self.layer(), self.limits)
     }
@@ -209,6 +210,7 @@ fn client_stack(
     Future: Send + 'static,
 > + Clone
 + Send
++ Sync
 + 'static {
     ServiceBuilder::new()
         // Bounds the time a client has to send the whole body: a stalled or trickled
@@ -322,16 +324,19 @@ pub async fn serve(
         let admin = admin.clone();
         async move { admin.handle(req).await }
     };
-    let taken_over = listeners
-        .run(
-            &config,
-            client_threads,
-            proxy.thread_service(),
-            handle_admin,
-            shutdown,
-            async { Some(proxy.ownership().lost().await) },
-        )
-        .await?;
+    let lost = async { Some(proxy.ownership().lost().await) };
+    let taken_over = if client_threads > 0 {
+        // Each client thread builds its own stack (its own read balancers).
+        let make = proxy.thread_service();
+        listeners
+            .run(&config, client_threads, make, handle_admin, shutdown, lost)
+            .await?
+    } else {
+        let clients = proxy.service();
+        listeners
+            .run(&config, 0, move || clients.clone(), handle_admin, shutdown, lost)
+            .await?
+    };
     finish(&config, taken_over, proxy.ownership().release()).await
 }
 
@@ -371,6 +376,7 @@ trait ClientService:
         Future: Send + 'static,
     > + Clone
     + Send
+    + Sync
     + 'static
 {
 }
@@ -383,6 +389,7 @@ impl<S> ClientService for S where
             Future: Send + 'static,
         > + Clone
         + Send
+        + Sync
         + 'static
 {
 }

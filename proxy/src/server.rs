@@ -174,28 +174,42 @@ impl Proxy {
         client_stack(self.layer(), self.limits)
     }
 
-    /// Builds, on a client thread, that thread's client-facing stack: the same as
-    /// [`Proxy::service`], with read balancers (and their upstream connections) of the
-    /// thread's own, each kept in step with its group by a task on the thread's runtime.
-    fn thread_service(&self) -> impl MakeClients {
-        let groups: Vec<(Arc<Group>, tokio::runtime::Handle)> = self
-            .routes
-            .iter()
-            .map(|r| (r.group.clone(), r.runtime.clone()))
-            .collect();
-        let limits = self.limits;
-        move || {
-            let routes = groups
+    /// What each client thread builds its own client-facing stack from.
+    fn thread_stacks(&self) -> ThreadStacks {
+        ThreadStacks {
+            groups: self
+                .routes
                 .iter()
-                .map(|(group, runtime)| Routed {
-                    group: group.clone(),
-                    reads: Reads::start(group),
-                    runtime: runtime.clone(),
-                    on_client_thread: true,
-                })
-                .collect();
-            client_stack(RegroupLayer::new(routes), limits)
+                .map(|r| (r.group.clone(), r.runtime.clone()))
+                .collect(),
+            limits: self.limits,
         }
+    }
+}
+
+/// Builds, on a client thread, that thread's client-facing stack: the same as
+/// [`Proxy::service`], with read balancers (and their upstream connections) of the thread's
+/// own, each kept in step with its group by a task on the thread's runtime.
+#[derive(Clone)]
+struct ThreadStacks {
+    groups: Vec<(Arc<Group>, tokio::runtime::Handle)>,
+    limits: Limits,
+}
+
+impl ThreadStacks {
+    /// The current thread's stack (called on its runtime).
+    fn build(&self) -> impl ClientService {
+        let routes = self
+            .groups
+            .iter()
+            .map(|(group, runtime)| Routed {
+                group: group.clone(),
+                reads: Reads::start(group),
+                runtime: runtime.clone(),
+                on_client_thread: true,
+            })
+            .collect();
+        client_stack(RegroupLayer::new(routes), self.limits)
     }
 }
 
@@ -311,7 +325,7 @@ pub async fn serve(
         // Several proxies: a node's clients stay on its main runtime (the node forwards to
         // the leader or takes over; client threads are for the single proxy).
         let taken_over = listeners
-            .run(&config, 0, move || clients.clone(), admin, shutdown, async move {
+            .run(&config, Clients::Inline(clients), admin, shutdown, async move {
                 Some(lost.await)
             })
             .await?;
@@ -324,19 +338,16 @@ pub async fn serve(
         let admin = admin.clone();
         async move { admin.handle(req).await }
     };
-    let lost = async { Some(proxy.ownership().lost().await) };
-    let taken_over = if client_threads > 0 {
-        // Each client thread builds its own stack (its own read balancers).
-        let make = proxy.thread_service();
-        listeners
-            .run(&config, client_threads, make, handle_admin, shutdown, lost)
-            .await?
+    let clients = if client_threads > 0 {
+        Clients::Threads(client_threads, proxy.thread_stacks())
     } else {
-        let clients = proxy.service();
-        listeners
-            .run(&config, 0, move || clients.clone(), handle_admin, shutdown, lost)
-            .await?
+        Clients::Inline(proxy.service())
     };
+    let taken_over = listeners
+        .run(&config, clients, handle_admin, shutdown, async {
+            Some(proxy.ownership().lost().await)
+        })
+        .await?;
     finish(&config, taken_over, proxy.ownership().release()).await
 }
 
@@ -394,36 +405,28 @@ impl<S> ClientService for S where
 {
 }
 
-/// Builds a [`ClientService`] (once per client thread, on its runtime).
-trait MakeClients: Fn() -> Self::Clients + Clone + Send + 'static {
-    type Clients: ClientService;
-}
-
-impl<F, S> MakeClients for F
-where
-    F: Fn() -> S + Clone + Send + 'static,
-    S: ClientService,
-{
-    type Clients = S;
+/// Where client connections are served.
+enum Clients<S> {
+    /// On the current runtime, by this stack.
+    Inline(S),
+    /// On that many client threads, each with a stack of its own (see [`client_thread`]).
+    Threads(usize, ThreadStacks),
 }
 
 impl Listeners {
-    /// Serves the clients (each client thread with its own stack from `make_clients`) and
-    /// `admin` until `shutdown` or `lost` completes (then finishes the
+    /// Serves the clients and `admin` until `shutdown` or `lost` completes (then finishes the
     /// requests in flight, for at most 10 s); returns what `lost` said, if it ended it.
-    /// With `client_threads` above 0, clients are served on that many threads of their own
-    /// (see [`client_thread`]), else on this runtime.
-    async fn run<M, A, AF>(
+    /// Clients are served on this runtime or on client threads, as `clients` says.
+    async fn run<S, A, AF>(
         self,
         config: &Config,
-        client_threads: usize,
-        make_clients: M,
+        clients: Clients<S>,
         admin: A,
         shutdown: impl Future<Output = ()> + Send,
         lost: impl Future<Output = Option<String>>,
     ) -> Result<Option<String>, ProxyError>
     where
-        M: MakeClients,
+        S: ClientService,
         A: Fn(Request<Incoming>) -> AF + Clone + Send + Sync + 'static,
         AF: Future<Output = Response<ProxyBody>> + Send + 'static,
     {
@@ -453,9 +456,14 @@ impl Listeners {
         let (stop, stopped) = tokio::sync::watch::channel(false);
         let (alive, mut all_gone) = tokio::sync::mpsc::channel::<()>(1);
         let mut inline = None;
-        if client_threads == 0 {
-            inline = Some((client, make_clients()));
-        } else {
+        let threads = match clients {
+            Clients::Inline(clients) => {
+                inline = Some((client, clients));
+                None
+            }
+            Clients::Threads(n, stacks) => Some((client, n, stacks)),
+        };
+        if let Some((client, client_threads, stacks)) = threads {
             let addr = client.local_addr().map_err(|e| {
                 ProxyError::BadRequest(format!("cannot read the client listener's address: {e}"))
             })?;
@@ -470,7 +478,7 @@ impl Listeners {
                 let thread = ClientThread {
                     index,
                     on,
-                    make_clients: make_clients.clone(),
+                    stacks: stacks.clone(),
                     http1: http1.clone(),
                     permits: permits.clone(),
                     stop: stopped.clone(),
@@ -586,11 +594,11 @@ enum ListenOn {
 }
 
 /// What a client thread needs.
-struct ClientThread<M> {
+struct ClientThread {
     index: usize,
     on: ListenOn,
     /// Builds the thread's client-facing stack, on its runtime.
-    make_clients: M,
+    stacks: ThreadStacks,
     http1: hyper::server::conn::http1::Builder,
     /// Shared by every client thread: `max_connections` bounds them together.
     permits: Arc<Semaphore>,
@@ -605,11 +613,11 @@ struct ClientThread<M> {
 /// wake-ups between the two tasks).
 /// Updates are handed to the groups' runtime (see `route::dispatch`). When told to stop,
 /// it stops accepting and gives its connections [`GRACE`] to finish.
-fn client_thread<M: MakeClients>(thread: ClientThread<M>) {
+fn client_thread(thread: ClientThread) {
     let ClientThread {
         index,
         on,
-        make_clients,
+        stacks,
         http1,
         permits,
         mut stop,
@@ -638,7 +646,7 @@ fn client_thread<M: MakeClients>(thread: ClientThread<M>) {
                 return;
             }
         };
-        let clients = make_clients();
+        let clients = stacks.build();
         let graceful = GracefulShutdown::new();
         tokio::select! {
             _ = accept_loop("client", &listener, permits, PermitOrder::AfterAccept, |stream, peer, permit| {

@@ -301,7 +301,10 @@ impl Reads {
         let mut attempts = 2 * group.members().len().max(1);
         loop {
             let endpoint = self.choose(group).await?;
-            match self.send(group, &endpoint, Outgoing::Bodiless(&parts)).await {
+            match self
+                .send(group, &endpoint, Outgoing::Bodiless(&parts))
+                .await
+            {
                 Ok(resp) => return Ok(resp),
                 Err(e) => {
                     attempts -= 1;

@@ -325,9 +325,13 @@ pub async fn serve(
         // Several proxies: a node's clients stay on its main runtime (the node forwards to
         // the leader or takes over; client threads are for the single proxy).
         let taken_over = listeners
-            .run(&config, Clients::Inline(clients), admin, shutdown, async move {
-                Some(lost.await)
-            })
+            .run(
+                &config,
+                Clients::Inline(clients),
+                admin,
+                shutdown,
+                async move { Some(lost.await) },
+            )
             .await?;
         return finish(&config, taken_over, node.release()).await;
     }

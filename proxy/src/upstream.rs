@@ -299,9 +299,10 @@ impl Endpoint {
     /// partition closed meanwhile is seen closed), or a new one; and whether it was reused.
     async fn connection(&self) -> Result<(Pooled, bool), EndpointError> {
         while let Some(mut pooled) = self.checkout() {
-            let closed =
-                std::future::poll_fn(|cx| Poll::Ready(Pin::new(&mut pooled.conn).poll(cx).is_ready()))
-                    .await;
+            let closed = std::future::poll_fn(|cx| {
+                Poll::Ready(Pin::new(&mut pooled.conn).poll(cx).is_ready())
+            })
+            .await;
             if !closed && pooled.sender.is_ready() {
                 return Ok((pooled, true));
             }
@@ -548,7 +549,9 @@ mod tests {
                     let mut buf = Vec::new();
                     let mut chunk = [0u8; 1024];
                     loop {
-                        let Ok(n) = stream.read(&mut chunk).await else { return };
+                        let Ok(n) = stream.read(&mut chunk).await else {
+                            return;
+                        };
                         if n == 0 {
                             return;
                         }
@@ -622,7 +625,11 @@ mod tests {
         for _ in 0..10 {
             assert_eq!(read(&endpoint).await, "ok");
         }
-        assert_eq!(accepted.load(Ordering::SeqCst), 10, "one connection per read");
+        assert_eq!(
+            accepted.load(Ordering::SeqCst),
+            10,
+            "one connection per read"
+        );
     }
 
     #[tokio::test]
@@ -647,7 +654,11 @@ mod tests {
         let first = body.frame().await.expect("a frame").expect("data");
         assert!(first.into_data().is_ok_and(|d| !d.is_empty()));
         drop(body);
-        assert_eq!(endpoint.idle(), 0, "a half-read body's connection is not kept");
+        assert_eq!(
+            endpoint.idle(),
+            0,
+            "a half-read body's connection is not kept"
+        );
         let whole = read(&endpoint).await;
         assert_eq!(whole.len(), 262_144);
         assert_eq!(endpoint.idle(), 1, "a body read to its end keeps it");
@@ -665,7 +676,11 @@ mod tests {
         .await;
         assert!(given_up.is_err(), "the upstream never answers");
         assert_eq!(endpoint.idle(), 0);
-        assert_eq!(endpoint.state().load.pending, 0, "no read in flight any more");
+        assert_eq!(
+            endpoint.state().load.pending,
+            0,
+            "no read in flight any more"
+        );
         assert_eq!(accepted.load(Ordering::SeqCst), 1);
     }
 
@@ -690,7 +705,8 @@ mod tests {
         let parts = get("/health");
         let e = endpoint.send(Outgoing::Bodiless(&parts)).await.err();
         assert!(
-            e.as_ref().is_some_and(|e| e.reason.starts_with("cannot connect")),
+            e.as_ref()
+                .is_some_and(|e| e.reason.starts_with("cannot connect")),
             "{e:?}"
         );
         assert_eq!(partition.health(), crate::partition::Health::Missed(1));
@@ -703,7 +719,10 @@ mod tests {
         let base = load.cost(t0);
         assert!((base - 1e6).abs() < 1.0, "1 ms at first: {base}");
         load.start();
-        assert!((load.cost(t0) - 2e6).abs() < 1.0, "one in flight doubles it");
+        assert!(
+            (load.cost(t0) - 2e6).abs() < 1.0,
+            "one in flight doubles it"
+        );
         // A 50 ms answer: the estimate jumps to it.
         let t1 = t0 + Duration::from_millis(50);
         load.complete(t0, t1);

@@ -68,6 +68,8 @@ pub(crate) struct EndpointError {
 
 /// A read to send: its parts, kept by the caller so that it can be sent again (a read
 /// without a body), or the request itself (with its body: sent at most once).
+// Lives in the read's future, moved once: boxing the request would cost an allocation.
+#[allow(clippy::large_enum_variant)]
 pub(crate) enum Outgoing<'a> {
     /// A read without a body.
     Bodiless(&'a http::request::Parts),

@@ -393,6 +393,41 @@ async fn membership(
 mod tests {
     use super::*;
 
+    fn endpoint(name: &str) -> Arc<Endpoint> {
+        let spec = regroup_replay::MemberSpec {
+            name: name.into(),
+            url: "http://127.0.0.1:1".into(),
+            host: None,
+            priority: 0,
+        };
+        let base = "http://127.0.0.1:1".parse().expect("uri");
+        Arc::new(Endpoint::new(Arc::new(Partition::new(&spec, base, 0))))
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn p2c_never_picks_the_most_loaded_of_three() {
+        let (a, b, c) = (endpoint("a"), endpoint("b"), endpoint("c"));
+        for _ in 0..3 {
+            c.add_in_flight();
+        }
+        let mut balancer = Balancer {
+            endpoints: vec![a, b, c],
+            rng: 0x9e37_79b9_7f4a_7c15,
+        };
+        let mut seen = std::collections::BTreeMap::new();
+        for _ in 0..300 {
+            let e = balancer.pick(Instant::now()).expect("an endpoint");
+            *seen.entry(e.partition().name().to_owned()).or_insert(0) += 1;
+        }
+        assert_eq!(seen.get("c"), None, "{seen:?}");
+        assert!(seen.get("a").is_some_and(|n| *n > 50), "{seen:?}");
+        assert!(seen.get("b").is_some_and(|n| *n > 50), "{seen:?}");
+        balancer.endpoints.truncate(1);
+        assert!(balancer.pick(Instant::now()).is_some());
+        balancer.endpoints.clear();
+        assert!(balancer.pick(Instant::now()).is_none());
+    }
+
     fn headers(pairs: &[(&'static str, &'static str)]) -> http::HeaderMap {
         let mut h = http::HeaderMap::new();
         for (k, v) in pairs {

@@ -230,6 +230,12 @@ impl Endpoint {
         self.state().load.cost(now)
     }
 
+    /// Counts one more read in flight (for tests of the balancer).
+    #[cfg(test)]
+    pub(crate) fn add_in_flight(&self) {
+        self.state().load.start();
+    }
+
     /// Idle connections kept.
     #[cfg(test)]
     pub(crate) fn idle(&self) -> usize {

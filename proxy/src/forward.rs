@@ -1,11 +1,11 @@
-//! Forwarding: the pooled upstream client and the header rules of a correct reverse proxy.
+//! Forwarding: the pooled upstream client (of updates, replays and supervision; reads have
+//! their own connections, see `upstream`) and the header rules of a correct reverse proxy.
 //!
 //! hyper does not strip hop-by-hop headers, so this module drops `Connection` and every
 //! header it names, `Keep-Alive`, `Proxy-*`, `TE`, `Trailer`, `Transfer-Encoding` and
 //! `Upgrade`, in both directions, and adds `Forwarded` and `X-Forwarded-*` on the way in.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -38,12 +38,6 @@ pub fn full(bytes: impl Into<Bytes>) -> ProxyBody {
 pub fn stream(body: Incoming) -> ProxyBody {
     body.map_err(BoxError::from).boxed_unsync()
 }
-
-/// The upstream client of the thread that serves a client connection, as a request extension
-/// set by the server: a read sent through it has its upstream connection's task on the same
-/// thread (and runtime) as the client connection's, so the exchange wakes no other thread.
-#[derive(Clone)]
-pub(crate) struct LocalUpstream(pub(crate) Arc<Upstream>);
 
 /// A client with a keep-alive pool sized for a proxy.
 pub fn upstream_client() -> Upstream {

@@ -1,36 +1,26 @@
 //! The read path: requests balanced over the partitions that are available and within the
-//! allowed lag, with tower's power-of-two-choices balancer over peak-EWMA latency.
+//! allowed lag, by power of two choices over peak-EWMA latency (tower's `p2c` and
+//! `PeakEwma`, kept here in plain types so that each client thread has a balancer of its
+//! own, with the connections of its partitions: see `upstream`).
 //!
-//! tower's `Balance` never evicts an endpoint by itself and waits forever with none, so
-//! `membership` inserts and removes endpoints as statuses change, and every read waits
-//! at most `read_wait_ms` for an eligible partition before a 503.
+//! Each balancer has a task on its own runtime that keeps its endpoints equal to the group's
+//! available partitions (it follows the group's `changed` watch), and every read waits at
+//! most `read_wait_ms` for an eligible partition before a 503.
 
-use std::collections::HashSet;
-use std::convert::Infallible;
-use std::future::Future;
-use std::pin::Pin;
-use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use futures_util::Stream;
 use http::{Request, Response};
-use hyper::body::Incoming;
-use tokio::sync::mpsc;
-use tower::Service;
-use tower::balance::p2c::Balance;
-use tower::discover::Change;
-use tower::load::{CompleteOnResponse, PeakEwma};
+use tokio::sync::watch;
+use tokio::time::Instant;
 
 use crate::error::ProxyError;
-use crate::forward::{BoxError, LocalUpstream, ProxyBody, Upstream, on_partition};
+use crate::forward::ProxyBody;
 use crate::group::Group;
-use crate::link::error_chain;
 use crate::partition::Partition;
 use crate::status::PartitionStatus;
-
-type Endpoint = PeakEwma<ReadEndpoint, CompleteOnResponse>;
-type Changes = Pin<Box<dyn Stream<Item = Result<Change<String, Endpoint>, Infallible>> + Send>>;
+use crate::upstream::{Endpoint, EndpointError, Outgoing, ReadBody};
 
 /// How fresh a read must be, from the client's `Regroup-Consistency` header (and
 /// `Regroup-Position` for `session`).
@@ -85,11 +75,19 @@ impl Consistency {
     }
 }
 
-/// The group's read balancer.
+/// A read balancer of one group: power of two choices over the peak-EWMA load of the
+/// group's available partitions. One per client thread (and one for the group's own runtime),
+/// so that its lock is never contended and its connections stay on one runtime.
 pub(crate) struct Reads {
-    balance: std::sync::Mutex<Balance<Changes, Request<ProxyBody>>>,
+    balancer: Mutex<Balancer>,
+    /// Bumped by the membership task after each change (a read waiting for a partition).
+    updated: watch::Sender<u64>,
+    /// The group's sealed head and allowed lag: an answer whose `Regroup-Applied` says the
+    /// partition stands further behind is not served.
+    sealed: watch::Receiver<u64>,
+    max_lag: u64,
     /// Rotates `session` reads over the partitions fresh enough to serve them.
-    next: std::sync::atomic::AtomicUsize,
+    next: AtomicUsize,
 }
 
 impl std::fmt::Debug for Reads {
@@ -98,107 +96,153 @@ impl std::fmt::Debug for Reads {
     }
 }
 
-/// A read failed at a partition.
-#[derive(Debug, thiserror::Error)]
-#[error("partition {partition}: {reason}")]
-struct EndpointError {
-    partition: String,
-    reason: String,
+/// The endpoints a balancer chooses from, and its random draws.
+struct Balancer {
+    /// The available partitions (in the order of the group's members).
+    endpoints: Vec<Arc<Endpoint>>,
+    rng: u64,
 }
 
-/// Forwards a prepared read to one partition.
-#[derive(Clone)]
-struct ReadEndpoint {
-    client: Arc<Upstream>,
-    partition: Arc<Partition>,
-    /// The group's sealed head and allowed lag: an answer whose `Regroup-Applied` says the
-    /// partition stands further behind is not served.
-    sealed: tokio::sync::watch::Receiver<u64>,
-    max_lag: u64,
-}
+impl Balancer {
+    /// A random number (xorshift64*: the draw only has to spread reads).
+    fn next_random(&mut self) -> u64 {
+        let mut x = self.rng;
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        self.rng = x;
+        x.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
 
-impl ReadEndpoint {
-    fn new(group: &Group, partition: Arc<Partition>) -> Self {
-        ReadEndpoint {
-            client: Arc::new(group.client.clone()),
-            partition,
-            sealed: group.watch_sealed(),
-            max_lag: group.config.max_read_lag,
+    /// Power of two choices: the less loaded of two distinct endpoints drawn at random.
+    fn pick(&mut self, now: Instant) -> Option<Arc<Endpoint>> {
+        let n = self.endpoints.len() as u64;
+        match n {
+            0 => None,
+            1 => self.endpoints.first().cloned(),
+            _ => {
+                let r = self.next_random();
+                let a = (r % n) as usize;
+                // A second index among the n - 1 others.
+                let b = ((a as u64 + 1 + (r >> 32) % (n - 1)) % n) as usize;
+                let (ea, eb) = (&self.endpoints[a], &self.endpoints[b]);
+                let chosen = if ea.cost(now) <= eb.cost(now) { ea } else { eb };
+                Some(chosen.clone())
+            }
         }
     }
 }
 
-impl Service<Request<ProxyBody>> for ReadEndpoint {
-    type Response = Response<Incoming>;
-    type Error = EndpointError;
-    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
-
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, mut req: Request<ProxyBody>) -> Self::Future {
-        let partition = self.partition.clone();
-        let slash = http::uri::PathAndQuery::from_static("/");
-        let uri = on_partition(
-            partition.base(),
-            req.uri().path_and_query().unwrap_or(&slash),
-        );
-        // The serving thread's own client when there is one (see `LocalUpstream`).
-        let client = match req.extensions_mut().remove::<LocalUpstream>() {
-            Some(local) => local.0,
-            None => self.client.clone(),
-        };
-        let sealed = *self.sealed.borrow();
-        let max_lag = self.max_lag;
-        Box::pin(async move {
-            *req.uri_mut() = uri.map_err(|e| EndpointError {
-                partition: partition.name().to_owned(),
-                reason: e.to_string(),
-            })?;
-            let resp = client.request(req).await.map_err(|e| {
-                if e.is_connect() {
-                    // A proxied request that cannot connect counts as a missed heartbeat.
-                    partition.record_miss();
-                }
-                EndpointError {
-                    partition: partition.name().to_owned(),
-                    reason: error_chain(&e),
-                }
-            })?;
-            if let Some(applied) = resp
-                .headers()
-                .get(regroup_replay::headers::APPLIED)
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.parse::<u64>().ok())
-                && applied.saturating_add(max_lag) < sealed
-            {
-                // Restarted behind where the group had it (a restored copy): out of the read
-                // set until supervision has asked it where it stands.
-                partition.record_miss();
-                return Err(EndpointError {
-                    partition: partition.name().to_owned(),
-                    reason: format!(
-                        "stands at {applied} by its own record, {sealed} are sealed: not served"
-                    ),
-                });
-            }
-            Ok(resp)
-        })
-    }
-}
+/// How long an idle-connection sweep waits for the next.
+const SWEEP_EVERY: Duration = Duration::from_secs(10);
 
 impl Reads {
-    /// Starts the balancer and the task that keeps its endpoints in step with statuses.
-    pub(crate) fn start(group: &Arc<Group>) -> Reads {
-        let (tx, rx) = mpsc::unbounded_channel();
-        let changes: Changes = Box::pin(futures_util::stream::unfold(rx, |mut rx| async move {
-            rx.recv().await.map(|c| (Ok(c), rx))
-        }));
-        tokio::spawn(membership(group.clone(), tx));
-        Reads {
-            balance: std::sync::Mutex::new(Balance::new(changes)),
-            next: std::sync::atomic::AtomicUsize::new(0),
+    /// Starts a balancer and, on the current runtime, the task that keeps its endpoints in
+    /// step with statuses (and closes connections idle too long).
+    pub(crate) fn start(group: &Arc<Group>) -> Arc<Reads> {
+        // A different sequence per balancer (std's hasher keys are random).
+        let seed = {
+            use std::hash::{BuildHasher, Hasher};
+            std::collections::hash_map::RandomState::new()
+                .build_hasher()
+                .finish()
+                | 1
+        };
+        let reads = Arc::new(Reads {
+            balancer: Mutex::new(Balancer {
+                endpoints: Vec::new(),
+                rng: seed,
+            }),
+            updated: watch::Sender::new(0),
+            sealed: group.watch_sealed(),
+            max_lag: group.config.max_read_lag,
+            next: AtomicUsize::new(0),
+        });
+        // Subscribed before the first update, so that no change falls between.
+        let changed = group.changed.subscribe();
+        let stop = group.stop.subscribe();
+        reads.update(group);
+        tokio::spawn(membership(
+            group.clone(),
+            Arc::downgrade(&reads),
+            changed,
+            stop,
+        ));
+        reads
+    }
+
+    fn balancer(&self) -> MutexGuard<'_, Balancer> {
+        self.balancer.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Makes the endpoints those of the available partitions: a partition that stays keeps
+    /// its endpoint (its load and its connections).
+    fn update(&self, group: &Group) {
+        let members = group.members();
+        let mut balancer = self.balancer();
+        let endpoints = members
+            .iter()
+            .filter(|p| p.status() == PartitionStatus::Available)
+            .map(|p| {
+                balancer
+                    .endpoints
+                    .iter()
+                    .find(|e| Arc::ptr_eq(e.partition(), p))
+                    .cloned()
+                    .unwrap_or_else(|| Arc::new(Endpoint::new(p.clone())))
+            })
+            .collect();
+        balancer.endpoints = endpoints;
+        drop(balancer);
+        self.updated.send_modify(|v| *v = v.wrapping_add(1));
+    }
+
+    fn sweep(&self) {
+        let now = Instant::now();
+        for e in &self.balancer().endpoints {
+            e.sweep(now);
+        }
+    }
+
+    /// This balancer's endpoint of `partition`, or a new one (not kept) when it has none.
+    fn endpoint_of(&self, partition: Arc<Partition>) -> Arc<Endpoint> {
+        self.balancer()
+            .endpoints
+            .iter()
+            .find(|e| Arc::ptr_eq(e.partition(), &partition))
+            .cloned()
+            .unwrap_or_else(|| Arc::new(Endpoint::new(partition)))
+    }
+
+    /// The endpoint to send a balanced read to, waiting at most `read_wait_ms` for one.
+    async fn choose(&self, group: &Group) -> Result<Arc<Endpoint>, ProxyError> {
+        if let Some(e) = self.balancer().pick(Instant::now()) {
+            return Ok(e);
+        }
+        let wait = group.config.read_wait();
+        // Subscribed before looking again, so that no change falls between.
+        let mut updated = self.updated.subscribe();
+        let found = tokio::time::timeout(wait, async {
+            loop {
+                if let Some(e) = self.balancer().pick(Instant::now()) {
+                    return Some(e);
+                }
+                if updated.changed().await.is_err() {
+                    return None;
+                }
+            }
+        })
+        .await;
+        match found {
+            Ok(Some(e)) => Ok(e),
+            Ok(None) => Err(ProxyError::NoPartition {
+                group: group.name().to_owned(),
+                reason: "the read balancer stopped".into(),
+            }),
+            Err(_) => Err(ProxyError::NoPartition {
+                group: group.name().to_owned(),
+                reason: format!("none available within {} ms", wait.as_millis()),
+            }),
         }
     }
 
@@ -209,7 +253,7 @@ impl Reads {
         group: &Group,
         req: Request<ProxyBody>,
         consistency: Consistency,
-    ) -> Result<Response<Incoming>, ProxyError> {
+    ) -> Result<Response<ReadBody>, ProxyError> {
         let no_primary = || ProxyError::NoPartition {
             group: group.name().to_owned(),
             reason: "the primary is not a member".into(),
@@ -229,19 +273,16 @@ impl Reads {
                     })
                     .collect();
                 fresh.push(&primary);
-                let turn = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let turn = self.next.fetch_add(1, Ordering::Relaxed);
                 fresh[turn % fresh.len()].clone()
             }
         };
-        let mut endpoint = ReadEndpoint::new(group, partition);
-        endpoint.call(req).await.map_err(|e| ProxyError::Upstream {
-            group: group.name().to_owned(),
-            partition: e.partition,
-            reason: e.reason,
-        })
+        let endpoint = self.endpoint_of(partition);
+        self.send(group, &endpoint, Outgoing::WithBody(Some(req)))
+            .await
     }
 
-    /// Sends a prepared read to the least loaded of two random eligible partitions. A read
+    /// Sends a prepared read to the less loaded of two random eligible partitions. A read
     /// without a body whose partition fails (refused or broken connection) is sent again,
     /// to the partitions left (at most twice the number of partitions in all); a refusing
     /// partition counts a missed heartbeat.
@@ -249,15 +290,21 @@ impl Reads {
         &self,
         group: &Group,
         req: Request<ProxyBody>,
-    ) -> Result<Response<Incoming>, ProxyError> {
+    ) -> Result<Response<ReadBody>, ProxyError> {
         if !crate::route::has_no_body(&req) {
-            return self.call_once(group, req).await;
+            let endpoint = self.choose(group).await?;
+            return self
+                .send(group, &endpoint, Outgoing::WithBody(Some(req)))
+                .await;
         }
         let (parts, _) = req.into_parts();
         let mut attempts = 2 * group.members().len().max(1);
         loop {
-            let req = Request::from_parts(parts.clone(), crate::forward::full(bytes::Bytes::new()));
-            match self.call_once(group, req).await {
+            let endpoint = self.choose(group).await?;
+            match self
+                .send(group, &endpoint, Outgoing::Bodiless(&parts))
+                .await
+            {
                 Ok(resp) => return Ok(resp),
                 Err(e) => {
                     attempts -= 1;
@@ -266,112 +313,77 @@ impl Reads {
                     if !matches!(e, ProxyError::Upstream { .. }) || attempts == 0 {
                         return Err(e);
                     }
-                    if let ProxyError::Upstream { partition, .. } = &e
-                        && let Some(p) = group.member(partition)
-                    {
-                        group.refresh(&p);
-                    }
+                    group.refresh(endpoint.partition());
                     // Give the membership task a moment to drop the refusing partition.
-                    tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+                    tokio::time::sleep(Duration::from_millis(5)).await;
                 }
             }
         }
     }
 
-    async fn call_once(
+    /// Sends `out` to `endpoint`; an answer whose `Regroup-Applied` stands further behind the
+    /// sealed head than the allowed lag is not served.
+    async fn send(
         &self,
         group: &Group,
-        req: Request<ProxyBody>,
-    ) -> Result<Response<Incoming>, ProxyError> {
-        let wait = group.config.read_wait();
-        // Ready and call under one short lock, never held across an await: the chosen
-        // endpoint's future runs outside it.
-        let mut req = Some(req);
-        let mut ready_and_call = |cx: &mut Context<'_>| {
-            let mut balance = self.balance.lock().unwrap_or_else(|p| p.into_inner());
-            match balance.poll_ready(cx) {
-                Poll::Ready(Ok(())) => match req.take() {
-                    Some(r) => Poll::Ready(Ok(balance.call(r))),
-                    None => Poll::Ready(Err(BoxError::from("request already sent"))),
-                },
-                Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
-                Poll::Pending => Poll::Pending,
-            }
+        endpoint: &Arc<Endpoint>,
+        out: Outgoing<'_>,
+    ) -> Result<Response<ReadBody>, ProxyError> {
+        let upstream = |e: EndpointError| ProxyError::Upstream {
+            group: group.name().to_owned(),
+            partition: e.partition,
+            reason: e.reason,
         };
-        // Usually a partition is ready at once; only a wait arms the timer.
-        let first = std::future::poll_fn(|cx| Poll::Ready(ready_and_call(cx))).await;
-        let fut = match first {
-            Poll::Ready(r) => Ok(r),
-            Poll::Pending => {
-                tokio::time::timeout(wait, std::future::poll_fn(&mut ready_and_call)).await
-            }
-        };
-        let fut = match fut {
-            Ok(Ok(fut)) => fut,
-            Ok(Err(e)) => {
-                return Err(ProxyError::NoPartition {
+        let resp = endpoint.send(out).await.map_err(upstream)?;
+        if let Some(applied) = resp
+            .headers()
+            .get(regroup_replay::headers::APPLIED)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok())
+        {
+            let sealed = *self.sealed.borrow();
+            if applied.saturating_add(self.max_lag) < sealed {
+                // Restarted behind where the group had it (a restored copy): out of the read
+                // set until supervision has asked it where it stands.
+                let partition = endpoint.partition();
+                partition.record_miss();
+                return Err(ProxyError::Upstream {
                     group: group.name().to_owned(),
-                    reason: e.to_string(),
+                    partition: partition.name().to_owned(),
+                    reason: format!(
+                        "stands at {applied} by its own record, {sealed} are sealed: not served"
+                    ),
                 });
             }
-            Err(_) => {
-                return Err(ProxyError::NoPartition {
-                    group: group.name().to_owned(),
-                    reason: format!("none available within {} ms", wait.as_millis()),
-                });
-            }
-        };
-        fut.await.map_err(|e| match e.downcast::<EndpointError>() {
-            Ok(e) => ProxyError::Upstream {
-                group: group.name().to_owned(),
-                partition: e.partition,
-                reason: e.reason,
-            },
-            Err(e) => ProxyError::Upstream {
-                group: group.name().to_owned(),
-                partition: "?".into(),
-                reason: e.to_string(),
-            },
-        })
+        }
+        Ok(resp)
     }
 }
 
-/// Keeps the balancer's endpoints equal to the set of available partitions.
-async fn membership(group: Arc<Group>, tx: mpsc::UnboundedSender<Change<String, Endpoint>>) {
-    let mut current: HashSet<String> = HashSet::new();
-    let mut stop = group.stop.subscribe();
-    let mut changed = group.changed.subscribe();
+/// Keeps a balancer's endpoints equal to the set of available partitions, and closes the
+/// connections idle for too long. Ends with the group, or when the balancer is dropped.
+async fn membership(
+    group: Arc<Group>,
+    reads: std::sync::Weak<Reads>,
+    mut changed: watch::Receiver<u64>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut sweep = tokio::time::interval_at(Instant::now() + SWEEP_EVERY, SWEEP_EVERY);
+    sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        changed.borrow_and_update();
-        let members = group.members();
-        let eligible: HashSet<String> = members
-            .iter()
-            .filter(|p| p.status() == PartitionStatus::Available)
-            .map(|p| p.name().to_owned())
-            .collect();
-        for name in current.difference(&eligible) {
-            if tx.send(Change::Remove(name.clone())).is_err() {
-                return;
-            }
-        }
-        for name in eligible.difference(&current) {
-            let Some(partition) = group.member(name) else {
-                continue;
-            };
-            let endpoint = ReadEndpoint::new(&group, partition);
-            let svc = PeakEwma::new(
-                endpoint,
-                Duration::from_millis(1),
-                Duration::from_secs(10).as_nanos() as f64,
-                CompleteOnResponse::default(),
-            );
-            if tx.send(Change::Insert(name.clone(), svc)).is_err() {
-                return;
-            }
-        }
-        current = eligible;
         tokio::select! {
-            r = changed.changed() => if r.is_err() { return },
+            r = changed.changed() => {
+                if r.is_err() {
+                    return;
+                }
+                changed.borrow_and_update();
+                let Some(reads) = reads.upgrade() else { return };
+                reads.update(&group);
+            }
+            _ = sweep.tick() => {
+                let Some(reads) = reads.upgrade() else { return };
+                reads.sweep();
+            }
             _ = stop.changed() => return,
         }
     }
@@ -380,6 +392,41 @@ async fn membership(group: Arc<Group>, tx: mpsc::UnboundedSender<Change<String, 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn endpoint(name: &str) -> Arc<Endpoint> {
+        let spec = regroup_replay::MemberSpec {
+            name: name.into(),
+            url: "http://127.0.0.1:1".into(),
+            host: None,
+            priority: 0,
+        };
+        let base = "http://127.0.0.1:1".parse().expect("uri");
+        Arc::new(Endpoint::new(Arc::new(Partition::new(&spec, base, 0))))
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn p2c_never_picks_the_most_loaded_of_three() {
+        let (a, b, c) = (endpoint("a"), endpoint("b"), endpoint("c"));
+        for _ in 0..3 {
+            c.add_in_flight();
+        }
+        let mut balancer = Balancer {
+            endpoints: vec![a, b, c],
+            rng: 0x9e37_79b9_7f4a_7c15,
+        };
+        let mut seen = std::collections::BTreeMap::new();
+        for _ in 0..300 {
+            let e = balancer.pick(Instant::now()).expect("an endpoint");
+            *seen.entry(e.partition().name().to_owned()).or_insert(0) += 1;
+        }
+        assert_eq!(seen.get("c"), None, "{seen:?}");
+        assert!(seen.get("a").is_some_and(|n| *n > 50), "{seen:?}");
+        assert!(seen.get("b").is_some_and(|n| *n > 50), "{seen:?}");
+        balancer.endpoints.truncate(1);
+        assert!(balancer.pick(Instant::now()).is_some());
+        balancer.endpoints.clear();
+        assert!(balancer.pick(Instant::now()).is_none());
+    }
 
     fn headers(pairs: &[(&'static str, &'static str)]) -> http::HeaderMap {
         let mut h = http::HeaderMap::new();

@@ -22,6 +22,7 @@ use crate::forward::{self, BoxError, ProxyBody};
 use crate::group::Group;
 use crate::read::{Consistency, Reads};
 use crate::update;
+use crate::upstream;
 
 /// The client's address, as a request extension (set by the server per connection).
 #[derive(Debug, Clone, Copy)]
@@ -35,6 +36,8 @@ pub(crate) struct Routed {
     /// The runtime the group's background tasks run on: updates arriving on a client
     /// thread's own runtime run there (see [`dispatch`]).
     pub(crate) runtime: tokio::runtime::Handle,
+    /// Served on a client thread's own runtime (with that thread's `reads`).
+    pub(crate) on_client_thread: bool,
 }
 
 /// Routes requests to regroup's groups; others go to the inner service.
@@ -144,11 +147,11 @@ where
         .classifier
         .classify(req.method(), req.uri().path());
     match kind {
-        // A connection served on a client thread's own runtime (it carries that thread's
-        // `LocalUpstream`) hands its updates to the group's runtime, where the journal, the
-        // replayers and supervision run: an update's work outlives no client runtime. The
-        // task is aborted if the client goes away, as the update's future would be dropped.
-        Kind::Update if req.extensions().get::<forward::LocalUpstream>().is_some() => {
+        // A connection served on a client thread's own runtime hands its updates to the
+        // group's runtime, where the journal, the replayers and supervision run: an update's
+        // work outlives no client runtime. The task is aborted if the client goes away, as
+        // the update's future would be dropped.
+        Kind::Update if routed.on_client_thread => {
             let group = routed.group.clone();
             let task = AbortOnDrop(
                 routed
@@ -161,10 +164,14 @@ where
         Kind::Read => {
             // A read's body streams to the partition; when the client is too slow sending
             // it (the body deadline), the failed exchange is the client's: 408, not 502.
-            // (No flag for the usual bodiless read: nothing to allocate on the hot path.)
-            let body_late = (!has_no_body(&req)).then(|| Arc::new(AtomicBool::new(false)));
+            // The usual bodiless read sends an empty body instead (nothing allocated).
+            let bodiless = has_no_body(&req);
+            let body_late = (!bodiless).then(|| Arc::new(AtomicBool::new(false)));
             let late = body_late.clone();
             let mut req = req.map(|b| {
+                if bodiless {
+                    return upstream::empty();
+                }
                 b.map_err(move |e| {
                     let e: BoxError = e.into();
                     if let Some(late) = &late
@@ -200,7 +207,7 @@ where
                     ms: routed.group.config.read_timeout_ms,
                 }),
                 Ok(resp) => match resp {
-                    Ok(resp) => Ok(forward::client_response(resp)),
+                    Ok(resp) => Ok(upstream::client_response(resp)),
                     Err(_) if body_late() => Err(ProxyError::BodyTimeout),
                     Err(e) => Err(e),
                 },

@@ -22,7 +22,7 @@ use tower_http::timeout::{DeadlineBody, RequestBodyDeadlineLayer};
 use crate::admin::Admin;
 use crate::config::{Config, Proxies};
 use crate::error::ProxyError;
-use crate::forward::{BoxError, LocalUpstream, ProxyBody, upstream_client};
+use crate::forward::{BoxError, ProxyBody, upstream_client};
 use crate::group::Group;
 use crate::link::{HttpLink, PartitionLink};
 use crate::ownership::{self, Ownership};
@@ -85,7 +85,7 @@ impl Proxy {
             );
             let group = Group::open(gc.clone(), journal.clone(), link, client.clone()).await?;
             group.start().await;
-            let reads = Arc::new(Reads::start(&group));
+            let reads = Reads::start(&group);
             tracing::info!(group = %group.name(), primary = %group.role().primary,
                 epoch = group.epoch(), head = group.head(), "group started");
             groups.push(group.clone());
@@ -93,6 +93,7 @@ impl Proxy {
                 group,
                 reads,
                 runtime: tokio::runtime::Handle::current(),
+                on_client_thread: false,
             });
         }
         if token.is_none() && !config.admin_listen.ip().is_loopback() {
@@ -168,20 +169,75 @@ impl Proxy {
         Future: Send + 'static,
     > + Clone
     + Send
+    + Sync
     + 'static {
-        ServiceBuilder::new()
-            // Bounds the time a client has to send the whole body: a stalled or trickled
-            // update body fails its read with a time-out, answered 408 before anything is
-            // journaled. Outermost, so the clock starts when the request arrives.
-            .layer(RequestBodyDeadlineLayer::new(self.limits.body_read_timeout))
-            // Routes each request to its group: updates to the journaled path (body limit
-            // `max_body_bytes`, 413), reads to the balancer (time-out `read_timeout_ms`, 504).
-            .layer(self.layer())
-            // Requests no group serves get a JSON 404.
-            .service_fn(|req: Request<DeadlineBody<Incoming>>| async move {
-                Ok::<_, BoxError>(ProxyError::NoGroup(req.uri().path().to_owned()).into_response())
-            })
+        client_stack(self.layer(), self.limits)
     }
+
+    /// What each client thread builds its own client-facing stack from.
+    fn thread_stacks(&self) -> ThreadStacks {
+        ThreadStacks {
+            groups: self
+                .routes
+                .iter()
+                .map(|r| (r.group.clone(), r.runtime.clone()))
+                .collect(),
+            limits: self.limits,
+        }
+    }
+}
+
+/// Builds, on a client thread, that thread's client-facing stack: the same as
+/// [`Proxy::service`], with read balancers (and their upstream connections) of the thread's
+/// own, each kept in step with its group by a task on the thread's runtime.
+#[derive(Clone)]
+struct ThreadStacks {
+    groups: Vec<(Arc<Group>, tokio::runtime::Handle)>,
+    limits: Limits,
+}
+
+impl ThreadStacks {
+    /// The current thread's stack (called on its runtime).
+    fn build(&self) -> impl ClientService {
+        let routes = self
+            .groups
+            .iter()
+            .map(|(group, runtime)| Routed {
+                group: group.clone(),
+                reads: Reads::start(group),
+                runtime: runtime.clone(),
+                on_client_thread: true,
+            })
+            .collect();
+        client_stack(RegroupLayer::new(routes), self.limits)
+    }
+}
+
+/// The client-facing stack over `layer`, outermost layer first.
+fn client_stack(
+    layer: RegroupLayer,
+    limits: Limits,
+) -> impl Service<
+    Request<Incoming>,
+    Response = Response<ProxyBody>,
+    Error = BoxError,
+    Future: Send + 'static,
+> + Clone
++ Send
++ Sync
++ 'static {
+    ServiceBuilder::new()
+        // Bounds the time a client has to send the whole body: a stalled or trickled
+        // update body fails its read with a time-out, answered 408 before anything is
+        // journaled. Outermost, so the clock starts when the request arrives.
+        .layer(RequestBodyDeadlineLayer::new(limits.body_read_timeout))
+        // Routes each request to its group: updates to the journaled path (body limit
+        // `max_body_bytes`, 413), reads to the balancer (time-out `read_timeout_ms`, 504).
+        .layer(layer)
+        // Requests no group serves get a JSON 404.
+        .service_fn(|req: Request<DeadlineBody<Incoming>>| async move {
+            Ok::<_, BoxError>(ProxyError::NoGroup(req.uri().path().to_owned()).into_response())
+        })
 }
 
 impl Proxy {
@@ -269,9 +325,13 @@ pub async fn serve(
         // Several proxies: a node's clients stay on its main runtime (the node forwards to
         // the leader or takes over; client threads are for the single proxy).
         let taken_over = listeners
-            .run(&config, 0, clients, admin, shutdown, async move {
-                Some(lost.await)
-            })
+            .run(
+                &config,
+                Clients::Inline(clients),
+                admin,
+                shutdown,
+                async move { Some(lost.await) },
+            )
             .await?;
         return finish(&config, taken_over, node.release()).await;
     }
@@ -282,15 +342,15 @@ pub async fn serve(
         let admin = admin.clone();
         async move { admin.handle(req).await }
     };
+    let clients = if client_threads > 0 {
+        Clients::Threads(client_threads, proxy.thread_stacks())
+    } else {
+        Clients::Inline(proxy.service())
+    };
     let taken_over = listeners
-        .run(
-            &config,
-            client_threads,
-            proxy.service(),
-            handle_admin,
-            shutdown,
-            async { Some(proxy.ownership().lost().await) },
-        )
+        .run(&config, clients, handle_admin, shutdown, async {
+            Some(proxy.ownership().lost().await)
+        })
         .await?;
     finish(&config, taken_over, proxy.ownership().release()).await
 }
@@ -331,6 +391,7 @@ trait ClientService:
         Future: Send + 'static,
     > + Clone
     + Send
+    + Sync
     + 'static
 {
 }
@@ -343,20 +404,27 @@ impl<S> ClientService for S where
             Future: Send + 'static,
         > + Clone
         + Send
+        + Sync
         + 'static
 {
 }
 
+/// Where client connections are served.
+enum Clients<S> {
+    /// On the current runtime, by this stack.
+    Inline(S),
+    /// On that many client threads, each with a stack of its own (see [`client_thread`]).
+    Threads(usize, ThreadStacks),
+}
+
 impl Listeners {
-    /// Serves `clients` and `admin` until `shutdown` or `lost` completes (then finishes the
+    /// Serves the clients and `admin` until `shutdown` or `lost` completes (then finishes the
     /// requests in flight, for at most 10 s); returns what `lost` said, if it ended it.
-    /// With `client_threads` above 0, clients are served on that many threads of their own
-    /// (see [`client_thread`]), else on this runtime.
+    /// Clients are served on this runtime or on client threads, as `clients` says.
     async fn run<S, A, AF>(
         self,
         config: &Config,
-        client_threads: usize,
-        clients: S,
+        clients: Clients<S>,
         admin: A,
         shutdown: impl Future<Output = ()> + Send,
         lost: impl Future<Output = Option<String>>,
@@ -392,9 +460,14 @@ impl Listeners {
         let (stop, stopped) = tokio::sync::watch::channel(false);
         let (alive, mut all_gone) = tokio::sync::mpsc::channel::<()>(1);
         let mut inline = None;
-        if client_threads == 0 {
-            inline = Some(client);
-        } else {
+        let threads = match clients {
+            Clients::Inline(clients) => {
+                inline = Some((client, clients));
+                None
+            }
+            Clients::Threads(n, stacks) => Some((client, n, stacks)),
+        };
+        if let Some((client, client_threads, stacks)) = threads {
             let addr = client.local_addr().map_err(|e| {
                 ProxyError::BadRequest(format!("cannot read the client listener's address: {e}"))
             })?;
@@ -409,7 +482,7 @@ impl Listeners {
                 let thread = ClientThread {
                     index,
                     on,
-                    clients: clients.clone(),
+                    stacks: stacks.clone(),
                     http1: http1.clone(),
                     permits: permits.clone(),
                     stop: stopped.clone(),
@@ -426,14 +499,14 @@ impl Listeners {
         drop(alive);
         let client_loop = async {
             match &inline {
-                Some(listener) => {
+                Some((listener, clients)) => {
                     accept_loop(
                         "client",
                         listener,
                         permits.clone(),
                         PermitOrder::BeforeAccept,
                         |stream, peer, permit| {
-                            serve_client(&http1, &graceful, &clients, None, stream, peer, permit);
+                            serve_client(&http1, &graceful, clients, stream, peer, permit);
                         },
                     )
                     .await
@@ -490,25 +563,20 @@ impl Listeners {
 /// How long requests in flight have to finish at shutdown.
 const GRACE: Duration = Duration::from_secs(10);
 
-/// Serves one client connection on the current runtime: the client's address (and the
-/// thread's own upstream client, when it has one) go into every request's extensions.
+/// Serves one client connection on the current runtime: the client's address goes into
+/// every request's extensions.
 fn serve_client<S: ClientService>(
     http1: &hyper::server::conn::http1::Builder,
     graceful: &GracefulShutdown,
     clients: &S,
-    local: Option<&LocalUpstream>,
     stream: TcpStream,
     peer: SocketAddr,
     permit: OwnedSemaphorePermit,
 ) {
     let _ = stream.set_nodelay(true);
-    let local = local.cloned();
     let svc = ServiceBuilder::new()
         .map_request(move |mut req: Request<Incoming>| {
             req.extensions_mut().insert(ClientAddr(peer));
-            if let Some(local) = &local {
-                req.extensions_mut().insert(local.clone());
-            }
             req
         })
         .service(clients.clone());
@@ -530,10 +598,11 @@ enum ListenOn {
 }
 
 /// What a client thread needs.
-struct ClientThread<S> {
+struct ClientThread {
     index: usize,
     on: ListenOn,
-    clients: S,
+    /// Builds the thread's client-facing stack, on its runtime.
+    stacks: ThreadStacks,
     http1: hyper::server::conn::http1::Builder,
     /// Shared by every client thread: `max_connections` bounds them together.
     permits: Arc<Semaphore>,
@@ -542,16 +611,17 @@ struct ClientThread<S> {
 }
 
 /// A client thread: a single-threaded runtime serving the connections its listener
-/// accepts, with an upstream pool of its own. A read's client connection and upstream
-/// connection then run on the same thread, so forwarding one wakes no other thread (on a
-/// multi-threaded runtime, most of a read's cost was the wake-ups between the two tasks).
+/// accepts, with read balancers and upstream connections of its own. A read's upstream
+/// connection is driven in the client connection's own task, so forwarding one wakes no
+/// other task or thread (on a multi-threaded runtime, most of a read's cost was the
+/// wake-ups between the two tasks).
 /// Updates are handed to the groups' runtime (see `route::dispatch`). When told to stop,
 /// it stops accepting and gives its connections [`GRACE`] to finish.
-fn client_thread<S: ClientService>(thread: ClientThread<S>) {
+fn client_thread(thread: ClientThread) {
     let ClientThread {
         index,
         on,
-        clients,
+        stacks,
         http1,
         permits,
         mut stop,
@@ -580,11 +650,11 @@ fn client_thread<S: ClientService>(thread: ClientThread<S>) {
                 return;
             }
         };
-        let local = LocalUpstream(Arc::new(upstream_client()));
+        let clients = stacks.build();
         let graceful = GracefulShutdown::new();
         tokio::select! {
             _ = accept_loop("client", &listener, permits, PermitOrder::AfterAccept, |stream, peer, permit| {
-                serve_client(&http1, &graceful, &clients, Some(&local), stream, peer, permit);
+                serve_client(&http1, &graceful, &clients, stream, peer, permit);
             }) => {}
             _ = stop.wait_for(|stop| *stop) => {}
         }

@@ -26,7 +26,6 @@ use tokio::task::JoinHandle;
 use crate::classify::Classifier;
 use crate::config::{GroupConfig, base_uri};
 use crate::error::ProxyError;
-use crate::forward::Upstream;
 use crate::link::PartitionLink;
 use crate::partition::{Health, Partition, PartitionView};
 use crate::status::PartitionStatus;
@@ -70,8 +69,6 @@ pub struct Group {
     /// How the config's partitions differ from the journal's membership (which wins).
     drift: Vec<String>,
     pub(crate) journal: Arc<dyn Journal>,
-    /// The pooled client of the read path.
-    pub(crate) client: Upstream,
     /// How the core reaches partitions (updates, replays, heartbeats, positions).
     pub(crate) link: Arc<dyn PartitionLink>,
     role: watch::Sender<Role>,
@@ -169,7 +166,6 @@ impl Group {
         config: GroupConfig,
         journal: Arc<dyn Journal>,
         link: Arc<dyn PartitionLink>,
-        client: Upstream,
     ) -> Result<Arc<Group>, ProxyError> {
         let journal_err = |e: regroup_replay::JournalError| ProxyError::Journal(e.to_string());
         let first = config
@@ -243,7 +239,6 @@ impl Group {
             membership_lock: Mutex::new(()),
             drift,
             journal,
-            client,
             link,
             role: watch::Sender::new(Role {
                 epoch: state.role.epoch,

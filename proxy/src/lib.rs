@@ -54,12 +54,6 @@ mod failover;
 mod feed;
 mod follow;
 pub mod forward;
-// The group's pooled `client` field is no longer read (reads have their own connections,
-// `upstream`); group.rs is being changed on another branch, which should drop the field.
-#[expect(
-    dead_code,
-    reason = "Group::client is unused since reads have their own connections"
-)]
 pub mod group;
 pub mod link;
 mod membership;

@@ -83,7 +83,7 @@ impl Proxy {
                     .signed(gc.signing_secret())
                     .term(ownership.token()),
             );
-            let group = Group::open(gc.clone(), journal.clone(), link, client.clone()).await?;
+            let group = Group::open(gc.clone(), journal.clone(), link).await?;
             group.start().await;
             let reads = Reads::start(&group);
             tracing::info!(group = %group.name(), primary = %group.role().primary,

@@ -911,14 +911,9 @@ async fn start_proxy(
         frozen: frozen.clone(),
         term,
     });
-    let group = Group::open(
-        config(seed),
-        journal,
-        core_link,
-        crate::forward::upstream_client(),
-    )
-    .await
-    .map_err(|e| e.to_string())?;
+    let group = Group::open(config(seed), journal, core_link)
+        .await
+        .map_err(|e| e.to_string())?;
     group.start().await;
     Ok(Proxy {
         group,
@@ -1771,14 +1766,9 @@ fn deferred_seals_reach_replicas_only_once_flushed() {
             frozen: Arc::default(),
         });
         let link = sim_link();
-        let group = Group::open(
-            config(0),
-            journal,
-            link.clone(),
-            crate::forward::upstream_client(),
-        )
-        .await
-        .unwrap_or_else(|e| panic!("open: {e}"));
+        let group = Group::open(config(0), journal, link.clone())
+            .await
+            .unwrap_or_else(|e| panic!("open: {e}"));
         group.start().await;
         let req = Request::post("/op")
             .body(Full::new(Bytes::from_static(b"x")))
@@ -1826,13 +1816,7 @@ fn a_stored_primary_missing_from_the_config_is_refused() {
         let journal = MemoryJournal::new();
         let stored = journal.role("sim", "gone").await;
         assert!(stored.is_ok_and(|r| r.primary == "gone"));
-        let opened = Group::open(
-            config(0),
-            Arc::new(journal),
-            sim_link(),
-            crate::forward::upstream_client(),
-        )
-        .await;
+        let opened = Group::open(config(0), Arc::new(journal), sim_link()).await;
         match opened {
             Err(crate::error::ProxyError::Config(why)) => {
                 assert!(why.contains("\"gone\""), "{why}")
@@ -1870,14 +1854,9 @@ async fn open_sim(
     journal: &MemoryJournal,
     link: &Arc<SimLink>,
 ) -> Arc<Group> {
-    let group = Group::open(
-        config,
-        Arc::new(journal.clone()),
-        link.clone(),
-        crate::forward::upstream_client(),
-    )
-    .await
-    .unwrap_or_else(|e| panic!("open: {e}"));
+    let group = Group::open(config, Arc::new(journal.clone()), link.clone())
+        .await
+        .unwrap_or_else(|e| panic!("open: {e}"));
     group.start().await;
     group
 }
@@ -2101,7 +2080,6 @@ fn a_record_lost_in_a_power_loss_quarantines_the_primary_that_executed_it() {
             config(0),
             faulty(first.clone(), fail_flushes.clone()),
             link.clone(),
-            crate::forward::upstream_client(),
         )
         .await
         .unwrap_or_else(|e| panic!("open: {e}"));
@@ -2140,7 +2118,6 @@ fn a_record_lost_in_a_power_loss_quarantines_the_primary_that_executed_it() {
             config(0),
             faulty(store.handle(), Arc::default()),
             link.clone(),
-            crate::forward::upstream_client(),
         )
         .await
         .unwrap_or_else(|e| panic!("reopen: {e}"));

@@ -23,6 +23,8 @@
 #   --keep          keep the temporary directory (configs, logs, raw wrk output)
 #   --no-build      measure the binaries already in target/release (no cargo build)
 #   --set LINE      a top-level line for both regroup configs, e.g. `--set 'client_threads = 0'`
+#   --group-set LINE  a line for the group of both regroup configs, e.g.
+#                   `--group-set 'pipeline_window = 1'`
 #                   (repeatable; shown in the report)
 #   REGROUP_BIN     a regroup binary to measure instead of the one built (e.g. a copy of an
 #                   earlier build, for a before/after comparison)
@@ -102,6 +104,7 @@ KEEP=0
 SYNC=full
 ONLY=""
 SETS=()
+GROUP_SETS=()
 BUILD=1
 CATCHUP_RECORDS="${BENCH_CATCHUP_RECORDS:-10000}"
 KILLS="${BENCH_KILLS:-3}"
@@ -112,6 +115,7 @@ while [[ $# -gt 0 ]]; do
         --keep) KEEP=1 ;;
         --only) ONLY="$2"; shift ;;
         --set) SETS+=("$2"); shift ;;
+        --group-set) GROUP_SETS+=("$2"); shift ;;
         --no-build) BUILD=0 ;;
         --rounds) ROUNDS="$2"; shift ;;
         --duration) DURATION="$2"; shift ;;
@@ -163,7 +167,7 @@ regroup_config() {
     for name in "$@"; do parts+=("$name=${BANK_URLS[$name]}"); done
     write_config "$file" "journal = \"sqlite://$journal\"
 journal_sync = \"$SYNC\"
-$(printf '%s\n' "${SETS[@]}")" "" "${parts[@]}"
+$(printf '%s\n' "${SETS[@]}")" "$(printf '%s\n' "${GROUP_SETS[@]}")" "${parts[@]}"
 }
 
 regroup_config "$TMP/regroup-three.toml" "$TMP/journal-three.db" a b c
@@ -485,6 +489,7 @@ COMMAND+=" --rounds $ROUNDS --duration $DURATION"
 [[ " ${TARGETS[*]} " == *" failover "* && $KILLS -ne 3 ]] && COMMAND+=" --kills $KILLS"
 [[ "$SYNC" != full ]] && COMMAND+=" --journal-sync $SYNC"
 for line in "${SETS[@]}"; do COMMAND+=" --set '$line'"; done
+for line in "${GROUP_SETS[@]}"; do COMMAND+=" --group-set '$line'"; done
 python3 "$ROOT/bench/report.py" "$RESULTS" \
     --rounds "$ROUNDS" --duration "$DURATION" \
     --command "$COMMAND" \

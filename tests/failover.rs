@@ -16,7 +16,18 @@ const FAST: &str = "heartbeat_interval_ms = 100\nheartbeat_timeout_ms = 100\nhea
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn failover_primary_killed_five_times_under_load() {
-    let mut g = BankGroup::start(3, None, FAST).await;
+    primary_killed_five_times(BankGroup::start(3, None, FAST).await).await;
+}
+
+/// The same with the pipelined sequencer: up to eight updates on their way to the primary
+/// when it is killed; those in flight are settled in seq order by the next primary.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn failover_primary_killed_five_times_under_load_with_a_pipeline_window() {
+    let extra = format!("{FAST}\npipeline_window = 8");
+    primary_killed_five_times(BankGroup::start(3, None, &extra).await).await;
+}
+
+async fn primary_killed_five_times(mut g: BankGroup) {
     let mut report = LoadReport::default();
     let seeds = seed_accounts(&g, 6, &mut report).await;
     let stop = Arc::new(AtomicBool::new(false));

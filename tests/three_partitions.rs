@@ -91,6 +91,14 @@ async fn proxy_killed_mid_load_loses_no_acknowledged_update_with_overlapped_flus
     proxy_killed_mid_load(BankGroup::start_top(3, "journal_sync = \"overlap\"").await).await;
 }
 
+/// The same with the pipelined sequencer: up to eight records on their way to the primary
+/// when the proxy dies; the restarted proxy finds them unsealed and settles them in seq order
+/// from the primary's exactly-once record.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn proxy_killed_mid_load_loses_no_acknowledged_update_with_a_pipeline_window() {
+    proxy_killed_mid_load(BankGroup::start(3, None, "pipeline_window = 8").await).await;
+}
+
 async fn proxy_killed_mid_load(mut g: BankGroup) {
     let mut report = LoadReport::default();
     let seeds = seed_accounts(&g, 6, &mut report).await;

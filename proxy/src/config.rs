@@ -37,6 +37,12 @@ pub const DEFAULT_HEARTBEAT_RETRIES: u32 = 3;
 pub const DEFAULT_FAILOVER_WAIT_MS: u64 = 5000;
 /// Default time-out for the primary's answer to an update.
 pub const DEFAULT_UPDATE_TIMEOUT_MS: u64 = 30_000;
+/// Default `pipeline_window`: updates on their way to the primary at once. One, until
+/// replayers pipeline too: a primary fed without gaps outruns a replica that replays one
+/// record per round trip, and a replica behind under full load would never catch up.
+pub const DEFAULT_PIPELINE_WINDOW: usize = 1;
+/// Largest `pipeline_window`.
+pub const MAX_PIPELINE_WINDOW: usize = 64;
 /// Default bound on how long a read waits for an eligible partition.
 pub const DEFAULT_READ_WAIT_MS: u64 = 2000;
 /// Default number of records a replica may lag and still serve reads.
@@ -201,6 +207,12 @@ pub struct GroupConfig {
     /// How long the primary has to answer an update before it is in doubt.
     #[serde(default = "default_update_timeout")]
     pub update_timeout_ms: u64,
+    /// How many updates may be on their way to the primary at once (the pipelined
+    /// sequencer's window). Above 1 only for a primary whose app layer keeps the
+    /// exactly-once record: it executes them one at a time in seq order (`Regroup-Prev`,
+    /// `Regroup-Pipelined`). 1: each update is sealed before the next is sent.
+    #[serde(default = "default_pipeline_window")]
+    pub pipeline_window: usize,
     /// How long a read waits for an eligible partition before 503.
     #[serde(default = "default_read_wait")]
     pub read_wait_ms: u64,
@@ -337,6 +349,10 @@ fn default_hb_retries() -> u32 {
 fn default_failover_wait() -> u64 {
     DEFAULT_FAILOVER_WAIT_MS
 }
+fn default_pipeline_window() -> usize {
+    DEFAULT_PIPELINE_WINDOW
+}
+
 fn default_update_timeout() -> u64 {
     DEFAULT_UPDATE_TIMEOUT_MS
 }
@@ -549,6 +565,12 @@ impl Config {
                 if v == 0 {
                     return Err(invalid(key(k), "must be greater than 0".into()));
                 }
+            }
+            if g.pipeline_window == 0 || g.pipeline_window > MAX_PIPELINE_WINDOW {
+                return Err(invalid(
+                    key("pipeline_window"),
+                    format!("must be between 1 and {MAX_PIPELINE_WINDOW}"),
+                ));
             }
             if g.heartbeat_retries == 0 {
                 return Err(invalid(

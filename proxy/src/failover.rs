@@ -155,11 +155,13 @@ pub(crate) async fn move_role(
     }
     let slot = if planned {
         let wait = group.config.failover_wait();
+        let until = Instant::now() + wait;
         match tokio::time::timeout(wait, group.write_slot.lock()).await {
-            Ok(slot) => Some(slot),
-            Err(_) => {
+            // Every update on its way to the primary is sealed (or in doubt) first.
+            Ok(slot) if crate::update::drain_window(group, until).await => Some(slot),
+            _ => {
                 return Err(unavailable(
-                    "the update in flight did not finish in time for the switchover".into(),
+                    "the updates in flight did not finish in time for the switchover".into(),
                 ));
             }
         }

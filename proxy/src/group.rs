@@ -85,8 +85,16 @@ pub struct Group {
     pub(crate) flush_wanted: tokio::sync::Notify,
     /// The record whose execution is unknown, if any. Updates wait while set.
     in_doubt: watch::Sender<Option<Record>>,
-    /// Serializes the group's updates (held from append to seal).
+    /// Serializes the group's appends (held from taking a seq to the record's registration
+    /// in the window; with a window of one, until the record is sealed or in doubt).
     pub(crate) write_slot: Mutex<()>,
+    /// The records sent to the primary and not yet sealed or in doubt (update.rs: the
+    /// pipelined sequencer).
+    pub(crate) window: std::sync::Mutex<crate::update::Window>,
+    /// Woken when the window shrinks or the written sealed head moves.
+    pub(crate) window_moved: tokio::sync::Notify,
+    /// Whether a background settlement runs (`update::spawn_settle`).
+    pub(crate) settling: std::sync::atomic::AtomicBool,
     /// Held while an answer is sealed and while a hand-over starts: a seal checks, under
     /// it, that the epoch it was sent in still leads.
     pub(crate) seal_gate: Mutex<()>,
@@ -121,6 +129,10 @@ impl std::fmt::Debug for Group {
             .finish_non_exhaustive()
     }
 }
+
+/// How many records after a settled one are looked at for the next unsealed one (more than
+/// any window holds).
+const IN_DOUBT_SCAN: u64 = 256;
 
 /// A point-in-time view of a group, for `/status`.
 #[derive(Debug, Clone)]
@@ -244,6 +256,9 @@ impl Group {
             flush_wanted: tokio::sync::Notify::new(),
             in_doubt: watch::Sender::new(first_unsealed),
             write_slot: Mutex::new(()),
+            window: std::sync::Mutex::default(),
+            window_moved: tokio::sync::Notify::new(),
+            settling: std::sync::atomic::AtomicBool::new(false),
             seal_gate: Mutex::new(()),
             role_lock: Mutex::new(()),
             settle_lock: Mutex::new(()),
@@ -392,7 +407,9 @@ impl Group {
         self.changed.send_modify(|v| *v = v.wrapping_add(1));
     }
 
-    /// `mark_in_doubt`: `record`'s execution is unknown; later updates wait.
+    /// `mark_in_doubt`: `record`'s execution is unknown; later updates wait. The group holds
+    /// the lowest such record: one above it is taken up again from the journal once every
+    /// record below it is settled ([`Group::clear_in_doubt`]).
     pub(crate) fn mark_in_doubt(&self, record: Record, reason: &str) {
         self.transition(
             "mark_in_doubt",
@@ -401,8 +418,16 @@ impl Group {
                 record.seq, record.executors
             ),
         );
-        self.in_doubt.send_replace(Some(record));
-        self.metrics.in_doubt();
+        let taken = self.in_doubt.send_if_modified(|current| match current {
+            Some(lower) if lower.seq <= record.seq => false,
+            _ => {
+                *current = Some(record);
+                true
+            }
+        });
+        if taken {
+            self.metrics.in_doubt();
+        }
         self.bump();
     }
 
@@ -417,24 +442,54 @@ impl Group {
         });
     }
 
+    /// The pipelined sequencer's window (a short lock, never held across an await).
+    pub(crate) fn window_lock(&self) -> std::sync::MutexGuard<'_, crate::update::Window> {
+        self.window.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Takes up the first unsealed record above the written sealed head that no update task
+    /// holds in its window, as in doubt (see `update::Window`: only a settlement that could
+    /// not read the journal leaves one behind).
+    pub(crate) async fn take_up_unsealed(self: &Arc<Self>) {
+        let from = self.written();
+        if let Ok(after) = self
+            .journal
+            .read_after(self.name(), from, IN_DOUBT_SCAN)
+            .await
+            && let Some(next) = after
+                .into_iter()
+                .find(|r| !r.state.is_sealed() && !self.window_lock().holds(r.seq))
+        {
+            self.mark_in_doubt(next, "found unsealed below the journal's head");
+            crate::update::spawn_settle(self.clone());
+        }
+    }
+
     /// Clears the in-doubt record `seq` (settled), and takes up the next unsealed record
-    /// if the journal holds one (only after a restart on an old journal).
+    /// after it that no update task still holds in its window: one that was sent behind it
+    /// and failed too, or one left unsealed by an earlier process.
     pub(crate) async fn clear_in_doubt(&self, seq: u64) {
         self.in_doubt
             .send_if_modified(|r| r.take_if(|r| r.seq == seq).is_some());
         if self.head() > seq
-            && let Ok(next) = self.journal.read_after(self.name(), seq, 1).await
-            && let Some(next) = next.into_iter().next()
-            && !next.state.is_sealed()
+            && let Ok(after) = self
+                .journal
+                .read_after(self.name(), seq, IN_DOUBT_SCAN)
+                .await
+            && let Some(next) = after
+                .into_iter()
+                .find(|r| !r.state.is_sealed() && !self.window_lock().holds(r.seq))
         {
-            self.mark_in_doubt(next, "left unsealed below the journal's head");
+            self.mark_in_doubt(next, "left unsealed behind a settled record");
         }
+        self.window_moved.notify_waiters();
         self.bump();
     }
 
     /// Advances the durable sealed head to `seq` (every record up to it is sealed).
     pub(crate) fn sealed_through(&self, seq: u64) {
         self.written.fetch_max(seq, Ordering::AcqRel);
+        self.window_moved.notify_waiters();
         self.sealed.send_if_modified(|s| {
             if seq > *s {
                 *s = seq;
@@ -450,6 +505,7 @@ impl Group {
     /// seals to its next flush); replicas do not see it until [`Group::flushed`].
     pub(crate) fn sealed_unflushed(&self, seq: u64) {
         self.written.fetch_max(seq, Ordering::AcqRel);
+        self.window_moved.notify_waiters();
         self.flush_wanted.notify_one();
     }
 

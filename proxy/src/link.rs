@@ -101,6 +101,31 @@ pub trait PartitionLink: Send + Sync + 'static {
         timeout: Duration,
     ) -> Result<Answer, SendError>;
 
+    /// Whether this link sends records pipelined ([`PartitionLink::send_behind`]).
+    fn pipelines(&self) -> bool {
+        false
+    }
+
+    /// Sends `record` to `partition` (as [`PartitionLink::send`]) right behind record `prev`,
+    /// which may still be on its way or executing there (`Regroup-Prev: prev`,
+    /// `Regroup-Pipelined: 1`): the partition's app layer waits for `prev` to be recorded,
+    /// bounded, before it runs this one, or refuses it (`Behind`) when `prev` was not
+    /// recorded. A link that does not pipeline refuses to send it.
+    async fn send_behind(
+        &self,
+        partition: &Partition,
+        record: &Record,
+        replay: bool,
+        prev: u64,
+        timeout: Duration,
+    ) -> Result<Answer, SendError> {
+        let _ = (partition, replay, prev, timeout);
+        Err(SendError::NotSent(format!(
+            "record {}: this link does not send records pipelined",
+            record.seq
+        )))
+    }
+
     /// One heartbeat: `GET path`; Ok on a 2xx within `timeout`.
     async fn health(
         &self,
@@ -262,21 +287,23 @@ pub(crate) fn deposed(answer: &Answer, term: u64) -> Option<SendError> {
     })
 }
 
-#[async_trait::async_trait]
-impl PartitionLink for HttpLink {
-    async fn send(
+impl HttpLink {
+    /// Sends `record` with `Regroup-Prev: prev` (`pipelined`: with `Regroup-Pipelined: 1`).
+    async fn send_after(
         &self,
         partition: &Partition,
         record: &Record,
         replay: bool,
+        prev: Option<u64>,
+        pipelined: bool,
         timeout: Duration,
     ) -> Result<Answer, SendError> {
-        let req = crate::update::record_request(
+        let mut req = crate::update::record_request(
             record,
             partition.base(),
             replay,
             self.term,
-            partition.delivered(),
+            prev,
             self.secret.as_ref(),
         )
         .map_err(|e| {
@@ -284,6 +311,12 @@ impl PartitionLink for HttpLink {
                 "refusing to send a record over HTTP");
             SendError::NotSent(format!("cannot build request: {e}"))
         })?;
+        if pipelined {
+            req.headers_mut().insert(
+                regroup_replay::headers::PIPELINED,
+                http::HeaderValue::from_static("1"),
+            );
+        }
         let answer = self.exchange(req, timeout).await?;
         // What the partition says it recorded, unless its layer refused the record (then
         // this proxy's idea stays as it was: a refused sender must not be re-aimed by the
@@ -296,7 +329,8 @@ impl PartitionLink for HttpLink {
             .and_then(|v| v.parse::<u64>().ok())
             && layer_refusal(&answer).is_none()
         {
-            partition.set_delivered(applied);
+            // Answers of pipelined records may come back in any order.
+            partition.note_delivered(applied);
         }
         if let Some(refusal) = deposed(&answer, self.term) {
             return Err(refusal);
@@ -316,6 +350,43 @@ impl PartitionLink for HttpLink {
             return Err(SendError::Behind(applied));
         }
         Ok(answer)
+    }
+}
+
+#[async_trait::async_trait]
+impl PartitionLink for HttpLink {
+    async fn send(
+        &self,
+        partition: &Partition,
+        record: &Record,
+        replay: bool,
+        timeout: Duration,
+    ) -> Result<Answer, SendError> {
+        self.send_after(
+            partition,
+            record,
+            replay,
+            partition.delivered(),
+            false,
+            timeout,
+        )
+        .await
+    }
+
+    fn pipelines(&self) -> bool {
+        true
+    }
+
+    async fn send_behind(
+        &self,
+        partition: &Partition,
+        record: &Record,
+        replay: bool,
+        prev: u64,
+        timeout: Duration,
+    ) -> Result<Answer, SendError> {
+        self.send_after(partition, record, replay, Some(prev), true, timeout)
+            .await
     }
 
     async fn health(

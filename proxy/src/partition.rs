@@ -141,6 +141,17 @@ impl Partition {
         self.delivered.store(seq, Ordering::Release);
     }
 
+    /// Notes what its app layer said on an answer: never lower than what a later answer
+    /// said already (answers of pipelined records may arrive in any order). A copy that
+    /// stands lower (restored) is re-aimed by [`Partition::set_delivered`].
+    pub(crate) fn note_delivered(&self, seq: u64) {
+        let _ = self
+            .delivered
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |d| {
+                (d == UNKNOWN || seq > d).then_some(seq)
+            });
+    }
+
     /// Highest seq applied.
     pub fn applied(&self) -> u64 {
         self.applied.load(Ordering::Acquire)

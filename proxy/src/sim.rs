@@ -76,6 +76,9 @@ struct PState {
     gap_checked: bool,
     /// The highest proxy term the layer has seen since the last start (in memory).
     term: u64,
+    /// The highest seq whose request finished at the layer, recorded or not (pipelined
+    /// records wait for their predecessor to finish).
+    finished: u64,
 }
 
 /// One simulated partition.
@@ -106,6 +109,8 @@ struct SimLink {
     sent: Mutex<Vec<Sent>>,
     /// Every snapshot taken, by the id its body carries.
     snapshots: Mutex<Vec<Copy>>,
+    /// Records sent pipelined (right behind the one before them).
+    pipelined: AtomicU32,
 }
 
 impl SimLink {
@@ -212,7 +217,24 @@ impl PartitionLink for SimLink {
         replay: bool,
         timeout: Duration,
     ) -> Result<Answer, SendError> {
-        self.send_as(0, partition, record, replay, timeout).await
+        self.send_as(0, partition, record, replay, None, timeout)
+            .await
+    }
+
+    fn pipelines(&self) -> bool {
+        true
+    }
+
+    async fn send_behind(
+        &self,
+        partition: &Partition,
+        record: &Record,
+        replay: bool,
+        prev: u64,
+        timeout: Duration,
+    ) -> Result<Answer, SendError> {
+        self.send_as(0, partition, record, replay, Some(prev), timeout)
+            .await
     }
 
     async fn health(
@@ -315,13 +337,15 @@ impl PartitionLink for SimLink {
 }
 
 impl SimLink {
-    /// Sends `record` as a proxy of term `term` would (0: none).
+    /// Sends `record` as a proxy of term `term` would (0: none); with `behind`, right
+    /// behind that record (`Regroup-Pipelined`).
     async fn send_as(
         &self,
         term: u64,
         partition: &Partition,
         record: &Record,
         replay: bool,
+        behind: Option<u64>,
         timeout: Duration,
     ) -> Result<Answer, SendError> {
         let p = self
@@ -331,7 +355,10 @@ impl SimLink {
         // The request is on the wire: the partition handles it even if the proxy stops
         // waiting (a frozen process resumes and executes it), unless it crashes first.
         let boot = p.lock().boot;
-        let prev = partition.delivered();
+        if behind.is_some() {
+            self.pipelined.fetch_add(1, Ordering::AcqRel);
+        }
+        let prev = behind.or_else(|| partition.delivered());
         let (tx, rx) = tokio::sync::oneshot::channel();
         let sent_record = record.clone();
         let this = p.clone();
@@ -342,8 +369,35 @@ impl SimLink {
                     Err(SendError::Unknown("connection reset".into()))
                 }
                 Ok(()) => {
-                    let (status, body) = SimLink::handle(&this, &sent_record, replay, term, prev);
+                    if let Some(prev) = behind {
+                        // The layer waits, bounded, for the predecessor to finish.
+                        let until =
+                            Instant::now() + regroup_replay::layer::DEFAULT_PREDECESSOR_WAIT;
+                        while Instant::now() < until {
+                            let ready = {
+                                let s = this.lock();
+                                s.boot != boot
+                                    || !this.exactly_once
+                                    || s.copy.last_seq() >= prev
+                                    || s.finished >= prev
+                            };
+                            if ready {
+                                break;
+                            }
+                            tokio::time::sleep(Duration::from_millis(1)).await;
+                        }
+                    }
+                    let rebooted = this.lock().boot != boot;
+                    let (status, body) = if rebooted {
+                        (0, Bytes::new())
+                    } else {
+                        SimLink::handle(&this, &sent_record, replay, term, prev)
+                    };
                     let mut s = this.lock();
+                    s.finished = s.finished.max(sent_record.seq);
+                    if status == 0 {
+                        return drop(tx.send(Err(SendError::Unknown("connection reset".into()))));
+                    }
                     if s.lose_answers > 0 {
                         s.lose_answers -= 1;
                         Err(SendError::Unknown("connection reset after the work".into()))
@@ -384,7 +438,7 @@ impl SimLink {
         }
         if p.exactly_once {
             // Its layer's Regroup-Applied on the answer.
-            partition.set_delivered(p.lock().copy.last_seq());
+            partition.note_delivered(p.lock().copy.last_seq());
         }
         if !replay {
             self.sent
@@ -423,7 +477,25 @@ impl PartitionLink for CoreLink {
     ) -> Result<Answer, SendError> {
         pause(&self.frozen).await;
         self.inner
-            .send_as(self.term, partition, record, replay, timeout)
+            .send_as(self.term, partition, record, replay, None, timeout)
+            .await
+    }
+
+    fn pipelines(&self) -> bool {
+        true
+    }
+
+    async fn send_behind(
+        &self,
+        partition: &Partition,
+        record: &Record,
+        replay: bool,
+        prev: u64,
+        timeout: Duration,
+    ) -> Result<Answer, SendError> {
+        pause(&self.frozen).await;
+        self.inner
+            .send_as(self.term, partition, record, replay, Some(prev), timeout)
             .await
     }
 
@@ -747,7 +819,8 @@ fn config(seed: u64) -> crate::config::GroupConfig {
     let mut text = format!(
         "[[groups]]\nname = \"sim\"\nheartbeat_interval_ms = 50\nheartbeat_timeout_ms = 40\n\
          heartbeat_retries = 2\nfailover_wait_ms = 3000\nupdate_timeout_ms = 300\n\
-         max_read_lag = {MAX_READ_LAG}\n"
+         max_read_lag = {MAX_READ_LAG}\npipeline_window = {}\n",
+        pipeline_window(seed)
     );
     if retains(seed) {
         // A short journal: a partition down for a while finds the records it needs
@@ -764,6 +837,17 @@ fn config(seed: u64) -> crate::config::GroupConfig {
     match Config::parse(&text, std::path::Path::new("sim.toml")) {
         Ok(mut c) => c.groups.remove(0),
         Err(e) => panic!("sim config: {e}"),
+    }
+}
+
+/// The run's `pipeline_window`, drawn apart from the main schedule: one (each update sealed
+/// before the next is sent) in a quarter of the runs, else 2 to 8.
+fn pipeline_window(seed: u64) -> usize {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0x0717_e11e);
+    if rng.random_bool(0.25) {
+        1
+    } else {
+        rng.random_range(2..=8)
     }
 }
 
@@ -1259,6 +1343,7 @@ async fn run(seed: u64) -> Result<(String, String), String> {
         partitions,
         sent: Mutex::new(Vec::new()),
         snapshots: Mutex::new(Vec::new()),
+        pipelined: AtomicU32::new(0),
     });
     // In some runs the journal defers its writes to a flush that overlaps the primary's
     // execution (`journal_sync = "overlap"`), and some proxy restarts are power losses that
@@ -1461,6 +1546,20 @@ async fn run(seed: u64) -> Result<(String, String), String> {
             ));
         }
     }
+    // 2b. Seals in seq order keep the epochs of executed records from going down along the
+    //     journal (a replica's layer would fence a lower one after a higher).
+    if let Some(w) = journal
+        .iter()
+        .filter(|r| r.state == RecordState::Executed)
+        .collect::<Vec<_>>()
+        .windows(2)
+        .find(|w| w[1].epoch < w[0].epoch)
+    {
+        return fail(format!(
+            "executed record {} has epoch {} after record {} of epoch {}",
+            w[1].seq, w[1].epoch, w[0].seq, w[0].epoch
+        ));
+    }
     // 3. No answer sealed from a deposed epoch: every executed record's answer came from
     //    the primary of the epoch it is stamped with.
     let roles = lock(&roles.roles).clone();
@@ -1520,9 +1619,12 @@ async fn run(seed: u64) -> Result<(String, String), String> {
     );
     let readded = lock(&log).iter().filter(|l| l.starts_with("Add ")).count();
     let summary = format!(
-        "{} records, {} acknowledged, {} reads, epoch {}, {} quarantined, {readded} re-added",
+        "{} records, {} acknowledged ({} sent pipelined, window {}), {} reads, epoch {}, \
+         {} quarantined, {readded} re-added",
         journal.len(),
         seen.acked.len(),
+        link.pipelined.load(Ordering::Acquire),
+        group.config.pipeline_window,
         seen.reads,
         view.epoch,
         view.partitions
@@ -1640,6 +1742,7 @@ fn sim_link() -> Arc<SimLink> {
             .collect(),
         sent: Mutex::new(Vec::new()),
         snapshots: Mutex::new(Vec::new()),
+        pipelined: AtomicU32::new(0),
     })
 }
 
@@ -1934,6 +2037,7 @@ fn a_moved_partition_joins_the_other_group_quarantined() {
                 .collect(),
             sent: Mutex::new(Vec::new()),
             snapshots: Mutex::new(Vec::new()),
+            pipelined: AtomicU32::new(0),
         });
         let other = open_sim(other_config, &journal, &other_link).await;
         // Into a group that has the name already: refused, nothing changed.
@@ -2129,6 +2233,73 @@ fn a_rewound_primary_catches_up_before_it_executes_again() {
             (1..=6).collect::<Vec<u64>>(),
             "applied in journal order, once"
         );
+        group.stop();
+    });
+}
+
+/// The pipelined sequencer: concurrent updates reach the primary right behind one another,
+/// and the answer of one of them is lost. That one and those sent behind it are settled in
+/// seq order from the primary's exactly-once record: every client gets its own answer, and
+/// every copy applied each record once, in journal order.
+#[test]
+fn a_lost_answer_in_the_window_settles_it_and_those_behind_it_in_order() {
+    runtime().block_on(async {
+        let link = sim_link();
+        let journal = MemoryJournal::new();
+        let mut config = config(0);
+        config.pipeline_window = 4;
+        let group = open_sim(config, &journal, &link).await;
+        eventually("the primary keeps its own record", || {
+            group.primary().is_some_and(|p| p.keeps_own_record())
+                && group
+                    .members()
+                    .iter()
+                    .all(|p| p.status() == PartitionStatus::Available)
+        })
+        .await;
+        assert!(update_ok(&group, "first").await);
+        let a = link.find("a").unwrap_or_else(|| panic!("a"));
+        {
+            let mut s = a.lock();
+            s.slow = Duration::from_millis(5);
+            s.lose_answers = 1;
+        }
+        let updates: Vec<_> = (0..6)
+            .map(|i| {
+                let group = group.clone();
+                tokio::spawn(async move { update_ok(&group, &format!("u{i}")).await })
+            })
+            .collect();
+        for (i, u) in updates.into_iter().enumerate() {
+            assert!(
+                u.await.unwrap_or(false),
+                "update {i} was not answered as done"
+            );
+        }
+        a.lock().slow = Duration::ZERO;
+        assert!(
+            link.pipelined.load(Ordering::Acquire) > 0,
+            "no record was sent pipelined"
+        );
+        assert!(
+            group
+                .view()
+                .transitions
+                .iter()
+                .any(|t| t.name == "mark_in_doubt"),
+            "the lost answer put a record in doubt"
+        );
+        assert_eq!((group.head(), group.written()), (7, 7));
+        eventually("every copy applied everything", || {
+            link.partitions
+                .iter()
+                .all(|p| p.lock().copy.last_seq() == 7)
+        })
+        .await;
+        for p in &link.partitions {
+            let seqs: Vec<u64> = p.lock().copy.executed.iter().map(|(s, _)| *s).collect();
+            assert_eq!(seqs, (1..=7).collect::<Vec<u64>>(), "copy {}", p.name);
+        }
         group.stop();
     });
 }

@@ -2,11 +2,24 @@
 //! primary with the replay headers, seal with the primary's answer, answer the client with
 //! `Regroup-Seq`; and what happens when any of it fails (`in_doubt`, `settle`).
 //!
-//! **The sequencer's rule.** At most one record is unsealed at any time, and it is the
-//! journal's head: every failure after an append (no answer, a journal error on restamp or
-//! seal, an append whose outcome is unknown) makes that record *the* in-doubt record, and
-//! later updates wait until it is settled. So a record can never stay pending below sealed
-//! ones, and replicas, which only see durably sealed records, never skip one.
+//! **The sequencer's rules.** Records are appended one at a time (the write slot), and a
+//! window of up to `pipeline_window` of them may be on their way to the primary at once
+//! ([`Window`]):
+//!
+//! 1. Records reach the primary in seq order: a record is sent right behind the one before
+//!    it (`Regroup-Prev` + `Regroup-Pipelined`, and the primary's app layer runs them one at
+//!    a time in that order) only while that one is in the window for the same primary and
+//!    epoch; any other send, a re-send included, waits until every record before it is
+//!    sealed. A primary without the app layer's record gets a window of one.
+//! 2. Seals are written in seq order: a record is sealed only once every record before it
+//!    is, so the sealed head has no holes and the epochs of sealed records never go down.
+//! 3. Every failure after an append (no answer, a journal error on restamp or seal, an
+//!    append whose outcome is unknown, a record before it in doubt) makes the record in
+//!    doubt; the group holds the lowest one, settles them lowest first (each only once
+//!    every record before it is sealed), and takes no new update meanwhile.
+//!
+//! So a record can never stay pending below sealed ones, and replicas, which only see
+//! durably sealed records, never skip one.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -180,11 +193,28 @@ enum Forwarded {
     Unknown(String),
 }
 
-/// Sends `record` to `primary` as the primary's execution in `epoch`, giving up with
-/// `Unknown` when the role moves past `epoch` meanwhile.
-async fn forward(group: &Group, record: &Record, primary: &Partition, epoch: u64) -> Forwarded {
+/// Sends `record` to `primary` as the primary's execution in `epoch` (right behind record
+/// `behind` when set: see [`Window`]), giving up with `Unknown` when the role moves past
+/// `epoch` meanwhile.
+async fn forward(
+    group: &Group,
+    record: &Record,
+    primary: &Partition,
+    epoch: u64,
+    behind: Option<u64>,
+) -> Forwarded {
     let timeout = group.config.update_timeout();
-    let send = group.link.send(primary, record, false, timeout);
+    let send = async {
+        match behind {
+            Some(prev) => {
+                group
+                    .link
+                    .send_behind(primary, record, false, prev, timeout)
+                    .await
+            }
+            None => group.link.send(primary, record, false, timeout).await,
+        }
+    };
     let mut roles = group.watch_role();
     let deposed = roles.wait_for(|r| r.epoch != epoch);
     tokio::select! {
@@ -236,7 +266,8 @@ async fn append(group: &Arc<Group>, record: &Record) -> Result<(), ProxyError> {
         Ok(_) => Err(ProxyError::Journal(e.to_string())),
         Err(check) => {
             group.set_head(record.seq);
-            group.mark_in_doubt(
+            leave_in_doubt(
+                group,
                 record.clone(),
                 &format!(
                     "append failed ({e}) and the journal cannot say whether it committed ({check})"
@@ -255,23 +286,54 @@ async fn execute(
 ) -> Result<Response<ProxyBody>, ProxyError> {
     let started = Instant::now();
     let deadline = started + group.config.failover_wait();
-    let _slot = take_write_slot(&group, deadline).await?;
-    let (role, _) = wait_for_primary(&group, deadline).await?;
+    let slot = take_write_slot(&group, deadline).await?;
+    let (role, first_primary, behind) = loop {
+        let (role, primary) = wait_for_primary(&group, deadline).await?;
+        if let Some(behind) = window_room(&group, &role, &primary, deadline).await?
+            && group.role() == role
+        {
+            break (role, primary, behind);
+        }
+    };
     let slotted = Instant::now();
     let seq = group.head() + 1;
     let mut record = Record::pending(group.name(), seq, role.epoch, request);
     record.add_executor(&role.primary);
+    // In the window before it is written: a settlement scanning for unsealed records
+    // leaves it to this task.
+    group.window_lock().enter(seq, role.epoch, &role.primary);
     let written_before = group.written();
-    append(&group, &record).await?;
+    if let Err(e) = append(&group, &record).await {
+        group.window_lock().leave(seq);
+        group.window_moved.notify_waiters();
+        return Err(e);
+    }
     group.set_head(seq);
+    drop(slot);
     // Written; flushed too unless the journal defers appends (`journal_sync = "overlap"`).
     let mut unflushed = Unflushed::after_append(&group, written_before);
     let appended = Instant::now();
+    // The first send, as the window placed it: right behind the record before it, or (an
+    // empty window) after every record before it was sealed. Any later send waits its turn.
+    let mut first = Some(behind);
     loop {
         let (role, primary) = match wait_for_primary(&group, deadline).await {
             Ok(leader) => leader,
             // Appended, but nobody to send it to in time: never executed anywhere.
             Err(e) => return skip_unexecuted(&group, record, e.to_string(), deadline).await,
+        };
+        let behind = match first.take() {
+            Some(behind)
+                if role.epoch == record.epoch && primary.name() == first_primary.name() =>
+            {
+                behind
+            }
+            _ => {
+                if let Err(reason) = wait_turn(&group, seq, deadline).await {
+                    return in_doubt(&group, record, deadline, reason).await;
+                }
+                None
+            }
         };
         if let Err(e) = stamp(&group, &mut record, role.epoch, primary.name()).await {
             let reason = format!("cannot restamp it for {:?}: {e}", primary.name());
@@ -286,7 +348,7 @@ async fn execute(
             return skip_unexecuted(&group, record, reason, deadline).await;
         }
         let (forwarded, flushed) = tokio::join!(
-            forward(&group, &record, &primary, role.epoch),
+            forward(&group, &record, &primary, role.epoch, behind),
             unflushed.flush(&group)
         );
         match forwarded {
@@ -297,8 +359,14 @@ async fn execute(
                     return in_doubt(&group, record, deadline, reason).await;
                 }
                 let answered = Instant::now();
+                // Sealed in seq order: after every record before it.
+                if let Err(reason) = wait_turn(&group, seq, deadline).await {
+                    return in_doubt(&group, record, deadline, reason).await;
+                }
                 return match seal_answer(&group, &mut record, &role, &primary, &answer).await {
                     Ok(()) => {
+                        group.window_lock().leave(seq);
+                        group.window_moved.notify_waiters();
                         tracing::debug!(
                             seq,
                             wait_us = (slotted - started).as_micros() as u64,
@@ -311,6 +379,10 @@ async fn execute(
                     }
                     Err(reason) => in_doubt(&group, record, deadline, reason).await,
                 };
+            }
+            Forwarded::Behind(_) if behind.is_some() => {
+                // Sent behind a record its layer never recorded (that one failed): nothing
+                // ran; sent again in its turn.
             }
             Forwarded::Behind(at) => {
                 // Nothing executed; the failover task moves the role to a partition that
@@ -353,6 +425,155 @@ async fn execute(
     }
 }
 
+/// The pipelined sequencer's window: the records appended (or being appended) and sent, or
+/// about to be sent, to the primary, and not yet sealed or in doubt; and the epoch and
+/// primary they went to. A record leaves it sealed, or in doubt in the same step
+/// ([`leave_in_doubt`]), so every unsealed record below the head is in the window, in doubt,
+/// or above the in-doubt record.
+#[derive(Debug, Default)]
+pub(crate) struct Window {
+    open: std::collections::BTreeSet<u64>,
+    to: Option<(u64, String)>,
+}
+
+impl Window {
+    /// Whether the record `seq` is in the window (its update task settles it).
+    pub(crate) fn holds(&self, seq: u64) -> bool {
+        self.open.contains(&seq)
+    }
+
+    /// Whether no record is in the window.
+    pub(crate) fn is_empty(&self) -> bool {
+        self.open.is_empty()
+    }
+
+    fn enter(&mut self, seq: u64, epoch: u64, primary: &str) {
+        self.open.insert(seq);
+        if self
+            .to
+            .as_ref()
+            .is_none_or(|(e, p)| *e != epoch || p != primary)
+        {
+            self.to = Some((epoch, primary.to_owned()));
+        }
+    }
+
+    fn leave(&mut self, seq: u64) {
+        self.open.remove(&seq);
+    }
+}
+
+/// With the write slot held: waits until the window takes the next record for `primary` in
+/// `role`'s epoch. `Some(None)`: the window is empty (send it as the only one);
+/// `Some(Some(prev))`: send it right behind `prev`; `None`: the role moved meanwhile (look
+/// again). 503 at `deadline`.
+async fn window_room(
+    group: &Arc<Group>,
+    role: &Role,
+    primary: &Partition,
+    deadline: Instant,
+) -> Result<Option<Option<u64>>, ProxyError> {
+    let pipelines =
+        group.config.pipeline_window > 1 && group.link.pipelines() && primary.keeps_own_record();
+    loop {
+        let moved = group.window_moved.notified();
+        tokio::pin!(moved);
+        moved.as_mut().enable();
+        let admitted = group.in_doubt_seq().is_none() && !group.role().handing_over;
+        if admitted {
+            let w = group.window_lock();
+            match w.open.last() {
+                None if group.written() >= group.head() => return Ok(Some(None)),
+                // Every record below the head is sealed, in doubt or in the window; one that
+                // is none of these (a settlement could not read the journal) is taken up.
+                None => {}
+                Some(&last)
+                    if pipelines
+                        && w.open.len() < group.config.pipeline_window
+                        && w.to.as_ref() == Some(&(role.epoch, primary.name().to_owned())) =>
+                {
+                    return Ok(Some(Some(last)));
+                }
+                Some(_) => {}
+            }
+        }
+        if admitted && group.window_lock().is_empty() && group.written() < group.head() {
+            group.take_up_unsealed().await;
+            return Ok(None);
+        }
+        let changed = async {
+            let mut roles = group.watch_role();
+            let _ = roles.changed().await;
+        };
+        tokio::select! {
+            _ = tokio::time::sleep_until(deadline) => {
+                return Err(ProxyError::Unavailable {
+                    group: group.name().to_owned(),
+                    reason: "timed out waiting for earlier updates".into(),
+                });
+            }
+            _ = &mut moved => {}
+            _ = changed => return Ok(None),
+        }
+    }
+}
+
+/// Waits until every record before `seq` is sealed (written), so `seq` may be sent again or
+/// sealed; an error when a record before it is in doubt or at `deadline`.
+async fn wait_turn(group: &Group, seq: u64, deadline: Instant) -> Result<(), String> {
+    let mut changed = group.changed.subscribe();
+    loop {
+        let moved = group.window_moved.notified();
+        tokio::pin!(moved);
+        moved.as_mut().enable();
+        changed.borrow_and_update();
+        if group.written() + 1 >= seq {
+            return Ok(());
+        }
+        if let Some(lower) = group.in_doubt_seq()
+            && lower < seq
+        {
+            return Err(format!("record {lower} before it is in doubt"));
+        }
+        tokio::select! {
+            _ = tokio::time::sleep_until(deadline) => {
+                return Err(format!(
+                    "the records before it were not sealed within {} ms",
+                    group.config.failover_wait_ms
+                ));
+            }
+            _ = &mut moved => {}
+            _ = changed.changed() => {}
+        }
+    }
+}
+
+/// `record` leaves the window in doubt, in one step (see [`Window`]).
+fn leave_in_doubt(group: &Group, record: Record, reason: &str) {
+    let seq = record.seq;
+    let mut w = group.window_lock();
+    group.mark_in_doubt(record, reason);
+    w.leave(seq);
+    drop(w);
+    group.window_moved.notify_waiters();
+}
+
+/// Waits until the window is empty (a planned hand-over: every update on its way has been
+/// sealed or is in doubt); false at `deadline`.
+pub(crate) async fn drain_window(group: &Group, deadline: Instant) -> bool {
+    loop {
+        let moved = group.window_moved.notified();
+        tokio::pin!(moved);
+        moved.as_mut().enable();
+        if group.window_lock().is_empty() {
+            return true;
+        }
+        if tokio::time::timeout_at(deadline, moved).await.is_err() {
+            return false;
+        }
+    }
+}
+
 /// Whether an appended record is not durable yet (`journal_sync = "overlap"`).
 struct Unflushed(bool);
 
@@ -386,10 +607,17 @@ async fn skip_unexecuted(
     reason: String,
     deadline: Instant,
 ) -> Result<Response<ProxyBody>, ProxyError> {
+    // Sealed in seq order, like any seal.
+    if let Err(why) = wait_turn(group, record.seq, deadline).await {
+        let reason = format!("{reason}; and it could not be sealed skipped: {why}");
+        return in_doubt(group, record, deadline, reason).await;
+    }
     match seal(group, record.seq, &Outcome::Skipped).await {
         Ok(()) => {
             credit_skipped(group, record.seq);
             sealed(group, record.seq);
+            group.window_lock().leave(record.seq);
+            group.window_moved.notify_waiters();
             Err(ProxyError::Unavailable {
                 group: group.name().to_owned(),
                 reason,
@@ -672,8 +900,13 @@ async fn in_doubt(
     reason: String,
 ) -> Result<Response<ProxyBody>, ProxyError> {
     let seq = record.seq;
-    group.mark_in_doubt(record, &reason);
-    match settle(group, Some(deadline)).await {
+    leave_in_doubt(group, record.clone(), &reason);
+    let settled = settle(group, Some(deadline), Some(&record)).await;
+    if group.in_doubt().is_some() {
+        // Records after this one (or this one) are left to the background settlement.
+        spawn_settle(group.clone());
+    }
+    match settled {
         Settled::Answer(answer) => {
             // Under `overlap` the record itself may not be durable yet: it is acknowledged
             // only once it is.
@@ -693,8 +926,7 @@ async fn in_doubt(
                 }
             }
         }
-        Settled::Elsewhere => {}
-        Settled::Pending => spawn_settle(group.clone()),
+        Settled::Elsewhere | Settled::Pending => {}
     }
     Err(ProxyError::InDoubt {
         group: group.name().to_owned(),
@@ -703,11 +935,31 @@ async fn in_doubt(
     })
 }
 
-/// Keeps trying to settle the group's in-doubt record in the background.
+/// Keeps trying to settle the group's in-doubt records in the background, lowest first,
+/// until none is left (one such task per group at a time).
 pub(crate) fn spawn_settle(group: Arc<Group>) {
+    if group
+        .settling
+        .swap(true, std::sync::atomic::Ordering::AcqRel)
+    {
+        return;
+    }
     tokio::spawn(async move {
-        if let Settled::Answer(..) = settle(&group, None).await {
-            tracing::info!(group = %group.name(), "in-doubt record settled");
+        loop {
+            let outcome = settle(&group, None, None).await;
+            if let Settled::Answer(..) = outcome {
+                tracing::info!(group = %group.name(), "in-doubt record settled");
+            }
+            if !matches!(outcome, Settled::Answer(..)) || group.in_doubt().is_none() {
+                break;
+            }
+        }
+        group
+            .settling
+            .store(false, std::sync::atomic::Ordering::Release);
+        // One marked while this task was on its way out is not left behind.
+        if group.in_doubt().is_some() && !*group.stop.borrow() {
+            spawn_settle(group);
         }
     });
 }
@@ -723,19 +975,44 @@ pub(crate) enum Settled {
 }
 
 /// Settles the in-doubt record exactly, never by guessing (see [`try_settle`]); waits for a
-/// failover, the app layer or an operator meanwhile.
-pub(crate) async fn settle(group: &Group, deadline: Option<Instant>) -> Settled {
+/// failover, the app layer or an operator meanwhile. With `own` (an update task's record,
+/// which it left in doubt), it settles only that record, once the records before it are
+/// settled: `Answer` is then its answer.
+pub(crate) async fn settle(
+    group: &Group,
+    deadline: Option<Instant>,
+    own: Option<&Record>,
+) -> Settled {
     let mut changed = group.changed.subscribe();
     let mut stop = group.stop.subscribe();
     loop {
         changed.borrow_and_update();
-        let Some(record) = group.in_doubt() else {
-            return Settled::Elsewhere;
-        };
-        if let Some(answer) = try_settle(group, record).await {
-            return Settled::Answer(answer);
+        match (group.in_doubt(), own) {
+            (None, None) => return Settled::Elsewhere,
+            (None, Some(own)) if group.written() >= own.seq || group.head() < own.seq => {
+                return Settled::Elsewhere;
+            }
+            // Not in doubt, not sealed, and no longer in the window: the settlement before it
+            // could not take it up (the journal did not answer); taken up here, as the
+            // journal holds it.
+            (None, Some(own)) => match group.journal.record(group.name(), own.seq).await {
+                Ok(Some(found)) if !found.state.is_sealed() => {
+                    group.mark_in_doubt(found, "taken up again after the records before it");
+                    continue;
+                }
+                Ok(_) => return Settled::Elsewhere,
+                Err(_) => {}
+            },
+            (Some(r), Some(own)) if r.seq > own.seq => return Settled::Elsewhere,
+            // A record before it is settled first.
+            (Some(r), Some(own)) if r.seq < own.seq => {}
+            (Some(record), _) => {
+                if let Some(answer) = try_settle(group, record).await {
+                    return Settled::Answer(answer);
+                }
+            }
         }
-        if group.in_doubt().is_none() {
+        if own.is_none() && group.in_doubt().is_none() {
             return Settled::Elsewhere;
         }
         let wait = async {
@@ -777,6 +1054,10 @@ async fn try_settle(group: &Group, mut record: Record) -> Option<Answer> {
     if group.in_doubt_seq() != Some(seq) {
         return None;
     }
+    // Records reach a primary in seq order: a record in the window before it goes first.
+    if group.written() + 1 < seq {
+        return None;
+    }
     match group.journal.record(group.name(), seq).await {
         Ok(Some(found)) if found.state.is_sealed() => {
             adopt(group, &found, &role).await;
@@ -809,7 +1090,7 @@ async fn try_settle(group: &Group, mut record: Record) -> Option<Answer> {
         return None;
     }
     group.update_in_doubt(&record);
-    match forward(group, &record, &primary, role.epoch).await {
+    match forward(group, &record, &primary, role.epoch, None).await {
         Forwarded::Answer(answer) => {
             match seal_answer(group, &mut record, &role, &primary, &answer).await {
                 Ok(()) => {

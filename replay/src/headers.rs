@@ -31,6 +31,12 @@ pub const TERM: &str = "regroup-term";
 /// with 409 `behind` or `out_of_order` and `Regroup-Applied`, and nothing is applied.
 pub const PREV: &str = "regroup-prev";
 
+/// `1` when the record was sent right behind its predecessor (the seq in `Regroup-Prev`)
+/// while that one may still be on its way or executing: a layer that has not recorded the
+/// predecessor yet waits for it, bounded, instead of refusing at once. Without it, a
+/// `Regroup-Prev` ahead of the partition is refused with 409 `behind` immediately.
+pub const PIPELINED: &str = "regroup-pipelined";
+
 /// On every answer of a partition that keeps the exactly-once record: the highest seq it
 /// has applied. The proxy refuses to serve a read from a partition whose answer says it
 /// stands further behind the sealed head than the group allows (a copy restored from an
@@ -42,4 +48,6 @@ pub const SIGNATURE: &str = "regroup-signature";
 
 /// All replay headers, for stripping them from client requests (a client must not be
 /// able to forge a replay).
-pub const ALL: [&str; 8] = [SEQ, TXN_ID, EPOCH, TIMESTAMP, REPLAY, TERM, PREV, SIGNATURE];
+pub const ALL: [&str; 9] = [
+    SEQ, TXN_ID, EPOCH, TIMESTAMP, REPLAY, TERM, PREV, PIPELINED, SIGNATURE,
+];

@@ -28,12 +28,20 @@
 //!   [`crate::snapshot`] for the format and who may call them; `GET /_regroup/restore`
 //!   answers 204 to a caller whose restore would be taken). A restore repositions this
 //!   layer's memory (highest seq and epoch) at the restored copy's.
+//! - Order: with the store, a record carrying `Regroup-Prev: P` is applied only right after
+//!   seq P. With `Regroup-Pipelined: 1` too (the proxy sent it while P may still be on its
+//!   way or executing), a record whose predecessor is not recorded yet waits for it, at most
+//!   [`ReplayLayer::predecessor_wait`] ([`DEFAULT_PREDECESSOR_WAIT`]); it stops waiting as
+//!   soon as the predecessor's request finishes without being recorded, and is then refused
+//!   as `behind`. So records sent one after another without waiting for each answer are
+//!   still executed one at a time, in seq order.
 
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::{StreamExt, TryStreamExt};
@@ -50,6 +58,9 @@ use crate::snapshot::{self, SnapshotBody, Snapshotter};
 
 /// Default bound on the body the layer reads to check a signature (16 MiB).
 pub const DEFAULT_MAX_SIGNED_BODY_BYTES: usize = 16 * 1024 * 1024;
+
+/// Default bound on how long a pipelined record waits for its predecessor (1 s).
+pub const DEFAULT_PREDECESSOR_WAIT: Duration = Duration::from_secs(1);
 
 /// The path the proxy asks about applied transactions.
 pub const APPLIED_PATH: &str = "/_regroup/applied";
@@ -113,6 +124,12 @@ pub struct ReplayLayer {
     gap_checked: Arc<std::sync::atomic::AtomicBool>,
     loaded: Arc<tokio::sync::OnceCell<()>>,
     unsigned_snapshots: bool,
+    /// The highest seq whose request has finished here, recorded or not.
+    finished_seq: Arc<AtomicU64>,
+    /// Woken whenever a request with replay headers finishes.
+    finished: Arc<tokio::sync::Notify>,
+    /// How long a pipelined record waits for its predecessor.
+    predecessor_wait: Duration,
 }
 
 impl std::fmt::Debug for ReplayLayer {
@@ -146,7 +163,17 @@ impl ReplayLayer {
             gap_checked: Arc::default(),
             loaded: Arc::default(),
             unsigned_snapshots: false,
+            finished_seq: Arc::default(),
+            finished: Arc::default(),
+            predecessor_wait: DEFAULT_PREDECESSOR_WAIT,
         }
+    }
+
+    /// How long a record sent right behind its predecessor (`Regroup-Pipelined: 1`) waits
+    /// for that predecessor to be recorded here before it is refused (409 `behind`).
+    pub fn predecessor_wait(mut self, wait: Duration) -> Self {
+        self.predecessor_wait = wait;
+        self
     }
 
     /// Without a replay secret, serves snapshots and restores to anyone who reaches the
@@ -314,6 +341,12 @@ where
                 }
             };
             let seq = ctx.as_ref().map(ReplayContext::seq);
+            // However the request ends (answered, refused, or dropped with its client),
+            // records pipelined behind it stop waiting for it.
+            let _finished = seq.map(|seq| Finished {
+                layer: layer.clone(),
+                seq,
+            });
             match ctx {
                 Some(ctx) => {
                     if !layer.secrets.is_empty() {
@@ -364,6 +397,22 @@ where
             }
             Ok(resp)
         })
+    }
+}
+
+/// Marks a request with replay headers finished when dropped (after its answer, if any,
+/// moved the highest recorded seq), waking the records pipelined behind it.
+struct Finished {
+    layer: ReplayLayer,
+    seq: u64,
+}
+
+impl Drop for Finished {
+    fn drop(&mut self) {
+        self.layer
+            .finished_seq
+            .fetch_max(self.seq, Ordering::AcqRel);
+        self.layer.finished.notify_waiters();
     }
 }
 
@@ -498,6 +547,9 @@ impl ReplayLayer {
             return None;
         }
         let mut highest = self.highest_seq.load(Ordering::Acquire);
+        if highest < prev && h.get(headers::PIPELINED).is_some_and(|v| v == "1") {
+            highest = self.wait_for_predecessor(prev).await;
+        }
         if highest != prev {
             // Memory may lag the store (a request whose connection was dropped after its
             // work committed): the store decides.
@@ -525,6 +577,25 @@ impl ReplayLayer {
         resp.headers_mut()
             .insert(crate::headers::APPLIED, header::HeaderValue::from(highest));
         Some(resp)
+    }
+
+    /// Waits until seq `prev` is recorded here, its request finished without being
+    /// recorded, or [`ReplayLayer::predecessor_wait`] passed: the highest seq recorded then.
+    async fn wait_for_predecessor(&self, prev: u64) -> u64 {
+        let deadline = tokio::time::Instant::now() + self.predecessor_wait;
+        loop {
+            let finished = self.finished.notified();
+            tokio::pin!(finished);
+            // Registered before looking, so a finish between the look and the wait wakes it.
+            finished.as_mut().enable();
+            let highest = self.highest_seq.load(Ordering::Acquire);
+            if highest >= prev || self.finished_seq.load(Ordering::Acquire) >= prev {
+                return highest;
+            }
+            if tokio::time::timeout_at(deadline, finished).await.is_err() {
+                return self.highest_seq.load(Ordering::Acquire);
+            }
+        }
     }
 
     /// Refuses a request from a proxy whose term is below the highest seen: a proxy that was

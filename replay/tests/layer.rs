@@ -876,3 +876,122 @@ async fn a_record_not_following_the_senders_last_is_refused_with_where_the_copy_
     assert_eq!(status, StatusCode::BAD_REQUEST);
     assert_eq!(calls(&seen), 2);
 }
+
+/// An inner service that runs every record as an exactly-once insert of an item named after
+/// its seq, slowly for the seqs in `slow`, and answers 500 unrecorded for the seqs in `fail`
+/// (once each).
+fn recording(
+    once: ExactlyOnce,
+    slow: &'static [u64],
+    fail: &'static [u64],
+) -> impl Service<Request<Body>, Response = Response<String>, Error = Infallible, Future: Send + 'static>
++ Clone
++ Send
++ 'static {
+    let n = Arc::new(AtomicUsize::new(0));
+    let fail = Arc::new(Mutex::new(fail.to_vec()));
+    service_fn(move |req: Request<Body>| {
+        let once = once.clone();
+        let n = n.clone();
+        let fail = fail.clone();
+        async move {
+            let Some(ctx) = req.extensions().get::<ReplayContext>().cloned() else {
+                return Ok::<_, Infallible>(Response::new("no context".to_owned()));
+            };
+            if slow.contains(&ctx.seq()) {
+                tokio::time::sleep(std::time::Duration::from_millis(150)).await;
+            }
+            let failing = {
+                let mut fail = fail.lock().unwrap();
+                let i = fail.iter().position(|s| *s == ctx.seq());
+                i.map(|i| fail.remove(i)).is_some()
+            };
+            if failing {
+                let mut resp = Response::new("crashed".to_owned());
+                *resp.status_mut() = StatusCode::INTERNAL_SERVER_ERROR;
+                return Ok(resp);
+            }
+            let answer = insert_item(&once, &ctx, &ctx.seq().to_string(), false, &n)
+                .await
+                .unwrap();
+            let mut resp = Response::new(String::from_utf8_lossy(&answer.body).into_owned());
+            *resp.status_mut() = StatusCode::from_u16(answer.status).unwrap();
+            Ok(resp)
+        }
+    })
+}
+
+fn pipelined(seq: u64, prev: u64) -> Request<Body> {
+    Request::post("/transfers")
+        .header("regroup-seq", seq.to_string())
+        .header("regroup-txn-id", Uuid::now_v7().to_string())
+        .header("regroup-epoch", "1")
+        .header("regroup-timestamp", "2026-11-30T12:00:00.123456Z")
+        .header("regroup-prev", prev.to_string())
+        .header("regroup-pipelined", "1")
+        .body(Body::default())
+        .unwrap()
+}
+
+/// `Regroup-Pipelined`: records sent one behind the other without waiting for answers are
+/// executed one at a time in seq order, even when the later one arrives first; a successor
+/// whose predecessor finished unrecorded is refused at once, and one whose predecessor never
+/// comes is refused after the bound. Without the header, nothing waits.
+#[tokio::test]
+async fn a_pipelined_record_waits_for_its_predecessor_and_runs_after_it() {
+    let (_dir, db) = database().await;
+    let once = ExactlyOnce::new(db.clone());
+    let svc = ReplayLayer::new()
+        .without_secret()
+        .predecessor_wait(std::time::Duration::from_millis(400))
+        .with_store(once.clone())
+        .layer(recording(once, &[1], &[4]));
+    // 2 (behind 1) arrives first, and 1 is slow: 2 waits and runs after it.
+    let second = tokio::spawn(svc.clone().oneshot(pipelined(2, 1)));
+    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    let first = svc.clone().oneshot(pipelined(1, 0)).await.unwrap();
+    let second = second.await.unwrap().unwrap();
+    assert_eq!(first.status(), StatusCode::CREATED, "{}", first.body());
+    assert_eq!(second.status(), StatusCode::CREATED, "{}", second.body());
+    assert_eq!(second.headers()["regroup-applied"], "2");
+    assert_eq!(items(&db).await, ["1", "2"], "executed in seq order");
+    let (status, body) = send_json(&svc, pipelined(3, 2)).await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    // 5 behind 4, and 4 fails unrecorded: 5 is refused as soon as 4 has finished.
+    let started = std::time::Instant::now();
+    let fifth = tokio::spawn(svc.clone().oneshot(pipelined(5, 4)));
+    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    let fourth = svc.clone().oneshot(pipelined(4, 3)).await.unwrap();
+    assert_eq!(
+        fourth.status(),
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "{}",
+        fourth.body()
+    );
+    let fifth = fifth.await.unwrap().unwrap();
+    assert_eq!(fifth.status(), StatusCode::CONFLICT, "{}", fifth.body());
+    let body: Value = serde_json::from_str(fifth.body()).unwrap();
+    assert_eq!(body["error"], "behind");
+    assert!(started.elapsed() < std::time::Duration::from_millis(300));
+    // 4 failed with 500 and recorded nothing; 3 is the copy's last.
+    let (status, body) = send_json(&svc, pipelined(4, 3)).await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    // A predecessor that never comes: refused after the bound, not before.
+    let started = std::time::Instant::now();
+    let (status, body) = send_json(&svc, pipelined(9, 8)).await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (StatusCode::CONFLICT, Some("behind"))
+    );
+    assert!(started.elapsed() >= std::time::Duration::from_millis(400));
+    // Without the header a record ahead of the copy is refused at once.
+    let started = std::time::Instant::now();
+    let req = update("9", "1")
+        .header("regroup-prev", "8")
+        .body(Body::default())
+        .unwrap();
+    let (status, _) = send_json(&svc, req).await;
+    assert_eq!(status, StatusCode::CONFLICT);
+    assert!(started.elapsed() < std::time::Duration::from_millis(300));
+    assert_eq!(items(&db).await, ["1", "2", "3", "4"]);
+}

@@ -18,6 +18,8 @@
         `failover: primary role moved ... took_ms=N` lines and the time from the kill to
         the proxy marking the primary `unavailable` (from its log), and every non-201 answer
         and every WARN/ERROR message of the proxy's log, counted.
+    failover.py brief TRIAL.json
+        One line on one trial: its failover time and how many requests it took.
     failover.py splice BENCHMARKS.md REPORT.md
         Replaces what lies between `<!-- failover:begin -->` and `<!-- failover:end -->`
         (appends a `## Failover time` section with the markers when they are absent).
@@ -35,6 +37,9 @@ import sys
 import time
 import urllib.parse
 import urllib.request
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import cpu_model, splice  # noqa: E402
 
 BEGIN = "<!-- failover:begin -->"
 END = "<!-- failover:end -->"
@@ -151,23 +156,16 @@ def parse_log(path):
     return events
 
 
-def cpu_model():
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown"
-
-
 def fmt(v):
     return "-" if v is None else f"{v:.0f}"
 
 
-def report(args):
-    trials = [json.loads(l) for l in open(args.trials) if l.strip()]
-    events = parse_log(args.log)
+def trial_rows(trials, events, tail_s=None):
+    """One row per trial (the JSON lines of `trial`), with what the proxy's log `events`
+    (from parse_log) said between its kill and the next one: when the role moved, to whom,
+    its `took_ms`, when the victim was marked `unavailable`, and notes on updates. With
+    `tail_s`, a trial's window ends `tail_s` seconds after its first 201 at the latest (when
+    other work runs between the trials, as in bench/run.sh)."""
     moved = [e for e in events if e[3] == "failover: primary role moved"]
     down = [e for e in events if e[3] == "partition status changed"
             and e[4].get("to") == "unavailable"]
@@ -176,6 +174,8 @@ def report(args):
     for i, t in enumerate(trials):
         kill = t["kill_wall"]
         nxt = trials[i + 1]["kill_wall"] if i + 1 < len(trials) else float("inf")
+        if tail_s is not None and t["total_ms"] is not None:
+            nxt = min(nxt, kill + t["total_ms"] / 1000 + tail_s)
         # The proxy's own lines between this kill and the next one.
         mv = next((e for e in moved if kill <= e[0] < nxt), None)
         dn = next((e for e in down if kill <= e[0] < nxt and e[4].get("partition") == t["victim"]),
@@ -207,10 +207,27 @@ def report(args):
             "bad": bad,
             "notes": notes,
         })
+    return rows
 
+
+def summary(rows):
+    """Medians, maxima and minima of the rows' failover time (`total`), kill ->
+    `unavailable` (`detect`) and hand-over `took_ms` (`took`): {key: (median, max, min)},
+    a key absent when no row has it."""
+    out = {}
+    for key in ("total", "detect", "took"):
+        vals = [r[key] for r in rows if r[key] is not None]
+        if vals:
+            out[key] = (statistics.median(vals), max(vals), min(vals))
+    return out
+
+
+def report(args):
+    trials = [json.loads(line) for line in open(args.trials) if line.strip()]
+    events = parse_log(args.log)
+    rows = trial_rows(trials, events)
     totals = [r["total"] for r in rows if r["total"] is not None]
-    took = [r["took"] for r in rows if r["took"] is not None]
-    detect = [r["detect"] for r in rows if r["detect"] is not None]
+    stats = summary(rows)
     now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     med = statistics.median(totals) if totals else None
     out = [f"### Results of {now}", ""]
@@ -226,9 +243,9 @@ def report(args):
     out.append("| | failover time | kill -> primary `unavailable` (proxy log) "
                "| hand-over `took_ms` (proxy log) |")
     out.append("| --- | ---: | ---: | ---: |")
-    for label, f in (("median", statistics.median), ("max", max), ("min", min)):
-        out.append(f"| {label} | {fmt(f(totals)) if totals else '-'} ms "
-                   f"| {fmt(f(detect)) if detect else '-'} ms | {fmt(f(took)) if took else '-'} ms |")
+    for i, label in enumerate(("median", "max", "min")):
+        cells = [fmt(stats[k][i]) if k in stats else "-" for k in ("total", "detect", "took")]
+        out.append(f"| {label} | {cells[0]} ms | {cells[1]} ms | {cells[2]} ms |")
     goal = med is not None and med <= 1000 and len(totals) == len(trials)
     out.append("")
     out.append(f"Goal median <= 1000 ms: **{'met' if goal else 'NOT met'}** "
@@ -277,20 +294,6 @@ def report(args):
     print("\n".join(out))
 
 
-def splice(doc_path, report_path):
-    body = open(report_path).read().rstrip("\n")
-    doc = open(doc_path).read() if os.path.exists(doc_path) else ""
-    block = f"{BEGIN}\n{body}\n{END}"
-    if BEGIN in doc and END in doc:
-        head, rest = doc.split(BEGIN, 1)
-        _, tail = rest.split(END, 1)
-        doc = head + block + tail
-    else:
-        doc = doc.rstrip("\n") + ("\n\n" if doc else "") + "## Failover time\n\n" + block + "\n"
-    with open(doc_path, "w") as f:
-        f.write(doc)
-
-
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -312,6 +315,8 @@ def main():
     r.add_argument("--command", default="bench/failover.sh")
     r.add_argument("--commit", default="unknown")
     r.add_argument("--loadavg", default="unknown")
+    b = sub.add_parser("brief")
+    b.add_argument("trial")
     sp = sub.add_parser("splice")
     sp.add_argument("doc")
     sp.add_argument("report")
@@ -320,10 +325,14 @@ def main():
         return settle(args)
     if args.cmd == "trial":
         return trial(args)
+    if args.cmd == "brief":
+        t = json.load(open(args.trial))
+        print("%.0f ms, %d request(s)" % (t["total_ms"], len(t["attempts"])))
+        return 0
     if args.cmd == "report":
         report(args)
         return 0
-    splice(args.doc, args.report)
+    splice(args.doc, args.report, BEGIN, END, "Failover time")
     return 0
 
 

@@ -29,7 +29,8 @@ import time
 import urllib.request
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from report import cpu_model, parse_wrk  # noqa: E402
+from common import cpu_model, splice  # noqa: E402
+from report import parse_wrk  # noqa: E402
 
 BEGIN = "<!-- proxies:begin -->"
 END = "<!-- proxies:end -->"
@@ -145,20 +146,6 @@ def report(args):
     print("\n".join(out))
 
 
-def splice(args):
-    body = open(args.report).read().rstrip("\n")
-    doc = open(args.doc).read() if os.path.exists(args.doc) else ""
-    block = f"{BEGIN}\n{body}\n{END}"
-    if BEGIN in doc and END in doc:
-        head, rest = doc.split(BEGIN, 1)
-        _, tail = rest.split(END, 1)
-        doc = head + block + tail
-    else:
-        doc = doc.rstrip("\n") + "\n\n## Several proxies\n\n" + block + "\n"
-    with open(args.doc, "w") as f:
-        f.write(doc)
-
-
 # --- delete-prefix --------------------------------------------------------------------------
 def js_request(sock, buf, subject, inbox, sid):
     """One JetStream API request on a raw NATS connection; the reply's JSON."""
@@ -225,8 +212,10 @@ def main():
     dp.add_argument("server")
     dp.add_argument("prefix")
     args = p.parse_args()
-    return {"leader": leader, "report": report, "splice": splice,
-            "delete-prefix": delete_prefix}[args.cmd](args)
+    if args.cmd == "splice":
+        splice(args.doc, args.report, BEGIN, END, "Several proxies")
+        return 0
+    return {"leader": leader, "report": report, "delete-prefix": delete_prefix}[args.cmd](args)
 
 
 if __name__ == "__main__":

@@ -16,9 +16,11 @@
 #   --trials N      leader kills per journal (default 5; env PROXIES_TRIALS)
 #   --lease-ms MS   the proxies' `journal_lease_ms` (default 1000)
 #   --keep          keep the temporary directory (configs, logs, raw wrk output)
+#   --no-build      use the binaries already in target/release (or REGROUP_BIN and
+#                   REGROUP_BANK: a regroup binary and an example bank binary)
 #
 # What it does:
-#   1. `cargo build --release --bin regroup --example bank`; installs wrk, python3, curl and
+#   1. `cargo build --release --bin regroup --example bank` (not with --no-build); installs wrk, python3, curl and
 #      nats-server from Debian's packages when missing.
 #   2. In a `mktemp -d` directory: starts a 3-node NATS JetStream cluster on free loopback
 #      ports with its own store directories, and three setups, one per journal:
@@ -49,11 +51,13 @@ TRIALS="${PROXIES_TRIALS:-5}"
 LEASE_MS=1000
 WRITE=0
 KEEP=0
+BUILD=1
 ARGS=("$@")
 while [[ $# -gt 0 ]]; do
     case "$1" in
         --write) WRITE=1 ;;
         --keep) KEEP=1 ;;
+        --no-build) BUILD=0 ;;
         --rounds) ROUNDS="$2"; shift ;;
         --duration) DURATION="$2"; shift ;;
         --trials) TRIALS="$2"; shift ;;
@@ -77,10 +81,7 @@ HELPER="$ROOT/bench/proxies.py"
 FAILOVER="$ROOT/bench/failover.py"
 
 # --- 1. build and tools --------------------------------------------------------------------
-log "cargo build --release --bin regroup --example bank"
-cargo build --release --bin regroup --example bank >&2
-BIN="$ROOT/target/release/regroup"
-BANK_BIN="$ROOT/target/release/examples/bank"
+build_release "$BUILD"
 command -v wrk >/dev/null || apt_install wrk
 command -v python3 >/dev/null || apt_install python3
 command -v curl >/dev/null || apt_install curl
@@ -92,40 +93,19 @@ if [[ -z "$NATS_SERVER" ]]; then
 fi
 
 # --- 2. processes --------------------------------------------------------------------------
-TMP="$(mktemp -d "${TMPDIR:-/tmp}/regroup-proxies.XXXXXX")"
-PIDS=()            # every process started, for the trap
-PREFIXES=()        # NATS prefixes on the local server, deleted by the trap
-cleanup() {
-    local pid alive
-    for pid in "${PIDS[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
-    for _ in $(seq 100); do
-        alive=0
-        for pid in "${PIDS[@]}"; do kill -0 "$pid" 2>/dev/null && alive=1; done
-        [[ $alive -eq 0 ]] && break
-        sleep 0.1
-    done
-    for pid in "${PIDS[@]}"; do kill -KILL "$pid" 2>/dev/null || true; done
+bench_tmp proxies
+PREFIXES=()        # NATS prefixes on the local server, deleted by the clean-up
+cleanup_extra() {
+    local prefix
     for prefix in "${PREFIXES[@]}"; do
         python3 "$HELPER" delete-prefix 127.0.0.1:4222 "$prefix" || true
     done
-    if [[ $KEEP -eq 1 ]]; then
-        log "kept $TMP"
-    else
-        rm -rf "$TMP"
-    fi
 }
-trap cleanup EXIT
-trap 'exit 130' INT TERM
 
 # The 3-node cluster, on six distinct free ports (bound together, then released).
-read -r -a PORTS <<<"$(python3 -c '
-import socket
-held = [socket.socket() for _ in range(6)]
-for s in held:
-    s.bind(("127.0.0.1", 0))
-print(" ".join(str(s.getsockname()[1]) for s in held))')"
+read -r -a PORTS <<<"$(free_ports 6)"
 declare -a CPORT RPORT
-for i in 0 1 2; do CPORT[$i]="${PORTS[$((2 * i))]}"; RPORT[$i]="${PORTS[$((2 * i + 1))]}"; done
+for i in 0 1 2; do CPORT[i]="${PORTS[2 * i]}"; RPORT[i]="${PORTS[2 * i + 1]}"; done
 ROUTES="nats://127.0.0.1:${RPORT[0]},nats://127.0.0.1:${RPORT[1]},nats://127.0.0.1:${RPORT[2]}"
 for i in 0 1 2; do
     mkdir -p "$TMP/nats-$i"
@@ -153,41 +133,24 @@ PREFIXES+=("$P1")
 JOURNAL_URL[nats-1]="nats://127.0.0.1:4222?prefix=$P1"
 JOURNAL_URL[nats-3]="$CLUSTER?prefix=$P3"
 
-# Starts `bank` $2 of journal $1; sets BANK_URL.
-start_bank() {
-    local j="$1" name="$2" out="$TMP/$1-bank-$2.out" line pid
-    RUST_LOG=warn "$BANK_BIN" --listen 127.0.0.1:0 --db "sqlite://$TMP/$j-bank-$name.db" \
-        >"$out" 2>"$out.err" </dev/null &
-    pid="$!"
-    disown "$pid"
-    PIDS+=("$pid")
-    line="$(wait_line "$out" '^bank listening on ' "$pid")"
-    BANK_URL="${line#bank listening on }"
-}
-
 declare -A PROXY_PID PROXY_URL PROXY_ADMIN   # key: journal/slot (slot 0 or 1)
 # Starts proxy slot $2 of journal $1 (again, on new ports, after a kill); retried while the
 # journal is not ready yet (a new cluster may still be electing its stream leaders).
 start_proxy() {
-    local j="$1" slot="$2" out="$TMP/$1-proxy-$2.out" line pid
-    for attempt in $(seq 10); do
-        : >"$out"
-        RUST_LOG=info "$BIN" serve --config "$TMP/$j.toml" \
-            >"$out" 2>>"$out.err" </dev/null &
-        pid="$!"
-        disown "$pid"
-        PIDS+=("$pid")
-        if line="$(wait_line "$out" '^regroup listening on ' "$pid" 2>/dev/null)"; then
-            PROXY_PID[$j/$slot]="$pid"
-            PROXY_URL[$j/$slot]="$(sed -E 's/^regroup listening on ([^ ]+) .*/\1/' <<<"$line")"
-            PROXY_ADMIN[$j/$slot]="$(sed -E 's/.*\(admin ([^)]+)\).*/\1/' <<<"$line")"
+    local j="$1" slot="$2"
+    for _ in $(seq 10); do
+        if REGROUP_LOG=info start_regroup "$j-$slot" "$TMP/$j.toml" 2>/dev/null; then
+            PROXY_PID[$j/$slot]="$RG_PID"
+            PROXY_URL[$j/$slot]="$RG_URL"
+            PROXY_ADMIN[$j/$slot]="$RG_ADMIN"
             return 0
         fi
-        kill -KILL "$pid" 2>/dev/null || true
+        kill -KILL "$RG_PID" 2>/dev/null || true
+        forget_pid "$RG_PID"
         sleep 1
     done
     echo "$SCRIPT: the proxy on journal $j did not start; its log:" >&2
-    tail -30 "$out.err" >&2
+    tail -30 "$TMP/regroup-$j-$slot.out.err" >&2
     exit 1
 }
 
@@ -201,36 +164,14 @@ find_leader() {
 for j in "${JOURNALS[@]}"; do
     declare -A URLS=()
     for name in a b c; do
-        start_bank "$j" "$name"
+        start_bank "$j-$name"
         URLS[$name]="$BANK_URL"
     done
-    cat >"$TMP/$j.toml" <<EOF
-# Generated by bench/proxies.sh.
-listen = "127.0.0.1:0"
-admin_listen = "127.0.0.1:0"
-journal = "${JOURNAL_URL[$j]}"
-proxies = "several"
-journal_lease_ms = $LEASE_MS
-
-[[groups]]
-name = "bank"
-health_path = "/health"
-heartbeat_interval_ms = 100
+    write_config "$TMP/$j.toml" "journal = \"${JOURNAL_URL[$j]}\"
+proxies = \"several\"
+journal_lease_ms = $LEASE_MS" "heartbeat_interval_ms = 100
 heartbeat_timeout_ms = 100
-heartbeat_retries = 3
-
-[[groups.partitions]]
-name = "a"
-url = "${URLS[a]}"
-
-[[groups.partitions]]
-name = "b"
-url = "${URLS[b]}"
-
-[[groups.partitions]]
-name = "c"
-url = "${URLS[c]}"
-EOF
+heartbeat_retries = 3" a="${URLS[a]}" b="${URLS[b]}" c="${URLS[c]}"
     start_proxy "$j" 0
     python3 "$HELPER" leader "${PROXY_ADMIN[$j/0]}" >/dev/null
     start_proxy "$j" 1
@@ -292,7 +233,7 @@ for j in "${JOURNALS[@]}"; do
         fi
         printf '%s\t%s\n' "$j" "$trial" >>"$TRIALS_OUT"
         log "$j trial $n/$TRIALS: $(python3 -c 'import json,sys; print("%.0f ms" % json.loads(sys.argv[1])["total_ms"])' "$trial")"
-        for _ in $(seq 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.01; done
+        forget_pid "$pid"
         start_proxy "$j" "$LEADER"
     done
 done
@@ -306,7 +247,7 @@ python3 "$HELPER" report "$RESULTS" "$TRIALS_OUT" \
     --command "$COMMAND" --loadavg "$LOADAVG" \
     --nats-version "$("$NATS_SERVER" --version 2>&1 | head -1)" \
     --wrk-version "$(wrk -v 2>&1 | head -1 | awk '{print $2}')" \
-    --commit "$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown)$(git -C "$ROOT" diff --quiet HEAD 2>/dev/null || echo ' (dirty)')" \
+    --commit "$(commit_id)" \
     >"$REPORT"
 cat "$REPORT"
 if [[ $WRITE -eq 1 ]]; then

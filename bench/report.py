@@ -3,21 +3,32 @@
 
     report.py RESULTS.tsv --rounds N --duration S [--nginx-version V] [--wrk-version V]
               [--commit C] [--loadavg L] [--command C] [--clk-tck HZ]
-    report.py --splice BENCHMARKS.md REPORT.md
+              [--catchup CATCHUP.jsonl] [--failover FAILOVER.tsv --failover-log LOG]
+    report.py --splice BENCHMARKS.md REPORT.md [SYNC]
 
 RESULTS.tsv has one line per wrk run: target, round, path of wrk's output (with --latency;
 a second wrk's output beside it as PATH.reads for the mixed load), the proxy's CPU time over
 the run in clock ticks, and its resident set in kB after the run.
+CATCHUP.jsonl has one line per catch-up trial (bench/catchup.py watch); its rate is held
+against update-direct's (the application's own serialized update rate) of the same run.
+FAILOVER.tsv has one line per failover trial: round, the JSON line of bench/failover.py
+trial; LOG is regroup three's log, for when the primary was marked unavailable and the
+hand-over's took_ms.
 --splice replaces what lies between `<!-- bench:begin -->` and `<!-- bench:end -->` in the
 first file with the second file (appending the markers and the report when absent).
 """
 
 import argparse
 import datetime
+import json
 import os
 import re
 import statistics
 import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import cpu_model, splice as splice_between  # noqa: E402
+from failover import parse_log, summary, trial_rows  # noqa: E402
 
 BEGIN = "<!-- bench:begin -->"
 END = "<!-- bench:end -->"
@@ -32,6 +43,12 @@ FLOORS = [
     ("health: regroup / nginx CPU per request", "health-regroup", "health-nginx", "cpu_us", "<=", 1.0),
     ("updates: regroup / direct throughput", "update-regroup", "update-direct", "rps", ">=", 0.5),
 ]
+# Issue 11's floor for the catch-up rate (records/s a returning replica replays) against the
+# application's own serialized update rate (update-direct); for later work on parallel replay
+# with conflict keys.
+CATCHUP_FLOOR = 1.5
+# The failover goal of BENCHMARKS.md ("Failover time"): median at most this many ms.
+FAILOVER_GOAL_MS = 1000
 # Further ratios, informative only.
 RATIOS = [
     ("reads: nginx / direct throughput", "read-nginx", "read-direct", "rps"),
@@ -55,7 +72,7 @@ TARGETS = [
     ("health-regroup", "reads, one partition", "regroup (one partition)", "GET /health, wrk -t2 -c32"),
     ("health-nginx", "reads, one partition", "nginx -> one", "GET /health, wrk -t2 -c32"),
     ("health-direct", "reads, one partition", "one, direct", "GET /health, wrk -t2 -c32"),
-    ("update-regroup", "serialized updates", "regroup (journal + primary a, 3 partitions)", "POST /transfers, wrk -t1 -c1"),
+    ("update-regroup", "serialized updates", "regroup (journal + primary, 3 partitions)", "POST /transfers, wrk -t1 -c1"),
     ("update-regroup1", "serialized updates", "regroup (journal + one partition)", "POST /transfers, wrk -t1 -c1"),
     ("update-direct", "serialized updates", "solo bank, direct", "POST /transfers, wrk -t1 -c1"),
     ("update16-regroup", "16-client updates", "regroup (3 partitions)", "POST /transfers, wrk -t2 -c16"),
@@ -93,16 +110,6 @@ def parse_wrk(path):
             "requests": requests}
 
 
-def cpu_model():
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown"
-
-
 def fmt_ms(v):
     return f"{v:.2f} ms" if v < 100 else f"{v:.0f} ms"
 
@@ -124,8 +131,9 @@ def report(args):
     tick_us = 1e6 / float(args.clk_tck)
     runs = {}
     for line in open(args.results):
-        target, _round, path, ticks, rss = line.rstrip("\n").split("\t")
+        target, rnd, path, ticks, rss = line.rstrip("\n").split("\t")
         r = parse_wrk(path)
+        r["round"] = int(rnd)
         requests = r["requests"]
         r["reads_rps"] = None
         if os.path.exists(path + ".reads"):
@@ -151,17 +159,28 @@ def report(args):
     out.append("")
     out.append(f"- command: `{args.command}`")
     out.append(f"- machine: `nproc` {len(os.sched_getaffinity(0))}, {cpu_model()}; "
-               f"load average before the runs {args.loadavg}")
+               f"load average before the runs {args.loadavg}"
+               + (f", after them {args.loadavg_after}" if args.loadavg_after else ""))
     out.append(f"- commit {args.commit}; nginx {args.nginx_version}; wrk {args.wrk_version}; "
                f"regroup `journal_sync = \"{args.journal_sync}\"`")
     out.append(f"- {args.rounds} interleaved rounds x {args.duration} s per target; "
                "figures are medians over the rounds; proxy CPU = utime + stime of the proxy's "
                "processes (regroup's, or nginx's master and workers) over the run / requests "
                "answered, RSS after the run")
-    out.append("")
-    out.append("| workload | target | generator | req/s | p50 | p99 | proxy CPU / req | proxy RSS "
-               "| req/s per round |")
-    out.append("| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | --- |")
+    catchup = [json.loads(line) for line in open(args.catchup)] if args.catchup else []
+    failover = []
+    if args.failover:
+        for line in open(args.failover):
+            rnd, doc = line.rstrip("\n").split("\t", 1)
+            failover.append((int(rnd), json.loads(doc)))
+    if failover:
+        out.append(f"- failover: {len(failover)} SIGKILLs of regroup three's primary, spread "
+                   "over the rounds; group three's heartbeat settings at their defaults")
+    if runs:
+        out.append("")
+        out.append("| workload | target | generator | req/s | p50 | p99 | proxy CPU / req "
+                   "| proxy RSS | req/s per round |")
+        out.append("| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | --- |")
     for t, kind, label, load in TARGETS:
         if t not in med:
             continue
@@ -175,9 +194,7 @@ def report(args):
             per_round = " ".join(f"{r['rps']:.0f}+{r['reads_rps']:.0f}" for r in runs[t])
         out.append(f"| {kind} | {label} | {load} | {rps} | {fmt_ms(m['p50'])} | {p99} | "
                    f"{fmt_us(m['cpu_us'])} | {fmt_mb(m['rss_kb'])} | {per_round} |")
-    out.append("")
-    out.append("| ratio | value | floor | met |")
-    out.append("| --- | ---: | ---: | --- |")
+    ratio_rows = []
 
     def ratio(a, b, metric):
         if a not in med or b not in med or med[a][metric] is None or not med[b][metric]:
@@ -188,13 +205,27 @@ def report(args):
         v = ratio(a, b, metric)
         if v is None:
             continue
-        ok = v >= bound if cmp == ">=" else v <= bound
-        shown = f"{v:.2f}" if f"{v:.2f}" != f"{bound:.2f}" else f"{v:.3f}"
-        out.append(f"| {label} | {shown}x | {cmp} {bound}x | {'yes' if ok else '**NO**'} |")
+        ratio_rows.append(floor_row(label, v, ">=" if cmp == ">=" else "<=", bound))
+    # The catch-up rate against the application's own serialized update rate.
+    direct = med.get("update-direct", {}).get("rps")
+    rates = [c["rate"] for c in catchup if c.get("rate") is not None]
+    if rates and direct:
+        ratio_rows.append(floor_row("catch-up: replica's catch-up rate / direct serialized "
+                                    "update rate", statistics.median(rates) / direct, ">=",
+                                    CATCHUP_FLOOR))
     for label, a, b, metric in RATIOS:
         v = ratio(a, b, metric)
         if v is not None:
-            out.append(f"| {label} | {v:.2f}x | | |")
+            ratio_rows.append(f"| {label} | {v:.2f}x | | |")
+    replay = [c["replay_rate"] for c in catchup if c.get("replay_rate") is not None]
+    if replay and direct:
+        ratio_rows.append("| catch-up: replay alone (first record -> head) / direct serialized "
+                          f"update rate | {statistics.median(replay) / direct:.2f}x | | |")
+    if ratio_rows:
+        out.append("")
+        out.append("| ratio | value | floor | met |")
+        out.append("| --- | ---: | ---: | --- |")
+        out.extend(ratio_rows)
     # Rounds are interleaved, so each round compares targets under the same conditions: the
     # per-round ratios show how much of a verdict is noise.
     paired = []
@@ -206,6 +237,13 @@ def report(args):
         if rs:
             paired.append(f"{label}: " + " ".join(f"{r:.2f}" for r in rs)
                           + f" (median {statistics.median(rs):.2f}x)")
+    by_round = {r["round"]: r["rps"] for r in runs.get("update-direct", [])}
+    per_round = [(c["round"], c["rate"] / by_round[c["round"]]) for c in catchup
+                 if c.get("rate") is not None and by_round.get(c["round"])]
+    if per_round:
+        paired.append("catch-up rate / direct serialized update rate: "
+                      + " ".join(f"{v:.2f}" for _r, v in per_round)
+                      + f" (median {statistics.median(v for _r, v in per_round):.2f}x)")
     if paired:
         out.append("")
         out.append("Per-round ratios (same round, same conditions): " + "; ".join(paired) + ".")
@@ -214,23 +252,114 @@ def report(args):
         out.append("")
         out.append("**Failed requests** (non-2xx answers or socket errors, all rounds): "
                    + ", ".join(f"{t} {n}" for t, n in sorted(bad.items())))
+    if catchup:
+        out.extend(catchup_section(catchup, by_round, direct))
+    if failover:
+        out.extend(failover_section(failover, parse_log(args.failover_log)
+                                    if args.failover_log else []))
     print("\n".join(out))
+
+
+def floor_row(label, v, cmp, bound):
+    ok = v >= bound if cmp == ">=" else v <= bound
+    shown = f"{v:.2f}" if f"{v:.2f}" != f"{bound:.2f}" else f"{v:.3f}"
+    return f"| {label} | {shown}x | {cmp} {bound}x | {'yes' if ok else '**NO**'} |"
+
+
+def fmt_rate(v):
+    return "-" if v is None else f"{v:.0f}/s"
+
+
+def fmt_s(v):
+    return "-" if v is None else f"{v:.2f} s"
+
+
+def catchup_section(catchup, direct_by_round, direct):
+    """The catch-up trials: one row per round, then the medians."""
+    out = ["", "Catch-up (`catchup`): a replica of regroup three SIGKILLed, transfers pushed "
+           "through regroup three meanwhile (bench/catchup.py push: one at a time, keep-alive), "
+           "the replica started again on its "
+           "port and database; timed from its return until admin `/status` shows it applied "
+           "the head (polled every 50 ms). Catch-up rate = records behind / (return -> head); "
+           "replay alone = from the first poll that saw it apply a record to the head. "
+           "\"direct\" is update-direct (solo bank, wrk -t1 -c1) of the same round.", "",
+           "| round | replica | records behind | push through regroup | return -> first "
+           "record | return -> head | catch-up rate | replay alone | direct serialized "
+           "updates (same round) | catch-up / direct |",
+           "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for c in catchup:
+        d = direct_by_round.get(c["round"])
+        ratio = f"{c['rate'] / d:.2f}x" if c.get("rate") and d else "-"
+        push = (f"{c['pushed']} in {c['push_s']:.0f} s ({c['push_rps']:.0f}/s)"
+                if c.get("pushed") is not None else "-")
+        if c.get("push_failed"):
+            push += f", **{c['push_failed']} failed**"
+        out.append(f"| {c['round'] + 1} | {c['partition']} | {c['behind']} | {push} "
+                   f"| {fmt_s(c['first_s'])} | {fmt_s(c['done_s'])} | {fmt_rate(c['rate'])} "
+                   f"| {fmt_rate(c['replay_rate'])} | {fmt_rate(d)} | {ratio} |")
+
+    def med(key):
+        vals = [c[key] for c in catchup if c.get(key) is not None]
+        return statistics.median(vals) if vals else None
+
+    rate = med("rate")
+    ratio = f"{rate / direct:.2f}x" if rate and direct else "-"
+    out.append(f"| median | | {med('behind'):.0f} | | {fmt_s(med('first_s'))} "
+               f"| {fmt_s(med('done_s'))} | {fmt_rate(rate)} | {fmt_rate(med('replay_rate'))} "
+               f"| {fmt_rate(direct)} | {ratio} |")
+    missed = [c for c in catchup if c.get("done_s") is None]
+    if missed:
+        out.append("")
+        out.append(f"**{len(missed)} replica(s) did not reach the head in time**: "
+                   + ", ".join(f"round {c['round'] + 1} {c['partition']} at "
+                               f"{c.get('applied_at_timeout')} of {c['head']}" for c in missed))
+    return out
+
+
+def failover_section(failover, events):
+    """The failover trials: median, max, min, and every trial."""
+    trials = [t for _r, t in failover]
+    rows = trial_rows(trials, events, tail_s=1.0)
+    stats = summary(rows)
+    out = ["", "Failover (`failover`): SIGKILL of regroup three's primary bank, then one "
+           "`POST /transfers` at a time through regroup three (a fresh connection each, "
+           "time-out 6 s; bench/failover.py trial) until one answers 201; failover time = "
+           "kill -> that 201. The killed bank is started again on its port and database "
+           "and catches up before the next target.", "",
+           "| | failover time | kill -> primary `unavailable` (proxy log) "
+           "| hand-over `took_ms` (proxy log) |",
+           "| --- | ---: | ---: | ---: |"]
+    for i, label in enumerate(("median", "max", "min")):
+        cells = [f"{stats[k][i]:.0f} ms" if k in stats else "-"
+                 for k in ("total", "detect", "took")]
+        out.append(f"| {label} | {' | '.join(cells)} |")
+    totals = [r["total"] for r in rows if r["total"] is not None]
+    med = statistics.median(totals) if totals else None
+    goal = med is not None and med <= FAILOVER_GOAL_MS and len(totals) == len(rows)
+    every = ", ".join(f"{r['victim']} -> {r['to']} {r['total']:.0f} ms (round {rnd + 1})"
+                      for (rnd, _t), r in zip(failover, rows) if r["total"] is not None)
+    non201 = [(r["n"], a) for r in rows for a in r["bad"]]
+    out.append("")
+    out.append(f"Goal median <= {FAILOVER_GOAL_MS} ms: **{'met' if goal else 'NOT met'}** "
+               f"({len(totals)} of {len(rows)} trials answered). Every trial: {every}.")
+    out.append("")
+    if non201:
+        out.append(f"**Updates that failed instead of waiting: {len(non201)}** ("
+                   + "; ".join(f"trial {n}: {a['status'] or 'no answer'} after "
+                               f"{a['end_ms'] - a['start_ms']:.0f} ms" for n, a in non201)
+                   + ").")
+    else:
+        out.append("Every first update after a kill waited for the failover and got 201.")
+    doubt = [r["n"] for r in rows if any("in doubt**" in n for n in r["notes"])]
+    if doubt:
+        out.append(f"The first update went in doubt in trial(s) {', '.join(map(str, doubt))}.")
+    return out
 
 
 def splice(doc_path, report_path, sync="full"):
     begin, end = (BEGIN, END) if sync == "full" else (
         f"<!-- bench-{sync}:begin -->", f"<!-- bench-{sync}:end -->")
-    body = open(report_path).read().rstrip("\n")
-    doc = open(doc_path).read() if os.path.exists(doc_path) else ""
-    block = f"{begin}\n{body}\n{end}"
-    if begin in doc and end in doc:
-        head, rest = doc.split(begin, 1)
-        _, tail = rest.split(end, 1)
-        doc = head + block + tail
-    else:
-        doc = doc.rstrip("\n") + ("\n\n" if doc else "") + block + "\n"
-    with open(doc_path, "w") as f:
-        f.write(doc)
+    splice_between(doc_path, report_path, begin, end)
 
 
 def main():
@@ -245,9 +374,13 @@ def main():
     p.add_argument("--wrk-version", default="unknown")
     p.add_argument("--commit", default="unknown")
     p.add_argument("--loadavg", default="unknown")
+    p.add_argument("--loadavg-after")
     p.add_argument("--journal-sync", default="full")
     p.add_argument("--command", default="bench/run.sh")
     p.add_argument("--clk-tck", default="100")
+    p.add_argument("--catchup", help="catch-up trials, one JSON line each")
+    p.add_argument("--failover", help="failover trials: round, tab, JSON line")
+    p.add_argument("--failover-log", help="regroup three's log")
     report(p.parse_args())
 
 

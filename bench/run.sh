@@ -4,16 +4,22 @@
 # Usage (from the repository root or anywhere in a clone):
 #   bench/run.sh                  # measure everything, print a markdown report
 #   bench/run.sh --write          # ... and put it in BENCHMARKS.md between the bench markers
-#   bench/run.sh --only reads     # one workload (about a minute): reads, updates or mixed
+#   bench/run.sh --only reads     # one workload (about a minute): reads, updates, mixed,
+#                                 # catchup or failover
 #   bench/run.sh --rounds 3 --duration 3 --keep
 #
 # Options:
 #   --write         replace the section between `<!-- bench:begin -->` and
 #                   `<!-- bench:end -->` in BENCHMARKS.md with the report (full runs only)
-#   --only LIST     comma-separated workloads or targets: `reads`, `updates`, `mixed`, or
-#                   target names as listed below (e.g. `--only health-regroup,health-nginx`)
+#   --only LIST     comma-separated workloads or targets: `reads`, `updates`, `mixed`,
+#                   `catchup` (with `update-direct`, its baseline), `failover`, or target
+#                   names as listed below (e.g. `--only health-regroup,health-nginx`)
 #   --rounds N      interleaved rounds (default 5; env BENCH_ROUNDS)
 #   --duration S    seconds per wrk run (default 5; env BENCH_DURATION)
+#   --catchup-records N  records a replica is behind in the catch-up workload (default
+#                   10000; env BENCH_CATCHUP_RECORDS)
+#   --kills N       SIGKILLs of the primary in the failover workload, spread over the
+#                   rounds (default 3; env BENCH_KILLS)
 #   --keep          keep the temporary directory (configs, logs, raw wrk output)
 #   --no-build      measure the binaries already in target/release (no cargo build)
 #   --set LINE      a top-level line for both regroup configs, e.g. `--set 'client_threads = 0'`
@@ -22,6 +28,7 @@
 #                   (repeatable; shown in the report)
 #   REGROUP_BIN     a regroup binary to measure instead of the one built (e.g. a copy of an
 #                   earlier build, for a before/after comparison)
+#   REGROUP_BANK    an example bank binary instead of target/release/examples/bank
 #   REGROUP_LOG     the proxies' RUST_LOG (default info), e.g.
 #                   info,regroup_proxy::update=debug for per-update timings
 #   --journal-sync M  the proxies' `journal_sync`: `full` (default) or `append`; with
@@ -62,6 +69,23 @@
 #        mixed-regroup     through regroup three, at once: POST /transfers wrk -t1 -c8
 #                          and GET /accounts/1 wrk -t1 -c32
 #        mixed-direct      the same two loads on solo
+#        catchup:
+#        catchup           SIGKILLs a replica of regroup three (b or c, never the primary;
+#                          the other one each round), pushes --catchup-records transfers
+#                          through regroup three (bench/catchup.py push: one at a time on a
+#                          keep-alive connection, bounded by records/20 + 30 s), starts
+#                          the replica again on its port and database, and times it from
+#                          there until admin /status shows it applied the head (polled
+#                          every 50 ms, at most 600 s; bench/catchup.py): records/s, and
+#                          the ratio to update-direct of the same run (issue 11's floor:
+#                          >= 1.5x)
+#        failover:
+#        failover          SIGKILLs the primary's bank of regroup three (heartbeats at
+#                          their defaults) and sends one transfer at a time through regroup
+#                          three until one answers 201 (bench/failover.py trial, as
+#                          bench/failover.sh does); the bank is started again on its port
+#                          and database. --kills such trials, spread over the rounds
+#                          (round r takes kills r, r + rounds, ...); median, max and min
 #      Around every run it reads the proxy's CPU time (utime + stime of regroup's process,
 #      or of nginx's master and workers, from /proc/PID/stat) and afterwards its resident
 #      set (VmRSS); CPU per request is that CPU time over the requests wrk counted. After
@@ -69,7 +93,7 @@
 #      replays of one run do not eat into the next.
 #   6. Prints a markdown report: machine, date, medians over the rounds of req/s, p50, p99,
 #      proxy CPU per request and RSS, the ratios, and whether each floor of BENCHMARKS.md
-#      is met.
+#      is met; the catch-up trials (per round and median) and the failover trials.
 # A trap kills every process the script started and removes the temporary directory.
 set -euo pipefail
 
@@ -82,6 +106,8 @@ ONLY=""
 SETS=()
 GROUP_SETS=()
 BUILD=1
+CATCHUP_RECORDS="${BENCH_CATCHUP_RECORDS:-10000}"
+KILLS="${BENCH_KILLS:-3}"
 while [[ $# -gt 0 ]]; do
     case "$1" in
         --write) WRITE=1 ;;
@@ -93,10 +119,15 @@ while [[ $# -gt 0 ]]; do
         --no-build) BUILD=0 ;;
         --rounds) ROUNDS="$2"; shift ;;
         --duration) DURATION="$2"; shift ;;
+        --catchup-records) CATCHUP_RECORDS="$2"; shift ;;
+        --kills) KILLS="$2"; shift ;;
         -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
         *) echo "bench/run.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
     esac
     shift
+done
+for v in "$ROUNDS" "$DURATION" "$CATCHUP_RECORDS" "$KILLS"; do
+    [[ "$v" =~ ^[1-9][0-9]*$ ]] || { echo "bench/run.sh: $v is not a positive integer" >&2; exit 2; }
 done
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -107,12 +138,7 @@ SCRIPT="bench/run.sh"
 source "$ROOT/bench/lib.sh"
 
 # --- 1. build ------------------------------------------------------------------------------
-if [[ $BUILD -eq 1 ]]; then
-    log "cargo build --release --bin regroup --example bank"
-    cargo build --release --bin regroup --example bank >&2
-fi
-BIN="${REGROUP_BIN:-$ROOT/target/release/regroup}"
-BANK="$ROOT/target/release/examples/bank"
+build_release "$BUILD"
 
 # --- 2. tools ------------------------------------------------------------------------------
 NGINX="$(command -v nginx || true)"
@@ -126,91 +152,34 @@ command -v python3 >/dev/null || apt_install python3
 command -v curl >/dev/null || apt_install curl
 
 # --- 3. processes --------------------------------------------------------------------------
-TMP="$(mktemp -d "${TMPDIR:-/tmp}/regroup-bench.XXXXXX")"
-PIDS=()
-cleanup() {
-    local pid
-    for pid in "${PIDS[@]}"; do
-        kill -TERM "$pid" 2>/dev/null || true
-    done
-    for pid in "${PIDS[@]}"; do
-        wait "$pid" 2>/dev/null || true
-    done
-    if [[ $KEEP -eq 1 ]]; then
-        log "kept $TMP"
-    else
-        rm -rf "$TMP"
-    fi
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
-
-
-# Starts a bank named $1 on $TMP/bank-$1.db; sets BANK_URL.
-start_bank() {
-    local name="$1"
-    RUST_LOG=warn "$BANK" --listen 127.0.0.1:0 --db "sqlite://$TMP/bank-$name.db" \
-        >"$TMP/bank-$name.out" 2>"$TMP/bank-$name.out.err" </dev/null &
-    local pid="$!" line
-    PIDS+=("$pid")
-    line="$(wait_line "$TMP/bank-$name.out" '^bank listening on ' "$pid")"
-    BANK_URL="${line#bank listening on }"
-    log "bank $name at $BANK_URL"
-}
-
-declare -A BANK
+bench_tmp bench
 for name in a b c one solo; do
     start_bank "$name"
-    BANK[$name]="$BANK_URL"
+    BANK_URLS[$name]="$BANK_URL"
+    BANK_PIDS[$name]="$BANK_PID"
+    log "bank $name at $BANK_URL"
 done
 
 # Writes regroup config $1 (journal $2) for a group over partitions $3...
 regroup_config() {
-    local file="$1" journal="$2" name
+    local file="$1" journal="$2" name parts=()
     shift 2
-    cat >"$file" <<CONF
-# Generated by bench/run.sh.
-listen = "127.0.0.1:0"
-admin_listen = "127.0.0.1:0"
-journal = "sqlite://$journal"
-journal_sync = "$SYNC"
-$(printf '%s\n' "${SETS[@]}")
-
-[[groups]]
-name = "bank"
-health_path = "/health"
-$(printf '%s\n' "${GROUP_SETS[@]}")
-CONF
-    for name in "$@"; do
-        printf '\n[[groups.partitions]]\nname = "%s"\nurl = "%s"\n' "$name" "${BANK[$name]}" >>"$file"
-    done
-}
-
-# Starts regroup $1 with config $2; sets RG_PID, RG_URL and RG_ADMIN.
-start_regroup() {
-    local name="$1" config="$2" line
-    RUST_LOG="${REGROUP_LOG:-info}" "$BIN" serve --config "$config" \
-        >"$TMP/regroup-$name.out" 2>"$TMP/regroup-$name.out.err" </dev/null &
-    RG_PID="$!"
-    PIDS+=("$RG_PID")
-    line="$(wait_line "$TMP/regroup-$name.out" '^regroup listening on ' "$RG_PID")"
-    RG_URL="$(sed -E 's/^regroup listening on ([^ ]+) .*/\1/' <<<"$line")"
-    RG_ADMIN="$(sed -E 's/.*\(admin ([^)]+)\).*/\1/' <<<"$line")"
-    log "regroup $name at $RG_URL (admin $RG_ADMIN)"
+    for name in "$@"; do parts+=("$name=${BANK_URLS[$name]}"); done
+    write_config "$file" "journal = \"sqlite://$journal\"
+journal_sync = \"$SYNC\"
+$(printf '%s\n' "${SETS[@]}")" "$(printf '%s\n' "${GROUP_SETS[@]}")" "${parts[@]}"
 }
 
 regroup_config "$TMP/regroup-three.toml" "$TMP/journal-three.db" a b c
 start_regroup three "$TMP/regroup-three.toml"
+log "regroup three at $RG_URL (admin $RG_ADMIN)"
 REGROUP="$RG_URL" ADMIN="$RG_ADMIN" REGROUP_PID="$RG_PID"
 regroup_config "$TMP/regroup-one.toml" "$TMP/journal-one.db" one
 start_regroup one "$TMP/regroup-one.toml"
+log "regroup one at $RG_URL (admin $RG_ADMIN)"
 REGROUP1="$RG_URL" ADMIN1="$RG_ADMIN" REGROUP1_PID="$RG_PID"
 
-free_port() {
-    python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
-}
-NGINX_PORT="$(free_port)"
-NGINX1_PORT="$(free_port)"
+read -r NGINX_PORT NGINX1_PORT <<<"$(free_ports 2)"
 mkdir -p "$TMP/nginx"
 NGINX_USER=""
 [[ $EUID -eq 0 ]] && NGINX_USER="user root;"
@@ -231,11 +200,11 @@ http {
     uwsgi_temp_path $TMP/nginx/uwsgi;
     scgi_temp_path $TMP/nginx/scgi;
     upstream bank {
-        server ${BANK[a]#http://};
+        server ${BANK_URLS[a]#http://};
         keepalive 64;
     }
     upstream one {
-        server ${BANK[one]#http://};
+        server ${BANK_URLS[one]#http://};
         keepalive 64;
     }
     server {
@@ -259,6 +228,7 @@ CONF
 "$NGINX" -p "$TMP/nginx" -c "$TMP/nginx/nginx.conf" -e "$TMP/nginx/error.log" \
     >"$TMP/nginx/out" 2>&1 </dev/null &
 NGINX_PID="$!"
+disown "$NGINX_PID"
 PIDS+=("$NGINX_PID")
 NGINX_URL="http://127.0.0.1:$NGINX_PORT"
 NGINX1_URL="http://127.0.0.1:$NGINX1_PORT"
@@ -266,11 +236,11 @@ for _ in $(seq 100); do
     curl -fs -o /dev/null "$NGINX_URL/health" && curl -fs -o /dev/null "$NGINX1_URL/health" && break
     sleep 0.1
 done
-curl -fs -o /dev/null "$NGINX_URL/health" && curl -fs -o /dev/null "$NGINX1_URL/health" || {
+if ! curl -fs -o /dev/null "$NGINX_URL/health" || ! curl -fs -o /dev/null "$NGINX1_URL/health"; then
     echo "bench/run.sh: nginx did not come up:" >&2
     cat "$TMP/nginx/out" "$TMP/nginx/error.log" >&2 || true
     exit 1
-}
+fi
 log "nginx at $NGINX_URL -> a and $NGINX1_URL -> one"
 
 # --- 4. seed -------------------------------------------------------------------------------
@@ -278,7 +248,7 @@ post() { # url path json -> prints body; fails on a non-2xx answer
     curl -fsS -X POST "$1$2" -H 'content-type: application/json' -d "$3"
 }
 for i in 1 2; do
-    for base in "$REGROUP" "$REGROUP1" "${BANK[solo]}"; do
+    for base in "$REGROUP" "$REGROUP1" "${BANK_URLS[solo]}"; do
         id="$(post "$base" /accounts "{\"name\":\"bench-$i\",\"balance\":1000000000}" |
             python3 -c 'import json,sys; print(json.load(sys.stdin)["id"])')"
         [[ "$id" == "$i" ]] || { echo "bench/run.sh: account bench-$i got id $id on $base" >&2; exit 1; }
@@ -309,7 +279,7 @@ settle() {
 state="$(settle)"
 [[ "$(cut -d' ' -f2 <<<"$state")" == a ]] || { echo "bench/run.sh: primary is not a: $state" >&2; exit 1; }
 for name in a b c one; do
-    curl -fs -o /dev/null "${BANK[$name]}/accounts/2" || { echo "bench/run.sh: partition $name lacks account 2" >&2; exit 1; }
+    curl -fs -o /dev/null "${BANK_URLS[$name]}/accounts/2" || { echo "bench/run.sh: partition $name lacks account 2" >&2; exit 1; }
 done
 log "seeded accounts 1 and 2 on a, b, c (through regroup three), one (through regroup one) and solo"
 
@@ -323,24 +293,32 @@ LUA
 READS=(read-regroup read-nginx read-direct health-regroup health-nginx health-direct)
 UPDATES=(update-regroup update-regroup1 update-direct update16-regroup update16-regroup1 update16-direct)
 MIXED=(mixed-regroup mixed-direct)
-TARGETS=()
+CATCHUP=(update-direct catchup)   # update-direct: the rate the catch-up rate is held against
+FAILOVER=(failover)
+picked=()
 if [[ -z "$ONLY" ]]; then
-    TARGETS=("${READS[@]}" "${UPDATES[@]}" "${MIXED[@]}")
+    picked=("${READS[@]}" "${UPDATES[@]}" "${MIXED[@]}" "${CATCHUP[@]}" "${FAILOVER[@]}")
 else
     IFS=, read -ra picks <<<"$ONLY"
     for pick in "${picks[@]}"; do
         case "$pick" in
-            reads) TARGETS+=("${READS[@]}") ;;
-            updates) TARGETS+=("${UPDATES[@]}") ;;
-            mixed) TARGETS+=("${MIXED[@]}") ;;
+            reads) picked+=("${READS[@]}") ;;
+            updates) picked+=("${UPDATES[@]}") ;;
+            mixed) picked+=("${MIXED[@]}") ;;
+            catchup) picked+=("${CATCHUP[@]}") ;;
+            failover) picked+=("${FAILOVER[@]}") ;;
             *)
-                [[ " ${READS[*]} ${UPDATES[*]} ${MIXED[*]} " == *" $pick "* ]] ||
+                [[ " ${READS[*]} ${UPDATES[*]} ${MIXED[*]} catchup " == *" $pick "* ]] ||
                     { echo "bench/run.sh: unknown workload or target $pick (see --help)" >&2; exit 2; }
-                TARGETS+=("$pick")
+                picked+=("$pick")
                 ;;
         esac
     done
 fi
+TARGETS=()   # picked, each once
+for t in "${picked[@]}"; do
+    [[ " ${TARGETS[*]} " == *" $t "* ]] || TARGETS+=("$t")
+done
 if [[ $WRITE -eq 1 && -n "$ONLY" ]]; then
     echo "bench/run.sh: --write takes a full run (no --only)" >&2
     exit 2
@@ -351,7 +329,7 @@ proxy_pids() {
     case "$1" in
         read-regroup | update-regroup | update16-regroup | mixed-regroup) echo "$REGROUP_PID" ;;
         health-regroup | update-regroup1 | update16-regroup1) echo "$REGROUP1_PID" ;;
-        *-nginx) echo "$NGINX_PID" $(pgrep -P "$NGINX_PID" || true) ;;
+        *-nginx) echo "$NGINX_PID" "$(pgrep -P "$NGINX_PID" | tr '\n' ' ' || true)" ;;
         *) ;;
     esac
 }
@@ -385,19 +363,19 @@ run_target() { # target seconds output-file; prints "cpu_ticks rss_kb" of the ta
     case "$t" in
         read-regroup) "${w[@]}" -t1 -c16 "$REGROUP/accounts/1" >"$out" ;;
         read-nginx) "${w[@]}" -t1 -c16 "$NGINX_URL/accounts/1" >"$out" ;;
-        read-direct) "${w[@]}" -t1 -c16 "${BANK[a]}/accounts/1" >"$out" ;;
+        read-direct) "${w[@]}" -t1 -c16 "${BANK_URLS[a]}/accounts/1" >"$out" ;;
         health-regroup) "${w[@]}" -t2 -c32 "$REGROUP1/health" >"$out" ;;
         health-nginx) "${w[@]}" -t2 -c32 "$NGINX1_URL/health" >"$out" ;;
-        health-direct) "${w[@]}" -t2 -c32 "${BANK[one]}/health" >"$out" ;;
+        health-direct) "${w[@]}" -t2 -c32 "${BANK_URLS[one]}/health" >"$out" ;;
         update-regroup) "${w[@]}" -t1 -c1 -s "$TMP/transfer.lua" "$REGROUP/transfers" >"$out" ;;
         update-regroup1) "${w[@]}" -t1 -c1 -s "$TMP/transfer.lua" "$REGROUP1/transfers" >"$out" ;;
-        update-direct) "${w[@]}" -t1 -c1 -s "$TMP/transfer.lua" "${BANK[solo]}/transfers" >"$out" ;;
+        update-direct) "${w[@]}" -t1 -c1 -s "$TMP/transfer.lua" "${BANK_URLS[solo]}/transfers" >"$out" ;;
         update16-regroup) "${w[@]}" -t2 -c16 -s "$TMP/transfer.lua" "$REGROUP/transfers" >"$out" ;;
         update16-regroup1) "${w[@]}" -t2 -c16 -s "$TMP/transfer.lua" "$REGROUP1/transfers" >"$out" ;;
-        update16-direct) "${w[@]}" -t2 -c16 -s "$TMP/transfer.lua" "${BANK[solo]}/transfers" >"$out" ;;
+        update16-direct) "${w[@]}" -t2 -c16 -s "$TMP/transfer.lua" "${BANK_URLS[solo]}/transfers" >"$out" ;;
         mixed-regroup | mixed-direct)
             local base="$REGROUP"
-            [[ "$t" == mixed-direct ]] && base="${BANK[solo]}"
+            [[ "$t" == mixed-direct ]] && base="${BANK_URLS[solo]}"
             "${w[@]}" -t1 -c32 "$base/accounts/1" >"$out.reads" &
             local reads=$!
             "${w[@]}" -t1 -c8 -s "$TMP/transfer.lua" "$base/transfers" >"$out"
@@ -409,10 +387,77 @@ run_target() { # target seconds output-file; prints "cpu_ticks rss_kb" of the ta
     settle >/dev/null
 }
 
+PUSH_SECS=$((CATCHUP_RECORDS / 20 + 30))
+CATCHUP_OUT="$TMP/catchup.jsonl"
+FAILOVER_OUT="$TMP/failover.tsv"
+: >"$CATCHUP_OUT"
+: >"$FAILOVER_OUT"
+
+# The catch-up trial of round $1: SIGKILLs a replica of regroup three (never the primary;
+# the replicas by turn), pushes CATCHUP_RECORDS transfers through regroup three, starts the
+# replica again on its port and database and times its catch-up from there
+# (bench/catchup.py watch); appends the JSON line to CATCHUP_OUT.
+catchup_trial() {
+    local r="$1" state head victim pid url watcher replicas=()
+    state="$(python3 "$ROOT/bench/failover.py" settle "$ADMIN" --timeout 60)"
+    head="$(python3 -c 'import json,sys; print(json.loads(sys.argv[1])["head"])' "$state")"
+    read -ra replicas <<<"$(python3 -c '
+import json, sys
+s = json.loads(sys.argv[1])
+print(" ".join(sorted(n for n in s["urls"] if n != s["primary"])))' "$state")"
+    victim="${replicas[r % ${#replicas[@]}]}"
+    pid="${BANK_PIDS[$victim]}"
+    url="${BANK_URLS[$victim]}"
+    kill -KILL "$pid"
+    forget_pid "$pid"
+    # Bounded in count and time; fewer records than asked for is reported, not fatal.
+    python3 "$ROOT/bench/catchup.py" push "$REGROUP" "$CATCHUP_RECORDS" --max-time "$PUSH_SECS" \
+        >"$TMP/round$r-catchup-push.json" || log "catch-up: the push fell short: $(cat "$TMP/round$r-catchup-push.json")"
+    # The watcher polls from before the return (see bench/catchup.py).
+    local since="$TMP/round$r-catchup-since" ready="$TMP/round$r-catchup-ready"
+    : >"$since"
+    python3 "$ROOT/bench/catchup.py" watch "$ADMIN" "$victim" --since-file "$since" \
+        --ready-file "$ready" --from "$head" --round "$r" \
+        --push "$TMP/round$r-catchup-push.json" --timeout 600 >"$TMP/round$r-catchup.json" &
+    watcher=$!
+    PIDS+=("$watcher")
+    for _ in $(seq 300); do [[ -e "$ready" ]] && break; kill -0 "$watcher" 2>/dev/null || break; sleep 0.05; done
+    [[ -e "$ready" ]] || { echo "$SCRIPT: the catch-up watcher did not start" >&2; exit 1; }
+    restart_bank "$victim" "$pid" "$url"
+    echo "$EPOCHREALTIME" >"$since"
+    BANK_PIDS[$victim]="$BANK_PID"
+    if ! wait "$watcher"; then
+        cat "$TMP/round$r-catchup.json" >&2
+        exit 1
+    fi
+    forget_pid "$watcher"
+    cat "$TMP/round$r-catchup.json" >>"$CATCHUP_OUT"
+    log "catch-up: $victim $(python3 -c '
+import json, sys
+t = json.load(open(sys.argv[1]))
+print("%d behind, head after %.1f s: %.0f records/s (push %.0f/s)" % (t["behind"], t["done_s"], t["rate"], t["push_rps"]))' "$TMP/round$r-catchup.json")"
+    settle >/dev/null
+}
+
+# The failover trials of round $1: kills r, r + ROUNDS, ... of KILLS; each appends
+# "round<TAB>trial JSON" to FAILOVER_OUT.
+failover_trials() {
+    local r="$1" k
+    for ((k = r; k < KILLS; k += ROUNDS)); do
+        kill_primary_trial "$ADMIN" "$REGROUP" "$TMP/round$r-failover-$k.json"
+        printf '%s\t%s\n' "$r" "$(cat "$TMP/round$r-failover-$k.json")" >>"$FAILOVER_OUT"
+        log "failover $((k + 1))/$KILLS: killed $VICTIM, first 201 after $(python3 "$ROOT/bench/failover.py" brief "$TMP/round$r-failover-$k.json")"
+    done
+    settle >/dev/null
+}
+
 LOADAVG="$(cut -d' ' -f1-3 /proc/loadavg)"
-log "warm-up: 1 s per target (load average before: $LOADAVG)"
+log "warm-up: 1 s per wrk target (load average before: $LOADAVG)"
 for t in "${TARGETS[@]}"; do
-    run_target "$t" 1 "$TMP/warmup-$t.txt" >/dev/null
+    case "$t" in
+        catchup | failover) ;;
+        *) run_target "$t" 1 "$TMP/warmup-$t.txt" >/dev/null ;;
+    esac
 done
 
 RESULTS="$TMP/results.tsv"
@@ -423,9 +468,15 @@ for ((r = 0; r < ROUNDS; r++)); do
     for ((k = 0; k < n; k++)); do order+=("${TARGETS[$(((r + k) % n))]}"); done
     log "round $((r + 1))/$ROUNDS: ${order[*]}"
     for t in "${order[@]}"; do
-        out="$TMP/round$r-$t.txt"
-        read -r ticks rss <<<"$(run_target "$t" "$DURATION" "$out")"
-        printf '%s\t%s\t%s\t%s\t%s\n' "$t" "$r" "$out" "$ticks" "$rss" >>"$RESULTS"
+        case "$t" in
+            catchup) catchup_trial "$r" ;;
+            failover) failover_trials "$r" ;;
+            *)
+                out="$TMP/round$r-$t.txt"
+                read -r ticks rss <<<"$(run_target "$t" "$DURATION" "$out")"
+                printf '%s\t%s\t%s\t%s\t%s\n' "$t" "$r" "$out" "$ticks" "$rss" >>"$RESULTS"
+                ;;
+        esac
     done
 done
 
@@ -434,6 +485,8 @@ REPORT="$TMP/report.md"
 COMMAND="bench/run.sh"
 [[ -n "$ONLY" ]] && COMMAND+=" --only $ONLY"
 COMMAND+=" --rounds $ROUNDS --duration $DURATION"
+[[ " ${TARGETS[*]} " == *" catchup "* && $CATCHUP_RECORDS -ne 10000 ]] && COMMAND+=" --catchup-records $CATCHUP_RECORDS"
+[[ " ${TARGETS[*]} " == *" failover "* && $KILLS -ne 3 ]] && COMMAND+=" --kills $KILLS"
 [[ "$SYNC" != full ]] && COMMAND+=" --journal-sync $SYNC"
 for line in "${SETS[@]}"; do COMMAND+=" --set '$line'"; done
 for line in "${GROUP_SETS[@]}"; do COMMAND+=" --group-set '$line'"; done
@@ -443,9 +496,11 @@ python3 "$ROOT/bench/report.py" "$RESULTS" \
     --clk-tck "$(getconf CLK_TCK)" \
     --nginx-version "$("$NGINX" -v 2>&1 | sed 's/^nginx version: //')" \
     --wrk-version "$(wrk -v 2>&1 | head -1 | awk '{print $2}')" \
-    --loadavg "$LOADAVG" \
+    --loadavg "$LOADAVG" --loadavg-after "$(cut -d' ' -f1-3 /proc/loadavg)" \
     --journal-sync "$SYNC" \
-    --commit "$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown)$(git -C "$ROOT" diff --quiet HEAD 2>/dev/null || echo ' (dirty)')" \
+    --catchup "$CATCHUP_OUT" --failover "$FAILOVER_OUT" \
+    --failover-log "$TMP/regroup-three.out.err" \
+    --commit "$(commit_id)" \
     >"$REPORT"
 cat "$REPORT"
 if [[ $WRITE -eq 1 ]]; then

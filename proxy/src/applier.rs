@@ -1,9 +1,11 @@
 //! The replayer's [`Applier`] for one partition, over the group's [`PartitionLink`]: sends
-//! a journal record as a replay and returns the fingerprint of the answer.
+//! a journal record as a replay and returns the fingerprint of the answer; as a
+//! [`PipelinedApplier`], also right behind the record sent before it.
 
 use std::sync::Arc;
 use std::time::Duration;
 
+use regroup_replay::replayer::PipelinedApplier;
 use regroup_replay::{Applier, ApplyError, Fingerprint, Record};
 
 use crate::link::{PartitionLink, SendError};
@@ -55,9 +57,17 @@ fn apply_error(e: SendError) -> ApplyError {
     }
 }
 
-#[async_trait::async_trait]
-impl Applier for LinkApplier {
-    async fn apply(&self, record: &Record) -> Result<Fingerprint, ApplyError> {
+impl LinkApplier {
+    /// Whether records may be sent to this partition behind the one before it (the link
+    /// sends `Regroup-Pipelined`; the partition's app layer must keep the exactly-once
+    /// record too, which the replayer checks).
+    pub fn pipelines(&self) -> bool {
+        self.link.pipelines()
+    }
+
+    /// Sends `record` as a replay (right behind `prev` when given) and returns the
+    /// fingerprint of the answer.
+    async fn replay(&self, record: &Record, prev: Option<u64>) -> Result<Fingerprint, ApplyError> {
         // Nothing is replayed to a partition that supervision does not see answering: one
         // that comes back is first asked where it stands (and rewound), so a copy restored
         // from an older backup never receives a record it is not ready for.
@@ -68,13 +78,35 @@ impl Applier for LinkApplier {
             )));
         }
         let started = std::time::Instant::now();
-        let answer = self
-            .link
-            .send(&self.partition, record, true, self.timeout)
-            .await;
+        let answer = match prev {
+            None => {
+                self.link
+                    .send(&self.partition, record, true, self.timeout)
+                    .await
+            }
+            Some(prev) => {
+                self.link
+                    .send_behind(&self.partition, record, true, prev, self.timeout)
+                    .await
+            }
+        };
         self.metrics.replayed(started.elapsed(), answer.is_ok());
         let answer = answer.map_err(apply_error)?;
         Ok(Fingerprint::of(answer.parts.status.as_u16(), &answer.body))
+    }
+}
+
+#[async_trait::async_trait]
+impl PipelinedApplier for LinkApplier {
+    async fn apply_behind(&self, record: &Record, prev: u64) -> Result<Fingerprint, ApplyError> {
+        self.replay(record, Some(prev)).await
+    }
+}
+
+#[async_trait::async_trait]
+impl Applier for LinkApplier {
+    async fn apply(&self, record: &Record) -> Result<Fingerprint, ApplyError> {
+        self.replay(record, None).await
     }
 
     async fn position(&self) -> Result<Option<u64>, ApplyError> {

@@ -13,6 +13,11 @@ use crate::error::ProxyError;
 use crate::group::{Group, ReplayerHandle};
 use crate::partition::Partition;
 
+/// Records on their way to one replica at once while it replays (its app layer applies
+/// them one at a time in seq order, each waiting for the one before it at most its
+/// `predecessor_wait`).
+pub(crate) const REPLAY_WINDOW: usize = 8;
+
 struct Observer {
     group: Weak<Group>,
     partition: Arc<Partition>,
@@ -68,19 +73,26 @@ pub(crate) fn start_one(group: &Arc<Group>, partition: &Arc<Partition>) {
     {
         return;
     }
-    let applier = LinkApplier::new(
-        group.link.clone(),
-        partition.clone(),
-        group.config.update_timeout(),
-    )
-    .timed(group.metrics.replay(partition.name()));
-    let replayer = Replayer::new(
+    let applier = Arc::new(
+        LinkApplier::new(
+            group.link.clone(),
+            partition.clone(),
+            group.config.update_timeout(),
+        )
+        .timed(group.metrics.replay(partition.name())),
+    );
+    let mut replayer = Replayer::new(
         group.name(),
         partition.name(),
         group.journal.clone(),
-        Arc::new(applier),
+        applier.clone(),
     )
     .compare(group.config.compare);
+    // Records on their way to a replica at once, when its link pipelines (the replayer
+    // sends them so only to a replica that keeps the exactly-once record).
+    if applier.pipelines() {
+        replayer = replayer.pipelined(applier, REPLAY_WINDOW);
+    }
     let observer = Arc::new(Observer {
         group: Arc::downgrade(group),
         partition: partition.clone(),

@@ -1,14 +1,21 @@
 //! The replayer: drives one partition's cursor through its group's sealed records, in
 //! order, through an [`Applier`], checking each answer against the primary's fingerprint.
+//! With a [`PipelinedApplier`] and a partition that keeps the exactly-once record, a small
+//! window of records is on its way to the partition at once (its app layer still applies
+//! them one at a time in seq order); outcomes are taken in seq order all the same.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures_util::StreamExt;
+use futures_util::stream::FuturesOrdered;
 use tokio::sync::watch;
 
 use crate::applier::{Applier, ApplyError};
 use crate::journal::{Journal, JournalError};
-use crate::record::{Compare, Record, RecordState};
+use crate::record::{Compare, Fingerprint, Record, RecordState};
 
 /// What the replayer reports about its partition as it goes.
 pub trait ReplayObserver: Send + Sync + 'static {
@@ -19,6 +26,18 @@ pub trait ReplayObserver: Send + Sync + 'static {
     /// The partition's answer to `seq` differs from the primary's: it is diverged and the
     /// replayer stops.
     fn diverged(&self, seq: u64, reason: &str);
+}
+
+/// An applier that can also send a record right behind the one before it, while that one
+/// may still be on its way to the partition or executing there (`Regroup-Prev` and
+/// `Regroup-Pipelined`): the partition's app layer waits for it, bounded, and applies the
+/// records one at a time in seq order.
+#[async_trait::async_trait]
+pub trait PipelinedApplier: Send + Sync + 'static {
+    /// Sends `record` as a replay right behind record `prev` (the record sent to the
+    /// partition before it) and returns the fingerprint of the answer. The partition refuses
+    /// it when `prev` finished there unrecorded.
+    async fn apply_behind(&self, record: &Record, prev: u64) -> Result<Fingerprint, ApplyError>;
 }
 
 /// Why a replayer stopped.
@@ -67,6 +86,8 @@ pub struct Replayer {
     compare: Compare,
     backoff: Backoff,
     batch: u64,
+    /// Sends records behind their predecessor, with the most on their way at once.
+    pipeline: Option<(Arc<dyn PipelinedApplier>, usize)>,
 }
 
 impl std::fmt::Debug for Replayer {
@@ -95,7 +116,19 @@ impl Replayer {
             compare: Compare::default(),
             backoff: Backoff::default(),
             batch: 256,
+            pipeline: None,
         }
+    }
+
+    /// Keeps up to `window` records on their way to the partition at once, each after the
+    /// first sent through `applier` (the same partition's, able to send a record behind the
+    /// one before it), when the partition keeps the exactly-once record: its app layer then
+    /// applies them one at a time in seq order, and one that arrives again (after a broken
+    /// window) is answered from its record. A window of 1, or a partition without that
+    /// record, gets each record answered before the next is sent.
+    pub fn pipelined(mut self, applier: Arc<dyn PipelinedApplier>, window: usize) -> Self {
+        self.pipeline = (window > 1).then_some((applier, window));
+        self
     }
 
     /// Sets how answers are compared with the primary's.
@@ -186,67 +219,228 @@ impl Replayer {
                     return ReplayExit::Truncated(applied);
                 }
             }
-            for record in records {
-                if *stop.borrow() {
-                    return ReplayExit::Stopped;
+            // The records that follow on densely from `applied`, sealed.
+            let dense = records
+                .iter()
+                .zip(applied + 1..)
+                .take_while(|(r, seq)| r.seq == *seq && r.state.is_sealed())
+                .count();
+            let next = match &self.pipeline {
+                Some((behind, window)) if exactly_once => {
+                    self.replay_window(
+                        behind.as_ref(),
+                        *window,
+                        &records[..dense],
+                        &mut applied,
+                        target,
+                        &mut stop,
+                        observer.as_ref(),
+                    )
+                    .await
                 }
-                if record.seq != applied + 1 || !record.state.is_sealed() {
-                    tracing::error!(group = %self.group, partition = %self.partition,
-                        seq = record.seq, expected = applied + 1, state = record.state.as_str(),
-                        "journal is not dense and sealed where the group says it is; waiting");
-                    break;
+                _ => {
+                    self.replay_serially(
+                        &records[..dense],
+                        exactly_once,
+                        &mut applied,
+                        target,
+                        &mut stop,
+                        observer.as_ref(),
+                    )
+                    .await
                 }
+            };
+            let resumed = match next {
+                Next::Go => false,
+                Next::Resume => true,
+                Next::Exit(exit) => return exit,
+            };
+            if !resumed && let Some(record) = records.get(dense) {
+                tracing::error!(group = %self.group, partition = %self.partition,
+                    seq = record.seq, expected = applied + 1, state = record.state.as_str(),
+                    "journal is not dense and sealed where the group says it is; waiting");
+            }
+        }
+    }
+
+    /// Replays `records` (dense from `*applied + 1`, sealed) one at a time: each is
+    /// answered before the next is sent.
+    async fn replay_serially(
+        &self,
+        records: &[Record],
+        exactly_once: bool,
+        applied: &mut u64,
+        target: u64,
+        stop: &mut watch::Receiver<bool>,
+        observer: &dyn ReplayObserver,
+    ) -> Next {
+        for record in records {
+            if *stop.borrow() {
+                return Next::Exit(ReplayExit::Stopped);
+            }
+            let step = if record.state == RecordState::Executed {
+                Some(self.apply(record, exactly_once, stop, observer).await)
+            } else {
+                None
+            };
+            match self
+                .after(record, step, applied, target, exactly_once, stop, observer)
+                .await
+            {
+                Next::Go => {}
+                other => return other,
+            }
+        }
+        Next::Go
+    }
+
+    /// Replays `records` (dense from `*applied + 1`, sealed) with up to `window` of them on
+    /// their way to an exactly-once partition at once: the first executed one as usual,
+    /// each next one right behind the one sent before it. Outcomes are taken in seq order.
+    /// At the first failure the rest of the window is dropped (what of it reached the
+    /// partition is answered from its record when it comes again) and the failed record
+    /// goes the serial way, with its retries; the next batch starts a new window.
+    #[allow(clippy::too_many_arguments)]
+    async fn replay_window(
+        &self,
+        behind: &dyn PipelinedApplier,
+        window: usize,
+        records: &[Record],
+        applied: &mut u64,
+        target: u64,
+        stop: &mut watch::Receiver<bool>,
+        observer: &dyn ReplayObserver,
+    ) -> Next {
+        type Sent<'a> =
+            Pin<Box<dyn Future<Output = Option<Result<Fingerprint, ApplyError>>> + Send + 'a>>;
+        let mut in_flight: FuturesOrdered<Sent<'_>> = FuturesOrdered::new();
+        let mut sent = records.iter();
+        let mut taken = records.iter();
+        // The executed record sent last: the next one goes right behind it.
+        let mut prev: Option<u64> = None;
+        loop {
+            if *stop.borrow() {
+                return Next::Exit(ReplayExit::Stopped);
+            }
+            while in_flight.len() < window
+                && let Some(record) = sent.next()
+            {
+                let outcome: Sent<'_> = if record.state != RecordState::Executed {
+                    Box::pin(async { None })
+                } else if let Some(p) = prev {
+                    Box::pin(async move { Some(behind.apply_behind(record, p).await) })
+                } else {
+                    Box::pin(async move { Some(self.applier.apply(record).await) })
+                };
                 if record.state == RecordState::Executed {
-                    match self
-                        .apply(&record, exactly_once, &mut stop, observer.as_ref())
+                    prev = Some(record.seq);
+                }
+                in_flight.push_back(outcome);
+            }
+            let outcome = tokio::select! {
+                o = in_flight.next() => o,
+                _ = stop.changed() => return Next::Exit(ReplayExit::Stopped),
+            };
+            let (Some(outcome), Some(record)) = (outcome, taken.next()) else {
+                return Next::Go;
+            };
+            let step = match outcome {
+                None => None,
+                Some(Ok(answer)) => Some(self.judge(record, &answer)),
+                Some(Err(e)) => {
+                    observer.apply_failed(record.seq, 1, &e);
+                    tracing::debug!(group = %self.group, partition = %self.partition,
+                        seq = record.seq, error = %e, "pipelined replay failed; going on one at a time");
+                    drop(in_flight);
+                    let step = self.apply(record, true, stop, observer).await;
+                    return match self
+                        .after(record, Some(step), applied, target, true, stop, observer)
                         .await
                     {
-                        Step::Applied => {}
-                        Step::Stopped => return ReplayExit::Stopped,
-                        Step::Reposition(p) => {
-                            tracing::info!(group = %self.group, partition = %self.partition,
-                                was = applied, now = p, "partition came back elsewhere; resuming there");
-                            applied = p;
-                            observer.applied(applied);
-                            break;
-                        }
-                        Step::Diverged(reason) => {
-                            tracing::warn!(group = %self.group, partition = %self.partition,
-                                seq = record.seq, %reason, "partition diverged");
-                            let _ = self
-                                .journal
-                                .save_checkpoint(&self.group, &self.partition, record.seq)
-                                .await;
-                            // Durable: the quarantine outlives a restart of the proxy.
-                            self.retry_journal(&mut stop, || {
-                                self.journal.set_diverged(
-                                    &self.group,
-                                    &self.partition,
-                                    Some(&reason),
-                                )
-                            })
-                            .await;
-                            observer.diverged(record.seq, &reason);
-                            return ReplayExit::Diverged(record.seq);
-                        }
-                    }
+                        Next::Go => Next::Resume,
+                        other => other,
+                    };
                 }
-                let seq = record.seq;
-                let save = !exactly_once || seq >= target || seq.is_multiple_of(CHECKPOINT_EVERY);
-                if save
-                    && self
-                        .retry_journal(&mut stop, || {
-                            self.journal
-                                .save_checkpoint(&self.group, &self.partition, seq)
-                        })
-                        .await
-                        .is_none()
-                {
-                    return ReplayExit::Stopped;
-                }
-                applied = seq;
-                observer.applied(applied);
+            };
+            match self
+                .after(record, step, applied, target, true, stop, observer)
+                .await
+            {
+                Next::Go => {}
+                other => return other,
             }
+        }
+    }
+
+    /// What follows a record's outcome, in seq order (`step` None: a record not replayed,
+    /// as it was not executed): a divergence quarantines the partition durably; an applied
+    /// or passed record moves the checkpoint (in batches for an exactly-once partition) and
+    /// the position.
+    #[allow(clippy::too_many_arguments)]
+    async fn after(
+        &self,
+        record: &Record,
+        step: Option<Step>,
+        applied: &mut u64,
+        target: u64,
+        exactly_once: bool,
+        stop: &mut watch::Receiver<bool>,
+        observer: &dyn ReplayObserver,
+    ) -> Next {
+        match step {
+            None | Some(Step::Applied) => {}
+            Some(Step::Stopped) => return Next::Exit(ReplayExit::Stopped),
+            Some(Step::Reposition(p)) => {
+                tracing::info!(group = %self.group, partition = %self.partition,
+                    was = *applied, now = p, "partition came back elsewhere; resuming there");
+                *applied = p;
+                observer.applied(p);
+                return Next::Resume;
+            }
+            Some(Step::Diverged(reason)) => {
+                tracing::warn!(group = %self.group, partition = %self.partition,
+                    seq = record.seq, %reason, "partition diverged");
+                let _ = self
+                    .journal
+                    .save_checkpoint(&self.group, &self.partition, record.seq)
+                    .await;
+                // Durable: the quarantine outlives a restart of the proxy.
+                self.retry_journal(stop, || {
+                    self.journal
+                        .set_diverged(&self.group, &self.partition, Some(&reason))
+                })
+                .await;
+                observer.diverged(record.seq, &reason);
+                return Next::Exit(ReplayExit::Diverged(record.seq));
+            }
+        }
+        let seq = record.seq;
+        let save = !exactly_once || seq >= target || seq.is_multiple_of(CHECKPOINT_EVERY);
+        if save
+            && self
+                .retry_journal(stop, || {
+                    self.journal
+                        .save_checkpoint(&self.group, &self.partition, seq)
+                })
+                .await
+                .is_none()
+        {
+            return Next::Exit(ReplayExit::Stopped);
+        }
+        *applied = seq;
+        observer.applied(seq);
+        Next::Go
+    }
+
+    /// Whether `answer` is the primary's (a record resolved as executed by an operator has
+    /// nothing to compare with).
+    fn judge(&self, record: &Record, answer: &Fingerprint) -> Step {
+        let Some(expected) = &record.fingerprint else {
+            return Step::Applied;
+        };
+        match self.compare.mismatch(expected, answer) {
+            None => Step::Applied,
+            Some(reason) => Step::Diverged(format!("seq {}: {reason}", record.seq)),
         }
     }
 
@@ -285,16 +479,7 @@ impl Replayer {
                 return Step::Reposition(p);
             }
             match self.applier.apply(record).await {
-                Ok(answer) => {
-                    let Some(expected) = &record.fingerprint else {
-                        // Resolved as executed by an operator: nothing to compare with.
-                        return Step::Applied;
-                    };
-                    return match self.compare.mismatch(expected, &answer) {
-                        None => Step::Applied,
-                        Some(reason) => Step::Diverged(format!("seq {}: {reason}", record.seq)),
-                    };
-                }
+                Ok(answer) => return self.judge(record, &answer),
                 Err(e) => {
                     attempt = attempt.saturating_add(1);
                     observer.apply_failed(record.seq, attempt, &e);
@@ -343,6 +528,16 @@ impl Replayer {
             _ = stop.changed() => false,
         }
     }
+}
+
+/// What the replay loop does after a run of records.
+enum Next {
+    /// Every record given was taken: read the next ones.
+    Go,
+    /// Read again from the position (it moved, or a window broke).
+    Resume,
+    /// The replayer stops.
+    Exit(ReplayExit),
 }
 
 enum Step {
@@ -578,5 +773,159 @@ mod tests {
         assert_eq!(run("b").await, (ReplayExit::Truncated(2), vec![]));
         // c needs 6 on, which the journal still holds.
         assert_eq!(run("c").await, (ReplayExit::Stopped, vec![6, 7, 8]));
+    }
+
+    /// A partition that keeps the exactly-once record, takes a moment per record and, as the
+    /// app layer does, runs a record sent behind another only once that one is recorded
+    /// (waiting for it, bounded); counts how many records were on their way at once.
+    #[derive(Default)]
+    struct Layered {
+        state: Mutex<Layer>,
+    }
+
+    #[derive(Default)]
+    struct Layer {
+        applied: u64,
+        on_the_way: usize,
+        most_on_the_way: usize,
+        executed: Vec<u64>,
+        fail_once: Option<u64>,
+    }
+
+    /// Counts one record on its way to [`Layered`] while it lives.
+    struct OnTheWay<'a>(&'a Layered);
+
+    impl Drop for OnTheWay<'_> {
+        fn drop(&mut self) {
+            if let Ok(mut s) = self.0.state.lock() {
+                s.on_the_way -= 1;
+            }
+        }
+    }
+
+    impl Layered {
+        fn lock(&self) -> Result<std::sync::MutexGuard<'_, Layer>, ApplyError> {
+            self.state
+                .lock()
+                .map_err(|_| ApplyError::NoAnswer("poisoned".into()))
+        }
+
+        async fn exchange(&self, record: &Record, prev: u64) -> Result<Fingerprint, ApplyError> {
+            {
+                let mut s = self.lock()?;
+                s.on_the_way += 1;
+                s.most_on_the_way = s.most_on_the_way.max(s.on_the_way);
+            }
+            let _counted = OnTheWay(self);
+            if self
+                .lock()?
+                .fail_once
+                .take_if(|seq| *seq == record.seq)
+                .is_some()
+            {
+                return Err(ApplyError::Unreachable("refused".into()));
+            }
+            for _ in 0..1000 {
+                if self.lock()?.applied >= prev {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+            let mut s = self.lock()?;
+            if s.applied < prev {
+                return Err(ApplyError::Unreachable("behind".into()));
+            }
+            // A record it has recorded is answered from the record.
+            if record.seq > s.applied {
+                s.applied = record.seq;
+                s.executed.push(record.seq);
+            }
+            match &record.payload {
+                crate::record::Payload::Http(request) => Ok(Fingerprint::of(200, &request.body)),
+                crate::record::Payload::Sql(_) => Err(ApplyError::Unreachable("sql".into())),
+            }
+        }
+    }
+
+    #[async_trait::async_trait]
+    impl Applier for Layered {
+        async fn apply(&self, record: &Record) -> Result<Fingerprint, ApplyError> {
+            let prev = self.lock()?.applied;
+            self.exchange(record, prev).await
+        }
+
+        async fn position(&self) -> Result<Option<u64>, ApplyError> {
+            Ok(Some(self.lock()?.applied))
+        }
+    }
+
+    #[async_trait::async_trait]
+    impl PipelinedApplier for Layered {
+        async fn apply_behind(
+            &self,
+            record: &Record,
+            prev: u64,
+        ) -> Result<Fingerprint, ApplyError> {
+            self.exchange(record, prev).await
+        }
+    }
+
+    async fn replay_pipelined(n: u64, window: usize, fail_once: Option<u64>) -> Layer {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let j = journal_with(&dir, n, &[]).await;
+        let partition = Arc::new(Layered::default());
+        if let Ok(mut s) = partition.state.lock() {
+            s.fail_once = fail_once;
+        }
+        let (_sealed_tx, sealed) = watch::channel(n);
+        let (stop_tx, stop) = watch::channel(false);
+        let replayer = Replayer::new("g", "b", j.clone(), partition.clone())
+            .backoff(Backoff {
+                initial: Duration::from_millis(1),
+                max: Duration::from_millis(5),
+            })
+            .pipelined(partition.clone(), window);
+        let task = tokio::spawn(replayer.run(sealed, stop, Arc::new(Log::default())));
+        for _ in 0..1000 {
+            if j.checkpoint("g", "b").await.expect("checkpoint") == n {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let _ = stop_tx.send(true);
+        assert_eq!(task.await.expect("replayer"), ReplayExit::Stopped);
+        assert_eq!(j.checkpoint("g", "b").await.expect("checkpoint"), n);
+        std::mem::take(&mut *partition.state.lock().expect("state"))
+    }
+
+    #[tokio::test]
+    async fn an_exactly_once_partition_gets_a_window_of_records_applied_in_order() {
+        let layer = replay_pipelined(40, 4, None).await;
+        assert_eq!(layer.executed, (1..=40).collect::<Vec<_>>());
+        assert!(
+            layer.most_on_the_way > 1,
+            "one record at a time: {}",
+            layer.most_on_the_way
+        );
+        assert!(
+            layer.most_on_the_way <= 4,
+            "{} on their way",
+            layer.most_on_the_way
+        );
+    }
+
+    #[tokio::test]
+    async fn a_broken_window_goes_on_one_at_a_time_and_applies_nothing_twice() {
+        let layer = replay_pipelined(40, 4, Some(7)).await;
+        assert_eq!(layer.executed, (1..=40).collect::<Vec<_>>());
+        assert!(layer.most_on_the_way > 1);
+    }
+
+    #[tokio::test]
+    async fn a_window_of_one_sends_one_record_at_a_time() {
+        let layer = replay_pipelined(20, 1, None).await;
+        assert_eq!(layer.executed, (1..=20).collect::<Vec<_>>());
+        assert_eq!(layer.most_on_the_way, 1);
     }
 }

@@ -304,8 +304,7 @@ async fn execute(
     group.window_lock().enter(seq, role.epoch, &role.primary);
     let written_before = group.written();
     if let Err(e) = append(&group, &record).await {
-        group.window_lock().leave(seq);
-        group.window_moved.notify_waiters();
+        leave_window(&group, seq);
         return Err(e);
     }
     group.set_head(seq);
@@ -365,8 +364,7 @@ async fn execute(
                 }
                 return match seal_answer(&group, &mut record, &role, &primary, &answer).await {
                     Ok(()) => {
-                        group.window_lock().leave(seq);
-                        group.window_moved.notify_waiters();
+                        leave_window(&group, seq);
                         tracing::debug!(
                             seq,
                             wait_us = (slotted - started).as_micros() as u64,
@@ -551,6 +549,12 @@ async fn wait_turn(group: &Group, seq: u64, deadline: Instant) -> Result<(), Str
     }
 }
 
+/// Record `seq` leaves the window sealed (or never written), waking those waiting for room.
+fn leave_window(group: &Group, seq: u64) {
+    group.window_lock().leave(seq);
+    group.window_moved.notify_waiters();
+}
+
 /// `record` leaves the window in doubt, in one step (see [`Window`]).
 fn leave_in_doubt(group: &Group, record: Record, reason: &str) {
     let seq = record.seq;
@@ -619,8 +623,7 @@ async fn skip_unexecuted(
         Ok(()) => {
             credit_skipped(group, record.seq);
             sealed(group, record.seq);
-            group.window_lock().leave(record.seq);
-            group.window_moved.notify_waiters();
+            leave_window(group, record.seq);
             Err(ProxyError::Unavailable {
                 group: group.name().to_owned(),
                 reason,

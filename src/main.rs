@@ -152,17 +152,29 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    // `serve` reads its config first: it says how many threads the main runtime gets.
+    let serve = match &cli.command {
+        Command::Serve { config } => match Config::load(config) {
+            Ok(config) => Some(config),
+            Err(e) => {
+                eprintln!("error: {:#}", anyhow::Error::from(e));
+                return ExitCode::FAILURE;
+            }
+        },
+        _ => None,
+    };
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if let Some(config) = &serve {
+        builder.worker_threads(config.main_threads());
+    }
+    let runtime = match builder.enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the runtime: {e}");
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(cli)) {
+    match runtime.block_on(run(cli, serve)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
@@ -171,14 +183,18 @@ fn main() -> ExitCode {
     }
 }
 
-async fn run(cli: Cli) -> anyhow::Result<()> {
+/// Runs the command; `serve` is the config of `regroup serve`, loaded already.
+async fn run(cli: Cli, serve: Option<Config>) -> anyhow::Result<()> {
     match cli.command {
         Command::Sql(args) => sql_cli::run(args).await,
         Command::Serve { config } => {
             // Before anything else, so that no signal finds the default handler (see
             // `shutdown_signal`).
             let shutdown = shutdown_signal();
-            let config = Config::load(&config)?;
+            let config = match serve {
+                Some(loaded) => loaded,
+                None => Config::load(&config)?,
+            };
             server::serve(config, shutdown, |b| {
                 println!(
                     "regroup listening on http://{} (admin http://{})",

@@ -37,10 +37,10 @@ pub const DEFAULT_HEARTBEAT_RETRIES: u32 = 3;
 pub const DEFAULT_FAILOVER_WAIT_MS: u64 = 5000;
 /// Default time-out for the primary's answer to an update.
 pub const DEFAULT_UPDATE_TIMEOUT_MS: u64 = 30_000;
-/// Default `pipeline_window`: updates on their way to the primary at once. One, until
-/// replayers pipeline too: a primary fed without gaps outruns a replica that replays one
-/// record per round trip, and a replica behind under full load would never catch up.
-pub const DEFAULT_PIPELINE_WINDOW: usize = 1;
+/// Default `pipeline_window`: updates on their way to the primary at once. Four, now that
+/// replayers keep records in flight too (a primary fed without gaps outran a replica that
+/// replayed one record per round trip: a replica behind under full load never caught up).
+pub const DEFAULT_PIPELINE_WINDOW: usize = 4;
 /// Largest `pipeline_window`.
 pub const MAX_PIPELINE_WINDOW: usize = 64;
 /// Default bound on how long a read waits for an eligible partition.
@@ -66,6 +66,11 @@ pub const DEFAULT_BODY_READ_TIMEOUT_MS: u64 = 30_000;
 pub const DEFAULT_MAX_CONNECTIONS: usize = 1024;
 /// Most `client_threads`.
 pub const MAX_CLIENT_THREADS: usize = 256;
+/// Most `main_threads`.
+pub const MAX_MAIN_THREADS: usize = 256;
+/// Cores per default main runtime thread: `main_threads` defaults to one per this many
+/// cores, at least one.
+pub const CORES_PER_MAIN_THREAD: usize = 4;
 /// Default cap on concurrent admin connections.
 pub const DEFAULT_ADMIN_MAX_CONNECTIONS: usize = 64;
 /// Default limit on an admin request body (64 KiB); larger gets 413.
@@ -141,6 +146,14 @@ pub struct Config {
     /// proxy's main runtime with everything else.
     #[serde(default)]
     pub client_threads: Option<usize>,
+    /// Worker threads of the main runtime of `regroup serve`, where every group's update
+    /// path (the sequencer, the journal, the exchange with the primary), the replayers,
+    /// supervision and the admin API run. Absent: one per four cores, at least one, while
+    /// client threads serve the clients (an update crosses fewer threads on fewer workers;
+    /// see BENCHMARKS.md), else one per core. Read only by the binary: a proxy embedded
+    /// as a library runs on its host's runtime.
+    #[serde(default)]
+    pub main_threads: Option<usize>,
     /// The redundancy groups.
     pub groups: Vec<GroupConfig>,
 }
@@ -151,6 +164,21 @@ impl Config {
     pub fn client_threads(&self) -> usize {
         self.client_threads.unwrap_or_else(|| {
             std::thread::available_parallelism().map_or(1, std::num::NonZero::get)
+        })
+    }
+
+    /// The main runtime's worker threads: `main_threads`, else one per
+    /// [`CORES_PER_MAIN_THREAD`] cores (at least one) while client threads serve the
+    /// clients, and one per core when the main runtime serves them too (`client_threads =
+    /// 0`, or several proxies).
+    pub fn main_threads(&self) -> usize {
+        self.main_threads.unwrap_or_else(|| {
+            let cores = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
+            if self.proxies == Proxies::Several || self.client_threads() == 0 {
+                cores
+            } else {
+                (cores / CORES_PER_MAIN_THREAD).max(1)
+            }
         })
     }
 }
@@ -510,6 +538,14 @@ impl Config {
                 format!("must be at most {MAX_CLIENT_THREADS}"),
             ));
         }
+        if let Some(n) = self.main_threads
+            && !(1..=MAX_MAIN_THREADS).contains(&n)
+        {
+            return Err(invalid(
+                "main_threads".into(),
+                format!("must be between 1 and {MAX_MAIN_THREADS}, not {n}"),
+            ));
+        }
         if self.proxies == Proxies::Several {
             for (k, addr) in [("listen", self.listen), ("admin_listen", self.admin_listen)] {
                 if addr.ip().is_unspecified() {
@@ -779,6 +815,25 @@ url = "http://127.0.0.1:9002"
         assert_eq!(c.journal_sync, regroup_replay::JournalSync::Full);
         assert_eq!(c.journal_lease_ms, DEFAULT_JOURNAL_LEASE_MS);
         assert_eq!(g.partitions[1].name, "b");
+    }
+
+    #[test]
+    fn main_threads_is_bounded_and_follows_where_clients_are_served() {
+        let top = |line: &str| format!("{line}\n{GOOD}");
+        assert_eq!(
+            err(&top("main_threads = 0")),
+            "regroup.toml: main_threads: must be between 1 and 256, not 0"
+        );
+        let cores = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
+        let parse = |text: &str| Config::parse(text, Path::new("x.toml")).expect("valid");
+        assert_eq!(parse(&top("main_threads = 3")).main_threads(), 3);
+        let with_client_threads = parse(&top("client_threads = 2"));
+        assert_eq!(
+            with_client_threads.main_threads(),
+            (cores / CORES_PER_MAIN_THREAD).max(1)
+        );
+        // The main runtime serves the clients too: a worker per core, as before.
+        assert_eq!(parse(&top("client_threads = 0")).main_threads(), cores);
     }
 
     #[test]

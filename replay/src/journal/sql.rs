@@ -1,5 +1,10 @@
 //! The journal on sea-orm: SQLite (WAL, synchronous FULL) by default, PostgreSQL by URL.
 //!
+//! On SQLite, appends and seals that queue up while one is being written commit together
+//! in one transaction (group commit, [`GroupCommit`]): with several updates in flight, one
+//! flush makes the seal of one and the records of those behind it durable. PostgreSQL
+//! does the same with concurrent commits by itself.
+//!
 //! # The ownership lease and fencing
 //!
 //! `regroup_owner` holds one row: the owning claim's id (NULL when nobody holds the lease),
@@ -33,6 +38,7 @@ use sea_orm::sea_query::{Expr, ExprTrait, Func, LockType, OnConflict, Order, Que
 use sea_orm::sqlx::sqlite::{SqliteJournalMode, SqliteSynchronous};
 use sea_orm::{
     ConnectOptions, ConnectionTrait, Database, DatabaseConnection, DbBackend, QueryResult,
+    Statement, TransactionTrait,
 };
 use sea_orm_migration::MigratorTrait;
 use uuid::Uuid;
@@ -76,6 +82,11 @@ pub struct SqlJournal {
     /// Seals, and records under `overlap` (the same connection under [`JournalSync::Full`]).
     relaxed: DatabaseConnection,
     sync: JournalSync,
+    /// SQLite: the appends and seals of `db` and of `relaxed` (the same under
+    /// [`JournalSync::Full`]), committed together when they queue up ([`GroupCommit`]).
+    /// `None` on PostgreSQL, which commits concurrent transactions together by itself.
+    flushed_writes: Option<Arc<GroupCommit>>,
+    relaxed_writes: Option<Arc<GroupCommit>>,
     /// SQLite under [`JournalSync::Overlap`]: the database's write-ahead log, synced by
     /// [`Log::flush`] (everything committed on either connection is in it).
     wal: Option<std::path::PathBuf>,
@@ -130,10 +141,24 @@ impl SqlJournal {
             }),
             _ => None,
         };
+        let (flushed_writes, relaxed_writes) = if url.starts_with("sqlite") {
+            let flushed = Arc::new(GroupCommit::new(db.clone()));
+            let relaxed_writes = match sync {
+                JournalSync::Full => flushed.clone(),
+                JournalSync::Append | JournalSync::Overlap => {
+                    Arc::new(GroupCommit::new(relaxed.clone()))
+                }
+            };
+            (Some(flushed), Some(relaxed_writes))
+        } else {
+            (None, None)
+        };
         Ok(SqlJournal {
             db,
             relaxed,
             sync,
+            flushed_writes,
+            relaxed_writes,
             wal,
             token: Arc::new(AtomicU64::new(0)),
         })
@@ -188,6 +213,122 @@ impl SqlJournal {
     /// The underlying connection.
     pub fn connection(&self) -> &DatabaseConnection {
         &self.db
+    }
+}
+
+/// Group commit on one SQLite connection: writes that queue up while one is being written
+/// are written next in one transaction, so one flush (one `fsync` of the write-ahead log
+/// under `synchronous = FULL`) makes all of them durable. A write alone is written alone,
+/// as before; each caller gets its own statement's outcome, and only once the transaction
+/// that holds it committed. Only the journal's appends and seals go this way: both may be
+/// written again after a failed batch without harm (an append checks that it extends the
+/// journal by one, a seal that the record is unsealed, and a repeat is told from a
+/// conflict by reading the record), which is what a batch that fails does, one write at a
+/// time, so that each caller hears its own outcome.
+struct GroupCommit {
+    db: DatabaseConnection,
+    queue: std::sync::Mutex<Vec<Job>>,
+    /// Held by the caller writing a batch; the callers queued meanwhile wait for it and
+    /// the first of them writes all of theirs.
+    writer: tokio::sync::Mutex<()>,
+    /// Batches written, and writes in them (for tests and the debug log).
+    batches: AtomicU64,
+    writes: AtomicU64,
+}
+
+/// One queued write and where its outcome goes (rows affected).
+struct Job {
+    stmt: Statement,
+    done: tokio::sync::oneshot::Sender<Result<u64, JournalError>>,
+}
+
+impl std::fmt::Debug for GroupCommit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GroupCommit")
+            .field("batches", &self.batches.load(Ordering::Relaxed))
+            .field("writes", &self.writes.load(Ordering::Relaxed))
+            .finish_non_exhaustive()
+    }
+}
+
+impl GroupCommit {
+    fn new(db: DatabaseConnection) -> Self {
+        GroupCommit {
+            db,
+            queue: std::sync::Mutex::new(Vec::new()),
+            writer: tokio::sync::Mutex::new(()),
+            batches: AtomicU64::new(0),
+            writes: AtomicU64::new(0),
+        }
+    }
+
+    fn queue(&self) -> std::sync::MutexGuard<'_, Vec<Job>> {
+        self.queue.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Writes `stmt`, together with the writes queued beside it: the rows it affected.
+    async fn execute(self: &Arc<Self>, stmt: Statement) -> Result<u64, JournalError> {
+        let (done, mut outcome) = tokio::sync::oneshot::channel();
+        self.queue().push(Job { stmt, done });
+        {
+            let _writer = self.writer.lock().await;
+            // A writer before this one may have taken it into its batch.
+            if let Ok(written) = outcome.try_recv() {
+                return written;
+            }
+            let jobs = std::mem::take(&mut *self.queue());
+            if !jobs.is_empty() {
+                // A task of its own, so that a caller that goes away cannot leave the
+                // batch half-written; the writer slot is held until it is done.
+                let this = self.clone();
+                let _ = tokio::spawn(async move { this.write(jobs).await }).await;
+            }
+        }
+        outcome.await.unwrap_or_else(|_| {
+            Err(JournalError::unavailable(
+                "the journal's write ended without an outcome",
+            ))
+        })
+    }
+
+    async fn write(&self, mut jobs: Vec<Job>) {
+        self.batches.fetch_add(1, Ordering::Relaxed);
+        self.writes.fetch_add(jobs.len() as u64, Ordering::Relaxed);
+        if jobs.len() == 1
+            && let Some(job) = jobs.pop()
+        {
+            let _ = job.done.send(self.alone(job.stmt).await);
+            return;
+        }
+        match self.together(&jobs).await {
+            Ok(rows) => {
+                for (job, rows) in jobs.into_iter().zip(rows) {
+                    let _ = job.done.send(Ok(rows));
+                }
+            }
+            Err(e) => {
+                tracing::debug!(writes = jobs.len(), error = %e,
+                    "a batch of journal writes failed; writing them one at a time");
+                for job in jobs {
+                    let _ = job.done.send(self.alone(job.stmt).await);
+                }
+            }
+        }
+    }
+
+    async fn alone(&self, stmt: Statement) -> Result<u64, JournalError> {
+        Ok(self.db.execute_raw(stmt).await?.rows_affected())
+    }
+
+    /// Every job's statement in one transaction: the rows each affected, once committed.
+    async fn together(&self, jobs: &[Job]) -> Result<Vec<u64>, sea_orm::DbErr> {
+        let txn = self.db.begin().await?;
+        let mut rows = Vec::with_capacity(jobs.len());
+        for job in jobs {
+            rows.push(txn.execute_raw(job.stmt.clone()).await?.rows_affected());
+        }
+        txn.commit().await?;
+        Ok(rows)
     }
 }
 
@@ -299,6 +440,25 @@ fn row_to_record(group: &str, row: &QueryResult) -> Result<Record, JournalError>
 }
 
 impl SqlJournal {
+    /// Writes `stmt` on the relaxed connection (seals; records under `overlap`) or the
+    /// flushed one, through its group commit on SQLite: the rows it affected.
+    async fn write(
+        &self,
+        relaxed: bool,
+        stmt: &impl sea_orm::StatementBuilder,
+    ) -> Result<u64, JournalError> {
+        let (conn, batched) = if relaxed {
+            (&self.relaxed, &self.relaxed_writes)
+        } else {
+            (&self.db, &self.flushed_writes)
+        };
+        let stmt = conn.get_database_backend().build(stmt);
+        match batched {
+            Some(batched) => batched.execute(stmt).await,
+            None => Ok(conn.execute_raw(stmt).await?.rows_affected()),
+        }
+    }
+
     fn my_token(&self) -> u64 {
         self.token.load(Ordering::Acquire)
     }
@@ -501,12 +661,9 @@ impl Log for SqlJournal {
             .map_err(|e| corrupt_input(record, e.to_string()))?
             .to_owned();
         // Under `overlap` the record is written at once and made durable by `flush`.
-        let conn = if self.sync == JournalSync::Overlap {
-            &self.relaxed
-        } else {
-            &self.db
-        };
-        let inserted = conn.execute(&insert).await?.rows_affected();
+        let inserted = self
+            .write(self.sync == JournalSync::Overlap, &insert)
+            .await?;
         if inserted != 1 {
             if let Some(fenced) = self.fenced().await? {
                 return Err(fenced);
@@ -535,7 +692,7 @@ impl Log for SqlJournal {
             .and_where(Expr::col(R::State).is_in(UNSEALED))
             .and_where(self.fence())
             .to_owned();
-        if self.relaxed.execute(&update).await?.rows_affected() == 1 {
+        if self.write(true, &update).await? == 1 {
             return Ok(());
         }
         self.check_fence().await?;
@@ -1060,6 +1217,45 @@ mod tests {
             Ok(j) => j,
             Err(e) => panic!("cannot open journal at {url}: {e}"),
         }
+    }
+
+    /// Writes that queue up while one is written commit together, each caller hearing its
+    /// own outcome: 32 seals at once take fewer than 32 transactions, a seal of a record
+    /// that does not exist fails alone, and every other one is sealed.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn queued_writes_commit_together_and_each_hears_its_own_outcome()
+    -> Result<(), JournalError> {
+        let dir = tempfile::tempdir().map_err(|e| JournalError::unavailable(e.to_string()))?;
+        let j = journal(&dir).await;
+        j.open_group("g", "a").await?;
+        for seq in 1..=32 {
+            j.append(&Record::pending("g", seq, 1, request("{}")))
+                .await?;
+        }
+        let batched = j
+            .flushed_writes
+            .clone()
+            .ok_or_else(|| JournalError::unavailable("a SQLite journal has a group commit"))?;
+        let before = batched.batches.load(Ordering::Relaxed);
+        let seals = (1..=33u64).map(|seq| {
+            let j = j.clone();
+            async move { (seq, j.seal("g", seq, &Outcome::Executed(None)).await) }
+        });
+        let outcomes = futures_util::future::join_all(seals).await;
+        let batches = batched.batches.load(Ordering::Relaxed) - before;
+        for (seq, outcome) in outcomes {
+            match (seq, outcome) {
+                (33, Err(JournalError::NoSuchRecord { seq: 33, .. })) => {}
+                (33, other) => panic!("seal of a record never appended: {other:?}"),
+                (seq, Err(e)) => panic!("seal {seq}: {e}"),
+                (_, Ok(())) => {}
+            }
+        }
+        assert!(batches < 33, "33 seals at once took {batches} transactions");
+        let records = j.read_after("g", 0, 100).await?;
+        assert_eq!(records.len(), 32);
+        assert!(records.iter().all(|r| r.state == RecordState::Executed));
+        Ok(())
     }
 
     #[tokio::test]

@@ -276,6 +276,9 @@ impl GroupCommit {
             if let Ok(written) = outcome.try_recv() {
                 return written;
             }
+            // Tasks woken by the same event (the seal of one update lets the next be sealed
+            // and one more be appended) queue their writes before this batch is taken.
+            tokio::task::yield_now().await;
             let jobs = std::mem::take(&mut *self.queue());
             if !jobs.is_empty() {
                 // A task of its own, so that a caller that goes away cannot leave the
@@ -300,6 +303,7 @@ impl GroupCommit {
             let _ = job.done.send(self.alone(job.stmt).await);
             return;
         }
+        tracing::debug!(writes = jobs.len(), "journal writes committed together");
         match self.together(&jobs).await {
             Ok(rows) => {
                 for (job, rows) in jobs.into_iter().zip(rows) {

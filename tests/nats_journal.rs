@@ -372,3 +372,51 @@ async fn truncation_purges_the_stream_and_reopening_gives_the_same_state() {
     );
     assert_eq!(behind.read_after(g, 0, u64::MAX).await.unwrap().len(), 6);
 }
+
+/// An update whose record does not fit the NATS server's `max_payload` (1 MB by default),
+/// with the group's `max_body_bytes` above it, is answered 413 `body_too_large` naming the
+/// limit; nothing is journaled or executed, and the next update goes through as usual.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_update_larger_than_the_servers_max_payload_gets_413_and_changes_nothing() {
+    if !local_or_skip().await {
+        return;
+    }
+    let journal = TempJournal::new(LOCAL_URL);
+    let g = BankGroup::start(1, Some(&journal.url()), "max_body_bytes = 4194304").await;
+    let mut report = LoadReport::default();
+    seed_accounts(&g, 2, &mut report).await;
+    let head = g.proxy.status(&g.http).await.groups[0].head;
+
+    let name = "x".repeat(2 * 1024 * 1024);
+    let answer = g
+        .post("/accounts", serde_json::json!({ "name": name }))
+        .await
+        .unwrap();
+    assert_eq!(
+        answer.status,
+        413,
+        "{:?}",
+        String::from_utf8_lossy(&answer.body)
+    );
+    let body: serde_json::Value = answer.json().unwrap();
+    assert_eq!(body["error"], "body_too_large", "{body}");
+    let message = body["message"].as_str().unwrap_or_default();
+    assert!(message.contains("max_payload"), "{body}");
+    assert_eq!(g.proxy.status(&g.http).await.groups[0].head, head);
+
+    let answer = g
+        .post(
+            "/accounts",
+            serde_json::json!({ "name": "small", "balance": 1 }),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        answer.status,
+        201,
+        "{:?}",
+        String::from_utf8_lossy(&answer.body)
+    );
+    assert_eq!(g.proxy.status(&g.http).await.groups[0].head, head + 1);
+    assert_journal_sealed(&journal, head + 1).await;
+}

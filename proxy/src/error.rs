@@ -21,6 +21,10 @@ pub enum ProxyError {
         /// The limit.
         limit: usize,
     },
+    /// The update's record is larger than the journal holds in one entry (413; nothing
+    /// journaled): the group's `max_body_bytes` is above what its journal takes.
+    #[error("{0}")]
+    RecordTooLarge(String),
     /// The request cannot be journaled or forwarded as sent (400; nothing journaled).
     #[error("{0}")]
     BadRequest(String),
@@ -128,7 +132,7 @@ impl ProxyError {
     /// The stable machine-readable code.
     pub fn code(&self) -> &'static str {
         match self {
-            ProxyError::BodyTooLarge { .. } => "body_too_large",
+            ProxyError::BodyTooLarge { .. } | ProxyError::RecordTooLarge(_) => "body_too_large",
             ProxyError::BadRequest(_) => "bad_request",
             ProxyError::BodyTimeout => "body_timeout",
             ProxyError::BodyRead(_) => "body_unreadable",
@@ -151,7 +155,9 @@ impl ProxyError {
     /// The HTTP status.
     pub fn status(&self) -> StatusCode {
         match self {
-            ProxyError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            ProxyError::BodyTooLarge { .. } | ProxyError::RecordTooLarge(_) => {
+                StatusCode::PAYLOAD_TOO_LARGE
+            }
             ProxyError::BadRequest(_) | ProxyError::BodyRead(_) => StatusCode::BAD_REQUEST,
             ProxyError::BodyTimeout => StatusCode::REQUEST_TIMEOUT,
             ProxyError::ReadTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
@@ -191,6 +197,7 @@ impl ProxyError {
     pub fn public_message(&self) -> String {
         match self {
             ProxyError::BodyTooLarge { .. }
+            | ProxyError::RecordTooLarge(_)
             | ProxyError::BadRequest(_)
             | ProxyError::BodyTimeout
             | ProxyError::NoGroup(_)

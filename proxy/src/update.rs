@@ -263,6 +263,10 @@ async fn append(group: &Arc<Group>, record: &Record) -> Result<(), ProxyError> {
                 "append reported an error but committed");
             Ok(())
         }
+        // The journal cannot hold it at all: the client's to fix, and nothing was written.
+        Ok(_) if matches!(e, JournalError::TooLarge { .. }) => {
+            Err(ProxyError::RecordTooLarge(e.to_string()))
+        }
         Ok(_) => Err(ProxyError::Journal(e.to_string())),
         Err(check) => {
             group.set_head(record.seq);

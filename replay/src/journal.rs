@@ -81,6 +81,21 @@ pub enum JournalError {
         /// The seq asked for.
         seq: u64,
     },
+    /// A record is larger than the journal can hold in one entry (on NATS, the server's
+    /// `max_payload`): nothing was written, and sending it again cannot succeed.
+    #[error(
+        "group {group:?}: the record takes {size} bytes, more than the journal holds in one entry ({limit} bytes: {what})"
+    )]
+    TooLarge {
+        /// The group.
+        group: String,
+        /// The bytes the record's entry takes.
+        size: usize,
+        /// The most one entry may take.
+        limit: usize,
+        /// Where the limit comes from.
+        what: String,
+    },
     /// A stored row could not be read back.
     #[error("corrupt journal row in group {group:?} at seq {seq}: {reason}")]
     Corrupt {

@@ -84,7 +84,9 @@
 //! server writes file storage to the operating system at once and syncs it to disk on its
 //! `sync_interval`: a process crash loses nothing, a power loss of a single server may lose
 //! the last entries; three replicas on three hosts cover one host's power loss. An entry
-//! (a record with its body) must fit the server's `max_payload` (1 MB by default).
+//! (a record with its body) must fit the server's `max_payload` (1 MB by default); one
+//! that does not is refused before it is sent ([`JournalError::TooLarge`], which the proxy
+//! answers with 413).
 //! The whole log of every group a handle opened is kept in its memory.
 //!
 //! # Servers and replicas
@@ -144,6 +146,8 @@ struct Inner {
     js: jetstream::Context,
     prefix: String,
     replicas: usize,
+    /// The server's `max_payload` when connecting: the most one entry may take.
+    max_payload: usize,
     lease: kv::Store,
     checkpoints: kv::Store,
     /// This handle's claim: (token, description); token 0 when it never claimed.
@@ -406,6 +410,7 @@ impl NatsJournal {
             .map_err(|e| unavailable(format!("{shown}: cannot connect: {e}")))?;
         let info = client.server_info();
         let replicas = count.max(info.connect_urls.len()).clamp(1, 3);
+        let max_payload = info.max_payload;
         let js = jetstream::new(client);
         let lease = open_bucket(&js, &format!("{prefix}_LEASE"), replicas, &shown).await?;
         let checkpoints =
@@ -416,6 +421,7 @@ impl NatsJournal {
                 js,
                 prefix: prefix.to_owned(),
                 replicas,
+                max_payload,
                 lease,
                 checkpoints,
                 claim: Mutex::new((0, String::new())),
@@ -668,8 +674,19 @@ impl NatsJournal {
         entry: Entry,
         body: Bytes,
     ) -> Result<Published, JournalError> {
-        self.ensure_stream(log, group).await?;
         let payload = encode_entry(&entry, &body)?;
+        let too_large = |size: usize| JournalError::TooLarge {
+            group: group.to_owned(),
+            size,
+            limit: self.inner.max_payload,
+            what: "the NATS server's max_payload".to_owned(),
+        };
+        // Refused before anything is sent: the server would refuse it anyway.
+        if self.inner.max_payload > 0 && payload.len() > self.inner.max_payload {
+            return Err(too_large(payload.len()));
+        }
+        self.ensure_stream(log, group).await?;
+        let size = payload.len();
         let id = Uuid::now_v7().to_string();
         let message = jetstream::message::PublishMessage::build()
             .payload(payload)
@@ -703,14 +720,8 @@ impl NatsJournal {
                     self.catch_up(log, group).await?;
                     Ok(Published::Refused)
                 }
-                jetstream::context::PublishErrorKind::MaxPayloadExceeded => {
-                    Err(JournalError::Unavailable {
-                        reason: format!(
-                            "group {group:?}: the entry is larger than the NATS server's max_payload: {e}"
-                        ),
-                        retryable: false,
-                    })
-                }
+                // A server of the cluster with a smaller limit than the one connected to.
+                jetstream::context::PublishErrorKind::MaxPayloadExceeded => Err(too_large(size)),
                 jetstream::context::PublishErrorKind::StreamNotFound => {
                     log.stream = None;
                     Err(unavailable(format!(

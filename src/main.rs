@@ -152,58 +152,56 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
-    // `serve` reads its config first: it says how many threads the main runtime gets.
-    let serve = match &cli.command {
-        Command::Serve { config } => match Config::load(config) {
-            Ok(config) => Some(config),
-            Err(e) => {
-                eprintln!("error: {:#}", anyhow::Error::from(e));
-                return ExitCode::FAILURE;
-            }
+    let outcome = match cli.command {
+        // `serve` reads its config first: it says how many threads the main runtime gets.
+        Command::Serve { config } => match Config::load(&config) {
+            Ok(config) => runtime(Some(config.main_threads())).map(|rt| rt.block_on(serve(config))),
+            Err(e) => Ok(Err(e.into())),
         },
-        _ => None,
+        command => runtime(None).map(|rt| rt.block_on(run(command))),
     };
-    let mut builder = tokio::runtime::Builder::new_multi_thread();
-    if let Some(config) = &serve {
-        builder.worker_threads(config.main_threads());
-    }
-    let runtime = match builder.enable_all().build() {
-        Ok(rt) => rt,
+    match outcome {
+        Ok(Ok(())) => ExitCode::SUCCESS,
+        Ok(Err(e)) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
         Err(e) => {
             eprintln!("error: cannot start the runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    match runtime.block_on(run(cli, serve)) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("error: {e:#}");
             ExitCode::FAILURE
         }
     }
 }
 
-/// Runs the command; `serve` is the config of `regroup serve`, loaded already.
-async fn run(cli: Cli, serve: Option<Config>) -> anyhow::Result<()> {
-    match cli.command {
+/// The main runtime: `threads` workers, or one per core.
+fn runtime(threads: Option<usize>) -> std::io::Result<tokio::runtime::Runtime> {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if let Some(threads) = threads {
+        builder.worker_threads(threads);
+    }
+    builder.enable_all().build()
+}
+
+/// `regroup serve` on its loaded config.
+async fn serve(config: Config) -> anyhow::Result<()> {
+    // Before anything else, so that no signal finds the default handler (see
+    // `shutdown_signal`).
+    let shutdown = shutdown_signal();
+    server::serve(config, shutdown, |b| {
+        println!(
+            "regroup listening on http://{} (admin http://{})",
+            b.listen, b.admin
+        );
+    })
+    .await?;
+    Ok(())
+}
+
+/// Runs every command but `serve`.
+async fn run(command: Command) -> anyhow::Result<()> {
+    match command {
         Command::Sql(args) => sql_cli::run(args).await,
-        Command::Serve { config } => {
-            // Before anything else, so that no signal finds the default handler (see
-            // `shutdown_signal`).
-            let shutdown = shutdown_signal();
-            let config = match serve {
-                Some(loaded) => loaded,
-                None => Config::load(&config)?,
-            };
-            server::serve(config, shutdown, |b| {
-                println!(
-                    "regroup listening on http://{} (admin http://{})",
-                    b.listen, b.admin
-                );
-            })
-            .await?;
-            Ok(())
-        }
+        Command::Serve { config } => serve(Config::load(&config)?).await,
         Command::Check { config: path } => {
             let config = Config::load(&path)?;
             server::admin_token(&config)?;

@@ -311,7 +311,6 @@ pub async fn serve(
     if config.proxies == Proxies::Several {
         let journal = open_journal(&config.journal, config.journal_sync).await?;
         let (node, lost) = crate::follow::start(&config, journal).await?;
-        on_bound(bound);
         let body_timeout = config.body_read_timeout();
         let clients = {
             let node = node.clone();
@@ -329,6 +328,7 @@ pub async fn serve(
                 &config,
                 Clients::Inline(clients),
                 admin,
+                move || on_bound(bound),
                 shutdown,
                 async move { Some(lost.await) },
             )
@@ -336,7 +336,6 @@ pub async fn serve(
         return finish(&config, taken_over, node.release()).await;
     }
     let proxy = Proxy::start(&config).await?;
-    on_bound(bound);
     let admin = proxy.admin().clone();
     let handle_admin = move |req: Request<Incoming>| {
         let admin = admin.clone();
@@ -348,9 +347,14 @@ pub async fn serve(
         Clients::Inline(proxy.service())
     };
     let taken_over = listeners
-        .run(&config, clients, handle_admin, shutdown, async {
-            Some(proxy.ownership().lost().await)
-        })
+        .run(
+            &config,
+            clients,
+            handle_admin,
+            move || on_bound(bound),
+            shutdown,
+            async { Some(proxy.ownership().lost().await) },
+        )
         .await?;
     finish(&config, taken_over, proxy.ownership().release()).await
 }
@@ -420,12 +424,15 @@ enum Clients<S> {
 impl Listeners {
     /// Serves the clients and `admin` until `shutdown` or `lost` completes (then finishes the
     /// requests in flight, for at most 10 s); returns what `lost` said, if it ended it.
-    /// Clients are served on this runtime or on client threads, as `clients` says.
+    /// Clients are served on this runtime or on client threads, as `clients` says;
+    /// `on_ready` is called once they are accepted (every client thread that could start
+    /// listens), and an error naming why is returned when no client thread could.
     async fn run<S, A, AF>(
         self,
         config: &Config,
         clients: Clients<S>,
         admin: A,
+        on_ready: impl FnOnce(),
         shutdown: impl Future<Output = ()> + Send,
         lost: impl Future<Output = Option<String>>,
     ) -> Result<Option<String>, ProxyError>
@@ -459,6 +466,8 @@ impl Listeners {
         // and drops its sender of `alive`, which closes when none is left.
         let (stop, stopped) = tokio::sync::watch::channel(false);
         let (alive, mut all_gone) = tokio::sync::mpsc::channel::<()>(1);
+        // Each client thread says whether it listens before it accepts.
+        let (ready, mut listening) = tokio::sync::mpsc::unbounded_channel();
         let mut inline = None;
         let threads = match clients {
             Clients::Inline(clients) => {
@@ -467,6 +476,7 @@ impl Listeners {
             }
             Clients::Threads(n, stacks) => Some((client, n, stacks)),
         };
+        let thread_count = threads.as_ref().map_or(0, |(_, n, _)| *n);
         if let Some((client, client_threads, stacks)) = threads {
             let addr = client.local_addr().map_err(|e| {
                 ProxyError::BadRequest(format!("cannot read the client listener's address: {e}"))
@@ -487,6 +497,7 @@ impl Listeners {
                     permits: permits.clone(),
                     stop: stopped.clone(),
                     alive: alive.clone(),
+                    ready: ready.clone(),
                 };
                 std::thread::Builder::new()
                     .name(format!("regroup-client-{index}"))
@@ -496,7 +507,11 @@ impl Listeners {
                     })?;
             }
         }
-        drop(alive);
+        drop((alive, ready));
+        if thread_count > 0 {
+            client_threads_listen(thread_count, &mut listening, config.listen).await?;
+        }
+        on_ready();
         let client_loop = async {
             match &inline {
                 Some((listener, clients)) => {
@@ -608,6 +623,8 @@ struct ClientThread {
     permits: Arc<Semaphore>,
     stop: tokio::sync::watch::Receiver<bool>,
     alive: tokio::sync::mpsc::Sender<()>,
+    /// Told once whether the thread listens (or why it cannot), before it accepts.
+    ready: tokio::sync::mpsc::UnboundedSender<Result<(), String>>,
 }
 
 /// A client thread: a single-threaded runtime serving the connections its listener
@@ -626,6 +643,7 @@ fn client_thread(thread: ClientThread) {
         permits,
         mut stop,
         alive,
+        ready,
     } = thread;
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -634,6 +652,9 @@ fn client_thread(thread: ClientThread) {
         Ok(runtime) => runtime,
         Err(e) => {
             tracing::error!(thread = index, error = %e, "cannot start a client thread's runtime");
+            let _ = ready.send(Err(format!(
+                "client thread {index}: cannot start its runtime: {e}"
+            )));
             return;
         }
     };
@@ -647,9 +668,11 @@ fn client_thread(thread: ClientThread) {
             Err(e) => {
                 tracing::error!(thread = index, error = %e,
                     "a client thread cannot listen on the client port; serving without it");
+                let _ = ready.send(Err(format!("client thread {index}: cannot listen: {e}")));
                 return;
             }
         };
+        let _ = ready.send(Ok(()));
         let clients = stacks.build();
         let graceful = GracefulShutdown::new();
         tokio::select! {
@@ -670,6 +693,36 @@ fn client_thread(thread: ClientThread) {
         }
         drop(alive);
     });
+}
+
+/// Waits until each of the `threads` client threads said whether it listens on `addr`:
+/// those that cannot were logged and the others serve without them; an error naming why
+/// when none can.
+async fn client_threads_listen(
+    threads: usize,
+    listening: &mut tokio::sync::mpsc::UnboundedReceiver<Result<(), String>>,
+    addr: SocketAddr,
+) -> Result<(), ProxyError> {
+    let mut failures = Vec::new();
+    let mut up = 0;
+    for _ in 0..threads {
+        match listening.recv().await {
+            Some(Ok(())) => up += 1,
+            Some(Err(why)) => failures.push(why),
+            // Every sender is gone: the rest ended before saying (a panic is logged).
+            None => {
+                failures.push("a client thread ended before it listened".to_owned());
+                break;
+            }
+        }
+    }
+    if up == 0 {
+        return Err(ProxyError::BadRequest(format!(
+            "cannot serve clients on {addr}: no client thread could listen ({})",
+            failures.join("; ")
+        )));
+    }
+    Ok(())
 }
 
 /// Binds a client listener on `addr` with `SO_REUSEPORT`, so that every client thread can
@@ -797,4 +850,50 @@ pub async fn open_journal(
     }
     let journal = SqlJournal::connect_with(url, sync).await.map_err(failed)?;
     Ok(Arc::new(CachedJournal::new(journal)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn reports(
+        got: Vec<Result<(), String>>,
+    ) -> tokio::sync::mpsc::UnboundedReceiver<Result<(), String>> {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        for r in got {
+            let _ = tx.send(r);
+        }
+        rx
+    }
+
+    #[tokio::test]
+    async fn the_proxy_serves_when_one_client_thread_listens_and_names_why_when_none_does() {
+        let addr: SocketAddr = ([127, 0, 0, 1], 8080).into();
+        let mut one_up = reports(vec![
+            Err("client thread 0: cannot listen: x".into()),
+            Ok(()),
+        ]);
+        assert!(client_threads_listen(2, &mut one_up, addr).await.is_ok());
+        let mut none = reports(vec![
+            Err("client thread 0: cannot start its runtime: Too many open files".into()),
+            Err("client thread 1: cannot listen: Too many open files".into()),
+        ]);
+        let err = client_threads_listen(2, &mut none, addr)
+            .await
+            .expect_err("no thread listens")
+            .to_string();
+        assert!(
+            err.contains("127.0.0.1:8080")
+                && err.contains("client thread 0: cannot start its runtime")
+                && err.contains("client thread 1: cannot listen"),
+            "{err}"
+        );
+        // A thread that ended without a word counts as not listening.
+        let mut silent = reports(vec![]);
+        let err = client_threads_listen(1, &mut silent, addr)
+            .await
+            .expect_err("the only thread ended")
+            .to_string();
+        assert!(err.contains("ended before it listened"), "{err}");
+    }
 }

@@ -188,6 +188,10 @@ impl<J: Log> Log for CachedJournal<J> {
         self.inner.appends_durable()
     }
 
+    fn sends_before_durable(&self) -> bool {
+        self.inner.sends_before_durable()
+    }
+
     async fn flush(&self) -> Result<(), JournalError> {
         self.inner.flush().await
     }

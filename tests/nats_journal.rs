@@ -386,6 +386,14 @@ async fn an_update_larger_than_the_servers_max_payload_gets_413_and_changes_noth
     let mut report = LoadReport::default();
     seed_accounts(&g, 2, &mut report).await;
     let head = g.proxy.status(&g.http).await.groups[0].head;
+    // Said at start: the body limit lets through bodies the journal cannot hold.
+    assert!(
+        g.proxy
+            .log()
+            .contains("max_body_bytes is not below the journal's record limit"),
+        "{}",
+        g.proxy.log()
+    );
 
     let name = "x".repeat(2 * 1024 * 1024);
     let answer = g

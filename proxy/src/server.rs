@@ -83,6 +83,13 @@ impl Proxy {
                     .signed(gc.signing_secret())
                     .term(ownership.token()),
             );
+            if let Some((limit, what)) = journal.record_limit()
+                && gc.max_body_bytes >= limit
+            {
+                tracing::warn!(group = %gc.name, max_body_bytes = gc.max_body_bytes, limit,
+                    "max_body_bytes is not below the journal's record limit ({what}): \
+                     updates whose record exceeds it are answered 413");
+            }
             let group = Group::open(gc.clone(), journal.clone(), link).await?;
             group.start().await;
             let reads = Reads::start(&group);

@@ -256,6 +256,12 @@ pub trait Log: Send + Sync + 'static {
     async fn flush(&self) -> Result<(), JournalError> {
         Ok(())
     }
+
+    /// The largest record, encoded, the journal can hold, and what sets it (a NATS
+    /// server's `max_payload`); `None` when only the database's own limits apply.
+    fn record_limit(&self) -> Option<(usize, &'static str)> {
+        None
+    }
 }
 
 /// The group's role, with compare-and-set on the epoch.

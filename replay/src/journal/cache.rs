@@ -192,6 +192,10 @@ impl<J: Log> Log for CachedJournal<J> {
         self.inner.sends_before_durable()
     }
 
+    fn record_limit(&self) -> Option<(usize, &'static str)> {
+        self.inner.record_limit()
+    }
+
     async fn flush(&self) -> Result<(), JournalError> {
         self.inner.flush().await
     }

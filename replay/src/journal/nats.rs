@@ -125,6 +125,8 @@ const OWNER_KEY: &str = "owner";
 const CLOCK_KEY: &str = "clock";
 /// The holder named when a renewal finds the lease released.
 const RELEASED: &str = "nobody (the lease was released)";
+/// What limits the size of an entry.
+const MAX_PAYLOAD: &str = "the NATS server's max_payload";
 /// Compare-and-set rounds of one lease call before it gives up.
 const LEASE_ATTEMPTS: u32 = 16;
 /// Refused publishes of one write before it gives up (each follows another writer's
@@ -679,7 +681,7 @@ impl NatsJournal {
             group: group.to_owned(),
             size,
             limit: self.inner.max_payload,
-            what: "the NATS server's max_payload".to_owned(),
+            what: MAX_PAYLOAD.to_owned(),
         };
         // Refused before anything is sent: the server would refuse it anyway.
         if self.inner.max_payload > 0 && payload.len() > self.inner.max_payload {
@@ -1330,6 +1332,10 @@ impl Log for NatsJournal {
         true
     }
 
+    fn record_limit(&self) -> Option<(usize, &'static str)> {
+        (self.inner.max_payload > 0).then_some((self.inner.max_payload, MAX_PAYLOAD))
+    }
+
     async fn flush(&self) -> Result<(), JournalError> {
         // Every write is stored when acknowledged; a fenced handle still hears that it is.
         self.check_lease().await
@@ -1679,6 +1685,10 @@ mod tests {
                 j.append(&Record::pending(&group, seq, 1, request.clone()))
                     .await
                     .unwrap();
+                // The update path makes the record durable before it forwards it.
+                if !j.appends_durable() {
+                    j.flush().await.unwrap();
+                }
                 j.seal(&group, seq, &Outcome::Executed(None)).await.unwrap();
             }
             let took = started.elapsed();

@@ -293,9 +293,12 @@ async fn execute(
     let slot = take_write_slot(&group, deadline).await?;
     let (role, first_primary, behind) = loop {
         let (role, primary) = wait_for_primary(&group, deadline).await?;
-        if let Some(behind) = window_room(&group, &role, &primary, deadline).await?
-            && group.role() == role
-        {
+        let behind = match window_room(&group, &role, &primary, deadline).await? {
+            Room::Alone => None,
+            Room::Behind(prev) => Some(prev),
+            Room::Moved => continue,
+        };
+        if group.role() == role {
             break (role, primary, behind);
         }
     };
@@ -470,16 +473,24 @@ impl Window {
     }
 }
 
+/// Where the window takes the next record.
+enum Room {
+    /// The window is empty: send it as the only one.
+    Alone,
+    /// Send it right behind this record.
+    Behind(u64),
+    /// The role moved, or records were taken up from the journal, meanwhile: look again.
+    Moved,
+}
+
 /// With the write slot held: waits until the window takes the next record for `primary` in
-/// `role`'s epoch. `Some(None)`: the window is empty (send it as the only one);
-/// `Some(Some(prev))`: send it right behind `prev`; `None`: the role moved meanwhile (look
-/// again). 503 at `deadline`.
+/// `role`'s epoch. 503 at `deadline`.
 async fn window_room(
     group: &Arc<Group>,
     role: &Role,
     primary: &Partition,
     deadline: Instant,
-) -> Result<Option<Option<u64>>, ProxyError> {
+) -> Result<Room, ProxyError> {
     let pipelines =
         group.config.pipeline_window > 1 && group.link.pipelines() && primary.keeps_own_record();
     loop {
@@ -490,7 +501,7 @@ async fn window_room(
         if admitted {
             let w = group.window_lock();
             match w.open.last() {
-                None if group.written() >= group.head() => return Ok(Some(None)),
+                None if group.written() >= group.head() => return Ok(Room::Alone),
                 // Every record below the head is sealed, in doubt or in the window; one that
                 // is none of these (a settlement could not read the journal) is taken up.
                 None => {}
@@ -499,14 +510,14 @@ async fn window_room(
                         && w.open.len() < group.config.pipeline_window
                         && w.to.as_ref() == Some(&(role.epoch, primary.name().to_owned())) =>
                 {
-                    return Ok(Some(Some(last)));
+                    return Ok(Room::Behind(last));
                 }
                 Some(_) => {}
             }
         }
         if admitted && group.window_lock().is_empty() && group.written() < group.head() {
             group.take_up_unsealed().await;
-            return Ok(None);
+            return Ok(Room::Moved);
         }
         let changed = async {
             let mut roles = group.watch_role();
@@ -520,7 +531,7 @@ async fn window_room(
                 });
             }
             _ = &mut moved => {}
-            _ = changed => return Ok(None),
+            _ = changed => return Ok(Room::Moved),
         }
     }
 }

@@ -669,9 +669,6 @@ impl Log for FaultyJournal {
     fn appends_durable(&self) -> bool {
         self.inner.appends_durable()
     }
-    fn sends_before_durable(&self) -> bool {
-        self.inner.sends_before_durable()
-    }
     async fn flush(&self) -> Result<(), JournalError> {
         pause(&self.frozen).await;
         if let Some(flushes) = &self.deferred {
@@ -1344,20 +1341,13 @@ async fn run(seed: u64) -> Result<(String, String), String> {
         pipelined: AtomicU32::new(0),
     });
     // In some runs the journal defers its writes to a flush that overlaps the primary's
-    // execution (`journal_sync = "overlap"`); in some others it defers appends only, each
-    // flushed before it is sent, with seals durable at once (SQLite's `full`); and some
-    // proxy restarts are power losses that drop what was not durable. Drawn apart from the
-    // main schedule, so a seed's faults are the same either way; the regression seeds keep
-    // the journal they failed with.
-    let full = FULL_JOURNAL_SEEDS.contains(&seed);
-    let overlap = !full && ChaCha8Rng::seed_from_u64(seed ^ 0xdefe_44ed).random_bool(0.4);
-    let appends_deferred =
-        !full && !overlap && ChaCha8Rng::seed_from_u64(seed ^ 0x0a99_e4d5).random_bool(0.5);
-    let deferred = overlap || appends_deferred;
-    let store = if overlap {
+    // execution (`journal_sync = "overlap"`), and some proxy restarts are power losses that
+    // drop what was not durable. Drawn apart from the main schedule, so a seed's faults are
+    // the same either way; the regression seeds keep the journal they failed with.
+    let deferred = !FULL_JOURNAL_SEEDS.contains(&seed)
+        && ChaCha8Rng::seed_from_u64(seed ^ 0xdefe_44ed).random_bool(0.4);
+    let store = if deferred {
         MemoryJournal::deferred()
-    } else if appends_deferred {
-        MemoryJournal::deferred_appends()
     } else {
         MemoryJournal::new()
     };
@@ -1514,16 +1504,11 @@ async fn run(seed: u64) -> Result<(String, String), String> {
         let quarantined = group
             .member(&p.name)
             .is_some_and(|m| m.diverged().is_some());
-        if quarantined
-            && p.exactly_once
-            && !(store.sends_before_durable()
-                && ahead_after_power_loss(&group, &p.name, &faults_seen))
-        {
+        if quarantined && p.exactly_once && !ahead_after_power_loss(&group, &p.name, &faults_seen) {
             // Its own record makes every re-delivery harmless and says where it stands
             // after a restore: nothing should ever make it diverge, except a record the
-            // journal lost in a power loss after this copy executed it (`overlap` only: a
-            // journal that flushes each record before it is sent never loses one a copy
-            // executed): then it stands ahead of the journal, which quarantines it.
+            // journal lost in a power loss after this copy executed it (`overlap`): then it
+            // stands ahead of the journal, which quarantines it.
             return fail(format!(
                 "copy {:?} keeps its own record but was quarantined",
                 p.name

@@ -345,12 +345,10 @@ async fn execute(
             let reason = format!("cannot restamp it for {:?}: {e}", primary.name());
             return in_doubt(&group, record, deadline, reason).await;
         }
-        // Only under `overlap`, and only a primary that keeps the app layer's record, may
-        // execute a record that is not durable yet: if the journal then loses it (a power
-        // loss), that primary says it stands ahead of the journal and is quarantined. Any
-        // other waits for the flush (outside the write slot: the appends queued behind
-        // this one share it).
-        let overlap = primary.keeps_own_record() && group.journal.sends_before_durable();
+        // Only a primary that keeps the app layer's record may execute a record that is
+        // not durable yet: if the journal then loses it (a power loss), that primary says
+        // it stands ahead of the journal and is quarantined. Any other waits for the flush.
+        let overlap = primary.keeps_own_record();
         if !overlap && let Err(e) = unflushed.flush(&group).await {
             let reason = format!("the journal cannot make it durable: {e}");
             return skip_unexecuted(&group, record, reason, deadline).await;

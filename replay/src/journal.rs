@@ -244,14 +244,6 @@ pub trait Log: Send + Sync + 'static {
         true
     }
 
-    /// With appends not durable at once: whether a record may be sent to a primary that
-    /// keeps the app layer's record before it is durable (`journal_sync = "overlap"`: its
-    /// flush runs while the primary executes it), or is flushed first (false: the flush
-    /// only leaves the write slot, so the appends of updates queued behind one share it).
-    fn sends_before_durable(&self) -> bool {
-        !self.appends_durable()
-    }
-
     /// Makes everything written so far durable.
     async fn flush(&self) -> Result<(), JournalError> {
         Ok(())

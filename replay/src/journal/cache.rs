@@ -188,10 +188,6 @@ impl<J: Log> Log for CachedJournal<J> {
         self.inner.appends_durable()
     }
 
-    fn sends_before_durable(&self) -> bool {
-        self.inner.sends_before_durable()
-    }
-
     fn record_limit(&self) -> Option<(usize, &'static str)> {
         self.inner.record_limit()
     }

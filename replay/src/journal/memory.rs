@@ -53,11 +53,6 @@ pub struct MemoryJournal {
     /// With deferred writes: what is durable (the store as of the last flush or durable
     /// write). `None`: every write is durable when it returns.
     disk: Option<Arc<Mutex<Store>>>,
-    /// With deferred writes: seals wait for the next flush too, and a record may be sent
-    /// before it is durable (`journal_sync = "overlap"`); otherwise only appends are
-    /// deferred, each flushed before it is sent, and seals are durable at once (SQLite's
-    /// `full`: the appends of updates queued behind one share its flush).
-    overlap: bool,
 }
 
 impl MemoryJournal {
@@ -72,18 +67,6 @@ impl MemoryJournal {
     pub fn deferred() -> Self {
         MemoryJournal {
             disk: Some(Arc::default()),
-            overlap: true,
-            ..Self::default()
-        }
-    }
-
-    /// An empty journal whose appends are durable only at the next [`Log::flush`] or
-    /// durable write, and whose seals are durable at once (and make everything before them
-    /// durable): each record is flushed before it is sent.
-    pub fn deferred_appends() -> Self {
-        MemoryJournal {
-            disk: Some(Arc::default()),
-            overlap: false,
             ..Self::default()
         }
     }
@@ -94,7 +77,6 @@ impl MemoryJournal {
             store: self.store.clone(),
             token: Arc::new(Mutex::new(None)),
             disk: self.disk.clone(),
-            overlap: self.overlap,
         }
     }
 
@@ -217,14 +199,7 @@ impl Log for MemoryJournal {
     }
 
     async fn seal(&self, group: &str, seq: u64, outcome: &Outcome) -> Result<(), JournalError> {
-        let write = |f| {
-            if self.overlap {
-                self.write_deferred(f)
-            } else {
-                self.write(f)
-            }
-        };
-        write(|s: &mut Store| {
+        self.write_deferred(|s| {
             let r = group_mut(s, group).records.get_mut(&seq).ok_or_else(|| {
                 JournalError::NoSuchRecord {
                     group: group.to_owned(),
@@ -337,15 +312,11 @@ impl Log for MemoryJournal {
     }
 
     fn seals_durable(&self) -> bool {
-        self.disk.is_none() || !self.overlap
+        self.disk.is_none()
     }
 
     fn appends_durable(&self) -> bool {
         self.disk.is_none()
-    }
-
-    fn sends_before_durable(&self) -> bool {
-        self.disk.is_some() && self.overlap
     }
 
     async fn flush(&self) -> Result<(), JournalError> {

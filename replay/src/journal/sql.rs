@@ -79,20 +79,17 @@ pub enum JournalSync {
 pub struct SqlJournal {
     /// Flushed writes: records, epochs.
     db: DatabaseConnection,
-    /// Writes made durable apart from their commit: on SQLite, appends and seals (in every
-    /// mode); on PostgreSQL, seals, and records under `overlap` (the same connection as
-    /// `db` under [`JournalSync::Full`]).
+    /// Seals, and records under `overlap` (the same connection under [`JournalSync::Full`]).
     relaxed: DatabaseConnection,
     sync: JournalSync,
-    /// SQLite: the appends and seals of `relaxed`, committed together when they queue up
-    /// ([`GroupCommit`]). `None` on PostgreSQL, which commits concurrent transactions
-    /// together by itself.
+    /// SQLite: the appends and seals of `db` and of `relaxed` (the same under
+    /// [`JournalSync::Full`]), committed together when they queue up ([`GroupCommit`]).
+    /// `None` on PostgreSQL, which commits concurrent transactions together by itself.
+    flushed_writes: Option<Arc<GroupCommit>>,
     relaxed_writes: Option<Arc<GroupCommit>>,
-    /// SQLite (a file): the database's write-ahead log, synced by [`Log::flush`] and, under
-    /// [`JournalSync::Full`], by each seal before it returns (everything committed on either
-    /// connection is in it). One sync covers every write committed before it started
-    /// ([`WalSync`]): the appends of updates queued behind one share its flush.
-    wal: Option<Arc<WalSync>>,
+    /// SQLite under [`JournalSync::Overlap`]: the database's write-ahead log, synced by
+    /// [`Log::flush`] (everything committed on either connection is in it).
+    wal: Option<std::path::PathBuf>,
     /// The fencing token of this handle's claim (0: never claimed). Clones share it.
     token: Arc<AtomicU64>,
 }
@@ -124,12 +121,9 @@ impl SqlJournal {
             });
         let db = Database::connect(opts.clone()).await?;
         JournalMigrator::up(&db, None).await?;
-        let sqlite = url.starts_with("sqlite");
-        let file = sqlite_file(url);
         let relaxed = match sync {
-            // Every write durable at its commit (PostgreSQL; SQLite in memory: one database).
-            JournalSync::Full if file.is_none() => db.clone(),
-            _ => {
+            JournalSync::Full => db.clone(),
+            JournalSync::Append | JournalSync::Overlap => {
                 opts.map_sqlx_sqlite_opts(|o| {
                     o.journal_mode(SqliteJournalMode::Wal)
                         .synchronous(SqliteSynchronous::Normal)
@@ -139,16 +133,31 @@ impl SqlJournal {
                 Database::connect(opts).await?
             }
         };
-        let wal = file.map(|f| {
-            let mut wal = f.into_os_string();
-            wal.push("-wal");
-            Arc::new(WalSync::new(std::path::PathBuf::from(wal)))
-        });
-        let relaxed_writes = sqlite.then(|| Arc::new(GroupCommit::new(relaxed.clone())));
+        let wal = match sync {
+            JournalSync::Overlap => sqlite_file(url).map(|f| {
+                let mut wal = f.into_os_string();
+                wal.push("-wal");
+                std::path::PathBuf::from(wal)
+            }),
+            _ => None,
+        };
+        let (flushed_writes, relaxed_writes) = if url.starts_with("sqlite") {
+            let flushed = Arc::new(GroupCommit::new(db.clone()));
+            let relaxed_writes = match sync {
+                JournalSync::Full => flushed.clone(),
+                JournalSync::Append | JournalSync::Overlap => {
+                    Arc::new(GroupCommit::new(relaxed.clone()))
+                }
+            };
+            (Some(flushed), Some(relaxed_writes))
+        } else {
+            (None, None)
+        };
         Ok(SqlJournal {
             db,
             relaxed,
             sync,
+            flushed_writes,
             relaxed_writes,
             wal,
             token: Arc::new(AtomicU64::new(0)),
@@ -204,53 +213,6 @@ impl SqlJournal {
     /// The underlying connection.
     pub fn connection(&self) -> &DatabaseConnection {
         &self.db
-    }
-}
-
-/// The write-ahead log of a SQLite journal, synced for everyone at once: a sync covers
-/// every write committed before it started, so callers that wait for the disk together
-/// share one `fsync` (group commit at the disk), and a caller whose writes a finished sync
-/// covered does not sync again.
-#[derive(Debug)]
-struct WalSync {
-    path: std::path::PathBuf,
-    /// Writes committed on the relaxed connection so far.
-    written: AtomicU64,
-    /// Held by the caller syncing: how many of those writes the last sync covered.
-    synced: tokio::sync::Mutex<u64>,
-    /// Syncs done (for tests).
-    syncs: AtomicU64,
-}
-
-impl WalSync {
-    fn new(path: std::path::PathBuf) -> Self {
-        WalSync {
-            path,
-            written: AtomicU64::new(0),
-            synced: tokio::sync::Mutex::new(0),
-            syncs: AtomicU64::new(0),
-        }
-    }
-
-    /// A write committed (it is in the log, not yet synced).
-    fn wrote(&self) {
-        self.written.fetch_add(1, Ordering::AcqRel);
-    }
-
-    /// Makes every write committed so far durable, with one sync for all the callers
-    /// waiting meanwhile.
-    async fn sync(&self) -> Result<(), JournalError> {
-        let wanted = self.written.load(Ordering::Acquire);
-        let mut synced = self.synced.lock().await;
-        if *synced >= wanted {
-            return Ok(());
-        }
-        // Everything committed before the sync starts is covered by it.
-        let covers = self.written.load(Ordering::Acquire);
-        sync_file(&self.path).await?;
-        self.syncs.fetch_add(1, Ordering::Relaxed);
-        *synced = covers;
-        Ok(())
     }
 }
 
@@ -489,19 +451,16 @@ impl SqlJournal {
         relaxed: bool,
         stmt: &impl sea_orm::StatementBuilder,
     ) -> Result<u64, JournalError> {
-        if !relaxed {
-            let stmt = self.db.get_database_backend().build(stmt);
-            return Ok(self.db.execute_raw(stmt).await?.rows_affected());
-        }
-        let stmt = self.relaxed.get_database_backend().build(stmt);
-        let rows = match &self.relaxed_writes {
-            Some(batched) => batched.execute(stmt).await?,
-            None => self.relaxed.execute_raw(stmt).await?.rows_affected(),
+        let (conn, batched) = if relaxed {
+            (&self.relaxed, &self.relaxed_writes)
+        } else {
+            (&self.db, &self.flushed_writes)
         };
-        if let Some(wal) = &self.wal {
-            wal.wrote();
+        let stmt = conn.get_database_backend().build(stmt);
+        match batched {
+            Some(batched) => batched.execute(stmt).await,
+            None => Ok(conn.execute_raw(stmt).await?.rows_affected()),
         }
-        Ok(rows)
     }
 
     fn my_token(&self) -> u64 {
@@ -705,9 +664,10 @@ impl Log for SqlJournal {
             .select_from(select)
             .map_err(|e| corrupt_input(record, e.to_string()))?
             .to_owned();
-        // Written at once and made durable by `flush` on SQLite (outside the write slot:
-        // the appends queued behind this one share the sync) and under `overlap`.
-        let inserted = self.write(!self.appends_durable(), &insert).await?;
+        // Under `overlap` the record is written at once and made durable by `flush`.
+        let inserted = self
+            .write(self.sync == JournalSync::Overlap, &insert)
+            .await?;
         if inserted != 1 {
             if let Some(fenced) = self.fenced().await? {
                 return Err(fenced);
@@ -736,32 +696,21 @@ impl Log for SqlJournal {
             .and_where(Expr::col(R::State).is_in(UNSEALED))
             .and_where(self.fence())
             .to_owned();
-        if self.write(true, &update).await? != 1 {
-            self.check_fence().await?;
-            match self.record(group, seq).await? {
-                None => {
-                    return Err(JournalError::NoSuchRecord {
-                        group: group.to_owned(),
-                        seq,
-                    });
-                }
-                Some(r) if r.state == state && r.fingerprint.as_ref() == fp => {}
-                Some(r) => {
-                    return Err(JournalError::Conflict {
-                        group: group.to_owned(),
-                        what: format!("record {seq} is already sealed {}", r.state.as_str()),
-                    });
-                }
-            }
+        if self.write(true, &update).await? == 1 {
+            return Ok(());
         }
-        // SQLite under `full`: durable before it returns, the sync shared with the writes
-        // of everyone waiting for the disk meanwhile.
-        if self.sync == JournalSync::Full
-            && let Some(wal) = &self.wal
-        {
-            wal.sync().await?;
+        self.check_fence().await?;
+        match self.record(group, seq).await? {
+            None => Err(JournalError::NoSuchRecord {
+                group: group.to_owned(),
+                seq,
+            }),
+            Some(r) if r.state == state && r.fingerprint.as_ref() == fp => Ok(()),
+            Some(r) => Err(JournalError::Conflict {
+                group: group.to_owned(),
+                what: format!("record {seq} is already sealed {}", r.state.as_str()),
+            }),
         }
-        Ok(())
     }
 
     async fn restamp(
@@ -882,23 +831,18 @@ impl Log for SqlJournal {
     }
 
     fn appends_durable(&self) -> bool {
-        // SQLite: the update path flushes each record outside the write slot.
-        self.sync != JournalSync::Overlap && self.wal.is_none()
-    }
-
-    fn sends_before_durable(&self) -> bool {
-        self.sync == JournalSync::Overlap
+        self.sync != JournalSync::Overlap
     }
 
     async fn flush(&self) -> Result<(), JournalError> {
+        if self.sync == JournalSync::Full {
+            // Everything is durable already; a fenced handle still hears that it is.
+            return self.check_fence().await;
+        }
         if let Some(wal) = &self.wal {
             // SQLite: one sync of the write-ahead log makes every commit in it durable,
             // without a write that would wait for the connection the seals use.
-            wal.sync().await?;
-            return self.check_fence().await;
-        }
-        if self.sync == JournalSync::Full {
-            // Everything is durable already; a fenced handle still hears that it is.
+            sync_file(wal).await?;
             return self.check_fence().await;
         }
         // A write on the flushed connection: its commit makes everything written before it
@@ -1281,8 +1225,7 @@ mod tests {
 
     /// Writes that queue up while one is written commit together, each caller hearing its
     /// own outcome: 32 seals at once take fewer than 32 transactions, a seal of a record
-    /// that does not exist fails alone, and every other one is sealed; durable seals share
-    /// the syncs of the log.
+    /// that does not exist fails alone, and every other one is sealed.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn queued_writes_commit_together_and_each_hears_its_own_outcome()
     -> Result<(), JournalError> {
@@ -1294,15 +1237,10 @@ mod tests {
                 .await?;
         }
         let batched = j
-            .relaxed_writes
+            .flushed_writes
             .clone()
             .ok_or_else(|| JournalError::unavailable("a SQLite journal has a group commit"))?;
         let before = batched.batches.load(Ordering::Relaxed);
-        let wal = j
-            .wal
-            .clone()
-            .ok_or_else(|| JournalError::unavailable("a SQLite file has a log to sync"))?;
-        let syncs_before = wal.syncs.load(Ordering::Relaxed);
         let seals = (1..=33u64).map(|seq| {
             let j = j.clone();
             async move { (seq, j.seal("g", seq, &Outcome::Executed(None)).await) }
@@ -1318,14 +1256,6 @@ mod tests {
             }
         }
         assert!(batches < 33, "33 seals at once took {batches} transactions");
-        let syncs = wal.syncs.load(Ordering::Relaxed) - syncs_before;
-        assert!(
-            (1..33).contains(&syncs),
-            "33 durable seals at once took {syncs} syncs of the log"
-        );
-        // Nothing written since: a flush has nothing to sync.
-        j.flush().await?;
-        assert_eq!(wal.syncs.load(Ordering::Relaxed) - syncs_before, syncs);
         let records = j.read_after("g", 0, 100).await?;
         assert_eq!(records.len(), 32);
         assert!(records.iter().all(|r| r.state == RecordState::Executed));

@@ -41,8 +41,10 @@ pub const DEFAULT_UPDATE_TIMEOUT_MS: u64 = 30_000;
 /// replayers keep records in flight too (a primary fed without gaps outran a replica that
 /// replayed one record per round trip: a replica behind under full load never caught up).
 pub const DEFAULT_PIPELINE_WINDOW: usize = 4;
-/// Largest `pipeline_window`.
+/// Largest `pipeline_window` and `replay_window`.
 pub const MAX_PIPELINE_WINDOW: usize = 64;
+/// Default `replay_window`: records on their way to one replica at once while it replays.
+pub const DEFAULT_REPLAY_WINDOW: usize = 8;
 /// Default bound on how long a read waits for an eligible partition.
 pub const DEFAULT_READ_WAIT_MS: u64 = 2000;
 /// Default number of records a replica may lag and still serve reads.
@@ -241,6 +243,12 @@ pub struct GroupConfig {
     /// `Regroup-Pipelined`). 1: each update is sealed before the next is sent.
     #[serde(default = "default_pipeline_window")]
     pub pipeline_window: usize,
+    /// How many records may be on their way to one replica at once while it replays (its
+    /// app layer applies them one at a time in seq order). Above 1 only for a replica whose
+    /// app layer keeps the exactly-once record; 1: each record is answered before the next
+    /// is sent.
+    #[serde(default = "default_replay_window")]
+    pub replay_window: usize,
     /// How long a read waits for an eligible partition before 503.
     #[serde(default = "default_read_wait")]
     pub read_wait_ms: u64,
@@ -379,6 +387,9 @@ fn default_failover_wait() -> u64 {
 }
 fn default_pipeline_window() -> usize {
     DEFAULT_PIPELINE_WINDOW
+}
+fn default_replay_window() -> usize {
+    DEFAULT_REPLAY_WINDOW
 }
 
 fn default_update_timeout() -> u64 {
@@ -602,11 +613,16 @@ impl Config {
                     return Err(invalid(key(k), "must be greater than 0".into()));
                 }
             }
-            if g.pipeline_window == 0 || g.pipeline_window > MAX_PIPELINE_WINDOW {
-                return Err(invalid(
-                    key("pipeline_window"),
-                    format!("must be between 1 and {MAX_PIPELINE_WINDOW}"),
-                ));
+            for (k, v) in [
+                ("pipeline_window", g.pipeline_window),
+                ("replay_window", g.replay_window),
+            ] {
+                if v == 0 || v > MAX_PIPELINE_WINDOW {
+                    return Err(invalid(
+                        key(k),
+                        format!("must be between 1 and {MAX_PIPELINE_WINDOW}"),
+                    ));
+                }
             }
             if g.heartbeat_retries == 0 {
                 return Err(invalid(
@@ -815,6 +831,23 @@ url = "http://127.0.0.1:9002"
         assert_eq!(c.journal_sync, regroup_replay::JournalSync::Full);
         assert_eq!(c.journal_lease_ms, DEFAULT_JOURNAL_LEASE_MS);
         assert_eq!(g.partitions[1].name, "b");
+        assert_eq!(g.replay_window, DEFAULT_REPLAY_WINDOW);
+    }
+
+    #[test]
+    fn replay_window_is_bounded_and_named() {
+        let with = |line: &str| GOOD.replacen("[[groups]]\n", &format!("[[groups]]\n{line}\n"), 1);
+        let c = Config::parse(&with("replay_window = 1"), Path::new("x.toml")).expect("valid");
+        assert_eq!(c.groups[0].replay_window, 1);
+        for bad in ["replay_window = 0", "replay_window = 65"] {
+            let e = Config::parse(&with(bad), Path::new("x.toml"))
+                .expect_err(bad)
+                .to_string();
+            assert!(
+                e.contains("replay_window: must be between 1 and 64"),
+                "{bad}: {e}"
+            );
+        }
     }
 
     #[test]

@@ -442,14 +442,44 @@ impl Group {
         self.window.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Takes up the first unsealed record above the written sealed head that no update task
-    /// holds in its window, as in doubt (see `update::Window`: only a settlement that could
-    /// not read the journal leaves one behind).
-    pub(crate) async fn take_up_unsealed(self: &Arc<Self>) {
-        if let Some(next) = self.unsealed_after(self.written()).await {
-            self.mark_in_doubt(next, "found unsealed below the journal's head");
-            crate::update::spawn_settle(self.clone());
+    /// Takes up the records above the written sealed head that no update task holds in its
+    /// window: those the journal holds sealed are adopted in seq order, and the first
+    /// unsealed one becomes the in-doubt record (see `update::Window`: only a settlement that
+    /// could not read the journal leaves one behind). Whether anything was taken up (not
+    /// when the journal cannot be read).
+    pub(crate) async fn take_up_unsealed(self: &Arc<Self>) -> bool {
+        let Ok(after) = self
+            .journal
+            .read_after(self.name(), self.written(), IN_DOUBT_SCAN)
+            .await
+        else {
+            return false;
+        };
+        let mut progressed = false;
+        for record in after {
+            if self.window_lock().holds(record.seq) {
+                break;
+            }
+            if !record.state.is_sealed() {
+                self.mark_in_doubt(record, "found unsealed below the journal's head");
+                crate::update::spawn_settle(self.clone());
+                return true;
+            }
+            // Sealed in the journal, though the group does not count it as written (a seal
+            // whose writer heard an error, or written by an earlier process): adopted, in
+            // seq order, as a settlement would.
+            if record.seq != self.written() + 1 {
+                break;
+            }
+            crate::update::adopt(self, &record, &self.role()).await;
+            progressed = true;
+            if self.in_doubt().is_some() {
+                // The adoption took up the unsealed record after it.
+                crate::update::spawn_settle(self.clone());
+                return true;
+            }
         }
+        progressed
     }
 
     /// The first record after `seq` that is unsealed and held by no update task's window

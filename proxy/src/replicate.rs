@@ -13,11 +13,6 @@ use crate::error::ProxyError;
 use crate::group::{Group, ReplayerHandle};
 use crate::partition::Partition;
 
-/// Records on their way to one replica at once while it replays (its app layer applies
-/// them one at a time in seq order, each waiting for the one before it at most its
-/// `predecessor_wait`).
-pub(crate) const REPLAY_WINDOW: usize = 8;
-
 struct Observer {
     group: Weak<Group>,
     partition: Arc<Partition>,
@@ -88,10 +83,12 @@ pub(crate) fn start_one(group: &Arc<Group>, partition: &Arc<Partition>) {
         applier.clone(),
     )
     .compare(group.config.compare);
-    // Records on their way to a replica at once, when its link pipelines (the replayer
-    // sends them so only to a replica that keeps the exactly-once record).
-    if applier.pipelines() {
-        replayer = replayer.pipelined(applier, REPLAY_WINDOW);
+    // Records on their way to a replica at once (`replay_window`; its app layer applies
+    // them one at a time in seq order, each waiting for the one before it at most its
+    // `predecessor_wait`), when its link pipelines (the replayer sends them so only to a
+    // replica that keeps the exactly-once record).
+    if applier.pipelines() && group.config.replay_window > 1 {
+        replayer = replayer.pipelined(applier, group.config.replay_window);
     }
     let observer = Arc::new(Observer {
         group: Arc::downgrade(group),

@@ -819,8 +819,9 @@ fn config(seed: u64) -> crate::config::GroupConfig {
     let mut text = format!(
         "[[groups]]\nname = \"sim\"\nheartbeat_interval_ms = 50\nheartbeat_timeout_ms = 40\n\
          heartbeat_retries = 2\nfailover_wait_ms = 3000\nupdate_timeout_ms = 300\n\
-         max_read_lag = {MAX_READ_LAG}\npipeline_window = {}\n",
-        pipeline_window(seed)
+         max_read_lag = {MAX_READ_LAG}\npipeline_window = {}\nreplay_window = {}\n",
+        pipeline_window(seed),
+        replay_window(seed)
     );
     if retains(seed) {
         // A short journal: a partition down for a while finds the records it needs
@@ -844,6 +845,17 @@ fn config(seed: u64) -> crate::config::GroupConfig {
 /// before the next is sent) in a quarter of the runs, else 2 to 8.
 fn pipeline_window(seed: u64) -> usize {
     let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0x0717_e11e);
+    if rng.random_bool(0.25) {
+        1
+    } else {
+        rng.random_range(2..=8)
+    }
+}
+
+/// The run's `replay_window`, drawn apart from the main schedule: one (each replayed record
+/// answered before the next is sent) in a quarter of the runs, else 2 to 8.
+fn replay_window(seed: u64) -> usize {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0x4e91_a7ed);
     if rng.random_bool(0.25) {
         1
     } else {
@@ -1614,12 +1626,13 @@ async fn run(seed: u64) -> Result<(String, String), String> {
     );
     let readded = lock(&log).iter().filter(|l| l.starts_with("Add ")).count();
     let summary = format!(
-        "{} records, {} acknowledged ({} sent pipelined, window {}), {} reads, epoch {}, \
+        "{} records, {} acknowledged ({} sent pipelined, window {}, replay window {}), {} reads, epoch {}, \
          {} quarantined, {readded} re-added",
         journal.len(),
         seen.acked.len(),
         link.pipelined.load(Ordering::Acquire),
         group.config.pipeline_window,
+        group.config.replay_window,
         seen.reads,
         view.epoch,
         view.partitions
@@ -1681,8 +1694,12 @@ fn a_seed_replays_exactly() {
 /// older copy with nobody else to lead executed past the records it lost; 624, a frozen
 /// core's late replay applied by a new, empty copy (both with proxy takeovers).
 /// 1664, 1941 and 2203, a proxy restart in the middle of a rebuild left the copy
-/// quarantined (`rebuild::resume_interrupted`).
-const REGRESSION_SEEDS: [u64; 8] = [2355, 26431, 26671, 405, 624, 1664, 1941, 2203];
+/// quarantined (`rebuild::resume_interrupted`). 3448, an update spun without end (the
+/// simulated clock never moved again): with the window empty, the record above the written
+/// sealed head was sealed in the journal, and taking up records only looked for unsealed
+/// ones (`Group::take_up_unsealed` now adopts sealed ones, and waits when the journal does
+/// not answer).
+const REGRESSION_SEEDS: [u64; 9] = [2355, 26431, 26671, 405, 624, 1664, 1941, 2203, 3448];
 
 /// The regression seeds found before runs could defer journal writes or keep a short
 /// journal: they keep the journal they failed with.

@@ -513,10 +513,22 @@ async fn window_room(
                 Some(_) => {}
             }
         }
-        if admitted && group.window_lock().is_empty() && group.written() < group.head() {
-            group.take_up_unsealed().await;
+        if admitted
+            && group.window_lock().is_empty()
+            && group.written() < group.head()
+            && group.take_up_unsealed().await
+        {
             return Ok(Room::Moved);
         }
+        // Nothing could be taken up (the journal did not answer): look again shortly, not
+        // at once (a retry without a pause would spin a core).
+        let retry = async {
+            if admitted && group.window_lock().is_empty() && group.written() < group.head() {
+                tokio::time::sleep(TAKE_UP_RETRY).await;
+            } else {
+                std::future::pending::<()>().await;
+            }
+        };
         let changed = async {
             let mut roles = group.watch_role();
             let _ = roles.changed().await;
@@ -529,10 +541,14 @@ async fn window_room(
                 });
             }
             _ = &mut moved => {}
+            _ = retry => {}
             _ = changed => return Ok(Room::Moved),
         }
     }
 }
+
+/// How long the window waits before it looks again for records it could not take up.
+const TAKE_UP_RETRY: Duration = Duration::from_millis(20);
 
 /// Waits until every record before `seq` is sealed (written), so `seq` may be sent again or
 /// sealed; an error when a record before it is in doubt or at `deadline`.

@@ -1654,7 +1654,40 @@ fn ahead_after_power_loss(group: &Group, name: &str, faults_seen: &str) -> bool 
 }
 
 fn run_seed(seed: u64) -> Result<String, String> {
-    run_traced(seed).map(|(summary, _)| summary)
+    watched(SEED_WATCHDOG, move || {
+        run_traced(seed).map(|(summary, _)| summary)
+    })
+}
+
+/// The longest one seed may run in real time. A task that spins without ever awaiting
+/// something that blocks starves the paused clock, so no simulated time-out can end the
+/// run: the watchdog turns that into a failure naming the seed instead of a hung test.
+const SEED_WATCHDOG: Duration = Duration::from_secs(120);
+
+/// Runs `run` on a thread of its own, failing when it takes longer than `limit` (the thread
+/// is left behind) or panics.
+fn watched(
+    limit: Duration,
+    run: impl FnOnce() -> Result<String, String> + Send + 'static,
+) -> Result<String, String> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::Builder::new()
+        .name("sim-seed".to_owned())
+        .spawn(move || {
+            let _ = tx.send(run());
+        })
+        .map_err(|e| format!("cannot start the run's thread: {e}"))?;
+    match rx.recv_timeout(limit) {
+        Ok(result) => result,
+        Err(std::sync::mpsc::RecvTimeoutError::Timeout) => Err(format!(
+            "the run did not finish within {} s of real time: a task spins without end \
+             (the simulated clock never moves again)",
+            limit.as_secs()
+        )),
+        Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+            Err("the run panicked (its message is above)".to_owned())
+        }
+    }
 }
 
 /// Runs one seed, returning the summary and a trace of everything the run decided (for the
@@ -1738,6 +1771,18 @@ fn simulation_holds_every_guarantee_over_many_seeds() {
         }
     }
     assert!(failed.is_empty(), "seeds failed: {failed:?}");
+}
+
+/// A run that never finishes fails, named, instead of hanging the test.
+#[test]
+fn a_run_that_does_not_finish_fails_instead_of_hanging() {
+    let e = watched(Duration::from_millis(50), || {
+        std::thread::sleep(Duration::from_secs(5));
+        Ok(String::new())
+    })
+    .expect_err("the watchdog fires");
+    assert!(e.contains("did not finish within"), "{e}");
+    assert!(watched(Duration::from_secs(5), || Ok("done".to_owned())).is_ok());
 }
 
 fn sim_link() -> Arc<SimLink> {

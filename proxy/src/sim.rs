@@ -1731,8 +1731,10 @@ fn a_seed_replays_exactly() {
 /// simulated clock never moved again): with the window empty, the record above the written
 /// sealed head was sealed in the journal, and taking up records only looked for unsealed
 /// ones (`Group::take_up_unsealed` now adopts sealed ones, and waits when the journal does
-/// not answer).
-const REGRESSION_SEEDS: [u64; 9] = [2355, 26431, 26671, 405, 624, 1664, 1941, 2203, 3448];
+/// not answer). 6220, a replica without the app layer applied a record twice (a replay that
+/// timed out was applied late, after its retry had been answered) and, made primary, got
+/// the healthy copies quarantined (a replay with no answer now quarantines such a copy).
+const REGRESSION_SEEDS: [u64; 10] = [2355, 26431, 26671, 405, 624, 1664, 1941, 2203, 3448, 6220];
 
 /// The regression seeds found before runs could defer journal writes or keep a short
 /// journal: they keep the journal they failed with.

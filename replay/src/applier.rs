@@ -11,8 +11,9 @@ pub enum ApplyError {
     #[error("partition unreachable: {0}")]
     Unreachable(String),
     /// The request may have reached the partition but no answer came back (connection
-    /// broken, timeout). A retry may apply it twice; the fingerprint check (or the app-side
-    /// exactly-once checkpoint) catches that.
+    /// broken, timeout). Sent again only to a partition that keeps the app-side exactly-once
+    /// record (a re-delivery is answered from it); any other is quarantined, since it may
+    /// still apply the first request late, after a retry, where no answer shows it.
     #[error("no answer from partition: {0}")]
     NoAnswer(String),
 }

@@ -480,6 +480,17 @@ impl Replayer {
             }
             match self.applier.apply(record).await {
                 Ok(answer) => return self.judge(record, &answer),
+                // Without the app layer's record, a request that may have reached the
+                // partition cannot be sent again: it may still be applied late, after the
+                // retry, where no answer shows it (the fingerprint check sees only the
+                // retry's). The copy is quarantined instead of possibly applying it twice.
+                Err(e @ ApplyError::NoAnswer(_)) if !exactly_once => {
+                    return Step::Diverged(format!(
+                        "seq {}: {e}; it keeps no exactly-once record, so it may have applied \
+                         it, and sending it again could apply it twice: rebuild it",
+                        record.seq
+                    ));
+                }
                 Err(e) => {
                     attempt = attempt.saturating_add(1);
                     observer.apply_failed(record.seq, attempt, &e);
@@ -729,6 +740,60 @@ mod tests {
             log[2].starts_with("diverged 2: seq 2: body hash"),
             "{log:?}"
         );
+    }
+
+    /// An applier without the exactly-once record whose answer to `lost` never comes back
+    /// (the partition may have applied it).
+    struct LosesAnswer {
+        lost: u64,
+        seen: Mutex<Vec<u64>>,
+    }
+
+    #[async_trait::async_trait]
+    impl Applier for LosesAnswer {
+        async fn apply(&self, record: &Record) -> Result<Fingerprint, ApplyError> {
+            if let Ok(mut seen) = self.seen.lock() {
+                seen.push(record.seq);
+            }
+            if record.seq == self.lost {
+                return Err(ApplyError::NoAnswer("timed out".into()));
+            }
+            match &record.payload {
+                crate::record::Payload::Http(request) => Ok(Fingerprint::of(200, &request.body)),
+                crate::record::Payload::Sql(_) => Err(ApplyError::Unreachable("sql".into())),
+            }
+        }
+    }
+
+    /// A replay with no answer is never sent again to a partition without the exactly-once
+    /// record (it may still apply it late, where no answer would show it): it is quarantined.
+    #[tokio::test]
+    #[allow(clippy::unwrap_used)]
+    async fn no_answer_from_a_partition_without_the_record_quarantines_it_instead_of_resending() {
+        let dir = tempfile::tempdir().unwrap();
+        let j = journal_with(&dir, 3, &[]).await;
+        let applier = Arc::new(LosesAnswer {
+            lost: 2,
+            seen: Mutex::new(vec![]),
+        });
+        let (_sealed_tx, sealed) = watch::channel(3u64);
+        let (_stop_tx, stop) = watch::channel(false);
+        let log = Arc::new(Log::default());
+        let exit = tokio::time::timeout(
+            Duration::from_secs(10),
+            Replayer::new("g", "b", j.clone(), applier.clone()).run(sealed, stop, log.clone()),
+        )
+        .await
+        .unwrap_or_else(|_| panic!("still replaying: {:?}", applier.seen.lock().unwrap()));
+        assert_eq!(exit, ReplayExit::Diverged(2));
+        assert_eq!(*applier.seen.lock().unwrap(), vec![1, 2]);
+        let log = log.0.lock().unwrap().clone();
+        assert!(
+            log.iter()
+                .any(|l| l.starts_with("diverged 2:") && l.contains("may have applied it")),
+            "{log:?}"
+        );
+        assert!(j.diverged("g", "b").await.unwrap().is_some());
     }
 
     #[tokio::test]

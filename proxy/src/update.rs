@@ -513,17 +513,16 @@ async fn window_room(
                 Some(_) => {}
             }
         }
-        if admitted
-            && group.window_lock().is_empty()
-            && group.written() < group.head()
-            && group.take_up_unsealed().await
-        {
+        // Records below the head that are neither sealed, in doubt nor in the window.
+        let left_behind =
+            admitted && group.window_lock().is_empty() && group.written() < group.head();
+        if left_behind && group.take_up_unsealed().await {
             return Ok(Room::Moved);
         }
         // Nothing could be taken up (the journal did not answer): look again shortly, not
         // at once (a retry without a pause would spin a core).
         let retry = async {
-            if admitted && group.window_lock().is_empty() && group.written() < group.head() {
+            if left_behind {
                 tokio::time::sleep(TAKE_UP_RETRY).await;
             } else {
                 std::future::pending::<()>().await;

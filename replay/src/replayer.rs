@@ -598,10 +598,15 @@ mod tests {
             if self.corrupt_seq == Some(record.seq) {
                 return Ok(Fingerprint::of(200, b"something else"));
             }
-            match &record.payload {
-                crate::record::Payload::Http(request) => Ok(Fingerprint::of(200, &request.body)),
-                crate::record::Payload::Sql(_) => Err(ApplyError::Unreachable("sql".into())),
-            }
+            echo(record)
+        }
+    }
+
+    /// The answer of a partition that answers with the request body.
+    fn echo(record: &Record) -> Result<Fingerprint, ApplyError> {
+        match &record.payload {
+            crate::record::Payload::Http(request) => Ok(Fingerprint::of(200, &request.body)),
+            crate::record::Payload::Sql(_) => Err(ApplyError::Unreachable("sql".into())),
         }
     }
 
@@ -758,10 +763,7 @@ mod tests {
             if record.seq == self.lost {
                 return Err(ApplyError::NoAnswer("timed out".into()));
             }
-            match &record.payload {
-                crate::record::Payload::Http(request) => Ok(Fingerprint::of(200, &request.body)),
-                crate::record::Payload::Sql(_) => Err(ApplyError::Unreachable("sql".into())),
-            }
+            echo(record)
         }
     }
 

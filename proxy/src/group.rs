@@ -99,6 +99,10 @@ pub struct Group {
     pub(crate) role_lock: Mutex<()>,
     /// One settlement of an in-doubt record at a time.
     pub(crate) settle_lock: Mutex<()>,
+    /// The transaction ids of the latest records this proxy decided were never written
+    /// (their clients were told so): one the journal shows afterwards (an append whose
+    /// answer was lost and that landed late) was never sent anywhere, and is sealed skipped.
+    not_written: std::sync::Mutex<VecDeque<uuid::Uuid>>,
     /// Bumped whenever a partition's status, the role or the in-doubt record changed.
     pub(crate) changed: watch::Sender<u64>,
     /// Set to stop the group's background tasks.
@@ -126,6 +130,9 @@ impl std::fmt::Debug for Group {
             .finish_non_exhaustive()
     }
 }
+
+/// How many transaction ids of records decided never written are remembered.
+const NOT_WRITTEN_KEPT: usize = 256;
 
 /// How many records after a settled one are looked at for the next unsealed one (more than
 /// any window holds).
@@ -257,6 +264,7 @@ impl Group {
             seal_gate: Mutex::new(()),
             role_lock: Mutex::new(()),
             settle_lock: Mutex::new(()),
+            not_written: std::sync::Mutex::new(VecDeque::new()),
             changed: watch::Sender::new(0),
             stop: watch::Sender::new(false),
             replayers: std::sync::Mutex::new(HashMap::new()),
@@ -437,6 +445,24 @@ impl Group {
         });
     }
 
+    /// Notes that the record with `txn` was decided never written (its client was told).
+    pub(crate) fn note_not_written(&self, txn: uuid::Uuid) {
+        let mut ids = self.not_written.lock().unwrap_or_else(|p| p.into_inner());
+        if ids.len() == NOT_WRITTEN_KEPT {
+            ids.pop_front();
+        }
+        ids.push_back(txn);
+    }
+
+    /// Whether the record with `txn` was decided never written (see
+    /// [`Group::note_not_written`]).
+    pub(crate) fn was_not_written(&self, txn: uuid::Uuid) -> bool {
+        self.not_written
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(&txn)
+    }
+
     /// The pipelined sequencer's window (a short lock, never held across an await).
     pub(crate) fn window_lock(&self) -> std::sync::MutexGuard<'_, crate::update::Window> {
         self.window.lock().unwrap_or_else(|p| p.into_inner())
@@ -448,13 +474,17 @@ impl Group {
     /// could not read the journal leaves one behind). Whether anything was taken up (not
     /// when the journal cannot be read).
     pub(crate) async fn take_up_unsealed(self: &Arc<Self>) -> bool {
+        let written = self.written();
         let Ok(after) = self
             .journal
-            .read_after(self.name(), self.written(), IN_DOUBT_SCAN)
+            .read_after(self.name(), written, IN_DOUBT_SCAN)
             .await
         else {
             return false;
         };
+        if after.is_empty() {
+            return self.drop_unwritten(written);
+        }
         let mut progressed = false;
         for record in after {
             if self.window_lock().holds(record.seq) {
@@ -482,30 +512,54 @@ impl Group {
         progressed
     }
 
-    /// The first record after `seq` that is unsealed and held by no update task's window
-    /// (none when the journal cannot be read: the next scan finds it). One sealed since the
-    /// read is found sealed again by its settlement, and adopted.
-    async fn unsealed_after(&self, seq: u64) -> Option<Record> {
-        let after = self
-            .journal
-            .read_after(self.name(), seq, IN_DOUBT_SCAN)
-            .await
-            .ok()?;
-        after
-            .into_iter()
-            .find(|r| !r.state.is_sealed() && !self.window_lock().holds(r.seq))
+    /// The journal was read to end at `written`, the written sealed head: the records the
+    /// group counted above it were never written (an append whose outcome was unknown, in
+    /// doubt behind a lower record and not taken up since), and the journal's end is the
+    /// group's head again. Only while the window is empty and the written head has not
+    /// moved since the read: a record can be appended above the written head only behind
+    /// one in the window, so no append is on its way. Whether the head went back.
+    fn drop_unwritten(&self, written: u64) -> bool {
+        let window = self.window_lock();
+        let head = self.head();
+        if head <= written || self.written() != written || !window.is_empty() {
+            return false;
+        }
+        self.set_head(written);
+        drop(window);
+        self.transition(
+            "settle",
+            format!(
+                "records {} to {head} were never written: dropped (the journal ends at {written})",
+                written + 1
+            ),
+        );
+        self.bump();
+        true
     }
 
     /// Clears the in-doubt record `seq` (settled), and takes up the next unsealed record
     /// after it that no update task still holds in its window: one that was sent behind it
-    /// and failed too, or one left unsealed by an earlier process.
+    /// and failed too, or one left unsealed by an earlier process. When the journal ends at
+    /// `seq`, those the group counted above it were never written. When the journal cannot
+    /// be read, the window takes them up with the next update. One sealed since the read is
+    /// found sealed again by its settlement, and adopted.
     pub(crate) async fn clear_in_doubt(&self, seq: u64) {
         self.in_doubt
             .send_if_modified(|r| r.take_if(|r| r.seq == seq).is_some());
         if self.head() > seq
-            && let Some(next) = self.unsealed_after(seq).await
+            && let Ok(after) = self
+                .journal
+                .read_after(self.name(), seq, IN_DOUBT_SCAN)
+                .await
         {
-            self.mark_in_doubt(next, "left unsealed behind a settled record");
+            if after.is_empty() {
+                self.drop_unwritten(seq);
+            } else if let Some(next) = after
+                .into_iter()
+                .find(|r| !r.state.is_sealed() && !self.window_lock().holds(r.seq))
+            {
+                self.mark_in_doubt(next, "left unsealed behind a settled record");
+            }
         }
         self.window_moved.notify_waiters();
         self.bump();

@@ -267,19 +267,34 @@ async fn append(group: &Arc<Group>, record: &Record) -> Result<(), ProxyError> {
         Ok(_) if matches!(e, JournalError::TooLarge { .. }) => {
             Err(ProxyError::RecordTooLarge(e.to_string()))
         }
-        Ok(_) => Err(ProxyError::Journal(e.to_string())),
+        Ok(found) => {
+            // Not written: the client hears that nothing changed, so should it land after
+            // all (a journal that sends it again later), it is sealed skipped.
+            group.note_not_written(record.txn_id);
+            if let Some(found) = found {
+                // The journal holds another record at this seq that the group did not count:
+                // an earlier append whose answer was lost landed late. It is taken up.
+                tracing::warn!(group = %group.name(), seq = found.seq,
+                    "the journal holds a record this proxy had not counted (an append that landed late); taking it up");
+                group.set_head(found.seq);
+                group.mark_in_doubt(found, "an append whose answer was lost landed late");
+                spawn_settle(group.clone());
+            }
+            Err(ProxyError::Journal(e.to_string()))
+        }
         Err(check) => {
             group.set_head(record.seq);
-            leave_in_doubt(
-                group,
-                record.clone(),
-                &format!(
-                    "append failed ({e}) and the journal cannot say whether it committed ({check})"
-                ),
+            let reason = format!(
+                "append failed ({e}) and the journal cannot say whether it committed ({check})"
             );
+            leave_in_doubt(group, record.clone(), &reason);
             // Settled (kept or dropped) as soon as the journal answers again.
             spawn_settle(group.clone());
-            Err(ProxyError::Journal(e.to_string()))
+            Err(ProxyError::InDoubt {
+                group: group.name().to_owned(),
+                seq: record.seq,
+                reason,
+            })
         }
     }
 }
@@ -1103,9 +1118,33 @@ async fn try_settle(group: &Group, mut record: Record) -> Option<Answer> {
             adopt(group, &found, &role).await;
             return None;
         }
+        Ok(Some(found)) if group.was_not_written(found.txn_id) => {
+            // Its client heard that nothing changed, and it was never sent anywhere.
+            return match group
+                .journal
+                .seal(group.name(), seq, &Outcome::Skipped)
+                .await
+            {
+                Ok(()) => {
+                    group.transition(
+                        "settle",
+                        format!("record {seq} landed after its client was told it was not written: skipped"),
+                    );
+                    credit_skipped(group, seq);
+                    sealed(group, seq);
+                    group.clear_in_doubt(seq).await;
+                    None
+                }
+                Err(e) => {
+                    tracing::debug!(group = %group.name(), seq, error = %e, "settling: cannot skip it");
+                    None
+                }
+            };
+        }
         Ok(Some(_)) => {}
         Ok(None) => {
             group.transition("settle", format!("record {seq} was never written: dropped"));
+            group.note_not_written(record.txn_id);
             group.set_head(seq - 1);
             group.clear_in_doubt(seq).await;
             return None;

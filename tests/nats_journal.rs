@@ -16,6 +16,15 @@ use regroup_replay::{Log, RecordState};
 use support::nats::{Cluster, LOCAL_URL, TempJournal, local_or_skip};
 use support::*;
 
+/// `log` without the lines of updates that timed out waiting for an earlier one (they
+/// repeat; what held the earlier one up is in the other lines).
+fn without_waits(log: &str) -> String {
+    log.lines()
+        .filter(|l| !l.contains("timed out waiting for earlier updates"))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
 /// The journal in NATS holds exactly the group's records, dense and every one sealed.
 async fn assert_journal_sealed(journal: &TempJournal, head: u64) {
     let j = journal.open().await;
@@ -136,8 +145,15 @@ async fn a_nats_node_stopped_under_load_loses_nothing() {
         cluster.kill(victim).await;
         let stopped_at = target.status().await.groups[0].head;
         // The group goes on with two of three nodes.
-        wait_for_head(&target, stopped_at + 40).await;
+        let gone_on = try_wait_for_head(&target, stopped_at + 40, Duration::from_secs(120)).await;
         stop.store(true, Ordering::Relaxed);
+        if let Err(e) = gone_on {
+            panic!(
+                "with node {victim} stopped at head {stopped_at}: {e}\n--- the proxy's log ---\n{}\n{}",
+                tail(&without_waits(&g.proxy.log()), 120),
+                cluster.logs()
+            );
+        }
     };
     let (load, ()) = tokio::join!(load, chaos);
     let cut_off = load.errors.len();

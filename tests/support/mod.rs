@@ -740,19 +740,38 @@ impl Target {
 
 /// Waits (bounded) until the group's journal head reaches `at_least`.
 pub async fn wait_for_head(target: &Target, at_least: u64) {
-    eventually(
-        &format!("the journal head to reach {at_least}"),
-        Duration::from_secs(120),
-        || async {
-            let head = target.status().await.groups[0].head;
-            if head >= at_least {
-                Ok(())
-            } else {
-                Err(format!("head {head}"))
-            }
-        },
-    )
-    .await
+    if let Err(e) = try_wait_for_head(target, at_least, Duration::from_secs(120)).await {
+        panic!("{e}");
+    }
+}
+
+/// [`wait_for_head`] that returns why it timed out instead of panicking, so the caller can
+/// add what it knows (the proxy's log, a cluster's).
+pub async fn try_wait_for_head(
+    target: &Target,
+    at_least: u64,
+    timeout: Duration,
+) -> Result<(), String> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let head = target.status().await.groups[0].head;
+        if head >= at_least {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            return Err(format!(
+                "timed out after {timeout:?} waiting for the journal head to reach \
+                 {at_least}; last: head {head}"
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+/// The last `n` lines of `text`.
+pub fn tail(text: &str, n: usize) -> String {
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
 }
 
 impl BankGroup {

@@ -204,13 +204,6 @@ async fn hand_over(
 ) -> Result<String, ProxyError> {
     let journal_err = |e: regroup_replay::JournalError| ProxyError::Journal(e.to_string());
     let epoch = was.epoch + 1;
-    // Seals the journal defers (`journal_sync = "append"`, `"overlap"`) are made durable
-    // first: the candidate is caught up to every record the old primary executed and
-    // sealed, not only to those already flushed (no seal comes meanwhile: the role is
-    // handing over).
-    if !group.journal.seals_durable() {
-        group.flush_journal().await.map_err(journal_err)?;
-    }
     // A seal whose acknowledgement was lost may have landed: the journal says.
     if let Some(record) = group.in_doubt() {
         let found = group
@@ -225,10 +218,21 @@ async fn hand_over(
     // Catch the candidate up to the sealed head (frozen now), re-choosing if it fails.
     let limit = Instant::now() + Duration::from_secs(if planned { 30 } else { 3600 });
     let mut changed = group.changed.subscribe();
-    let new = loop {
+    let (new, sealed, _settling) = loop {
         changed.borrow_and_update();
+        // Seals the journal defers (`journal_sync = "append"`, `"overlap"`), the adopted
+        // one's too, are made durable first: the candidate is caught up to every record the
+        // old primary executed and sealed, not only to those already flushed (simulation
+        // seed 15181: a record adopted after the flush was left out, and the new primary
+        // executed the next one without it).
+        if group.written() > group.sealed() {
+            group.flush_journal().await.map_err(journal_err)?;
+        }
         let Some(candidate) = choose(group, target) else {
-            if Instant::now() > limit || target.is_some() {
+            // No candidate left (the one chosen was quarantined meanwhile): while the old
+            // primary can lead again, it keeps the role rather than the group waiting
+            // (simulation seed 8285: updates held up for good by a hand-over to nobody).
+            if Instant::now() > limit || target.is_some() || lost(group).is_none() {
                 return Err(ProxyError::Unavailable {
                     group: group.name().to_owned(),
                     reason: "no partition can take the primary role".into(),
@@ -240,9 +244,13 @@ async fn hand_over(
         let sealed = group.sealed();
         if candidate.applied() >= sealed {
             replicate::stop_one(group, candidate.name()).await;
-            if candidate.applied() >= sealed && candidate.can_lead() {
-                break candidate;
+            // From here to the new role, no settlement seals a record (one on its way
+            // finishes first), so the sealed head the candidate holds stays the group's.
+            let settling = group.settle_lock.lock().await;
+            if candidate.applied() >= sealed && candidate.can_lead() && group.written() <= sealed {
+                break (candidate, sealed, settling);
             }
+            drop(settling);
             replicate::start_one(group, &candidate);
             continue;
         }
@@ -258,7 +266,6 @@ async fn hand_over(
         }
         let _ = tokio::time::timeout(Duration::from_millis(50), changed.changed()).await;
     };
-    let sealed = group.sealed();
     // The old primary resumes as a replica from what it executed; saved first, so the new
     // role is never durable while the old primary's position is not.
     if let Some(old) = group.member(&was.primary) {

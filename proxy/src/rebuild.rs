@@ -274,13 +274,18 @@ fn choose_source(
             && usable_source(p).is_ok()
             && p.status() == PartitionStatus::Available
     };
-    let replica = members
+    // Only a partition with the app layer can give a snapshot: one known to keep the
+    // layer's record first, then a replica rather than the primary, then the most applied.
+    members
         .iter()
         .filter(usable)
-        .filter(|p| !group.is_primary(p))
-        .max_by(|a, b| a.applied().cmp(&b.applied()).then(b.name().cmp(a.name())));
-    replica
-        .or_else(|| members.iter().filter(usable).find(|p| group.is_primary(p)))
+        .max_by(|a, b| {
+            a.keeps_own_record()
+                .cmp(&b.keeps_own_record())
+                .then(group.is_primary(b).cmp(&group.is_primary(a)))
+                .then(a.applied().cmp(&b.applied()))
+                .then(b.name().cmp(a.name()))
+        })
         .cloned()
         .ok_or_else(|| ProxyError::Unavailable {
             group: group.name().to_owned(),

@@ -795,6 +795,33 @@ pub async fn run_load_until(
     tag: &str,
     stop: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
 ) -> LoadReport {
+    let pace = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    run_load_paced(
+        g,
+        seed_ids,
+        clients,
+        updates,
+        tolerate_errors,
+        tag,
+        stop,
+        pace,
+    )
+    .await
+}
+
+/// [`run_load_until`] whose clients each pause `pace` milliseconds after every request
+/// (read at each request, so the caller can slow the load down and speed it up again).
+#[allow(clippy::too_many_arguments)]
+pub async fn run_load_paced(
+    g: &Target,
+    seed_ids: &[i64],
+    clients: usize,
+    updates: usize,
+    tolerate_errors: bool,
+    tag: &str,
+    stop: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
+    pace: std::sync::Arc<std::sync::atomic::AtomicU64>,
+) -> LoadReport {
     use rand::Rng;
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::sync::{Arc, Mutex};
@@ -813,8 +840,13 @@ pub async fn run_load_until(
         );
         let tag = tag.to_owned();
         let stop = stop.clone();
+        let pace = pace.clone();
         tasks.push(tokio::spawn(async move {
             loop {
+                let pause = pace.load(Ordering::Relaxed);
+                if pause > 0 {
+                    tokio::time::sleep(Duration::from_millis(pause)).await;
+                }
                 let i = next.fetch_add(1, Ordering::Relaxed);
                 if i >= updates || stop.as_ref().is_some_and(|s| s.load(Ordering::Relaxed)) {
                     break;

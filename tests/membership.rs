@@ -33,15 +33,17 @@ async fn add_a_new_partition_and_remove_the_primary_under_load() {
     let start_head = target.status().await.groups[0].head;
     let stop = Arc::new(AtomicBool::new(false));
     let pace = Arc::new(AtomicU64::new(0));
-    let load = run_load_paced(
+    let load = run_load_until(
         &target,
         &seeds,
         8,
         1_000_000,
         false,
         "members",
-        Some(stop.clone()),
-        pace.clone(),
+        LoadControl {
+            stop: Some(stop.clone()),
+            pace_ms: pace.clone(),
+        },
     );
     let fresh = Bank::start(g.dir.path(), "d").await;
     let changes = async {

@@ -60,9 +60,26 @@ pub fn bank_exe() -> &'static Path {
     })
 }
 
-/// Polls `check` every 25 ms until it returns `Some`, or panics after `timeout` naming
+/// Polls `check` every 25 ms until it returns `Ok`, or panics after `timeout` naming
 /// `what` and the last observation.
-pub async fn eventually<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> T
+pub async fn eventually<T, F, Fut>(what: &str, timeout: Duration, check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, String>>,
+{
+    match try_eventually(what, timeout, check).await {
+        Ok(v) => v,
+        Err(e) => panic!("{e}"),
+    }
+}
+
+/// [`eventually`] that returns why it timed out instead of panicking, so the caller can
+/// add what it knows (the proxy's log, a cluster's).
+pub async fn try_eventually<T, F, Fut>(
+    what: &str,
+    timeout: Duration,
+    mut check: F,
+) -> Result<T, String>
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = Result<T, String>>,
@@ -70,10 +87,12 @@ where
     let deadline = Instant::now() + timeout;
     loop {
         match check().await {
-            Ok(v) => return v,
+            Ok(v) => return Ok(v),
             Err(last) => {
                 if Instant::now() > deadline {
-                    panic!("timed out after {timeout:?} waiting for {what}; last: {last}");
+                    return Err(format!(
+                        "timed out after {timeout:?} waiting for {what}; last: {last}"
+                    ));
                 }
             }
         }
@@ -752,20 +771,19 @@ pub async fn try_wait_for_head(
     at_least: u64,
     timeout: Duration,
 ) -> Result<(), String> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        let head = target.status().await.groups[0].head;
-        if head >= at_least {
-            return Ok(());
-        }
-        if Instant::now() > deadline {
-            return Err(format!(
-                "timed out after {timeout:?} waiting for the journal head to reach \
-                 {at_least}; last: head {head}"
-            ));
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
+    try_eventually(
+        &format!("the journal head to reach {at_least}"),
+        timeout,
+        || async {
+            let head = target.status().await.groups[0].head;
+            if head >= at_least {
+                Ok(())
+            } else {
+                Err(format!("head {head}"))
+            }
+        },
+    )
+    .await
 }
 
 /// The last `n` lines of `text`.
@@ -785,7 +803,25 @@ impl BankGroup {
     }
 }
 
-/// [`run_load`] against `target` that also ends when `stop` turns true.
+/// How a running load is steered from outside: stopped once `stop` turns true, and each
+/// client pausing `pace_ms` milliseconds before every request (read at each request, so
+/// the caller can slow the load down and speed it up again).
+#[derive(Clone, Default)]
+pub struct LoadControl {
+    pub stop: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
+    pub pace_ms: std::sync::Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl From<Option<std::sync::Arc<std::sync::atomic::AtomicBool>>> for LoadControl {
+    fn from(stop: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>) -> Self {
+        LoadControl {
+            stop,
+            ..LoadControl::default()
+        }
+    }
+}
+
+/// [`run_load`] against `target`, steered by `control` (a stop flag, or a [`LoadControl`]).
 pub async fn run_load_until(
     g: &Target,
     seed_ids: &[i64],
@@ -793,38 +829,12 @@ pub async fn run_load_until(
     updates: usize,
     tolerate_errors: bool,
     tag: &str,
-    stop: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
-) -> LoadReport {
-    let pace = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
-    run_load_paced(
-        g,
-        seed_ids,
-        clients,
-        updates,
-        tolerate_errors,
-        tag,
-        stop,
-        pace,
-    )
-    .await
-}
-
-/// [`run_load_until`] whose clients each pause `pace` milliseconds after every request
-/// (read at each request, so the caller can slow the load down and speed it up again).
-#[allow(clippy::too_many_arguments)]
-pub async fn run_load_paced(
-    g: &Target,
-    seed_ids: &[i64],
-    clients: usize,
-    updates: usize,
-    tolerate_errors: bool,
-    tag: &str,
-    stop: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
-    pace: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    control: impl Into<LoadControl>,
 ) -> LoadReport {
     use rand::Rng;
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::sync::{Arc, Mutex};
+    let control = control.into();
     let next = Arc::new(AtomicUsize::new(0));
     let report = Arc::new(Mutex::new(LoadReport::default()));
     let ids = Arc::new(Mutex::new(seed_ids.to_vec()));
@@ -839,11 +849,10 @@ pub async fn run_load_paced(
             base.clone(),
         );
         let tag = tag.to_owned();
-        let stop = stop.clone();
-        let pace = pace.clone();
+        let LoadControl { stop, pace_ms } = control.clone();
         tasks.push(tokio::spawn(async move {
             loop {
-                let pause = pace.load(Ordering::Relaxed);
+                let pause = pace_ms.load(Ordering::Relaxed);
                 if pause > 0 {
                     tokio::time::sleep(Duration::from_millis(pause)).await;
                 }

@@ -259,9 +259,7 @@ impl Cluster {
             .iter()
             .map(|n| {
                 let text = std::fs::read_to_string(&n.log).unwrap_or_default();
-                let tail: Vec<&str> = text.lines().rev().take(30).collect();
-                let tail: Vec<&str> = tail.into_iter().rev().collect();
-                format!("--- {} ---\n{}", n.name, tail.join("\n"))
+                format!("--- {} ---\n{}", n.name, super::tail(&text, 30))
             })
             .collect::<Vec<_>>()
             .join("\n")

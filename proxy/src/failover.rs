@@ -60,6 +60,7 @@ pub(crate) fn start(group: &Arc<Group>) {
                 continue;
             }
             tokio::select! {
+                biased;
                 r = changed.changed() => if r.is_err() { return },
                 _ = stop.changed() => return,
             }

@@ -198,6 +198,7 @@ impl Feed {
                 continue;
             }
             tokio::select! {
+                biased;
                 changed = self.sealed.changed() => if changed.is_err() { return None },
                 _ = self.stop.changed() => {}
             }

@@ -374,6 +374,7 @@ impl Node {
                 return Err(Handoff::Failed(no_leader("request")));
             }
             tokio::select! {
+                biased;
                 _ = changes.changed() => {}
                 _ = tokio::time::sleep(wait.min(Duration::from_millis(50))) => {}
             }

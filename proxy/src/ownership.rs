@@ -284,6 +284,7 @@ async fn renew(
     tick.tick().await;
     loop {
         let stopped = tokio::select! {
+            biased;
             _ = tick.tick() => false,
             stopped = stop.wait_for(|s| *s) => stopped.is_ok(),
         };

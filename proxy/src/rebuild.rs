@@ -227,6 +227,7 @@ pub(crate) fn start_when_answering_because(group: &Arc<Group>, target: &str, rea
                 }
             }
             tokio::select! {
+                biased;
                 _ = tokio::time::sleep(Duration::from_secs(1)) => {}
                 _ = stop.changed() => return,
             }

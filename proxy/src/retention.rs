@@ -41,6 +41,7 @@ pub(crate) fn start(group: &Arc<Group>) {
         };
         loop {
             tokio::select! {
+                biased;
                 _ = tokio::time::sleep(RETAIN_EVERY) => {}
                 _ = stop.changed() => return,
             }

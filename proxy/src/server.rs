@@ -560,6 +560,7 @@ impl Listeners {
         );
         let mut taken_over = None;
         tokio::select! {
+            biased;
             _ = client_loop => {}
             _ = admin_loop => {}
             _ = shutdown => {}
@@ -683,6 +684,7 @@ fn client_thread(thread: ClientThread) {
         let clients = stacks.build();
         let graceful = GracefulShutdown::new();
         tokio::select! {
+            biased;
             _ = accept_loop("client", &listener, permits, PermitOrder::AfterAccept, |stream, peer, permit| {
                 serve_client(&http1, &graceful, &clients, stream, peer, permit);
             }) => {}

@@ -52,6 +52,7 @@ async fn heartbeat(group: Arc<Group>, partition: Arc<Partition>) {
     let mut beats = 0u64;
     loop {
         tokio::select! {
+            biased;
             _ = tick.tick() => {}
             _ = stop.changed() => return,
         }

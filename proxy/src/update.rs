@@ -218,6 +218,7 @@ async fn forward(
     let mut roles = group.watch_role();
     let deposed = roles.wait_for(|r| r.epoch != epoch);
     tokio::select! {
+        biased;
         answer = send => match answer {
             Ok(a) => Forwarded::Answer(a),
             Err(SendError::NotSent(r)) => Forwarded::NotSent(r),
@@ -548,6 +549,7 @@ async fn window_room(
             let _ = roles.changed().await;
         };
         tokio::select! {
+            biased;
             _ = tokio::time::sleep_until(deadline) => {
                 return Err(ProxyError::Unavailable {
                     group: group.name().to_owned(),
@@ -582,6 +584,7 @@ async fn wait_turn(group: &Group, seq: u64, deadline: Instant) -> Result<(), Str
             return Err(format!("record {lower} before it is in doubt"));
         }
         tokio::select! {
+            biased;
             _ = tokio::time::sleep_until(deadline) => {
                 return Err(format!(
                     "the records before it were not sealed within {} ms",
@@ -748,6 +751,7 @@ pub(crate) fn start_flusher(group: &Arc<Group>) {
         let mut stop = group.stop.subscribe();
         loop {
             tokio::select! {
+                biased;
                 _ = group.flush_wanted.notified() => {}
                 _ = stop.changed() => return,
             }
@@ -1072,6 +1076,7 @@ pub(crate) async fn settle(
         }
         let wait = async {
             tokio::select! {
+                biased;
                 _ = changed.changed() => {}
                 _ = tokio::time::sleep(Duration::from_millis(100)) => {}
                 _ = stop.changed() => {}

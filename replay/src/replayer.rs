@@ -193,6 +193,7 @@ impl Replayer {
             let target = *sealed.borrow_and_update();
             if target <= applied {
                 tokio::select! {
+                    biased;
                     changed = sealed.changed() => if changed.is_err() { return ReplayExit::Stopped },
                     _ = stop.changed() => return ReplayExit::Stopped,
                 }
@@ -338,6 +339,7 @@ impl Replayer {
                 in_flight.push_back(outcome);
             }
             let outcome = tokio::select! {
+                biased;
                 o = in_flight.next() => o,
                 _ = stop.changed() => return Next::Exit(ReplayExit::Stopped),
             };
@@ -535,6 +537,7 @@ impl Replayer {
             return false;
         }
         tokio::select! {
+            biased;
             _ = tokio::time::sleep(self.backoff.delay(attempt)) => !*stop.borrow(),
             _ = stop.changed() => false,
         }

@@ -1821,7 +1821,7 @@ fn sim_runtime(seed: u64) -> std::io::Result<tokio::runtime::Runtime> {
 /// the same answers from the same partitions in the same epochs, the same transitions.
 /// tokio's own random draws are seeded from the seed (`sim_runtime`): unseeded, which of
 /// the tasks waiting on a `watch` channel wakes first varied between runs, and seed 8285
-/// failed in about one run in eight. (Every `select!` in the core is `biased` besides: its
+/// ran differently in about one run in four. (Every `select!` in the core is `biased` besides: its
 /// branches are polled in the order written, the order that says what comes first.) The
 /// regression seeds run here too, with journal outages and late appends. Anything else that
 /// varies between runs — a `HashMap` iterated for a decision, a wall-clock read — makes this
@@ -1914,7 +1914,7 @@ fn simulation_holds_every_guarantee_over_many_seeds() {
         .and_then(|s| s.parse::<u64>().ok())
     {
         // `REGROUP_SIM_LOG=debug` (any tracing filter) prints the core's log for the seed,
-        // in the order things ran, without wall-clock times: two runs of a seed compare.
+        // in the order things ran, with simulated times: two runs of a seed compare.
         if let Ok(filter) = std::env::var("REGROUP_SIM_LOG") {
             let _ = tracing_subscriber::fmt()
                 .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
@@ -1983,10 +1983,7 @@ fn sim_link() -> Arc<SimLink> {
 /// applied it.
 #[test]
 fn deferred_seals_reach_replicas_only_once_flushed() {
-    let rt = match sim_runtime(0) {
-        Ok(rt) => rt,
-        Err(e) => panic!("runtime: {e}"),
-    };
+    let rt = runtime();
     rt.block_on(async {
         let flushes = Arc::new(AtomicU32::new(0));
         let journal = Arc::new(FaultyJournal {

@@ -5,10 +5,18 @@
 //! cargo run --release --example bank -- --listen 127.0.0.1:9001 --db sqlite://bank-a.db
 //! ```
 //!
-//! Every write is deterministic under ordered replay: ids come from the database's
+//! Every write is deterministic under ordered replay: account ids come from the database's
 //! auto-increment, nothing stored depends on a clock or on randomness, and each write runs
-//! in one database transaction, serialized inside the process. Replaying the same requests
-//! in the same order on an empty database therefore yields the same rows and responses.
+//! in one database transaction. Replaying the same requests in the same order on an empty
+//! database therefore yields the same rows and responses.
+//!
+//! Transfers that share no account also commute, so a group may declare them independent
+//! (conflict keys `body:/from` and `body:/to`) and its replicas replay them in parallel: a
+//! transfer that came through regroup takes its regroup seq as its id (not the next
+//! auto-increment, which would depend on the order of execution), and on PostgreSQL it locks
+//! its two accounts (`FOR UPDATE`, lower id first) instead of taking the process-wide write
+//! lock. On SQLite every write still takes that lock (one writer at a time, never
+//! `SQLITE_BUSY`).
 //!
 //! | route                 | body                          | answers                         |
 //! |-----------------------|-------------------------------|---------------------------------|
@@ -36,8 +44,10 @@ use regroup_replay::{
 };
 use sea_orm::sqlx::sqlite::{SqliteJournalMode, SqliteSynchronous};
 use sea_orm::{
-    ActiveModelTrait, ActiveValue::Set, ConnectOptions, Database, DatabaseConnection,
-    DatabaseTransaction, DbErr, EntityTrait, QueryOrder,
+    ActiveModelTrait,
+    ActiveValue::{NotSet, Set},
+    ConnectOptions, ConnectionTrait, Database, DatabaseConnection, DatabaseTransaction, DbBackend,
+    DbErr, EntityTrait, QueryOrder, QuerySelect,
 };
 use sea_orm_migration::MigratorTrait;
 use serde::Deserialize;
@@ -217,38 +227,57 @@ async fn create_account(
     ctx: Option<Extension<ReplayContext>>,
     body: Result<Json<NewAccount>, JsonRejection>,
 ) -> Response {
-    let _write = state.writes.lock().await;
     let ctx = ctx.map(|Extension(c)| c);
-    let answer = state
-        .once
-        .run(ctx.as_ref(), |txn| {
-            Box::pin(async move {
-                let Json(new) = body.map_err(|e| ApiError::from(e).answer())?;
-                if new.name.trim().is_empty() {
-                    return Err(
-                        ApiError::BadRequest("account name must not be empty".into()).answer(),
-                    );
-                }
-                if new.balance < 0 {
-                    return Err(ApiError::BadRequest(format!(
-                        "invalid balance {}: must not be negative",
-                        new.balance
-                    ))
-                    .answer());
-                }
-                let created = account::ActiveModel {
-                    name: Set(new.name),
-                    balance: Set(new.balance),
-                    ..Default::default()
-                }
-                .insert(txn)
-                .await
-                .map_err(|e| ApiError::from(e).answer())?;
-                Ok(Answer::json(201, &created))
+    let answer = to_the_end(async move {
+        let _write = state.writes.lock().await;
+        state
+            .once
+            .run(ctx.as_ref(), |txn| {
+                Box::pin(async move {
+                    let Json(new) = body.map_err(|e| ApiError::from(e).answer())?;
+                    if new.name.trim().is_empty() {
+                        return Err(
+                            ApiError::BadRequest("account name must not be empty".into()).answer(),
+                        );
+                    }
+                    if new.balance < 0 {
+                        return Err(ApiError::BadRequest(format!(
+                            "invalid balance {}: must not be negative",
+                            new.balance
+                        ))
+                        .answer());
+                    }
+                    let created = account::ActiveModel {
+                        name: Set(new.name),
+                        balance: Set(new.balance),
+                        ..Default::default()
+                    }
+                    .insert(txn)
+                    .await
+                    .map_err(|e| ApiError::from(e).answer())?;
+                    Ok(Answer::json(201, &created))
+                })
             })
-        })
-        .await;
+            .await
+    })
+    .await;
     respond(answer)
+}
+
+/// Runs a write to its end even when its request is dropped (the client went away): a
+/// transaction cancelled in the middle of its commit would let the write lock go before the
+/// commit lands, and the next write would start on a snapshot already stale (SQLite answers
+/// it `SQLITE_BUSY_SNAPSHOT`).
+async fn to_the_end<F>(work: F) -> Result<Answer, RunError>
+where
+    F: std::future::Future<Output = Result<Answer, RunError>> + Send + 'static,
+{
+    match tokio::spawn(work).await {
+        Ok(answer) => answer,
+        Err(e) => Err(RunError::Db(DbErr::Custom(format!(
+            "the write's task failed: {e}"
+        )))),
+    }
 }
 
 /// Turns the exactly-once helper's result into the HTTP answer.
@@ -303,35 +332,46 @@ async fn create_transfer(
     ctx: Option<Extension<ReplayContext>>,
     body: Result<Json<NewTransfer>, JsonRejection>,
 ) -> Response {
-    let _write = state.writes.lock().await;
     let ctx = ctx.map(|Extension(c)| c);
-    // Deterministic under replay: the primary's time and a UUID derived from the
-    // transaction, not the local clock and randomness (used only outside regroup).
-    let (created_at, reference) = match &ctx {
-        Some(c) => (c.now(), c.uuid()),
-        None => (time::OffsetDateTime::now_utc(), uuid::Uuid::now_v7()),
+    // Deterministic under replay: the primary's time, a UUID derived from the transaction
+    // and its seq as the id, not the local clock, randomness and the next auto-increment
+    // (used only outside regroup).
+    let (created_at, reference, id) = match &ctx {
+        Some(c) => (c.now(), c.uuid(), i64::try_from(c.seq()).ok()),
+        None => (time::OffsetDateTime::now_utc(), uuid::Uuid::now_v7(), None),
     };
-    let answer = state
-        .once
-        .run(ctx.as_ref(), |txn| {
-            Box::pin(async move {
-                let Json(new) = body.map_err(|e| ApiError::from(e).answer())?;
-                let stamp = Stamp {
-                    created_at: regroup_replay::record::format_timestamp(created_at),
-                    reference: reference.to_string(),
-                };
-                match transfer_in(txn, &new, stamp).await {
-                    Ok(created) => Ok(Answer::json(201, &created)),
-                    Err(e) => Err(e.answer()),
-                }
+    let answer = to_the_end(async move {
+        // On PostgreSQL the transfer locks its two accounts instead (see `transfer_in`).
+        let _write = match state.db.get_database_backend() {
+            DbBackend::Postgres => None,
+            _ => Some(state.writes.lock().await),
+        };
+        state
+            .once
+            .run(ctx.as_ref(), |txn| {
+                Box::pin(async move {
+                    let Json(new) = body.map_err(|e| ApiError::from(e).answer())?;
+                    let stamp = Stamp {
+                        id,
+                        created_at: regroup_replay::record::format_timestamp(created_at),
+                        reference: reference.to_string(),
+                    };
+                    match transfer_in(txn, &new, stamp).await {
+                        Ok(created) => Ok(Answer::json(201, &created)),
+                        Err(e) => Err(e.answer()),
+                    }
+                })
             })
-        })
-        .await;
+            .await
+    })
+    .await;
     respond(answer)
 }
 
-/// When and under which public reference a transfer is recorded.
+/// When, under which id and under which public reference a transfer is recorded.
 struct Stamp {
+    /// Its regroup seq (through regroup), or `None`: the next auto-increment.
+    id: Option<i64>,
     created_at: String,
     reference: String,
 }
@@ -355,14 +395,24 @@ async fn transfer_in(
             new.from
         )));
     }
-    let from = account::Entity::find_by_id(new.from)
-        .one(txn)
-        .await?
-        .ok_or_else(|| ApiError::account_not_found(new.from))?;
-    let to = account::Entity::find_by_id(new.to)
-        .one(txn)
-        .await?
-        .ok_or_else(|| ApiError::account_not_found(new.to))?;
+    // Both accounts locked, the lower id first, so concurrent transfers never deadlock
+    // (PostgreSQL; SQLite writes one at a time under the process's write lock).
+    let lock = txn.get_database_backend() == DbBackend::Postgres;
+    let (mut from, mut to) = (None, None);
+    for id in [new.from.min(new.to), new.from.max(new.to)] {
+        let mut find = account::Entity::find_by_id(id);
+        if lock {
+            find = find.lock_exclusive();
+        }
+        let found = find.one(txn).await?;
+        if id == new.from {
+            from = found;
+        } else {
+            to = found;
+        }
+    }
+    let from = from.ok_or_else(|| ApiError::account_not_found(new.from))?;
+    let to = to.ok_or_else(|| ApiError::account_not_found(new.to))?;
     if from.balance < new.amount {
         return Err(ApiError::Conflict(format!(
             "insufficient funds in account {}: balance {}, amount {}",
@@ -385,12 +435,12 @@ async fn transfer_in(
     to.update(txn).await?;
 
     let created = transfer::ActiveModel {
+        id: stamp.id.map_or(NotSet, Set),
         from_id: Set(new.from),
         to_id: Set(new.to),
         amount: Set(new.amount),
         created_at: Set(stamp.created_at),
         reference: Set(stamp.reference),
-        ..Default::default()
     }
     .insert(txn)
     .await?;
@@ -544,8 +594,10 @@ impl MigratorTrait for Migrator {
     fn migrations() -> Vec<Box<dyn sea_orm_migration::MigrationTrait>> {
         vec![
             Box::new(schema::Migration),
-            // regroup's exactly-once checkpoint table.
+            // regroup's exactly-once checkpoint table, with the column parallel replay
+            // (conflict keys) needs.
             Box::new(regroup_migrations::AppliedMigration),
+            Box::new(regroup_migrations::AppliedFloorMigration),
         ]
     }
 }

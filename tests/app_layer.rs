@@ -217,7 +217,8 @@ async fn three_partitions_duplicate_replay_is_applied_once() {
             .await
             .json::<Value>()
             .unwrap(),
-        json!({"applied": seq, "epoch": 1})
+        json!({"applied": seq, "epoch": 1, "resume": seq}),
+        "records taken in seq order: a sender resumes after the highest"
     );
     g.assert_identical().await;
 }
@@ -282,7 +283,7 @@ async fn three_partitions_stale_epoch_is_fenced() {
             .await
             .json::<Value>()
             .unwrap(),
-        json!({"applied": head + 1, "epoch": 5})
+        json!({"applied": head + 1, "epoch": 5, "resume": head + 1})
     );
     assert_eq!(
         b.get(&g.http, &format!("/_regroup/applied?seq={}", head + 2))

@@ -35,6 +35,11 @@ pub enum Applied {
     Status,
     /// The body the partition answered.
     Body,
+    /// The sender's floor when the record was delivered out of seq order (parallel replay
+    /// of records declared independent): every record at or below it was recorded here
+    /// already. Null for a record delivered in seq order. Added by
+    /// [`AppliedFloorMigration`].
+    Floor,
 }
 
 #[async_trait::async_trait]
@@ -63,6 +68,50 @@ impl MigrationTrait for AppliedMigration {
     async fn down(&self, manager: &SchemaManager) -> Result<(), DbErr> {
         manager
             .drop_table(Table::drop().table(Applied::Table).if_exists().to_owned())
+            .await
+    }
+}
+
+/// Adds `regroup_applied.floor`, which parallel replay (conflict keys) needs: without it the
+/// partition's layer does not offer parallel replay and its records are replayed in seq
+/// order. Add it after [`AppliedMigration`]:
+///
+/// ```ignore
+/// vec![Box::new(regroup_migrations::AppliedMigration), Box::new(regroup_migrations::AppliedFloorMigration)]
+/// ```
+#[derive(Debug)]
+pub struct AppliedFloorMigration;
+
+impl MigrationName for AppliedFloorMigration {
+    fn name(&self) -> &str {
+        "m_regroup_applied_v2_floor"
+    }
+}
+
+#[async_trait::async_trait]
+impl MigrationTrait for AppliedFloorMigration {
+    async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+        if manager.has_column("regroup_applied", "floor").await? {
+            return Ok(());
+        }
+        manager
+            .alter_table(
+                Table::alter()
+                    .table(Applied::Table)
+                    .add_column(ColumnDef::new(Applied::Floor).big_integer().null())
+                    .to_owned(),
+            )
+            .await
+    }
+
+    async fn down(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+        manager
+            .alter_table(
+                Table::alter()
+                    .table(Applied::Table)
+                    .drop_column(Applied::Floor)
+                    .to_owned(),
+            )
             .await
     }
 }

@@ -11,7 +11,7 @@ mod membership;
 mod owner;
 mod quarantine;
 
-pub use applied_schema::{Applied, AppliedMigration};
+pub use applied_schema::{Applied, AppliedFloorMigration, AppliedMigration};
 pub use journal_schema::{Checkpoint, Group, Record};
 pub use owner::Owner;
 use sea_orm_migration::prelude::*;

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use regroup_replay::replayer::PipelinedApplier;
-use regroup_replay::{Applier, ApplyError, Fingerprint, Record};
+use regroup_replay::{Applier, ApplyError, Fingerprint, Position, Record};
 
 use crate::link::{PartitionLink, SendError};
 use crate::metrics::ReplayMetrics;
@@ -67,7 +67,7 @@ impl LinkApplier {
 
     /// Sends `record` as a replay (right behind `prev` when given) and returns the
     /// fingerprint of the answer.
-    async fn replay(&self, record: &Record, prev: Option<u64>) -> Result<Fingerprint, ApplyError> {
+    async fn replay(&self, record: &Record, order: Send<'_>) -> Result<Fingerprint, ApplyError> {
         // Nothing is replayed to a partition that supervision does not see answering: one
         // that comes back is first asked where it stands (and rewound), so a copy restored
         // from an older backup never receives a record it is not ready for.
@@ -78,15 +78,20 @@ impl LinkApplier {
             )));
         }
         let started = std::time::Instant::now();
-        let answer = match prev {
-            None => {
+        let answer = match order {
+            Send::Next => {
                 self.link
                     .send(&self.partition, record, true, self.timeout)
                     .await
             }
-            Some(prev) => {
+            Send::Behind(prev) => {
                 self.link
                     .send_behind(&self.partition, record, true, prev, self.timeout)
+                    .await
+            }
+            Send::Parallel { after, floor } => {
+                self.link
+                    .send_parallel(&self.partition, record, after, floor, self.timeout)
                     .await
             }
         };
@@ -96,20 +101,40 @@ impl LinkApplier {
     }
 }
 
+/// How a replay is sent.
+#[derive(Debug, Clone, Copy)]
+enum Send<'a> {
+    /// After the record the partition said it recorded last.
+    Next,
+    /// Right behind this record.
+    Behind(u64),
+    /// Behind only these records, with this floor.
+    Parallel { after: &'a [u64], floor: u64 },
+}
+
 #[async_trait::async_trait]
 impl PipelinedApplier for LinkApplier {
     async fn apply_behind(&self, record: &Record, prev: u64) -> Result<Fingerprint, ApplyError> {
-        self.replay(record, Some(prev)).await
+        self.replay(record, Send::Behind(prev)).await
+    }
+
+    async fn apply_after(
+        &self,
+        record: &Record,
+        after: &[u64],
+        floor: u64,
+    ) -> Result<Fingerprint, ApplyError> {
+        self.replay(record, Send::Parallel { after, floor }).await
     }
 }
 
 #[async_trait::async_trait]
 impl Applier for LinkApplier {
     async fn apply(&self, record: &Record) -> Result<Fingerprint, ApplyError> {
-        self.replay(record, None).await
+        self.replay(record, Send::Next).await
     }
 
-    async fn position(&self) -> Result<Option<u64>, ApplyError> {
+    async fn position(&self) -> Result<Option<Position>, ApplyError> {
         let position = self
             .link
             .position(&self.partition, self.timeout)
@@ -117,8 +142,9 @@ impl Applier for LinkApplier {
             .map_err(apply_error)?;
         if let Some(at) = position {
             // The replayer asks before it sends: nothing else is sent to this partition
-            // meanwhile, so this is where the next record follows.
-            self.partition.set_delivered(at);
+            // meanwhile, so this is where the next record follows (its layer compares a
+            // record's `Regroup-Prev` with the highest seq it recorded).
+            self.partition.set_delivered(at.applied);
         }
         Ok(position)
     }

@@ -267,6 +267,12 @@ pub struct GroupConfig {
     /// and SEARCH. Every other method is an update.
     #[serde(default)]
     pub read_methods: Option<Vec<String>>,
+    /// Conflict keys: which updates are independent, so that a replica whose app layer
+    /// offers parallel replay may replay them in parallel ([`regroup_replay::conflict`]).
+    /// First match wins; a record no rule gives keys to is a barrier. Empty: every record
+    /// is replayed in seq order. Changes nothing for the primary.
+    #[serde(default)]
+    pub conflict_keys: Vec<regroup_replay::ConflictRule>,
     /// The secret that signs the replay headers of this group's updates and replays
     /// (`Regroup-Signature`); its partitions' app layers must know it. Absent: the
     /// `REGROUP_REPLAY_SECRET` environment variable, if set; else nothing is signed.
@@ -660,6 +666,8 @@ impl Config {
                 regroup_replay::classify::validate_read_methods(methods)
                     .map_err(|m| invalid(key("read_methods"), m))?;
             }
+            regroup_replay::ConflictKeys::new(&g.conflict_keys)
+                .map_err(|m| invalid(key("conflict_keys"), format!("group {:?}, {m}", g.name)))?;
             if g.replay_secret.as_deref() == Some("") {
                 return Err(invalid(
                     key("replay_secret"),
@@ -928,6 +936,48 @@ url = "http://127.0.0.1:9002"
             c.groups[0].signing_secret(),
             regroup_replay::signature::Secret::new("s")
         );
+    }
+
+    #[test]
+    fn conflict_keys_parse_and_bad_rules_name_the_group() {
+        let with =
+            |rules: &str| GOOD.replace("name = \"bank\"", &format!("name = \"bank\"\n{rules}"));
+        let c = Config::parse(
+            &with(
+                "[[groups.conflict_keys]]\nmethod = \"POST\"\npath = \"/transfers\"\n\
+                 keys = [\"body:/from\", \"body:/to\"]\n\
+                 [[groups.conflict_keys]]\npath = \"/accounts/*/deposit\"\nkeys = [\"path:1\"]",
+            ),
+            Path::new("x.toml"),
+        )
+        .expect("valid");
+        let rules = &c.groups[0].conflict_keys;
+        assert_eq!(rules.len(), 2);
+        assert_eq!(rules[0].method.as_deref(), Some("POST"));
+        assert_eq!(rules[0].keys, ["body:/from", "body:/to"]);
+        assert_eq!(rules[1].method, None);
+        assert!(
+            Config::parse(GOOD, Path::new("x.toml"))
+                .is_ok_and(|c| c.groups[0].conflict_keys.is_empty())
+        );
+        assert_eq!(
+            err(&with(
+                "[[groups.conflict_keys]]\npath = \"/transfers\"\nkeys = [\"query:from\"]"
+            )),
+            "regroup.toml: groups[0].conflict_keys: group \"bank\", rule 0 (path \"/transfers\"): \
+             key \"query:from\": unknown source, expected path:N, header:NAME or body:/json/pointer"
+        );
+        assert_eq!(
+            err(&with(
+                "[[groups.conflict_keys]]\npath = \"/accounts/**\"\nkeys = [\"path:1\"]"
+            )),
+            "regroup.toml: groups[0].conflict_keys: group \"bank\", rule 0 (path \"/accounts/**\"): \
+             key \"path:1\": segment 1 of the pattern is \"**\""
+        );
+        let e = err(&with(
+            "[[groups.conflict_keys]]\npath = \"/t\"\nkeys = [\"path:0\"]\nkind = \"read\"",
+        ));
+        assert!(e.contains("unknown field `kind`"), "{e}");
     }
 
     #[test]

@@ -61,6 +61,8 @@ const TRANSITIONS_KEPT: usize = 64;
 pub struct Group {
     pub(crate) config: GroupConfig,
     pub(crate) classifier: Classifier,
+    /// Which updates are independent (`conflict_keys`): replicas replay them in parallel.
+    pub(crate) conflict_keys: Arc<regroup_replay::ConflictKeys>,
     members: std::sync::RwLock<Arc<[Arc<Partition>]>>,
     /// The version of the membership stored in the journal (its compare-and-set token).
     members_version: AtomicU64,
@@ -238,8 +240,11 @@ impl Group {
             // The primary executed every sealed record.
             p.credit(sealed);
         }
+        let conflict_keys = regroup_replay::ConflictKeys::new(&config.conflict_keys)
+            .map_err(|e| ProxyError::Config(format!("group {:?}: {e}", config.name)))?;
         let group = Arc::new(Group {
             classifier: config.classifier(),
+            conflict_keys: Arc::new(conflict_keys),
             config,
             members: std::sync::RwLock::new(partitions.into()),
             members_version: AtomicU64::new(members_version),

@@ -11,15 +11,16 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::Request;
 use http_body_util::BodyExt;
-use regroup_replay::Record;
 use regroup_replay::layer::APPLIED_PATH;
 use regroup_replay::signature::Secret;
 use regroup_replay::snapshot::{
     EPOCH_HEADER, FORMAT_HEADER, RESTORE_PATH, SEQ_HEADER, SNAPSHOT_PATH, sign_snapshot_request,
 };
+use regroup_replay::{Position, Record};
 
 use crate::forward::{self, BoxError, ProxyBody, Upstream};
 use crate::partition::Partition;
+use crate::update::Order;
 
 /// A partition's whole answer.
 #[derive(Debug)]
@@ -134,13 +135,32 @@ pub trait PartitionLink: Send + Sync + 'static {
         timeout: Duration,
     ) -> Result<(), String>;
 
+    /// Parallel replay: sends `record` to `partition` as a replay behind only the records
+    /// of `after` (sent before it, conflicting with it, maybe still on their way), with
+    /// `floor` (`Regroup-After`, `Regroup-Floor`, `Regroup-Pipelined: 1`). A link that does
+    /// not pipeline refuses to send it.
+    async fn send_parallel(
+        &self,
+        partition: &Partition,
+        record: &Record,
+        after: &[u64],
+        floor: u64,
+        timeout: Duration,
+    ) -> Result<Answer, SendError> {
+        let _ = (partition, after, floor, timeout);
+        Err(SendError::NotSent(format!(
+            "record {}: this link does not send records in parallel",
+            record.seq
+        )))
+    }
+
     /// Where the partition stands by its own record (the app-side layer's
-    /// `/_regroup/applied`): `Some(seq)`; `None` when it keeps no such record.
+    /// `/_regroup/applied`); `None` when it keeps no such record.
     async fn position(
         &self,
         partition: &Partition,
         timeout: Duration,
-    ) -> Result<Option<u64>, SendError>;
+    ) -> Result<Option<Position>, SendError>;
 
     /// Whether `target` takes a restore from this proxy now, before anything is taken.
     async fn restore_ready(
@@ -288,13 +308,13 @@ pub(crate) fn deposed(answer: &Answer, term: u64) -> Option<SendError> {
 }
 
 impl HttpLink {
-    /// Sends `record` with `Regroup-Prev: prev` (`pipelined`: with `Regroup-Pipelined: 1`).
+    /// Sends `record` in `order` (`pipelined`: with `Regroup-Pipelined: 1`).
     async fn send_after(
         &self,
         partition: &Partition,
         record: &Record,
         replay: bool,
-        prev: Option<u64>,
+        order: Order<'_>,
         pipelined: bool,
         timeout: Duration,
     ) -> Result<Answer, SendError> {
@@ -303,7 +323,7 @@ impl HttpLink {
             partition.base(),
             replay,
             self.term,
-            prev,
+            &order,
             self.secret.as_ref(),
         )
         .map_err(|e| {
@@ -362,15 +382,9 @@ impl PartitionLink for HttpLink {
         replay: bool,
         timeout: Duration,
     ) -> Result<Answer, SendError> {
-        self.send_after(
-            partition,
-            record,
-            replay,
-            partition.delivered(),
-            false,
-            timeout,
-        )
-        .await
+        let order = partition.delivered().map_or(Order::Unknown, Order::Prev);
+        self.send_after(partition, record, replay, order, false, timeout)
+            .await
     }
 
     fn pipelines(&self) -> bool {
@@ -385,7 +399,20 @@ impl PartitionLink for HttpLink {
         prev: u64,
         timeout: Duration,
     ) -> Result<Answer, SendError> {
-        self.send_after(partition, record, replay, Some(prev), true, timeout)
+        self.send_after(partition, record, replay, Order::Prev(prev), true, timeout)
+            .await
+    }
+
+    async fn send_parallel(
+        &self,
+        partition: &Partition,
+        record: &Record,
+        after: &[u64],
+        floor: u64,
+        timeout: Duration,
+    ) -> Result<Answer, SendError> {
+        let order = Order::Parallel { after, floor };
+        self.send_after(partition, record, true, order, true, timeout)
             .await
     }
 
@@ -416,7 +443,7 @@ impl PartitionLink for HttpLink {
         &self,
         partition: &Partition,
         timeout: Duration,
-    ) -> Result<Option<u64>, SendError> {
+    ) -> Result<Option<Position>, SendError> {
         let uri = forward::upstream_uri(partition.base(), APPLIED_PATH)
             .map_err(|e| SendError::NotSent(e.to_string()))?;
         let req = Request::get(uri)
@@ -430,9 +457,13 @@ impl PartitionLink for HttpLink {
         // Not noted as `delivered` here: a heartbeat's question may be answered just before
         // an update's answer arrives. The replayer's question (no update runs beside it) and a
         // rewind re-aim it.
-        Ok(serde_json::from_slice::<serde_json::Value>(&answer.body)
-            .ok()
-            .and_then(|v| v.get("applied").and_then(|a| a.as_u64())))
+        let doc = serde_json::from_slice::<serde_json::Value>(&answer.body).ok();
+        Ok(doc.as_ref().and_then(|v| {
+            Some(Position {
+                applied: v.get("applied")?.as_u64()?,
+                resume: v.get("resume").and_then(|r| r.as_u64()),
+            })
+        }))
     }
 
     async fn restore_ready(

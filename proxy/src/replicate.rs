@@ -89,6 +89,9 @@ pub(crate) fn start_one(group: &Arc<Group>, partition: &Arc<Partition>) {
     // replica that keeps the exactly-once record).
     if applier.pipelines() && group.config.replay_window > 1 {
         replayer = replayer.pipelined(applier, group.config.replay_window);
+        // Records that share no conflict key go in parallel, to a replica whose layer
+        // records out of seq order (the replayer asks it).
+        replayer = replayer.conflict_keys(group.conflict_keys.clone());
     }
     let observer = Arc::new(Observer {
         group: Arc::downgrade(group),

@@ -105,14 +105,24 @@ async fn beat(group: &Arc<Group>, partition: &Arc<Partition>, n: u64) {
         let before = partition.applied();
         match group.link.position(partition, timeout).await {
             Ok(Some(position)) => {
+                // Judged by the highest seq it recorded: a copy that took records out of seq
+                // order (parallel replay) holds every executed record the group credited it
+                // with below that seq, so "behind" still means a real rewind. It is replayed
+                // from where every record below is recorded.
+                let (highest, resume) = (position.applied, position.resume_at());
                 partition.set_keeps_own_record(true);
-                if position > group.head()
-                    || (position < before && executed_between(group, position, before).await)
+                if highest > group.head()
+                    || (highest < before && executed_between(group, highest, before).await)
                 {
                     // Out of the read set while it is repositioned.
                     partition.record_miss();
                     group.refresh(partition);
-                    replicate::rewind(group, partition, position).await;
+                    let at = if highest > group.head() {
+                        highest
+                    } else {
+                        resume
+                    };
+                    replicate::rewind(group, partition, at).await;
                     return;
                 }
             }

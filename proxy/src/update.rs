@@ -118,7 +118,7 @@ pub(crate) fn record_request(
     base: &http::Uri,
     replay: bool,
     term: u64,
-    prev: Option<u64>,
+    order: &Order<'_>,
     secret: Option<&Secret>,
 ) -> Result<Request<ProxyBody>, String> {
     let request = match &record.payload {
@@ -130,7 +130,20 @@ pub(crate) fn record_request(
             ));
         }
     };
-    build_request(record, request, base, replay, term, prev, secret).map_err(|e| e.to_string())
+    build_request(record, request, base, replay, term, order, secret).map_err(|e| e.to_string())
+}
+
+/// Where a record stands in order at the partition's layer (the headers that say so are
+/// signed with the rest).
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Order<'a> {
+    /// No order header: the sender does not know what the partition recorded last.
+    Unknown,
+    /// Right after this seq (`Regroup-Prev`).
+    Prev(u64),
+    /// Parallel replay: behind only these seqs (`Regroup-After`), with this floor
+    /// (`Regroup-Floor`).
+    Parallel { after: &'a [u64], floor: u64 },
 }
 
 fn build_request(
@@ -139,7 +152,7 @@ fn build_request(
     base: &http::Uri,
     replay: bool,
     term: u64,
-    prev: Option<u64>,
+    order: &Order<'_>,
     secret: Option<&Secret>,
 ) -> Result<Request<ProxyBody>, http::Error> {
     let mut builder = Request::builder()
@@ -162,8 +175,20 @@ fn build_request(
         if term > 0 {
             h.insert(rh::TERM, HeaderValue::from(term));
         }
-        if let Some(prev) = prev {
-            h.insert(rh::PREV, HeaderValue::from(prev));
+        match *order {
+            Order::Unknown => {}
+            Order::Prev(prev) => {
+                h.insert(rh::PREV, HeaderValue::from(prev));
+            }
+            Order::Parallel { after, floor } => {
+                let list = after
+                    .iter()
+                    .map(u64::to_string)
+                    .collect::<Vec<_>>()
+                    .join(",");
+                h.insert(rh::AFTER, HeaderValue::from_str(&list)?);
+                h.insert(rh::FLOOR, HeaderValue::from(floor));
+            }
         }
     }
     let mut req = builder.body(forward::full(request.body.clone()))?;
@@ -1263,7 +1288,7 @@ mod tests {
             },
         );
         let base: http::Uri = "http://127.0.0.1:1".parse().unwrap_or_default();
-        match record_request(&record, &base, true, 0, None, None) {
+        match record_request(&record, &base, true, 0, &Order::Unknown, None) {
             Err(e) => assert!(e.contains("never sent over HTTP"), "{e}"),
             Ok(_) => panic!("a SQL payload was turned into an HTTP request"),
         }

@@ -25,10 +25,40 @@ pub trait Applier: Send + Sync + 'static {
     /// answer.
     async fn apply(&self, record: &Record) -> Result<Fingerprint, ApplyError>;
 
-    /// The highest seq the partition itself recorded as applied, when it keeps such a
-    /// record (the app-side exactly-once layer); `None` when it does not. A partition that
-    /// answers is the truth about where to resume, and re-delivery to it is harmless.
-    async fn position(&self) -> Result<Option<u64>, ApplyError> {
+    /// Where the partition stands by its own record, when it keeps one (the app-side
+    /// exactly-once layer); `None` when it does not. A partition that answers is the truth
+    /// about where to resume, and re-delivery to it is harmless.
+    async fn position(&self) -> Result<Option<Position>, ApplyError> {
         Ok(None)
+    }
+}
+
+/// Where a partition stands by its own exactly-once record (`GET /_regroup/applied`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Position {
+    /// The highest seq it recorded.
+    pub applied: u64,
+    /// With a layer that records out of seq order (parallel replay): a seq at or below
+    /// which every record it needs is recorded. `None`: it records in seq order only.
+    pub resume: Option<u64>,
+}
+
+impl Position {
+    /// A partition that records in seq order, at `applied`.
+    pub fn in_order(applied: u64) -> Self {
+        Position {
+            applied,
+            resume: None,
+        }
+    }
+
+    /// Where a sender resumes: every record at or below it is recorded there.
+    pub fn resume_at(&self) -> u64 {
+        self.resume.map_or(self.applied, |r| r.min(self.applied))
+    }
+
+    /// Whether the partition takes records out of seq order (parallel replay).
+    pub fn parallel(&self) -> bool {
+        self.resume.is_some()
     }
 }

@@ -238,7 +238,7 @@ impl Classifier {
 }
 
 /// A rule's segments: `*` and `**` kept, the rest normalized like a request path.
-fn pattern_segments(pattern: &str) -> Option<Vec<String>> {
+pub(crate) fn pattern_segments(pattern: &str) -> Option<Vec<String>> {
     normalize_path(pattern).ok()
 }
 
@@ -252,7 +252,7 @@ fn is_plain(path: &str) -> bool {
         && path.split('/').all(|s| s != "." && s != "..")
 }
 
-fn matches<'s>(pattern: &[String], mut parts: impl Iterator<Item = &'s str>) -> bool {
+pub(crate) fn matches<'s>(pattern: &[String], mut parts: impl Iterator<Item = &'s str>) -> bool {
     for (i, seg) in pattern.iter().enumerate() {
         if seg == "**" && i + 1 == pattern.len() {
             return true;

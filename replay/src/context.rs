@@ -37,6 +37,8 @@ pub struct ReplayContext {
     epoch: u64,
     now: OffsetDateTime,
     replay: bool,
+    /// `Regroup-Floor` (parallel replay): recorded with the transaction.
+    floor: Option<u64>,
     uuids: Arc<AtomicU64>,
     rngs: Arc<AtomicU64>,
 }
@@ -60,6 +62,7 @@ impl ReplayContext {
             epoch,
             now,
             replay,
+            floor: None,
             uuids: Arc::new(AtomicU64::new(0)),
             rngs: Arc::new(AtomicU64::new(0)),
         }
@@ -104,7 +107,35 @@ impl ReplayContext {
             reason: "not an RFC 3339 time".into(),
         })?;
         let replay = h.get(headers::REPLAY).is_some_and(|v| v == "1");
-        Ok(Some(ReplayContext::new(seq, txn_id, epoch, now, replay)))
+        let floor = match h.get(headers::FLOOR) {
+            None => None,
+            Some(_) => Some(
+                text(headers::FLOOR)?
+                    .parse::<u64>()
+                    .map_err(|e| HeaderError {
+                        header: headers::FLOOR,
+                        reason: e.to_string(),
+                    })?,
+            ),
+        };
+        Ok(Some(
+            ReplayContext::new(seq, txn_id, epoch, now, replay).with_floor(floor),
+        ))
+    }
+
+    /// The same context delivered out of seq order with this floor (`Regroup-Floor`): see
+    /// [`ReplayContext::floor`].
+    pub fn with_floor(mut self, floor: Option<u64>) -> Self {
+        self.floor = floor;
+        self
+    }
+
+    /// Parallel replay: the sender's floor (every record at or below it that this
+    /// partition needs is recorded here), when the record was sent out of seq order, behind
+    /// only the records it conflicts with. [`crate::ExactlyOnce`] records it with the
+    /// transaction.
+    pub fn floor(&self) -> Option<u64> {
+        self.floor
     }
 
     /// The transaction's position in its group's journal.

@@ -81,7 +81,13 @@ pub type Work<'t> = Pin<Box<dyn Future<Output = Result<Answer, Answer>> + Send +
 #[derive(Debug, Clone)]
 pub struct ExactlyOnce {
     db: DatabaseConnection,
+    /// Whether `regroup_applied` has the `floor` column (looked up once).
+    floor_column: std::sync::Arc<tokio::sync::OnceCell<bool>>,
 }
+
+/// How many of the newest records [`ExactlyOnce::resume`] looks at: more than a sender
+/// keeps on its way at once, so the newest floor is among them.
+const RESUME_SCAN: u64 = 256;
 
 fn to_i64(v: u64) -> i64 {
     i64::try_from(v).unwrap_or(i64::MAX)
@@ -89,8 +95,25 @@ fn to_i64(v: u64) -> i64 {
 
 impl ExactlyOnce {
     /// Uses `db`, whose schema must include [`regroup_migrations::AppliedMigration`].
+    /// With [`regroup_migrations::AppliedFloorMigration`] too, it offers parallel replay
+    /// ([`ExactlyOnce::resume`]).
     pub fn new(db: DatabaseConnection) -> Self {
-        ExactlyOnce { db }
+        ExactlyOnce {
+            db,
+            floor_column: std::sync::Arc::default(),
+        }
+    }
+
+    /// Whether the table has the `floor` column parallel replay needs.
+    async fn has_floor(&self) -> Result<bool, DbErr> {
+        self.floor_column
+            .get_or_try_init(|| async {
+                sea_orm_migration::SchemaManager::new(&self.db)
+                    .has_column("regroup_applied", "floor")
+                    .await
+            })
+            .await
+            .copied()
     }
 
     /// Runs `work` in one database transaction that also records the transaction's seq and
@@ -102,6 +125,11 @@ impl ExactlyOnce {
     where
         F: for<'t> FnOnce(&'t DatabaseTransaction) -> Work<'t>,
     {
+        // Looked up (once) before the transaction takes a connection of the pool.
+        let floor = match ctx.and_then(ReplayContext::floor) {
+            Some(floor) if self.has_floor().await? => Some(floor),
+            _ => None,
+        };
         let txn = self.db.begin().await?;
         let Some(ctx) = ctx else {
             return match work(&txn).await {
@@ -140,7 +168,12 @@ impl ExactlyOnce {
             );
             return Ok(done.answer);
         }
-        let highest = newest.map_or(0, |n| n.epoch);
+        let highest = match (&newest, ctx.floor()) {
+            // Delivered out of seq order (parallel replay): only the records below it count,
+            // as epochs never decrease along seqs.
+            (Some(n), Some(_)) if n.seq > ctx.seq() => epoch_below(&txn, ctx.seq()).await?,
+            _ => newest.map_or(0, |n| n.epoch),
+        };
         if ctx.epoch() < highest {
             txn.rollback().await?;
             return Err(RunError::Fenced {
@@ -150,14 +183,14 @@ impl ExactlyOnce {
         }
         match work(&txn).await {
             Ok(answer) => {
-                record(&txn, ctx, &answer).await?;
+                record(&txn, ctx, floor, &answer).await?;
                 txn.commit().await?;
                 Ok(answer)
             }
             Err(answer) => {
                 txn.rollback().await?;
                 let txn = self.db.begin().await?;
-                record(&txn, ctx, &answer).await?;
+                record(&txn, ctx, floor, &answer).await?;
                 txn.commit().await?;
                 Ok(answer)
             }
@@ -167,6 +200,30 @@ impl ExactlyOnce {
     /// The highest seq and the highest epoch applied here (0, 0 for none).
     pub async fn applied(&self) -> Result<(u64, u64), DbErr> {
         Ok(newest(&self.db).await?.map_or((0, 0), |n| (n.seq, n.epoch)))
+    }
+
+    /// Where a sender resumes safely: a seq at or below which every record this partition
+    /// needs is recorded here. `None` without the `floor` column (then the partition is
+    /// replayed in seq order only, and [`ExactlyOnce::applied`] is that seq). Records
+    /// delivered out of seq order hold their sender's floor; one delivered in order stands
+    /// for itself.
+    pub async fn resume(&self) -> Result<Option<u64>, DbErr> {
+        if !self.has_floor().await? {
+            return Ok(None);
+        }
+        let q = Query::select()
+            .columns([Applied::Seq, Applied::Floor])
+            .from(Applied::Table)
+            .order_by(Applied::Seq, Order::Desc)
+            .limit(RESUME_SCAN)
+            .to_owned();
+        let mut resume = 0u64;
+        for row in self.db.query_all(&q).await? {
+            let seq: i64 = row.try_get("", "seq")?;
+            let floor: Option<i64> = row.try_get("", "floor")?;
+            resume = Ord::max(resume, u64::try_from(floor.unwrap_or(seq)).unwrap_or(0));
+        }
+        Ok(Some(resume))
     }
 
     /// What was recorded for `seq`, if it was applied here.
@@ -230,27 +287,50 @@ async fn newest(db: &impl ConnectionTrait) -> Result<Option<AppliedRecord>, DbEr
     applied_record(u64::try_from(seq).unwrap_or(0), &row).map(Some)
 }
 
+/// The epoch of the newest record below `seq` (0 for none).
+async fn epoch_below(db: &impl ConnectionTrait, seq: u64) -> Result<u64, DbErr> {
+    let q = Query::select()
+        .column(Applied::Epoch)
+        .from(Applied::Table)
+        .and_where(Expr::col(Applied::Seq).lt(to_i64(seq)))
+        .order_by(Applied::Seq, Order::Desc)
+        .limit(1)
+        .to_owned();
+    let Some(row) = db.query_one(&q).await? else {
+        return Ok(0);
+    };
+    let epoch: i64 = row.try_get("", "epoch")?;
+    Ok(u64::try_from(epoch).unwrap_or(0))
+}
+
 async fn record(
     txn: &DatabaseTransaction,
     ctx: &ReplayContext,
+    floor: Option<u64>,
     answer: &Answer,
 ) -> Result<(), DbErr> {
+    let mut columns = vec![
+        Applied::Seq,
+        Applied::TxnId,
+        Applied::Epoch,
+        Applied::Status,
+        Applied::Body,
+    ];
+    let mut values: Vec<sea_orm::sea_query::SimpleExpr> = vec![
+        to_i64(ctx.seq()).into(),
+        ctx.txn_id().to_string().into(),
+        to_i64(ctx.epoch()).into(),
+        i32::from(answer.status).into(),
+        answer.body.to_vec().into(),
+    ];
+    if let Some(floor) = floor {
+        columns.push(Applied::Floor);
+        values.push(to_i64(floor).into());
+    }
     let insert = Query::insert()
         .into_table(Applied::Table)
-        .columns([
-            Applied::Seq,
-            Applied::TxnId,
-            Applied::Epoch,
-            Applied::Status,
-            Applied::Body,
-        ])
-        .values_panic([
-            to_i64(ctx.seq()).into(),
-            ctx.txn_id().to_string().into(),
-            to_i64(ctx.epoch()).into(),
-            i32::from(answer.status).into(),
-            answer.body.to_vec().into(),
-        ])
+        .columns(columns)
+        .values_panic(values)
         .to_owned();
     txn.execute(&insert).await?;
     Ok(())

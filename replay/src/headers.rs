@@ -37,6 +37,21 @@ pub const PREV: &str = "regroup-prev";
 /// `Regroup-Prev` ahead of the partition is refused with 409 `behind` immediately.
 pub const PIPELINED: &str = "regroup-pipelined";
 
+/// Parallel replay (conflict keys): the seqs, comma-separated, of the records sent before
+/// this one that it conflicts with and that may still be on their way or executing. Sent
+/// instead of `Regroup-Prev`, always with `Regroup-Floor` and `Regroup-Pipelined`: a layer
+/// that keeps the exactly-once record applies the record only once each of them is
+/// recorded (waiting for them, bounded), and refuses it as `behind` when one finished
+/// unrecorded. Empty: it depends on nothing in flight.
+pub const AFTER: &str = "regroup-after";
+
+/// Parallel replay: the sender's floor when it sent the record, a seq below it such that
+/// every record at or below it that this partition needs is recorded there. The layer stores
+/// it with the record and reports the highest floor it holds as `resume` (where a sender
+/// resumes safely after a restart), and refuses the record as `behind` when the floor is
+/// above what it recorded (a copy restored from an older backup).
+pub const FLOOR: &str = "regroup-floor";
+
 /// On every answer of a partition that keeps the exactly-once record: the highest seq it
 /// has applied. The proxy refuses to serve a read from a partition whose answer says it
 /// stands further behind the sealed head than the group allows (a copy restored from an
@@ -48,6 +63,6 @@ pub const SIGNATURE: &str = "regroup-signature";
 
 /// All replay headers, for stripping them from client requests (a client must not be
 /// able to forge a replay).
-pub const ALL: [&str; 9] = [
-    SEQ, TXN_ID, EPOCH, TIMESTAMP, REPLAY, TERM, PREV, PIPELINED, SIGNATURE,
+pub const ALL: [&str; 11] = [
+    SEQ, TXN_ID, EPOCH, TIMESTAMP, REPLAY, TERM, PREV, PIPELINED, AFTER, FLOOR, SIGNATURE,
 ];

@@ -20,7 +20,8 @@
 //!   what an update is comes from the same [`Classifier`] the proxy uses (set the proxy's
 //!   route rules with [`ReplayLayer::classifier`]).
 //! - With a store ([`ReplayLayer::with_store`]) it answers the proxy's questions:
-//!   `GET /_regroup/applied` → `{"applied": <highest seq>, "epoch": <highest epoch>}` and
+//!   `GET /_regroup/applied` → `{"applied": <highest seq>, "epoch": <highest epoch>}` (with
+//!   `"resume"` when the store records floors: see parallel replay below) and
 //!   `GET /_regroup/applied?seq=N` → `{"seq": N, "applied": true, "status": S, "epoch": E}`
 //!   or `{"seq": N, "applied": false}`.
 //! - [`ReplayLayer::snapshots`] makes a [`SnapshotLayer`] to stack outside it: `GET
@@ -35,6 +36,18 @@
 //!   soon as the predecessor's request finishes without being recorded, and is then refused
 //!   as `behind`. So records sent one after another without waiting for each answer are
 //!   still executed one at a time, in seq order.
+//! - Parallel replay (the proxy's `conflict_keys`): a record carrying `Regroup-After: D1,..`
+//!   and `Regroup-Floor: F` instead of `Regroup-Prev` is applied once each Di is recorded
+//!   (waiting for them with `Regroup-Pipelined: 1`, bounded the same way), so records with no
+//!   key in common run side by side and the others in seq order. It is refused as `behind`
+//!   when F is above what this copy recorded, and as `out_of_order` when a Di finished
+//!   unrecorded or the store records in seq order only. F is recorded with the transaction,
+//!   and `GET /_regroup/applied` adds `"resume": R` (the highest floor held among the newest
+//!   records, a record taken in seq order standing for itself): every record at or below R
+//!   is recorded, which is where a sender resumes. Offered only by a store that records
+//!   floors ([`AppliedStore::resume`]: [`ExactlyOnce`] with
+//!   `regroup_migrations::AppliedFloorMigration`). Out of seq order, a lower epoch than
+//!   one seen is fenced only when a record below it has a higher one.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -72,6 +85,12 @@ pub trait AppliedStore: Send + Sync + 'static {
     async fn applied(&self) -> Result<(u64, u64), String>;
     /// What was recorded for `seq`.
     async fn lookup(&self, seq: u64) -> Result<Option<AppliedRecord>, String>;
+    /// Where a sender resumes safely when records may be recorded out of seq order
+    /// (parallel replay): every record at or below it is recorded. `None` (the default):
+    /// this store records in seq order only, and the layer does not offer parallel replay.
+    async fn resume(&self) -> Result<Option<u64>, String> {
+        Ok(None)
+    }
 }
 
 #[async_trait::async_trait]
@@ -83,6 +102,9 @@ impl AppliedStore for ExactlyOnce {
         ExactlyOnce::lookup(self, seq)
             .await
             .map_err(|e| e.to_string())
+    }
+    async fn resume(&self) -> Result<Option<u64>, String> {
+        ExactlyOnce::resume(self).await.map_err(|e| e.to_string())
     }
 }
 
@@ -130,6 +152,34 @@ pub struct ReplayLayer {
     finished: Arc<tokio::sync::Notify>,
     /// How long a pipelined record waits for its predecessor.
     predecessor_wait: Duration,
+    /// Seqs recently recorded and finished here (parallel replay waits on them).
+    recent: Arc<std::sync::Mutex<Recent>>,
+    /// Whether the store records floors (offers parallel replay), asked once.
+    floors: Arc<tokio::sync::OnceCell<bool>>,
+}
+
+/// The seqs whose requests recently finished here, and those of them that were recorded:
+/// what a record sent in parallel waits for (a bounded memory; the store decides for older
+/// ones).
+#[derive(Debug, Default)]
+struct Recent {
+    recorded: std::collections::BTreeSet<u64>,
+    finished: std::collections::BTreeSet<u64>,
+    /// Seqs at or below it may have been recorded before this memory began (by an earlier
+    /// process, or in a restored copy): only the store knows them.
+    before: u64,
+}
+
+/// How many seqs [`Recent`] keeps of each kind.
+const RECENT: usize = 4096;
+
+impl Recent {
+    fn note(set: &mut std::collections::BTreeSet<u64>, seq: u64) {
+        set.insert(seq);
+        if set.len() > RECENT {
+            set.pop_first();
+        }
+    }
 }
 
 impl std::fmt::Debug for ReplayLayer {
@@ -166,6 +216,8 @@ impl ReplayLayer {
             finished_seq: Arc::default(),
             finished: Arc::default(),
             predecessor_wait: DEFAULT_PREDECESSOR_WAIT,
+            recent: Arc::default(),
+            floors: Arc::default(),
         }
     }
 
@@ -355,17 +407,29 @@ where
                             Err(resp) => return Ok(resp),
                         };
                     }
-                    // A record past a gap is refused before the fence can rise for it.
-                    if let Some(resp) = layer.gap(&ctx).await {
-                        return Ok(resp);
-                    }
-                    if let Some(resp) = layer.contiguous(&ctx, req.headers()).await {
-                        return Ok(resp);
+                    let parallel = req.headers().contains_key(headers::AFTER);
+                    if parallel {
+                        // Sent behind only the records it conflicts with (parallel replay).
+                        if let Some(resp) = layer.after(&ctx, req.headers()).await {
+                            return Ok(resp);
+                        }
+                    } else {
+                        // A record past a gap is refused before the fence can rise for it.
+                        if let Some(resp) = layer.gap(&ctx).await {
+                            return Ok(resp);
+                        }
+                        if let Some(resp) = layer.contiguous(&ctx, req.headers()).await {
+                            return Ok(resp);
+                        }
                     }
                     if let Some(resp) = layer.term_fence(req.headers()) {
                         return Ok(resp);
                     }
-                    if let Some(resp) = layer.fence(&ctx).await {
+                    if parallel {
+                        // Out of seq order a lower epoch is no sign of a deposed sender: the
+                        // exactly-once record compares it with the records below it.
+                        layer.highest_epoch.fetch_max(ctx.epoch(), Ordering::AcqRel);
+                    } else if let Some(resp) = layer.fence(&ctx).await {
                         return Ok(resp);
                     }
                     req.extensions_mut().insert(ctx);
@@ -389,6 +453,11 @@ where
                     && !resp.status().is_server_error()
                 {
                     layer.highest_seq.fetch_max(seq, Ordering::AcqRel);
+                    // A 409 may be the layer's own refusal from the handler's side (a
+                    // fence, a seq conflict): records waiting on it ask the store instead.
+                    if resp.status() != StatusCode::CONFLICT {
+                        layer.note(seq, true);
+                    }
                 }
                 resp.headers_mut().insert(
                     crate::headers::APPLIED,
@@ -409,6 +478,7 @@ struct Finished {
 
 impl Drop for Finished {
     fn drop(&mut self) {
+        self.layer.note(self.seq, false);
         self.layer
             .finished_seq
             .fetch_max(self.seq, Ordering::AcqRel);
@@ -476,6 +546,7 @@ impl ReplayLayer {
                 let (seq, epoch) = store.applied().await?;
                 self.highest_epoch.fetch_max(epoch, Ordering::AcqRel);
                 self.highest_seq.fetch_max(seq, Ordering::AcqRel);
+                self.lock_recent().before = seq;
                 Ok::<(), String>(())
             })
             .await
@@ -579,6 +650,168 @@ impl ReplayLayer {
         Some(resp)
     }
 
+    fn lock_recent(&self) -> std::sync::MutexGuard<'_, Recent> {
+        self.recent.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Notes that `seq`'s request finished here (`recorded`: with its record).
+    fn note(&self, seq: u64, recorded: bool) {
+        let mut recent = self.lock_recent();
+        if recorded {
+            Recent::note(&mut recent.recorded, seq);
+        } else {
+            Recent::note(&mut recent.finished, seq);
+        }
+    }
+
+    /// The copy was replaced (restored): what memory knew of its records is void.
+    fn forget_recent(&self, seq: u64) {
+        let mut recent = self.lock_recent();
+        *recent = Recent::default();
+        recent.before = seq;
+    }
+
+    /// Parallel replay (`Regroup-After: D1,D2,..` with `Regroup-Floor: F`): applies the record
+    /// once each Di is recorded here, waiting for those still on their way or executing when
+    /// it was sent right behind them (`Regroup-Pipelined: 1`), bounded by
+    /// [`ReplayLayer::predecessor_wait`]. Refused with 409 `behind` when F is above what
+    /// this copy recorded (it stands behind where the sender thinks), with 409
+    /// `out_of_order` when a Di is not recorded (nothing is applied; a re-delivery of a
+    /// recorded seq is answered from its record) or when the store cannot record floors.
+    async fn after<B: From<String>>(
+        &self,
+        ctx: &ReplayContext,
+        h: &http::HeaderMap,
+    ) -> Option<Response<B>> {
+        let deps = h
+            .get(headers::AFTER)
+            .and_then(|v| parse_seqs(v.to_str().ok()?));
+        let (Some(mut deps), Some(floor)) = (deps, ctx.floor()) else {
+            return Some(error(
+                StatusCode::BAD_REQUEST,
+                "bad_replay_headers",
+                format!(
+                    "{} must be a comma-separated list of seqs, sent with {}",
+                    headers::AFTER,
+                    headers::FLOOR
+                ),
+            ));
+        };
+        if deps.iter().any(|d| *d >= ctx.seq()) || floor >= ctx.seq() {
+            return Some(error(
+                StatusCode::BAD_REQUEST,
+                "bad_replay_headers",
+                format!(
+                    "seq {}: {} and {} must name earlier seqs",
+                    ctx.seq(),
+                    headers::AFTER,
+                    headers::FLOOR
+                ),
+            ));
+        }
+        let store = self.store.as_ref()?;
+        if !self.load().await {
+            return None;
+        }
+        let floors = self
+            .floors
+            .get_or_try_init(|| async { store.resume().await.map(|r| r.is_some()) })
+            .await;
+        if !matches!(floors, Ok(true)) {
+            return Some(self.refuse(
+                "out_of_order",
+                format!(
+                    "seq {} sent out of seq order, but this partition records in seq order \
+                     only (its regroup_applied has no floor column: add \
+                     regroup_migrations::AppliedFloorMigration)",
+                    ctx.seq()
+                ),
+            ));
+        }
+        let mut highest = self.highest_seq.load(Ordering::Acquire);
+        if floor > highest {
+            // Memory may lag the store: only the store decides.
+            if let Ok((seq, _)) = store.applied().await {
+                highest = self.highest_seq.fetch_max(seq, Ordering::AcqRel).max(seq);
+            }
+            if floor > highest {
+                return Some(self.refuse(
+                    "behind",
+                    format!(
+                        "seq {} offered with floor {floor}, but this partition has applied \
+                         only up to {highest}",
+                        ctx.seq()
+                    ),
+                ));
+            }
+        }
+        // Those memory has not seen recorded: recorded before it began (the store knows),
+        // or still on their way (wait for them when sent right behind them).
+        let before = {
+            let recent = self.lock_recent();
+            deps.retain(|d| !recent.recorded.contains(d));
+            recent.before
+        };
+        let mut missing = Vec::new();
+        for d in deps {
+            if d > before || !matches!(store.lookup(d).await, Ok(Some(_))) {
+                missing.push(d);
+            }
+        }
+        if !missing.is_empty() && h.get(headers::PIPELINED).is_some_and(|v| v == "1") {
+            missing = self.wait_for_recorded(missing).await;
+        }
+        for d in missing {
+            if matches!(store.lookup(d).await, Ok(Some(_))) {
+                continue;
+            }
+            if matches!(store.lookup(ctx.seq()).await, Ok(Some(_))) {
+                // A re-delivery: answered from its record.
+                return None;
+            }
+            return Some(self.refuse(
+                "out_of_order",
+                format!(
+                    "seq {} comes after seq {d}, which is not recorded here",
+                    ctx.seq()
+                ),
+            ));
+        }
+        None
+    }
+
+    /// A 409 refusal with `Regroup-Applied`.
+    fn refuse<B: From<String>>(&self, code: &str, message: String) -> Response<B> {
+        let mut resp: Response<B> = error(StatusCode::CONFLICT, code, message);
+        resp.headers_mut().insert(
+            crate::headers::APPLIED,
+            header::HeaderValue::from(self.highest_seq.load(Ordering::Acquire)),
+        );
+        resp
+    }
+
+    /// Waits until every seq of `missing` is recorded here, one of them finished without
+    /// being recorded, or [`ReplayLayer::predecessor_wait`] passed: those not recorded then.
+    async fn wait_for_recorded(&self, mut missing: Vec<u64>) -> Vec<u64> {
+        let deadline = tokio::time::Instant::now() + self.predecessor_wait;
+        loop {
+            let finished = self.finished.notified();
+            tokio::pin!(finished);
+            // Registered before looking, so a finish between the look and the wait wakes it.
+            finished.as_mut().enable();
+            {
+                let recent = self.lock_recent();
+                missing.retain(|d| !recent.recorded.contains(d));
+                if missing.is_empty() || missing.iter().any(|d| recent.finished.contains(d)) {
+                    return missing;
+                }
+            }
+            if tokio::time::timeout_at(deadline, finished).await.is_err() {
+                return missing;
+            }
+        }
+    }
+
     /// Waits until seq `prev` is recorded here, its request finished without being
     /// recorded, or [`ReplayLayer::predecessor_wait`] passed: the highest seq recorded then.
     async fn wait_for_predecessor(&self, prev: u64) -> u64 {
@@ -649,6 +882,14 @@ impl ReplayLayer {
     }
 }
 
+/// A comma-separated list of seqs (empty: none).
+fn parse_seqs(v: &str) -> Option<Vec<u64>> {
+    if v.trim().is_empty() {
+        return Some(Vec::new());
+    }
+    v.split(',').map(|p| p.trim().parse::<u64>().ok()).collect()
+}
+
 async fn applied<B: From<String>>(store: &dyn AppliedStore, query: Option<&str>) -> Response<B> {
     let seq = query
         .unwrap_or("")
@@ -656,10 +897,18 @@ async fn applied<B: From<String>>(store: &dyn AppliedStore, query: Option<&str>)
         .find_map(|kv| kv.strip_prefix("seq="));
     match seq {
         None => match store.applied().await {
-            Ok((applied, epoch)) => json(
-                StatusCode::OK,
-                serde_json::json!({"applied": applied, "epoch": epoch}),
-            ),
+            Ok((applied, epoch)) => {
+                let mut doc = serde_json::json!({"applied": applied, "epoch": epoch});
+                match store.resume().await {
+                    // Offered only by a store that records floors: parallel replay.
+                    Ok(Some(resume)) => doc["resume"] = resume.into(),
+                    Ok(None) => {}
+                    Err(e) => {
+                        return error(StatusCode::SERVICE_UNAVAILABLE, "store_unavailable", e);
+                    }
+                }
+                json(StatusCode::OK, doc)
+            }
             Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, "store_unavailable", e),
         },
         Some(n) => {
@@ -840,6 +1089,7 @@ impl SnapshotLayer {
                 // ahead before: the next record it takes is the one after it.
                 let replay = &self.replay;
                 replay.highest_seq.store(restored.seq, Ordering::Release);
+                replay.forget_recent(restored.seq);
                 replay
                     .highest_epoch
                     .store(restored.epoch, Ordering::Release);

@@ -29,6 +29,7 @@
 
 pub mod applier;
 pub mod classify;
+pub mod conflict;
 pub mod context;
 pub mod exactly_once;
 pub mod headers;
@@ -39,7 +40,8 @@ pub mod replayer;
 pub mod signature;
 pub mod snapshot;
 
-pub use applier::{Applier, ApplyError};
+pub use applier::{Applier, ApplyError, Position};
+pub use conflict::{ConflictKeys, ConflictRule};
 pub use context::ReplayContext;
 pub use exactly_once::{Answer, AppliedRecord, ExactlyOnce, RunError, Work};
 pub use journal::{

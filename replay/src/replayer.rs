@@ -13,7 +13,8 @@ use futures_util::StreamExt;
 use futures_util::stream::FuturesOrdered;
 use tokio::sync::watch;
 
-use crate::applier::{Applier, ApplyError};
+use crate::applier::{Applier, ApplyError, Position};
+use crate::conflict::{ConflictKeys, conflict};
 use crate::journal::{Journal, JournalError};
 use crate::record::{Compare, Fingerprint, Record, RecordState};
 
@@ -38,6 +39,24 @@ pub trait PipelinedApplier: Send + Sync + 'static {
     /// partition before it) and returns the fingerprint of the answer. The partition refuses
     /// it when `prev` finished there unrecorded.
     async fn apply_behind(&self, record: &Record, prev: u64) -> Result<Fingerprint, ApplyError>;
+
+    /// Parallel replay: sends `record` behind only the records of `after` (those sent before
+    /// it that it conflicts with, which may still be on their way or executing), with
+    /// `floor` (every record at or below it is recorded there), and returns the
+    /// fingerprint of the answer (`Regroup-After`, `Regroup-Floor`, `Regroup-Pipelined`).
+    /// The partition refuses it when one of `after` finished there unrecorded.
+    async fn apply_after(
+        &self,
+        record: &Record,
+        after: &[u64],
+        floor: u64,
+    ) -> Result<Fingerprint, ApplyError> {
+        let _ = (after, floor);
+        Err(ApplyError::Unreachable(format!(
+            "record {}: this applier does not send records in parallel",
+            record.seq
+        )))
+    }
 }
 
 /// Why a replayer stopped.
@@ -88,6 +107,8 @@ pub struct Replayer {
     batch: u64,
     /// Sends records behind their predecessor, with the most on their way at once.
     pipeline: Option<(Arc<dyn PipelinedApplier>, usize)>,
+    /// Which records are independent (parallel replay), when declared.
+    keys: Option<Arc<ConflictKeys>>,
 }
 
 impl std::fmt::Debug for Replayer {
@@ -117,6 +138,7 @@ impl Replayer {
             backoff: Backoff::default(),
             batch: 256,
             pipeline: None,
+            keys: None,
         }
     }
 
@@ -128,6 +150,15 @@ impl Replayer {
     /// record, gets each record answered before the next is sent.
     pub fn pipelined(mut self, applier: Arc<dyn PipelinedApplier>, window: usize) -> Self {
         self.pipeline = (window > 1).then_some((applier, window));
+        self
+    }
+
+    /// Replays records that share no conflict key in parallel (with [`Replayer::pipelined`],
+    /// to a partition whose layer records out of seq order): each is sent behind only the
+    /// records in flight it conflicts with. Outcomes are still taken in seq order, so the
+    /// checkpoint and the position stay a dense prefix. No rules: in seq order, as before.
+    pub fn conflict_keys(mut self, keys: Arc<ConflictKeys>) -> Self {
+        self.keys = (!keys.is_empty()).then_some(keys);
         self
     }
 
@@ -181,7 +212,13 @@ impl Replayer {
             return ReplayExit::Stopped;
         };
         let exactly_once = position.is_some();
-        if let Some(p) = position
+        let parallel = self.keys.is_some() && position.is_some_and(|p| p.parallel());
+        if self.keys.is_some() && exactly_once && !parallel {
+            tracing::info!(group = %self.group, partition = %self.partition,
+                "conflict keys are declared, but this partition's layer records in seq order \
+                 only (no floor column): replaying in seq order");
+        }
+        if let Some(p) = position.map(|p| p.resume_at())
             && p != applied
         {
             tracing::info!(group = %self.group, partition = %self.partition, journal = applied,
@@ -231,6 +268,7 @@ impl Replayer {
                     self.replay_window(
                         behind.as_ref(),
                         *window,
+                        parallel,
                         &records[..dense],
                         &mut applied,
                         target,
@@ -280,7 +318,7 @@ impl Replayer {
                 return Next::Exit(ReplayExit::Stopped);
             }
             let step = if record.state == RecordState::Executed {
-                Some(self.apply(record, exactly_once, stop, observer).await)
+                Some(self.apply(record, exactly_once, None, stop, observer).await)
             } else {
                 None
             };
@@ -301,11 +339,14 @@ impl Replayer {
     /// At the first failure the rest of the window is dropped (what of it reached the
     /// partition is answered from its record when it comes again) and the failed record
     /// goes the serial way, with its retries; the next batch starts a new window.
+    /// With `parallel`, each is sent behind only the records in flight it conflicts with
+    /// (its conflict keys), with the dense prefix taken so far as its floor.
     #[allow(clippy::too_many_arguments)]
     async fn replay_window(
         &self,
         behind: &dyn PipelinedApplier,
         window: usize,
+        parallel: bool,
         records: &[Record],
         applied: &mut u64,
         target: u64,
@@ -319,6 +360,9 @@ impl Replayer {
         let mut taken = records.iter();
         // The executed record sent last: the next one goes right behind it.
         let mut prev: Option<u64> = None;
+        // Parallel: the executed records sent and not taken yet, with their keys.
+        let mut pending: std::collections::VecDeque<(u64, Option<Vec<String>>)> =
+            std::collections::VecDeque::new();
         loop {
             if *stop.borrow() {
                 return Next::Exit(ReplayExit::Stopped);
@@ -328,6 +372,18 @@ impl Replayer {
             {
                 let outcome: Sent<'_> = if record.state != RecordState::Executed {
                     Box::pin(async { None })
+                } else if parallel {
+                    let keys = self.keys.as_ref().and_then(|k| k.keys(&record.payload));
+                    // Those before it are recorded once taken; of those in flight, it waits
+                    // for the ones it conflicts with (all of them, for a barrier).
+                    let after: Vec<u64> = pending
+                        .iter()
+                        .filter(|(_, k)| conflict(k.as_deref(), keys.as_deref()))
+                        .map(|(seq, _)| *seq)
+                        .collect();
+                    pending.push_back((record.seq, keys));
+                    let floor = *applied;
+                    Box::pin(async move { Some(behind.apply_after(record, &after, floor).await) })
                 } else if let Some(p) = prev {
                     Box::pin(async move { Some(behind.apply_behind(record, p).await) })
                 } else {
@@ -346,6 +402,9 @@ impl Replayer {
             let (Some(outcome), Some(record)) = (outcome, taken.next()) else {
                 return Next::Go;
             };
+            if pending.front().is_some_and(|(seq, _)| *seq == record.seq) {
+                pending.pop_front();
+            }
             let step = match outcome {
                 None => None,
                 Some(Ok(answer)) => Some(self.judge(record, &answer)),
@@ -354,7 +413,8 @@ impl Replayer {
                     tracing::debug!(group = %self.group, partition = %self.partition,
                         seq = record.seq, error = %e, "pipelined replay failed; going on one at a time");
                     drop(in_flight);
-                    let step = self.apply(record, true, stop, observer).await;
+                    let via = parallel.then_some((behind, *applied));
+                    let step = self.apply(record, true, via, stop, observer).await;
                     return match self
                         .after(record, Some(step), applied, target, true, stop, observer)
                         .await
@@ -447,7 +507,7 @@ impl Replayer {
     }
 
     /// Asks the partition where it stands, retrying while it is unreachable.
-    async fn position(&self, stop: &mut watch::Receiver<bool>) -> Option<Option<u64>> {
+    async fn position(&self, stop: &mut watch::Receiver<bool>) -> Option<Option<Position>> {
         let mut attempt = 0u32;
         loop {
             match self.applier.position().await {
@@ -464,10 +524,15 @@ impl Replayer {
         }
     }
 
+    /// Sends `record` until the partition answers, with backoff. With `parallel` (the
+    /// applier, and the dense prefix taken: everything before `record`), it goes the
+    /// parallel way, behind nothing: a copy that took later records out of seq order, of a
+    /// later epoch, must not fence it as it would a deposed sender's.
     async fn apply(
         &self,
         record: &Record,
         exactly_once: bool,
+        parallel: Option<(&dyn PipelinedApplier, u64)>,
         stop: &mut watch::Receiver<bool>,
         observer: &dyn ReplayObserver,
     ) -> Step {
@@ -476,11 +541,24 @@ impl Replayer {
             if attempt > 0
                 && exactly_once
                 && let Ok(Some(p)) = self.applier.position().await
-                && p + 1 != record.seq
             {
-                return Step::Reposition(p);
+                let at = p.resume_at();
+                // Out of seq order a copy's floor lags what it recorded: only a copy past
+                // this record, or one that lost records below it (restored), moves.
+                let moved = if parallel.is_some() {
+                    at >= record.seq || p.applied + 1 < record.seq
+                } else {
+                    at + 1 != record.seq
+                };
+                if moved {
+                    return Step::Reposition(at);
+                }
             }
-            match self.applier.apply(record).await {
+            let sent = match parallel {
+                Some((applier, floor)) => applier.apply_after(record, &[], floor).await,
+                None => self.applier.apply(record).await,
+            };
+            match sent {
                 Ok(answer) => return self.judge(record, &answer),
                 // Without the app layer's record, a request that may have reached the
                 // partition cannot be sent again: it may still be applied late, after the
@@ -925,8 +1003,8 @@ mod tests {
             self.exchange(record, prev).await
         }
 
-        async fn position(&self) -> Result<Option<u64>, ApplyError> {
-            Ok(Some(self.lock()?.applied))
+        async fn position(&self) -> Result<Option<Position>, ApplyError> {
+            Ok(Some(Position::in_order(self.lock()?.applied)))
         }
     }
 
@@ -997,5 +1075,291 @@ mod tests {
         let layer = replay_pipelined(20, 1, None).await;
         assert_eq!(layer.executed, (1..=20).collect::<Vec<_>>());
         assert_eq!(layer.most_on_the_way, 1);
+    }
+}
+
+#[cfg(test)]
+mod parallel_tests {
+    use super::*;
+    use crate::conflict::ConflictRule;
+    use crate::journal::{Checkpoints as _, Log as _, Outcome, SqlJournal};
+    use crate::record::{Payload, RecordedRequest};
+    use bytes::Bytes;
+    use std::collections::BTreeSet;
+    use std::sync::Mutex;
+
+    /// A journal of sealed records with these bodies, seq 1 first.
+    async fn journal_of(dir: &tempfile::TempDir, bodies: &[String]) -> Arc<SqlJournal> {
+        let url = format!("sqlite://{}", dir.path().join("j.db").display());
+        let j = SqlJournal::connect(&url).await.expect("journal opens");
+        j.open_group("g", "a").await.expect("group opens");
+        for (seq, body) in (1..).zip(bodies) {
+            let r = Record::pending(
+                "g",
+                seq,
+                1,
+                RecordedRequest {
+                    method: "POST".into(),
+                    uri: "/".into(),
+                    headers: vec![],
+                    body: Bytes::from(body.clone()),
+                },
+            );
+            j.append(&r).await.expect("append");
+            let outcome = Outcome::Executed(Some(Fingerprint::of(200, body.as_bytes())));
+            j.seal("g", seq, &outcome).await.expect("seal");
+        }
+        Arc::new(j)
+    }
+
+    /// A partition whose layer takes records out of seq order: each waits for the records
+    /// it was sent behind, then executes after a delay that varies with its seq.
+    #[derive(Default)]
+    struct Parallel {
+        state: Mutex<State>,
+    }
+
+    #[derive(Default)]
+    struct State {
+        recorded: BTreeSet<u64>,
+        executed: Vec<u64>,
+        on_the_way: usize,
+        most_on_the_way: usize,
+        fail_once: Option<u64>,
+        /// Records sent in seq order, each checked to follow everything.
+        in_order: Vec<u64>,
+        /// Records whose answer was lost.
+        lost: Vec<u64>,
+    }
+
+    impl Parallel {
+        fn lock(&self) -> Result<std::sync::MutexGuard<'_, State>, ApplyError> {
+            self.state
+                .lock()
+                .map_err(|_| ApplyError::NoAnswer("poisoned".into()))
+        }
+
+        fn body(record: &Record) -> Result<Bytes, ApplyError> {
+            match &record.payload {
+                Payload::Http(r) => Ok(r.body.clone()),
+                Payload::Sql(_) => Err(ApplyError::Unreachable("sql".into())),
+            }
+        }
+
+        async fn exchange(
+            &self,
+            record: &Record,
+            after: &[u64],
+        ) -> Result<Fingerprint, ApplyError> {
+            {
+                let mut s = self.lock()?;
+                s.on_the_way += 1;
+                s.most_on_the_way = s.most_on_the_way.max(s.on_the_way);
+            }
+            let result = self.execute(record, after).await;
+            self.lock()?.on_the_way -= 1;
+            result
+        }
+
+        async fn execute(&self, record: &Record, after: &[u64]) -> Result<Fingerprint, ApplyError> {
+            for _ in 0..1000 {
+                let ready = {
+                    let s = self.lock()?;
+                    after.iter().all(|d| s.recorded.contains(d))
+                };
+                if ready {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            tokio::time::sleep(Duration::from_millis(record.seq * 7 % 5)).await;
+            let mut s = self.lock()?;
+            if !after.iter().all(|d| s.recorded.contains(d)) {
+                return Err(ApplyError::Unreachable(
+                    "a dependency is not recorded".into(),
+                ));
+            }
+            if s.fail_once.take_if(|seq| *seq == record.seq).is_some() {
+                s.lost.push(record.seq);
+                return Err(ApplyError::NoAnswer("lost".into()));
+            }
+            if s.recorded.insert(record.seq) {
+                s.executed.push(record.seq);
+            }
+            Ok(Fingerprint::of(200, &Self::body(record)?))
+        }
+    }
+
+    #[async_trait::async_trait]
+    impl Applier for Parallel {
+        async fn apply(&self, record: &Record) -> Result<Fingerprint, ApplyError> {
+            // In seq order: everything before it must be recorded already.
+            let before: Vec<u64> = (1..record.seq).collect();
+            self.lock()?.in_order.push(record.seq);
+            self.exchange(record, &before).await
+        }
+
+        async fn position(&self) -> Result<Option<Position>, ApplyError> {
+            let s = self.lock()?;
+            let applied = s.recorded.last().copied().unwrap_or(0);
+            let resume = (1..).take_while(|seq| s.recorded.contains(seq)).count() as u64;
+            Ok(Some(Position {
+                applied,
+                resume: Some(resume),
+            }))
+        }
+    }
+
+    #[async_trait::async_trait]
+    impl PipelinedApplier for Parallel {
+        async fn apply_behind(
+            &self,
+            record: &Record,
+            prev: u64,
+        ) -> Result<Fingerprint, ApplyError> {
+            let before: Vec<u64> = (1..=prev).collect();
+            self.exchange(record, &before).await
+        }
+
+        async fn apply_after(
+            &self,
+            record: &Record,
+            after: &[u64],
+            floor: u64,
+        ) -> Result<Fingerprint, ApplyError> {
+            // The floor is true when sent: everything at or below it is recorded.
+            if !(1..=floor).all(|seq| self.lock().is_ok_and(|s| s.recorded.contains(&seq))) {
+                return Err(ApplyError::Unreachable(format!(
+                    "floor {floor} of record {} is not recorded",
+                    record.seq
+                )));
+            }
+            self.exchange(record, after).await
+        }
+    }
+
+    struct Quiet;
+
+    impl ReplayObserver for Quiet {
+        fn applied(&self, _: u64) {}
+        fn apply_failed(&self, _: u64, _: u32, _: &ApplyError) {}
+        fn diverged(&self, seq: u64, reason: &str) {
+            panic!("diverged at {seq}: {reason}");
+        }
+    }
+
+    /// The key of a body `{"k": K}`; a body that is not JSON is a barrier.
+    fn key(body: &str) -> Option<String> {
+        serde_json::from_str::<serde_json::Value>(body)
+            .ok()
+            .map(|v| v["k"].to_string())
+    }
+
+    /// Replays `n` records keyed `seq % 3` (every tenth a barrier) on a parallel partition
+    /// with a window of `window`.
+    async fn replay(n: u64, window: usize, fail_once: Option<u64>) -> (State, Vec<String>) {
+        let bodies: Vec<String> = (1..=n)
+            .map(|seq| {
+                if seq % 10 == 0 {
+                    format!("barrier {seq}")
+                } else {
+                    format!("{{\"k\": {}, \"seq\": {seq}}}", seq % 3)
+                }
+            })
+            .collect();
+        let dir = tempfile::tempdir().expect("temp dir");
+        let j = journal_of(&dir, &bodies).await;
+        let partition = Arc::new(Parallel::default());
+        if let Ok(mut s) = partition.state.lock() {
+            s.fail_once = fail_once;
+        }
+        let keys = ConflictKeys::new(&[ConflictRule {
+            method: Some("POST".into()),
+            path: "/".into(),
+            keys: vec!["body:/k".into()],
+        }])
+        .expect("rules compile");
+        let (_sealed_tx, sealed) = watch::channel(n);
+        let (stop_tx, stop) = watch::channel(false);
+        let replayer = Replayer::new("g", "b", j.clone(), partition.clone())
+            .backoff(Backoff {
+                initial: Duration::from_millis(1),
+                max: Duration::from_millis(5),
+            })
+            .pipelined(partition.clone(), window)
+            .conflict_keys(Arc::new(keys));
+        let observer = Arc::new(Quiet);
+        let task = tokio::spawn(replayer.run(sealed, stop, observer));
+        for _ in 0..2000 {
+            if j.checkpoint("g", "b").await.expect("checkpoint") == n {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let _ = stop_tx.send(true);
+        assert_eq!(task.await.expect("replayer"), ReplayExit::Stopped);
+        assert_eq!(j.checkpoint("g", "b").await.expect("checkpoint"), n);
+        let state = std::mem::take(&mut *partition.state.lock().expect("state"));
+        (state, bodies)
+    }
+
+    /// Every pair of records that conflict (a shared key, or a barrier) executed in seq
+    /// order; every record executed once.
+    fn check_order(state: &State, bodies: &[String]) {
+        let mut sorted = state.executed.clone();
+        sorted.sort_unstable();
+        assert_eq!(
+            sorted,
+            (1..=bodies.len() as u64).collect::<Vec<_>>(),
+            "each once"
+        );
+        let at: std::collections::HashMap<u64, usize> = state
+            .executed
+            .iter()
+            .enumerate()
+            .map(|(i, s)| (*s, i))
+            .collect();
+        for a in 1..=bodies.len() as u64 {
+            for b in a + 1..=bodies.len() as u64 {
+                let (ka, kb) = (key(&bodies[a as usize - 1]), key(&bodies[b as usize - 1]));
+                let conflicts = ka.is_none() || kb.is_none() || ka == kb;
+                if conflicts {
+                    assert!(
+                        at[&a] < at[&b],
+                        "{a} and {b} conflict but ran out of order: {:?}",
+                        state.executed
+                    );
+                }
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn records_that_share_no_key_run_in_parallel_and_those_that_do_keep_their_order() {
+        let (state, bodies) = replay(60, 8, None).await;
+        check_order(&state, &bodies);
+        assert!(
+            state.most_on_the_way > 2,
+            "{} at once",
+            state.most_on_the_way
+        );
+        let reordered = state.executed.windows(2).any(|w| w[0] > w[1]);
+        assert!(
+            reordered,
+            "independent records ran in seq order only: {:?}",
+            state.executed
+        );
+        assert!(state.in_order.is_empty(), "{:?}", state.in_order);
+    }
+
+    /// The failed record is sent again alone, still the parallel way (a copy that took
+    /// later records, of a later epoch, would fence it in seq order), and nothing twice.
+    #[tokio::test]
+    async fn a_failure_in_a_parallel_window_is_sent_again_the_parallel_way_and_applies_nothing_twice()
+     {
+        let (state, bodies) = replay(60, 8, Some(23)).await;
+        check_order(&state, &bodies);
+        assert!(state.in_order.is_empty(), "{:?}", state.in_order);
+        assert_eq!(state.lost, [23]);
     }
 }

@@ -27,6 +27,7 @@ pub const PREVIOUS_SECRET_ENV: &str = "REGROUP_REPLAY_SECRET_PREVIOUS";
 
 const VERSION: &str = "regroup-signature-v1";
 const VERSION_WITH_TERM: &str = "regroup-signature-v2";
+const VERSION_WITH_ORDER: &str = "regroup-signature-v3";
 
 type HmacSha256 = Hmac<Sha256>;
 
@@ -76,6 +77,10 @@ pub struct Signed<'a> {
     pub term: Option<&'a str>,
     /// `Regroup-Prev`, when sent.
     pub prev: Option<&'a str>,
+    /// `Regroup-After`, when sent (parallel replay).
+    pub after: Option<&'a str>,
+    /// `Regroup-Floor`, when sent (parallel replay).
+    pub floor: Option<&'a str>,
     /// The request method.
     pub method: &'a str,
     /// The request's path and query, as in the request line.
@@ -120,20 +125,10 @@ impl<'a> Signed<'a> {
             epoch: text(headers::EPOCH)?,
             timestamp: text(headers::TIMESTAMP)?,
             replay: h.get(headers::REPLAY).is_some_and(|v| v == "1"),
-            term: match h.get(headers::TERM) {
-                Some(v) => Some(
-                    v.to_str()
-                        .map_err(|_| SignatureError::Header(headers::TERM))?,
-                ),
-                None => None,
-            },
-            prev: match h.get(headers::PREV) {
-                Some(v) => Some(
-                    v.to_str()
-                        .map_err(|_| SignatureError::Header(headers::PREV))?,
-                ),
-                None => None,
-            },
+            term: optional(h, headers::TERM)?,
+            prev: optional(h, headers::PREV)?,
+            after: optional(h, headers::AFTER)?,
+            floor: optional(h, headers::FLOOR)?,
             method,
             path_and_query,
             body,
@@ -143,9 +138,16 @@ impl<'a> Signed<'a> {
     fn mac(&self, secret: &Secret) -> HmacSha256 {
         let mut mac = secret.mac();
         let body = hex::encode(Sha256::digest(self.body));
-        let v2 = self.term.is_some() || self.prev.is_some();
+        let v3 = self.after.is_some() || self.floor.is_some();
+        let v2 = v3 || self.term.is_some() || self.prev.is_some();
         let head = [
-            if v2 { VERSION_WITH_TERM } else { VERSION },
+            if v3 {
+                VERSION_WITH_ORDER
+            } else if v2 {
+                VERSION_WITH_TERM
+            } else {
+                VERSION
+            },
             self.seq,
             self.txn_id,
             self.epoch,
@@ -153,8 +155,19 @@ impl<'a> Signed<'a> {
             if self.replay { "1" } else { "" },
         ];
         let tail = [self.method, self.path_and_query, &body];
-        let extra = [self.term.unwrap_or(""), self.prev.unwrap_or("")];
-        let extra: &[&str] = if v2 { &extra } else { &[] };
+        let extra = [
+            self.term.unwrap_or(""),
+            self.prev.unwrap_or(""),
+            self.after.unwrap_or(""),
+            self.floor.unwrap_or(""),
+        ];
+        let extra: &[&str] = if v3 {
+            &extra
+        } else if v2 {
+            &extra[..2]
+        } else {
+            &[]
+        };
         for part in head.iter().chain(extra.iter()).chain(tail.iter()) {
             mac.update(part.as_bytes());
             mac.update(b"\n");
@@ -192,6 +205,13 @@ impl<'a> Signed<'a> {
     }
 }
 
+/// An optional replay header's text; an error when it is there but not text.
+fn optional<'a>(h: &'a HeaderMap, name: &'static str) -> Result<Option<&'a str>, SignatureError> {
+    h.get(name)
+        .map(|v| v.to_str().map_err(|_| SignatureError::Header(name)))
+        .transpose()
+}
+
 /// Signs a request about to be sent: reads its replay headers from `h` and inserts
 /// `Regroup-Signature`. Without the replay headers nothing is inserted (and a partition
 /// with a secret refuses the request).
@@ -224,6 +244,8 @@ mod tests {
             replay: true,
             term: None,
             prev: None,
+            after: None,
+            floor: None,
             method: "POST",
             path_and_query: "/transfers?x=1",
             body,
@@ -277,6 +299,15 @@ mod tests {
             },
             Signed {
                 prev: Some("6"),
+                ..base
+            },
+            // Parallel replay's order headers count too.
+            Signed {
+                after: Some("5"),
+                ..base
+            },
+            Signed {
+                floor: Some("4"),
                 ..base
             },
             Signed {

@@ -579,6 +579,8 @@ fn signed<'a>(method: &'a str, path: &'a str, timestamp: &'a str, nonce: &'a str
         replay: false,
         term: None,
         prev: None,
+        after: None,
+        floor: None,
         method,
         path_and_query: path,
         body: b"",

@@ -995,3 +995,178 @@ async fn a_pipelined_record_waits_for_its_predecessor_and_runs_after_it() {
     assert!(started.elapsed() < std::time::Duration::from_millis(300));
     assert_eq!(items(&db).await, ["1", "2", "3", "4"]);
 }
+
+// ---------------------------------------------------------------------------------------
+// Parallel replay: Regroup-After and Regroup-Floor
+// ---------------------------------------------------------------------------------------
+
+/// [`database`] with the `floor` column parallel replay needs.
+async fn database_with_floors() -> (tempfile::TempDir, DatabaseConnection) {
+    let (dir, db) = database().await;
+    regroup_migrations::AppliedFloorMigration
+        .up(&SchemaManager::new(&db))
+        .await
+        .unwrap();
+    (dir, db)
+}
+
+/// A replay of `seq` (the same transaction id for the same seq) sent behind only the
+/// records of `after`, with `floor`.
+fn parallel(seq: u64, after: &str, floor: u64, epoch: u64) -> Request<Body> {
+    let txn = Uuid::from_u128(0x0190_b6e0_0000_7000_8000_0000_0000_0000 + u128::from(seq));
+    Request::post("/transfers")
+        .header("regroup-seq", seq.to_string())
+        .header("regroup-txn-id", txn.to_string())
+        .header("regroup-epoch", epoch.to_string())
+        .header("regroup-timestamp", "2026-11-30T12:00:00.123456Z")
+        .header("regroup-replay", "1")
+        .header("regroup-after", after)
+        .header("regroup-floor", floor.to_string())
+        .header("regroup-pipelined", "1")
+        .body(Body::default())
+        .unwrap()
+}
+
+async fn position<S>(svc: &S) -> Value
+where
+    S: Service<Request<Body>, Response = Response<String>, Error = Infallible> + Clone,
+{
+    let (status, body) = send_json(
+        svc,
+        Request::get(APPLIED_PATH).body(Body::default()).unwrap(),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    body
+}
+
+/// A record sent in parallel waits only for the records it names: an independent one runs
+/// beside a slow one, a dependent one after it. `/_regroup/applied` reports where a sender
+/// resumes (the highest floor held), beside the highest seq. A record whose dependency
+/// finished unrecorded is refused at once, and one whose floor is above what the copy
+/// recorded is refused as `behind`; nothing runs for either.
+#[tokio::test]
+async fn records_sent_in_parallel_wait_only_for_those_they_conflict_with() {
+    let (_dir, db) = database_with_floors().await;
+    let once = ExactlyOnce::new(db.clone());
+    let svc = ReplayLayer::new()
+        .without_secret()
+        .predecessor_wait(std::time::Duration::from_millis(400))
+        .with_store(once.clone())
+        .layer(recording(once, &[1], &[5]));
+    let before = position(&svc).await;
+    assert_eq!(
+        (before["applied"].as_u64(), before["resume"].as_u64()),
+        (Some(0), Some(0))
+    );
+    // 1 is slow; 2 depends on nothing and 3 on 1.
+    let first = tokio::spawn(svc.clone().oneshot(parallel(1, "", 0, 1)));
+    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    let third = tokio::spawn(svc.clone().oneshot(parallel(3, "1", 0, 1)));
+    let (status, body) = send_json(&svc, parallel(2, "", 0, 1)).await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    let first = first.await.unwrap().unwrap();
+    let third = third.await.unwrap().unwrap();
+    assert_eq!(first.status(), StatusCode::CREATED, "{}", first.body());
+    assert_eq!(third.status(), StatusCode::CREATED, "{}", third.body());
+    assert_eq!(
+        items(&db).await,
+        ["2", "1", "3"],
+        "2 ran beside the slow 1, 3 after it"
+    );
+    // The floors sent were 0: a sender resumes from 0 (those above are answered from
+    // their records when they come again).
+    let now = position(&svc).await;
+    assert_eq!(
+        (now["applied"].as_u64(), now["resume"].as_u64()),
+        (Some(3), Some(0))
+    );
+    let (status, body) = send_json(&svc, parallel(4, "", 3, 1)).await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    assert_eq!(position(&svc).await["resume"].as_u64(), Some(3));
+    // A re-delivery is answered from its record, whatever it names.
+    let (status, body) = send_json(&svc, parallel(2, "1", 0, 1)).await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    // 6 behind 5, and 5 fails unrecorded: 6 is refused as soon as 5 has finished.
+    let started = std::time::Instant::now();
+    let sixth = tokio::spawn(svc.clone().oneshot(parallel(6, "5", 4, 1)));
+    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    let fifth = svc.clone().oneshot(parallel(5, "", 4, 1)).await.unwrap();
+    assert_eq!(fifth.status(), StatusCode::INTERNAL_SERVER_ERROR);
+    let sixth = sixth.await.unwrap().unwrap();
+    let body: Value = serde_json::from_str(sixth.body()).unwrap();
+    assert_eq!(
+        (sixth.status(), body["error"].as_str()),
+        (StatusCode::CONFLICT, Some("out_of_order")),
+        "{body}"
+    );
+    assert!(started.elapsed() < std::time::Duration::from_millis(300));
+    // A floor above what the copy recorded: it stands behind where the sender thinks.
+    let (status, body) = send_json(&svc, parallel(20, "", 10, 1)).await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (StatusCode::CONFLICT, Some("behind")),
+        "{body}"
+    );
+    // Malformed order headers: 400, nothing runs.
+    let (status, _) = send_json(&svc, parallel(7, "x", 4, 1)).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    let (status, _) = send_json(&svc, parallel(7, "8", 4, 1)).await;
+    assert_eq!(
+        status,
+        StatusCode::BAD_REQUEST,
+        "a dependency after the record"
+    );
+    assert_eq!(items(&db).await, ["2", "1", "3", "4"]);
+}
+
+/// A copy whose `regroup_applied` has no floor column offers no parallel replay: its
+/// `/_regroup/applied` has no `resume`, and a record sent in parallel is refused unrun.
+#[tokio::test]
+async fn a_copy_without_the_floor_column_refuses_records_sent_in_parallel() {
+    let (_dir, db) = database().await;
+    let once = ExactlyOnce::new(db.clone());
+    let svc = ReplayLayer::new()
+        .without_secret()
+        .with_store(once.clone())
+        .layer(recording(once, &[], &[]));
+    assert_eq!(position(&svc).await.get("resume"), None);
+    let (status, body) = send_json(&svc, parallel(1, "", 0, 1)).await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (StatusCode::CONFLICT, Some("out_of_order")),
+        "{body}"
+    );
+    assert!(
+        body["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("AppliedFloorMigration")),
+        "{body}"
+    );
+    assert!(items(&db).await.is_empty());
+}
+
+/// Out of seq order, an older epoch below a newer one is no sign of a deposed sender: the
+/// record is fenced only by the records below it.
+#[tokio::test]
+async fn exactly_once_fences_a_record_out_of_order_only_by_the_records_below_it() {
+    let (_dir, db) = database_with_floors().await;
+    let once = ExactlyOnce::new(db.clone());
+    let calls = Arc::new(AtomicUsize::new(0));
+    let at = |seq, epoch| ctx(seq, epoch).with_floor(Some(0));
+    insert_item(&once, &at(8, 2), "8", false, &calls)
+        .await
+        .unwrap();
+    insert_item(&once, &at(7, 1), "7", false, &calls)
+        .await
+        .unwrap();
+    match insert_item(&once, &at(9, 1), "9", false, &calls).await {
+        Err(RunError::Fenced {
+            epoch: 1,
+            highest: 2,
+        }) => {}
+        other => panic!("seq 9 of epoch 1 after seq 8 of epoch 2: {other:?}"),
+    }
+    assert_eq!(items(&db).await, ["8", "7"]);
+    assert_eq!(once.resume().await.unwrap(), Some(0));
+}

@@ -122,10 +122,10 @@ impl Applier for CopyApplier {
         Ok(checkpoint::fingerprint(&counts))
     }
 
-    async fn position(&self) -> Result<Option<u64>, ApplyError> {
+    async fn position(&self) -> Result<Option<regroup_replay::Position>, ApplyError> {
         let at = checkpoint::read(&self.db, &self.group)
             .await
             .map_err(unreachable)?;
-        Ok(Some(at.seq))
+        Ok(Some(regroup_replay::Position::in_order(at.seq)))
     }
 }

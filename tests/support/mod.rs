@@ -228,6 +228,18 @@ impl Bank {
         env: Vec<(String, String)>,
     ) -> Bank {
         let db = format!("sqlite://{}", dir.join(format!("bank-{name}.db")).display());
+        Bank::start_db(dir, name, &db, fault, env).await
+    }
+
+    /// Starts a bank on the database at `db` (its log in `dir`).
+    pub async fn start_db(
+        dir: &Path,
+        name: &str,
+        db: &str,
+        fault: Option<fault::Fault>,
+        env: Vec<(String, String)>,
+    ) -> Bank {
+        let db = db.to_owned();
         let log = dir.join(format!("bank-{name}.log"));
         let (child, url) = spawn_exe_and_read_env(
             bank_exe(),
@@ -526,6 +538,27 @@ impl BankGroup {
         for name in ["a", "b", "c", "d", "e"].iter().take(n) {
             banks.push(Bank::start_full(dir.path(), name, fault(name), env(name)).await);
         }
+        BankGroup::over(dir, banks, journal, top, extra).await
+    }
+
+    /// One bank per database URL of `dbs` (named a, b, c, ...) and a proxy over them with
+    /// `extra` lines in the `[[groups]]` table (the SQLite journal in the temp dir).
+    pub async fn start_on(dbs: &[&str], extra: &str) -> BankGroup {
+        let dir = tempfile::tempdir().unwrap();
+        let mut banks = Vec::new();
+        for (name, db) in ["a", "b", "c", "d", "e"].iter().zip(dbs) {
+            banks.push(Bank::start_db(dir.path(), name, db, None, Vec::new()).await);
+        }
+        BankGroup::over(dir, banks, None, "", extra).await
+    }
+
+    async fn over(
+        dir: tempfile::TempDir,
+        banks: Vec<Bank>,
+        journal: Option<&str>,
+        top: &str,
+        extra: &str,
+    ) -> BankGroup {
         let journal = journal
             .map(str::to_owned)
             .unwrap_or_else(|| format!("sqlite://{}", dir.path().join("journal.db").display()));
@@ -579,7 +612,18 @@ impl BankGroup {
                     .map_err(|e| e.to_string())?;
                 let g = &doc.groups[0];
                 if let Some(p) = g.partitions.iter().find(|p| p.status == "diverged") {
-                    panic!("partition {} diverged: {}", p.name, p.reason);
+                    let log = self
+                        .banks
+                        .iter()
+                        .find(|b| b.name == p.name)
+                        .and_then(|b| std::fs::read_to_string(&b.log).ok())
+                        .unwrap_or_default();
+                    panic!(
+                        "partition {} diverged: {}\nits log:\n{}",
+                        p.name,
+                        p.reason,
+                        tail(&log, 20)
+                    );
                 }
                 let done = g.in_doubt.is_empty()
                     && g.partitions

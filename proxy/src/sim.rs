@@ -416,7 +416,7 @@ impl PartitionLink for SimLink {
         // The snapshot is a copy of its database, taken in one transaction; the body names
         // it in the link's store of snapshots.
         let copy = p.lock().copy.clone();
-        let (seq, epoch) = (copy.last_seq(), copy.fence);
+        let (seq, epoch) = (copy.resume(), copy.fence);
         let mut snapshots = lock(&self.snapshots);
         snapshots.push(copy);
         let id = snapshots.len() - 1;
@@ -451,7 +451,7 @@ impl PartitionLink for SimLink {
             .and_then(|id| id.parse::<usize>().ok())
             .and_then(|id| lock(&self.snapshots).get(id).cloned())
             .ok_or_else(|| SnapshotError::untouched("the target cannot read the snapshot"))?;
-        let seq = copy.last_seq();
+        let seq = copy.resume();
         // Replaced in one transaction: its database is the snapshot's from now on.
         p.lock().copy = copy;
         Ok(Some(seq))

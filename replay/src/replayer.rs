@@ -713,11 +713,21 @@ mod tests {
     }
 
     async fn journal_with(dir: &tempfile::TempDir, n: u64, skip: &[u64]) -> Arc<SqlJournal> {
+        let bodies: Vec<String> = (1..=n).map(|seq| format!("body {seq}")).collect();
+        journal_of(dir, &bodies, skip).await
+    }
+
+    /// A journal of sealed records with these bodies, seq 1 first: executed, answered with
+    /// their body, but those in `skip` skipped.
+    pub(super) async fn journal_of(
+        dir: &tempfile::TempDir,
+        bodies: &[String],
+        skip: &[u64],
+    ) -> Arc<SqlJournal> {
         let url = format!("sqlite://{}", dir.path().join("j.db").display());
         let j = SqlJournal::connect(&url).await.expect("journal opens");
         j.open_group("g", "a").await.expect("group opens");
-        for seq in 1..=n {
-            let body = format!("body {seq}");
+        for (seq, body) in (1..).zip(bodies) {
             let r = Record::pending(
                 "g",
                 seq,
@@ -1082,35 +1092,11 @@ mod tests {
 mod parallel_tests {
     use super::*;
     use crate::conflict::ConflictRule;
-    use crate::journal::{Checkpoints as _, Log as _, Outcome, SqlJournal};
-    use crate::record::{Payload, RecordedRequest};
+    use crate::journal::Checkpoints as _;
+    use crate::record::Payload;
     use bytes::Bytes;
     use std::collections::BTreeSet;
     use std::sync::Mutex;
-
-    /// A journal of sealed records with these bodies, seq 1 first.
-    async fn journal_of(dir: &tempfile::TempDir, bodies: &[String]) -> Arc<SqlJournal> {
-        let url = format!("sqlite://{}", dir.path().join("j.db").display());
-        let j = SqlJournal::connect(&url).await.expect("journal opens");
-        j.open_group("g", "a").await.expect("group opens");
-        for (seq, body) in (1..).zip(bodies) {
-            let r = Record::pending(
-                "g",
-                seq,
-                1,
-                RecordedRequest {
-                    method: "POST".into(),
-                    uri: "/".into(),
-                    headers: vec![],
-                    body: Bytes::from(body.clone()),
-                },
-            );
-            j.append(&r).await.expect("append");
-            let outcome = Outcome::Executed(Some(Fingerprint::of(200, body.as_bytes())));
-            j.seal("g", seq, &outcome).await.expect("seal");
-        }
-        Arc::new(j)
-    }
 
     /// A partition whose layer takes records out of seq order: each waits for the records
     /// it was sent behind, then executes after a delay that varies with its seq.
@@ -1268,7 +1254,7 @@ mod parallel_tests {
             })
             .collect();
         let dir = tempfile::tempdir().expect("temp dir");
-        let j = journal_of(&dir, &bodies).await;
+        let j = super::tests::journal_of(&dir, &bodies, &[]).await;
         let partition = Arc::new(Parallel::default());
         if let Ok(mut s) = partition.state.lock() {
             s.fail_once = fail_once;

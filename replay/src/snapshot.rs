@@ -4,7 +4,8 @@
 //!
 //! [`Snapshotter`] is the seam: take a consistent snapshot and say which seq it includes
 //! (exactly: the snapshot holds the exactly-once table `regroup_applied`, so the seq is
-//! its highest row), and restore one. [`SeaOrmSnapshotter`] implements it for sea-orm on
+//! its highest row, or, with the `floor` column of parallel replay, the dense prefix every
+//! record below which is in it), and restore one. [`SeaOrmSnapshotter`] implements it for sea-orm on
 //! SQLite (`VACUUM INTO` a temp file; a restore ATTACHes the received file on one pooled
 //! connection and replaces every table's rows in one transaction, so the app's pool stays
 //! open and sees the new rows at commit) and on PostgreSQL (every table read in one
@@ -63,7 +64,8 @@ pub type SnapshotBody = Pin<Box<dyn Stream<Item = Result<Bytes, std::io::Error>>
 
 /// A consistent snapshot of a partition's database.
 pub struct Snapshot {
-    /// Every transaction up to this seq is in it, none after.
+    /// Every transaction up to this seq is in it (after it, only some taken out of seq
+    /// order by parallel replay, each answered from its record when it comes again).
     pub seq: u64,
     /// The highest epoch of the transactions in it.
     pub epoch: u64,
@@ -399,20 +401,8 @@ impl SeaOrmSnapshotter {
                 out.push(b'\n');
             }
         }
-        let applied = txn
-            .query_one_raw(Statement::from_string(
-                DbBackend::Postgres,
-                "SELECT max(seq) AS seq, max(epoch) AS epoch FROM regroup_applied",
-            ))
-            .await?;
+        let (seq, epoch) = postgres_applied(&txn).await?;
         txn.commit().await?;
-        let (seq, epoch) = match applied {
-            Some(r) => (
-                to_u64(r.try_get::<Option<i64>>("", "seq")?),
-                to_u64(r.try_get::<Option<i64>>("", "epoch")?),
-            ),
-            None => (0, 0),
-        };
         let body = futures_util::stream::once(async move { Ok(Bytes::from(out)) });
         Ok(Snapshot {
             seq,
@@ -517,20 +507,8 @@ impl SeaOrmSnapshotter {
             ))
             .await?;
         }
-        let applied = txn
-            .query_one_raw(Statement::from_string(
-                DbBackend::Postgres,
-                "SELECT max(seq) AS seq, max(epoch) AS epoch FROM regroup_applied",
-            ))
-            .await?;
+        let (seq, epoch) = postgres_applied(&txn).await?;
         txn.commit().await?;
-        let (seq, epoch) = match applied {
-            Some(r) => (
-                to_u64(r.try_get::<Option<i64>>("", "seq")?),
-                to_u64(r.try_get::<Option<i64>>("", "epoch")?),
-            ),
-            None => (0, 0),
-        };
         Ok(Restored { seq, epoch })
     }
 }
@@ -539,16 +517,64 @@ fn quote_literal(text: &str) -> String {
     format!("'{}'", text.replace('\'', "''"))
 }
 
-/// The highest seq and epoch in the `regroup_applied` table of the SQLite file at `path`.
+/// Where a copy stands by its `regroup_applied` table, and its highest epoch. Without the
+/// `floor` column, its highest seq; with it, its dense prefix: the highest floor among the
+/// newest records, a record taken in seq order standing for itself (as
+/// [`crate::ExactlyOnce::resume`]), so a copy made while records were taken out of seq
+/// order (parallel replay) is credited with no record it lacks, and the records above are
+/// answered from its record when they come again.
+fn applied_sql(floors: bool) -> &'static str {
+    if floors {
+        "SELECT (SELECT max(CASE WHEN floor IS NULL THEN seq ELSE floor END) \
+         FROM (SELECT seq, floor FROM regroup_applied ORDER BY seq DESC LIMIT 256) AS newest) \
+         AS seq, max(epoch) AS epoch FROM regroup_applied"
+    } else {
+        "SELECT max(seq) AS seq, max(epoch) AS epoch FROM regroup_applied"
+    }
+}
+
+/// Where the PostgreSQL copy `db` stands, and its highest epoch ([`applied_sql`]).
+async fn postgres_applied(db: &impl ConnectionTrait) -> Result<(u64, u64), SnapshotError> {
+    let floors = db
+        .query_one_raw(Statement::from_string(
+            DbBackend::Postgres,
+            "SELECT count(*) AS n FROM information_schema.columns \
+             WHERE table_name = 'regroup_applied' AND column_name = 'floor' \
+             AND table_schema = current_schema()",
+        ))
+        .await?
+        .map(|r| r.try_get::<i64>("", "n"))
+        .transpose()?
+        .is_some_and(|n| n > 0);
+    let applied = db
+        .query_one_raw(Statement::from_string(
+            DbBackend::Postgres,
+            applied_sql(floors),
+        ))
+        .await?;
+    Ok(match applied {
+        Some(r) => (
+            to_u64(r.try_get::<Option<i64>>("", "seq")?),
+            to_u64(r.try_get::<Option<i64>>("", "epoch")?),
+        ),
+        None => (0, 0),
+    })
+}
+
+/// Where the copy in the SQLite file at `path` stands, and its highest epoch
+/// ([`applied_sql`]).
 async fn sqlite_applied(path: &str) -> Result<(u64, u64), SnapshotError> {
     use sea_orm::sqlx::{Connection, Row, query};
     let opts = sea_orm::sqlx::sqlite::SqliteConnectOptions::new()
         .filename(path)
         .read_only(true);
     let mut conn = sea_orm::sqlx::SqliteConnection::connect_with(&opts).await?;
-    let row = query("SELECT max(seq), max(epoch) FROM regroup_applied")
-        .fetch_one(&mut conn)
-        .await?;
+    let floors: i64 =
+        query("SELECT count(*) FROM pragma_table_info('regroup_applied') WHERE name = 'floor'")
+            .fetch_one(&mut conn)
+            .await?
+            .try_get(0)?;
+    let row = query(applied_sql(floors > 0)).fetch_one(&mut conn).await?;
     let seq: Option<i64> = row.try_get(0)?;
     let epoch: Option<i64> = row.try_get(1)?;
     let _ = conn.close().await;

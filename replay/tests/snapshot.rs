@@ -325,3 +325,54 @@ async fn snapshot_endpoints_are_not_open_to_anyone() {
     assert_eq!(resp.headers()["regroup-applied"], "1");
     assert_eq!(once.applied().await.unwrap(), (1, 1));
 }
+
+/// A copy that took records out of seq order (parallel replay) is snapshotted at its dense
+/// prefix, not at its highest record: 2 is still missing, so the snapshot stands at 1 and
+/// the restored copy says the same (what is above comes again, answered from the record).
+#[tokio::test]
+async fn a_copy_with_records_out_of_seq_order_is_snapshotted_at_its_dense_prefix() {
+    let dir = tempfile::tempdir().unwrap();
+    let source = database(&dir, "source.db").await;
+    let target = database(&dir, "target.db").await;
+    for db in [&source, &target] {
+        regroup_migrations::AppliedFloorMigration
+            .up(&SchemaManager::new(db))
+            .await
+            .unwrap();
+    }
+    let once = ExactlyOnce::new(source.clone());
+    apply(&once, 1, 1, "ann", "rex").await;
+    // 3 and 4 were sent with floor 1, while 2 was still on its way.
+    source
+        .execute_unprepared(
+            "INSERT INTO regroup_applied (seq, txn_id, epoch, status, body, floor) VALUES
+               (3, 't3', 1, 201, x'7b7d', 1), (4, 't4', 1, 201, x'7b7d', 1)",
+        )
+        .await
+        .unwrap();
+    let snapshotter = SeaOrmSnapshotter::new(source.clone());
+    let snapshot = snapshotter.snapshot().await.unwrap();
+    assert_eq!((snapshot.seq, snapshot.epoch), (1, 1));
+    let restored = SeaOrmSnapshotter::new(target.clone())
+        .restore(&snapshot.format.clone(), snapshot.body)
+        .await
+        .unwrap();
+    assert_eq!(restored.seq, 1);
+    assert_eq!(
+        rows(
+            &target,
+            "SELECT CAST(seq AS TEXT) FROM regroup_applied ORDER BY seq"
+        )
+        .await,
+        ["1", "3", "4"]
+    );
+    // Once 2 is in, with the floor of 4's window, the copy stands at 4.
+    source
+        .execute_unprepared(
+            "INSERT INTO regroup_applied (seq, txn_id, epoch, status, body, floor) VALUES
+               (2, 't2', 1, 201, x'7b7d', 1), (5, 't5', 1, 201, x'7b7d', 4)",
+        )
+        .await
+        .unwrap();
+    assert_eq!(snapshotter.snapshot().await.unwrap().seq, 4);
+}

@@ -40,7 +40,8 @@
 //!   and `Regroup-Floor: F` instead of `Regroup-Prev` is applied once each Di is recorded
 //!   (waiting for them with `Regroup-Pipelined: 1`, bounded the same way), so records with no
 //!   key in common run side by side and the others in seq order. It is refused as `behind`
-//!   when F is above what this copy recorded, and as `out_of_order` when a Di finished
+//!   when F is above what this copy recorded (the first record after start, as the gap
+//!   check), and as `out_of_order` when a Di finished
 //!   unrecorded or the store records in seq order only. F is recorded with the transaction,
 //!   and `GET /_regroup/applied` adds `"resume": R` (the highest floor held among the newest
 //!   records, a record taken in seq order standing for itself): every record at or below R
@@ -675,7 +676,8 @@ impl ReplayLayer {
     /// once each Di is recorded here, waiting for those still on their way or executing when
     /// it was sent right behind them (`Regroup-Pipelined: 1`), bounded by
     /// [`ReplayLayer::predecessor_wait`]. Refused with 409 `behind` when F is above what
-    /// this copy recorded (it stands behind where the sender thinks), with 409
+    /// this copy recorded (it stands behind where the sender thinks: checked on the first
+    /// record after the process started, as the gap is), with 409
     /// `out_of_order` when a Di is not recorded (nothing is applied; a re-delivery of a
     /// recorded seq is answered from its record) or when the store cannot record floors.
     async fn after<B: From<String>>(
@@ -728,13 +730,18 @@ impl ReplayLayer {
                 ),
             ));
         }
+        // As with `gap`, only the first record after the process started is checked: that is
+        // when a copy restored from an older backup meets a sender that does not know yet.
+        // Later, the records up to a floor may end with ones the journal skipped (never sent
+        // here), above the highest recorded.
+        let first = !self.gap_checked.swap(true, Ordering::AcqRel);
         let mut highest = self.highest_seq.load(Ordering::Acquire);
-        if floor > highest {
+        if first && floor > highest {
             // Memory may lag the store: only the store decides.
             if let Ok((seq, _)) = store.applied().await {
                 highest = self.highest_seq.fetch_max(seq, Ordering::AcqRel).max(seq);
             }
-            if floor > highest {
+            if highest != 0 && floor > highest {
                 return Some(self.refuse(
                     "behind",
                     format!(

@@ -1043,8 +1043,8 @@ where
 /// A record sent in parallel waits only for the records it names: an independent one runs
 /// beside a slow one, a dependent one after it. `/_regroup/applied` reports where a sender
 /// resumes (the highest floor held), beside the highest seq. A record whose dependency
-/// finished unrecorded is refused at once, and one whose floor is above what the copy
-/// recorded is refused as `behind`; nothing runs for either.
+/// finished unrecorded is refused at once, and the first after a restart whose floor is
+/// above what the copy recorded is refused as `behind`; nothing runs for either.
 #[tokio::test]
 async fn records_sent_in_parallel_wait_only_for_those_they_conflict_with() {
     let (_dir, db) = database_with_floors().await;
@@ -1101,8 +1101,17 @@ async fn records_sent_in_parallel_wait_only_for_those_they_conflict_with() {
         "{body}"
     );
     assert!(started.elapsed() < std::time::Duration::from_millis(300));
-    // A floor above what the copy recorded: it stands behind where the sender thinks.
-    let (status, body) = send_json(&svc, parallel(20, "", 10, 1)).await;
+    // Later, a floor above the highest recorded is the journal's skipped records.
+    let (status, body) = send_json(&svc, parallel(8, "", 7, 1)).await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    // The first record after a restart with a floor above what the copy recorded: it stands
+    // behind where the sender thinks (a restored older copy).
+    let once = ExactlyOnce::new(db.clone());
+    let restarted = ReplayLayer::new()
+        .without_secret()
+        .with_store(once.clone())
+        .layer(recording(once, &[], &[]));
+    let (status, body) = send_json(&restarted, parallel(20, "", 10, 1)).await;
     assert_eq!(
         (status, body["error"].as_str()),
         (StatusCode::CONFLICT, Some("behind")),
@@ -1117,7 +1126,7 @@ async fn records_sent_in_parallel_wait_only_for_those_they_conflict_with() {
         StatusCode::BAD_REQUEST,
         "a dependency after the record"
     );
-    assert_eq!(items(&db).await, ["2", "1", "3", "4"]);
+    assert_eq!(items(&db).await, ["2", "1", "3", "4", "8"]);
 }
 
 /// A copy whose `regroup_applied` has no floor column offers no parallel replay: its

@@ -145,11 +145,16 @@ impl ExactlyOnce {
         };
         // One index probe in the common case: the newest record tells both whether this seq
         // is the latest one applied (a re-delivery) and the highest epoch seen.
-        let newest = newest(&txn).await?;
-        let applied = match &newest {
-            Some(n) if n.seq == ctx.seq() => newest.clone(),
-            Some(n) if n.seq > ctx.seq() => lookup(&txn, ctx.seq()).await?,
-            _ => None,
+        let newest = newest_record(&txn, None).await?;
+        // Below the newest (a re-delivery, or a record taken out of seq order): one probe
+        // finds the record at its seq, or else the one right below it (whose epoch fences).
+        let (applied, below) = match &newest {
+            Some(n) if n.seq == ctx.seq() => (newest.clone(), None),
+            Some(n) if n.seq > ctx.seq() => match newest_record(&txn, Some(ctx.seq())).await? {
+                Some(r) if r.seq == ctx.seq() => (Some(r), None),
+                other => (None, Some(other.map_or(0, |r| r.epoch))),
+            },
+            _ => (None, None),
         };
         if let Some(done) = applied {
             txn.rollback().await?;
@@ -168,10 +173,10 @@ impl ExactlyOnce {
             );
             return Ok(done.answer);
         }
-        let highest = match (&newest, ctx.floor()) {
+        let highest = match (below, ctx.floor()) {
             // Delivered out of seq order (parallel replay): only the records below it count,
             // as epochs never decrease along seqs.
-            (Some(n), Some(_)) if n.seq > ctx.seq() => epoch_below(&txn, ctx.seq()).await?,
+            (Some(epoch), Some(_)) => epoch,
             _ => newest.map_or(0, |n| n.epoch),
         };
         if ctx.epoch() < highest {
@@ -199,7 +204,9 @@ impl ExactlyOnce {
 
     /// The highest seq and the highest epoch applied here (0, 0 for none).
     pub async fn applied(&self) -> Result<(u64, u64), DbErr> {
-        Ok(newest(&self.db).await?.map_or((0, 0), |n| (n.seq, n.epoch)))
+        Ok(newest_record(&self.db, None)
+            .await?
+            .map_or((0, 0), |n| (n.seq, n.epoch)))
     }
 
     /// Where a sender resumes safely: a seq at or below which every record this partition
@@ -266,9 +273,12 @@ fn applied_record(seq: u64, row: &sea_orm::QueryResult) -> Result<AppliedRecord,
 }
 
 /// The record with the highest seq (epochs never decrease along seqs, so it also holds the
-/// highest epoch).
-async fn newest(db: &impl ConnectionTrait) -> Result<Option<AppliedRecord>, DbErr> {
-    let q = Query::select()
+/// highest epoch), at or below `at` when given.
+async fn newest_record(
+    db: &impl ConnectionTrait,
+    at: Option<u64>,
+) -> Result<Option<AppliedRecord>, DbErr> {
+    let mut q = Query::select()
         .columns([
             Applied::Seq,
             Applied::TxnId,
@@ -280,27 +290,14 @@ async fn newest(db: &impl ConnectionTrait) -> Result<Option<AppliedRecord>, DbEr
         .order_by(Applied::Seq, Order::Desc)
         .limit(1)
         .to_owned();
+    if let Some(at) = at {
+        q.and_where(Expr::col(Applied::Seq).lte(to_i64(at)));
+    }
     let Some(row) = db.query_one(&q).await? else {
         return Ok(None);
     };
     let seq: i64 = row.try_get("", "seq")?;
     applied_record(u64::try_from(seq).unwrap_or(0), &row).map(Some)
-}
-
-/// The epoch of the newest record below `seq` (0 for none).
-async fn epoch_below(db: &impl ConnectionTrait, seq: u64) -> Result<u64, DbErr> {
-    let q = Query::select()
-        .column(Applied::Epoch)
-        .from(Applied::Table)
-        .and_where(Expr::col(Applied::Seq).lt(to_i64(seq)))
-        .order_by(Applied::Seq, Order::Desc)
-        .limit(1)
-        .to_owned();
-    let Some(row) = db.query_one(&q).await? else {
-        return Ok(0);
-    };
-    let epoch: i64 = row.try_get("", "epoch")?;
-    Ok(u64::try_from(epoch).unwrap_or(0))
 }
 
 async fn record(

@@ -2,12 +2,19 @@
 """The catch-up helper of bench/run.sh: pushes the records, times a replica that comes back
 behind.
 
-    catchup.py push URL N [--max-time S]
+    catchup.py seed URL N [--balance CENTS]
+        Opens accounts 1..N (`POST URL/accounts`, "bench-1" ... "bench-N", --balance each,
+        default 1_000_000_000) one at a time; exit 1 unless they got ids 1..N in order.
+    catchup.py push URL N [--max-time S] [--accounts K --seed S]
         Sends `POST URL/transfers {"from":1,"to":2,"amount":1}` one at a time on one
         keep-alive connection (a new one after an error) until N answered 2xx, for at most
         --max-time seconds (600); prints one JSON line: pushed (2xx answers), push_failed
-        (other answers and errors), push_s, push_rps. (wrk stops a thread after N answers,
-        but its main thread still sleeps out the whole -d and reports over it.)
+        (other answers and errors), push_s, push_rps, and accounts when given. (wrk stops a
+        thread after N answers, but its main thread still sleeps out the whole -d and
+        reports over it.) With --accounts K, each transfer goes between two distinct
+        accounts drawn at random from 1..K (random.Random(--seed), default 0), so that most
+        pairs of transfers share no account: independent under the conflict keys
+        `body:/from`, `body:/to`.
     catchup.py watch ADMIN PARTITION --since-file FILE [--ready-file FILE] [--from SEQ]
                      [--round N] [--push PUSH.json] [--poll S] [--timeout S]
         PARTITION of the group behind ADMIN (group 0 of `GET /status`) was away while
@@ -33,6 +40,7 @@ import argparse
 import http.client
 import json
 import os
+import random
 import socket
 import sys
 import time
@@ -45,9 +53,44 @@ from failover import group_state  # noqa: E402
 BODY = b'{"from":1,"to":2,"amount":1}'
 
 
+def seed(args):
+    url = urllib.parse.urlsplit(args.url)
+    conn = http.client.HTTPConnection(url.hostname, url.port, timeout=30)
+    for i in range(1, args.n + 1):
+        body = json.dumps({"name": f"bench-{i}", "balance": args.balance}).encode()
+        conn.request("POST", url.path.rstrip("/") + "/accounts", body=body,
+                     headers={"content-type": "application/json"})
+        resp = conn.getresponse()
+        text = resp.read()
+        if not 200 <= resp.status < 300:
+            print(f"catchup.py seed: account bench-{i} on {args.url}: {resp.status} {text!r}",
+                  file=sys.stderr)
+            return 1
+        got = json.loads(text).get("id")
+        if got != i:
+            print(f"catchup.py seed: account bench-{i} got id {got} on {args.url}",
+                  file=sys.stderr)
+            return 1
+    conn.close()
+    return 0
+
+
+def bodies(args):
+    """The transfers' bodies: 1 -> 2 each time, or between random distinct accounts."""
+    if not args.accounts:
+        while True:
+            yield BODY
+    rng = random.Random(args.seed)
+    while True:
+        a, b = rng.sample(range(1, args.accounts + 1), 2)
+        yield json.dumps({"from": a, "to": b, "amount": 1}).encode()
+
+
 def push(args):
     url = urllib.parse.urlsplit(args.url)
     pushed = failed = 0
+    body = None
+    gen = bodies(args)
     conn = None
     start = time.monotonic()
     deadline = start + args.max_time
@@ -57,12 +100,15 @@ def push(args):
                 conn = http.client.HTTPConnection(url.hostname, url.port, timeout=30)
                 conn.connect()
                 conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            conn.request("POST", url.path.rstrip("/") + "/transfers", body=BODY,
+            if body is None:
+                body = next(gen)
+            conn.request("POST", url.path.rstrip("/") + "/transfers", body=body,
                          headers={"content-type": "application/json"})
             resp = conn.getresponse()
             resp.read()
             if 200 <= resp.status < 300:
                 pushed += 1
+                body = None
             else:
                 failed += 1
         except (OSError, http.client.HTTPException) as e:
@@ -73,8 +119,11 @@ def push(args):
             conn = None
             time.sleep(0.01)
     secs = time.monotonic() - start
-    print(json.dumps({"pushed": pushed, "push_failed": failed, "push_s": round(secs, 3),
-                      "push_rps": round(pushed / secs, 1) if secs else None}))
+    result = {"pushed": pushed, "push_failed": failed, "push_s": round(secs, 3),
+              "push_rps": round(pushed / secs, 1) if secs else None}
+    if args.accounts:
+        result["accounts"] = args.accounts
+    print(json.dumps(result))
     return 0 if pushed >= args.n else 1
 
 
@@ -149,10 +198,16 @@ def watch(args):
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="cmd", required=True)
+    se = sub.add_parser("seed")
+    se.add_argument("url")
+    se.add_argument("n", type=int)
+    se.add_argument("--balance", type=int, default=1_000_000_000)
     pu = sub.add_parser("push")
     pu.add_argument("url")
     pu.add_argument("n", type=int)
     pu.add_argument("--max-time", type=float, default=600)
+    pu.add_argument("--accounts", type=int, default=0)
+    pu.add_argument("--seed", type=int, default=0)
     w = sub.add_parser("watch")
     w.add_argument("admin")
     w.add_argument("partition")
@@ -164,7 +219,9 @@ def main():
     w.add_argument("--poll", type=float, default=0.05)
     w.add_argument("--timeout", type=float, default=600)
     args = p.parse_args()
-    return push(args) if args.cmd == "push" else watch(args)
+    if args.cmd == "push" and args.accounts == 1:
+        p.error("--accounts needs at least 2 accounts")
+    return {"seed": seed, "push": push, "watch": watch}[args.cmd](args)
 
 
 if __name__ == "__main__":

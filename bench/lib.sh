@@ -9,8 +9,9 @@
 # shellcheck disable=SC2034  # BIN, BANK_URL, RG_URL, ... are set here for the sourcing script
 PIDS=()
 # The banks of a script that kills and restarts them (kill_primary_trial): name -> URL, and
-# name -> pid of its current process.
-declare -A BANK_URLS=() BANK_PIDS=()
+# name -> pid of its current process; BANK_DBS: name -> database URL of a bank that is not
+# on its SQLite file $TMP/bank-NAME.db (e.g. postgres://...), set before start_bank.
+declare -A BANK_URLS=() BANK_PIDS=() BANK_DBS=()
 APT_UPDATED=0
 # Installs Debian packages $@ (as root, or with sudo), updating the package lists once.
 apt_install() {
@@ -95,13 +96,14 @@ wait_line() {
     return 1
 }
 
-# Starts the example bank $1 on $TMP/bank-$1.db, listening on $2 (default 127.0.0.1:0; its
-# old address on a restart); sets BANK_URL and BANK_PID. Its stdout ($TMP/bank-$1.out) is
-# started afresh, its stderr appended to, so the log of every incarnation is kept.
+# Starts the example bank $1 on $TMP/bank-$1.db (or on ${BANK_DBS[$1]} when set), listening
+# on $2 (default 127.0.0.1:0; its old address on a restart); sets BANK_URL and BANK_PID. Its
+# stdout ($TMP/bank-$1.out) is started afresh, its stderr appended to, so the log of every
+# incarnation is kept.
 start_bank() {
     local name="$1" listen="${2:-127.0.0.1:0}" out="$TMP/bank-$1.out" line
     : >"$out"
-    RUST_LOG=warn "$BANK_BIN" --listen "$listen" --db "sqlite://$TMP/bank-$name.db" \
+    RUST_LOG=warn "$BANK_BIN" --listen "$listen" --db "${BANK_DBS[$name]:-sqlite://$TMP/bank-$name.db}" \
         >"$out" 2>>"$out.err" </dev/null &
     BANK_PID="$!"
     disown "$BANK_PID"

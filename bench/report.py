@@ -4,6 +4,8 @@
     report.py RESULTS.tsv --rounds N --duration S [--nginx-version V] [--wrk-version V]
               [--commit C] [--loadavg L] [--command C] [--clk-tck HZ]
               [--catchup CATCHUP.jsonl] [--failover FAILOVER.tsv --failover-log LOG]
+              [--catchup-pg CATCHUP-PG.jsonl --catchup-pg-window W --catchup-pg-accounts N]
+              [--catchup-pg-left-out REASON]
     report.py --splice BENCHMARKS.md REPORT.md [SYNC]
 
 RESULTS.tsv has one line per wrk run: target, round, path of wrk's output (with --latency;
@@ -11,6 +13,9 @@ a second wrk's output beside it as PATH.reads for the mixed load), the proxy's C
 the run in clock ticks, and its resident set in kB after the run.
 CATCHUP.jsonl has one line per catch-up trial (bench/catchup.py watch); its rate is held
 against update-direct's (the application's own serialized update rate) of the same run.
+CATCHUP-PG.jsonl is the same on PostgreSQL with conflict keys (group pg, `replay_window` W,
+transfers over N accounts), held against update-pg-direct (the PostgreSQL bank's own
+serialized update rate); its lines also carry `parallel` and `recorded` (bench/run.sh).
 FAILOVER.tsv has one line per failover trial: round, the JSON line of bench/failover.py
 trial; LOG is regroup three's log, for when the primary was marked unavailable and the
 hand-over's took_ms.
@@ -44,8 +49,8 @@ FLOORS = [
     ("updates: regroup / direct throughput", "update-regroup", "update-direct", "rps", ">=", 0.5),
 ]
 # Issue 11's floor for the catch-up rate (records/s a returning replica replays) against the
-# application's own serialized update rate (update-direct); for later work on parallel replay
-# with conflict keys.
+# application's own serialized update rate (update-direct, or update-pg-direct for the
+# catch-up on PostgreSQL with conflict keys, which is what the floor is for).
 CATCHUP_FLOOR = 1.5
 # The failover goal of BENCHMARKS.md ("Failover time"): median at most this many ms.
 FAILOVER_GOAL_MS = 1000
@@ -75,6 +80,7 @@ TARGETS = [
     ("update-regroup", "serialized updates", "regroup (journal + primary, 3 partitions)", "POST /transfers, wrk -t1 -c1"),
     ("update-regroup1", "serialized updates", "regroup (journal + one partition)", "POST /transfers, wrk -t1 -c1"),
     ("update-direct", "serialized updates", "solo bank, direct", "POST /transfers, wrk -t1 -c1"),
+    ("update-pg-direct", "serialized updates", "pg-solo bank on PostgreSQL, direct", "POST /transfers, wrk -t1 -c1"),
     ("update16-regroup", "16-client updates", "regroup (3 partitions)", "POST /transfers, wrk -t2 -c16"),
     ("update16-regroup1", "16-client updates", "regroup (one partition)", "POST /transfers, wrk -t2 -c16"),
     ("update16-direct", "16-client updates", "solo bank, direct", "POST /transfers, wrk -t2 -c16"),
@@ -168,11 +174,19 @@ def report(args):
                "processes (regroup's, or nginx's master and workers) over the run / requests "
                "answered, RSS after the run")
     catchup = [json.loads(line) for line in open(args.catchup)] if args.catchup else []
+    catchup_pg = [json.loads(line) for line in open(args.catchup_pg)] if args.catchup_pg else []
     failover = []
     if args.failover:
         for line in open(args.failover):
             rnd, doc = line.rstrip("\n").split("\t", 1)
             failover.append((int(rnd), json.loads(doc)))
+    if catchup_pg:
+        out.append(f"- catch-up on PostgreSQL (`catchup-pg`): group pg with conflict keys "
+                   f"`body:/from`, `body:/to` on POST /transfers, `replay_window` "
+                   f"{args.catchup_pg_window}; transfers between random distinct accounts of "
+                   f"1..{args.catchup_pg_accounts}")
+    if args.catchup_pg_left_out:
+        out.append(f"- `catchup-pg` left out: {args.catchup_pg_left_out}")
     if failover:
         out.append(f"- failover: {len(failover)} SIGKILLs of regroup three's primary, spread "
                    "over the rounds; group three's heartbeat settings at their defaults")
@@ -213,6 +227,13 @@ def report(args):
         ratio_rows.append(floor_row("catch-up: replica's catch-up rate / direct serialized "
                                     "update rate", statistics.median(rates) / direct, ">=",
                                     CATCHUP_FLOOR))
+    direct_pg = med.get("update-pg-direct", {}).get("rps")
+    rates_pg = [c["rate"] for c in catchup_pg if c.get("rate") is not None]
+    if rates_pg and direct_pg:
+        ratio_rows.append(floor_row("catch-up on PostgreSQL with conflict keys: replica's rate "
+                                    "/ PG bank's direct serialized rate",
+                                    statistics.median(rates_pg) / direct_pg, ">=",
+                                    CATCHUP_FLOOR))
     for label, a, b, metric in RATIOS:
         v = ratio(a, b, metric)
         if v is not None:
@@ -221,6 +242,14 @@ def report(args):
     if replay and direct:
         ratio_rows.append("| catch-up: replay alone (first record -> head) / direct serialized "
                           f"update rate | {statistics.median(replay) / direct:.2f}x | | |")
+    replay_pg = [c["replay_rate"] for c in catchup_pg if c.get("replay_rate") is not None]
+    if replay_pg and direct_pg:
+        ratio_rows.append("| catch-up on PostgreSQL with conflict keys: replay alone / PG bank's "
+                          f"direct serialized rate | {statistics.median(replay_pg) / direct_pg:.2f}x "
+                          "| | |")
+    if direct_pg and direct:
+        ratio_rows.append(f"| serialized updates: PG bank / SQLite bank, direct | "
+                          f"{direct_pg / direct:.2f}x | | |")
     if ratio_rows:
         out.append("")
         out.append("| ratio | value | floor | met |")
@@ -238,12 +267,17 @@ def report(args):
             paired.append(f"{label}: " + " ".join(f"{r:.2f}" for r in rs)
                           + f" (median {statistics.median(rs):.2f}x)")
     by_round = {r["round"]: r["rps"] for r in runs.get("update-direct", [])}
-    per_round = [(c["round"], c["rate"] / by_round[c["round"]]) for c in catchup
-                 if c.get("rate") is not None and by_round.get(c["round"])]
-    if per_round:
-        paired.append("catch-up rate / direct serialized update rate: "
-                      + " ".join(f"{v:.2f}" for _r, v in per_round)
-                      + f" (median {statistics.median(v for _r, v in per_round):.2f}x)")
+    by_round_pg = {r["round"]: r["rps"] for r in runs.get("update-pg-direct", [])}
+    for label, trials, direct_by in (
+            ("catch-up rate / direct serialized update rate", catchup, by_round),
+            ("catch-up on PostgreSQL with conflict keys / PG bank's direct serialized rate",
+             catchup_pg, by_round_pg)):
+        per_round = [(c["round"], c["rate"] / direct_by[c["round"]]) for c in trials
+                     if c.get("rate") is not None and direct_by.get(c["round"])]
+        if per_round:
+            paired.append(f"{label}: "
+                          + " ".join(f"{v:.2f}" for _r, v in per_round)
+                          + f" (median {statistics.median(v for _r, v in per_round):.2f}x)")
     if paired:
         out.append("")
         out.append("Per-round ratios (same round, same conditions): " + "; ".join(paired) + ".")
@@ -253,7 +287,10 @@ def report(args):
         out.append("**Failed requests** (non-2xx answers or socket errors, all rounds): "
                    + ", ".join(f"{t} {n}" for t, n in sorted(bad.items())))
     if catchup:
-        out.extend(catchup_section(catchup, by_round, direct))
+        out.extend(catchup_section(catchup, by_round, direct, CATCHUP_INTRO))
+    if catchup_pg:
+        out.extend(catchup_section(catchup_pg, by_round_pg, direct_pg, CATCHUP_PG_INTRO.format(
+            window=args.catchup_pg_window, accounts=args.catchup_pg_accounts), parallel=True))
     if failover:
         out.extend(failover_section(failover, parse_log(args.failover_log)
                                     if args.failover_log else []))
@@ -274,19 +311,36 @@ def fmt_s(v):
     return "-" if v is None else f"{v:.2f} s"
 
 
-def catchup_section(catchup, direct_by_round, direct):
+CATCHUP_INTRO = (
+    "Catch-up (`catchup`): a replica of regroup three SIGKILLed, transfers pushed "
+    "through regroup three meanwhile (bench/catchup.py push: one at a time, keep-alive), "
+    "the replica started again on its "
+    "port and database; timed from its return until admin `/status` shows it applied "
+    "the head (polled every 50 ms). Catch-up rate = records behind / (return -> head); "
+    "replay alone = from the first poll that saw it apply a record to the head. "
+    "\"direct\" is update-direct (solo bank, wrk -t1 -c1) of the same round.")
+CATCHUP_PG_INTRO = (
+    "Catch-up on PostgreSQL with conflict keys (`catchup-pg`): the same trial on regroup pg "
+    "(banks pg-a, pg-b, pg-c, each on its own PostgreSQL database; conflict keys `body:/from`, "
+    "`body:/to` on POST /transfers; `replay_window` {window}), the transfers between two "
+    "distinct accounts drawn at random from 1..{accounts}, so that most are independent and "
+    "the returning replica replays them in parallel. \"direct\" is update-pg-direct (the "
+    "pg-solo bank on its own PostgreSQL database, wrk -t1 -c1) of the same round. \"in "
+    "parallel\" counts the trial's records the replica took while records before them were "
+    "still on their way (`regroup_applied.floor` below the seq right before them), of those "
+    "it recorded. After each trial the three copies' `account` and `transfer` rows were "
+    "compared and found identical.")
+
+
+def catchup_section(catchup, direct_by_round, direct, intro, parallel=False):
     """The catch-up trials: one row per round, then the medians."""
-    out = ["", "Catch-up (`catchup`): a replica of regroup three SIGKILLed, transfers pushed "
-           "through regroup three meanwhile (bench/catchup.py push: one at a time, keep-alive), "
-           "the replica started again on its "
-           "port and database; timed from its return until admin `/status` shows it applied "
-           "the head (polled every 50 ms). Catch-up rate = records behind / (return -> head); "
-           "replay alone = from the first poll that saw it apply a record to the head. "
-           "\"direct\" is update-direct (solo bank, wrk -t1 -c1) of the same round.", "",
+    extra = " in parallel |" if parallel else ""
+    out = ["", intro, "",
            "| round | replica | records behind | push through regroup | return -> first "
            "record | return -> head | catch-up rate | replay alone | direct serialized "
-           "updates (same round) | catch-up / direct |",
-           "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+           "updates (same round) | catch-up / direct |" + extra,
+           "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+           + (" ---: |" if parallel else "")]
     for c in catchup:
         d = direct_by_round.get(c["round"])
         ratio = f"{c['rate'] / d:.2f}x" if c.get("rate") and d else "-"
@@ -294,9 +348,13 @@ def catchup_section(catchup, direct_by_round, direct):
                 if c.get("pushed") is not None else "-")
         if c.get("push_failed"):
             push += f", **{c['push_failed']} failed**"
+        cells = ""
+        if parallel:
+            cells = (f" {c['parallel']} of {c['recorded']} |" if c.get("recorded") is not None
+                     else " - |")
         out.append(f"| {c['round'] + 1} | {c['partition']} | {c['behind']} | {push} "
                    f"| {fmt_s(c['first_s'])} | {fmt_s(c['done_s'])} | {fmt_rate(c['rate'])} "
-                   f"| {fmt_rate(c['replay_rate'])} | {fmt_rate(d)} | {ratio} |")
+                   f"| {fmt_rate(c['replay_rate'])} | {fmt_rate(d)} | {ratio} |" + cells)
 
     def med(key):
         vals = [c[key] for c in catchup if c.get(key) is not None]
@@ -306,7 +364,7 @@ def catchup_section(catchup, direct_by_round, direct):
     ratio = f"{rate / direct:.2f}x" if rate and direct else "-"
     out.append(f"| median | | {med('behind'):.0f} | | {fmt_s(med('first_s'))} "
                f"| {fmt_s(med('done_s'))} | {fmt_rate(rate)} | {fmt_rate(med('replay_rate'))} "
-               f"| {fmt_rate(direct)} | {ratio} |")
+               f"| {fmt_rate(direct)} | {ratio} |" + (" |" if parallel else ""))
     missed = [c for c in catchup if c.get("done_s") is None]
     if missed:
         out.append("")
@@ -381,6 +439,12 @@ def main():
     p.add_argument("--catchup", help="catch-up trials, one JSON line each")
     p.add_argument("--failover", help="failover trials: round, tab, JSON line")
     p.add_argument("--failover-log", help="regroup three's log")
+    p.add_argument("--catchup-pg", help="catch-up trials on PostgreSQL, one JSON line each")
+    p.add_argument("--catchup-pg-window", default="8 (the default)",
+                   help="group pg's replay_window")
+    p.add_argument("--catchup-pg-accounts", default="64",
+                   help="accounts the catchup-pg transfers are spread over")
+    p.add_argument("--catchup-pg-left-out", help="why catchup-pg was left out of a full run")
     report(p.parse_args())
 
 

@@ -713,7 +713,15 @@ impl ReplayLayer {
         }
         let store = self.store.as_ref()?;
         if !self.load().await {
-            return None;
+            // Out of seq order nothing may run unchecked: the sender tries again.
+            return Some(self.refuse(
+                "out_of_order",
+                format!(
+                    "seq {} sent out of seq order, but this partition cannot read its \
+                     exactly-once record now",
+                    ctx.seq()
+                ),
+            ));
         }
         let floors = self
             .floors

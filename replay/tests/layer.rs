@@ -1179,3 +1179,37 @@ async fn exactly_once_fences_a_record_out_of_order_only_by_the_records_below_it(
     assert_eq!(items(&db).await, ["8", "7"]);
     assert_eq!(once.resume().await.unwrap(), Some(0));
 }
+
+/// A store that cannot be read: its layer cannot tell what is recorded.
+struct Unreadable;
+
+#[async_trait::async_trait]
+impl regroup_replay::AppliedStore for Unreadable {
+    async fn applied(&self) -> Result<(u64, u64), String> {
+        Err("the database is down".into())
+    }
+    async fn lookup(&self, _: u64) -> Result<Option<regroup_replay::AppliedRecord>, String> {
+        Err("the database is down".into())
+    }
+    async fn resume(&self) -> Result<Option<u64>, String> {
+        Ok(Some(0))
+    }
+}
+
+/// Out of seq order nothing runs unchecked: while the layer cannot read its record, a
+/// record sent in parallel is refused (the sender tries again) and the handler never runs.
+#[tokio::test]
+async fn a_record_sent_in_parallel_is_refused_while_the_record_cannot_be_read() {
+    let (svc, seen) = inner();
+    let svc = ReplayLayer::new()
+        .without_secret()
+        .with_store(Unreadable)
+        .layer(svc);
+    let (status, body) = send_json(&svc, parallel(3, "1", 0, 1)).await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (StatusCode::CONFLICT, Some("out_of_order")),
+        "{body}"
+    );
+    assert_eq!(calls(&seen), 0);
+}

@@ -242,14 +242,16 @@ impl SimLink {
         if p.exactly_once {
             let last = s.copy.last_seq();
             if let Some((after, floor)) = parallel {
-                // Parallel replay: on the first record after a start, a floor above what it
-                // recorded means it stands behind (later it may be records the journal
-                // skipped); each record named must be recorded (a re-delivery is answered
-                // anyway).
-                let first = !s.gap_checked;
-                s.gap_checked = true;
-                if first && last > 0 && floor > last {
-                    return (409, Bytes::from(format!("behind {last}")));
+                // Parallel replay: until a record passes after a start, a floor above where
+                // the copy is dense means it may stand behind (restored); later it may be
+                // records the journal skipped. Each record named must be recorded (a
+                // re-delivery is answered anyway).
+                if !s.gap_checked {
+                    let resume = s.copy.resume();
+                    if last > 0 && floor > resume {
+                        return (409, Bytes::from(format!("behind {resume}")));
+                    }
+                    s.gap_checked = true;
                 }
                 if !s.copy.record.contains_key(&record.seq)
                     && after.iter().any(|d| !s.copy.record.contains_key(d))
@@ -2163,10 +2165,13 @@ const REGRESSION_SEEDS: [u64; 16] = [
 /// record that failed in a parallel window went again in seq order, and the copy, which had
 /// taken a later epoch's record, fenced it (it now goes the parallel way). 3409: a floor
 /// above the highest recorded was refused as `behind`, but it was the journal's skipped
-/// records (checked now on the first record after a start only). 8964: a primary restored
+/// records (checked now only after a start, against where the copy is dense). 8964: a primary restored
 /// from an older copy was refused an in-doubt record's settlement for good, since its
-/// `delivered` stayed where it stood before (`update::rewound` now re-aims it).
-const KEYED_REGRESSION_SEEDS: [u64; 3] = [602, 3409, 8964];
+/// `delivered` stayed where it stood before (`update::rewound` now re-aims it). 10688: a
+/// copy restored from an older copy with holes below its highest record took records
+/// past them, and diverged (a floor is now checked against where the copy is dense until one
+/// passes after a start, and a retry goes back to there).
+const KEYED_REGRESSION_SEEDS: [u64; 4] = [602, 3409, 8964, 10688];
 
 /// How many of the regression seeds, the first ones, were found before journal outages
 /// were simulated: they keep the schedule they failed with.

@@ -40,8 +40,8 @@
 //!   and `Regroup-Floor: F` instead of `Regroup-Prev` is applied once each Di is recorded
 //!   (waiting for them with `Regroup-Pipelined: 1`, bounded the same way), so records with no
 //!   key in common run side by side and the others in seq order. It is refused as `behind`
-//!   when F is above what this copy recorded (the first record after start, as the gap
-//!   check), and as `out_of_order` when a Di finished
+//!   when F is above where this copy is dense (its resume), until one record passed after
+//!   the process started, and as `out_of_order` when a Di finished
 //!   unrecorded or the store records in seq order only. F is recorded with the transaction,
 //!   and `GET /_regroup/applied` adds `"resume": R` (the highest floor held among the newest
 //!   records, a record taken in seq order standing for itself): every record at or below R
@@ -675,9 +675,10 @@ impl ReplayLayer {
     /// Parallel replay (`Regroup-After: D1,D2,..` with `Regroup-Floor: F`): applies the record
     /// once each Di is recorded here, waiting for those still on their way or executing when
     /// it was sent right behind them (`Regroup-Pipelined: 1`), bounded by
-    /// [`ReplayLayer::predecessor_wait`]. Refused with 409 `behind` when F is above what
-    /// this copy recorded (it stands behind where the sender thinks: checked on the first
-    /// record after the process started, as the gap is), with 409
+    /// [`ReplayLayer::predecessor_wait`]. Refused with 409 `behind` (and `Regroup-Applied`
+    /// at its resume) when F is above where this copy is dense, until a record passes that
+    /// after the process started (a restored copy may have holes below its highest record),
+    /// with 409
     /// `out_of_order` when a Di is not recorded (nothing is applied; a re-delivery of a
     /// recorded seq is answered from its record) or when the store cannot record floors.
     async fn after<B: From<String>>(
@@ -738,27 +739,33 @@ impl ReplayLayer {
                 ),
             ));
         }
-        // As with `gap`, only the first record after the process started is checked: that is
-        // when a copy restored from an older backup meets a sender that does not know yet.
+        // Until a record passes it after the process started, each record's floor is checked
+        // against where this copy is dense (its resume): that is when a copy restored from
+        // an older backup, with holes below its highest record, meets a sender that does not
+        // know yet. The sender resumes where the copy is dense, and its next floor passes.
         // Later, the records up to a floor may end with ones the journal skipped (never sent
-        // here), above the highest recorded.
-        let first = !self.gap_checked.swap(true, Ordering::AcqRel);
-        let mut highest = self.highest_seq.load(Ordering::Acquire);
-        if first && floor > highest {
-            // Memory may lag the store: only the store decides.
-            if let Ok((seq, _)) = store.applied().await {
-                highest = self.highest_seq.fetch_max(seq, Ordering::AcqRel).max(seq);
-            }
-            if highest != 0 && floor > highest {
-                return Some(self.refuse(
+        // here): past the copy's record, and no sign of anything.
+        if !self.gap_checked.load(Ordering::Acquire) {
+            let resume = match store.resume().await {
+                Ok(Some(resume)) => resume,
+                _ => 0,
+            };
+            let highest = self.highest_seq.load(Ordering::Acquire);
+            if highest != 0 && floor > resume {
+                let mut resp: Response<B> = error(
+                    StatusCode::CONFLICT,
                     "behind",
                     format!(
-                        "seq {} offered with floor {floor}, but this partition has applied \
-                         only up to {highest}",
+                        "seq {} offered with floor {floor}, but this partition holds every \
+                         record only up to {resume} (it was restarted, perhaps restored)",
                         ctx.seq()
                     ),
-                ));
+                );
+                resp.headers_mut()
+                    .insert(crate::headers::APPLIED, header::HeaderValue::from(resume));
+                return Some(resp);
             }
+            self.gap_checked.store(true, Ordering::Release);
         }
         // Those memory has not seen recorded: recorded before it began (the store knows),
         // or still on their way (wait for them when sent right behind them).

@@ -542,15 +542,11 @@ impl Replayer {
                 && exactly_once
                 && let Ok(Some(p)) = self.applier.position().await
             {
+                // Out of seq order the copy is dense only up to its resume, which may lag what
+                // it recorded: going back there re-sends a few records, each answered from its
+                // record, and fills any hole a restore left.
                 let at = p.resume_at();
-                // Out of seq order a copy's floor lags what it recorded: only a copy past
-                // this record, or one that lost records below it (restored), moves.
-                let moved = if parallel.is_some() {
-                    at >= record.seq || p.applied + 1 < record.seq
-                } else {
-                    at + 1 != record.seq
-                };
-                if moved {
+                if at + 1 != record.seq {
                     return Step::Reposition(at);
                 }
             }

@@ -95,3 +95,73 @@ async fn a_returning_replica_runs_independent_transfers_side_by_side_on_postgres
     );
     drop(g);
 }
+
+/// The same record delivered twice at once on PostgreSQL (a retry while the first delivery
+/// still runs, as a broken parallel window sends it): both are answered alike from one
+/// execution, the loser's work rolled back with its transaction, not a 500 from the
+/// record's primary key (which made the replica diverge).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_record_delivered_twice_at_once_is_applied_once_on_postgres() {
+    use regroup_replay::{Answer, ExactlyOnce, ReplayContext};
+    use sea_orm_migration::{MigrationTrait, SchemaManager};
+    let Some(db) = TempDatabase::create_or_skip().await else {
+        return;
+    };
+    let conn = Database::connect(&db.url).await.unwrap();
+    for m in [
+        Box::new(regroup_migrations::AppliedMigration) as Box<dyn MigrationTrait>,
+        Box::new(regroup_migrations::AppliedFloorMigration),
+    ] {
+        m.up(&SchemaManager::new(&conn)).await.unwrap();
+    }
+    conn.execute_unprepared("CREATE TABLE item (id BIGSERIAL PRIMARY KEY, name TEXT NOT NULL)")
+        .await
+        .unwrap();
+    let once = ExactlyOnce::new(conn.clone());
+    let ctx = ReplayContext::new(
+        7,
+        uuid::Uuid::now_v7(),
+        1,
+        time::OffsetDateTime::now_utc(),
+        true,
+    )
+    .with_floor(Some(5));
+    let run = |once: ExactlyOnce, ctx: ReplayContext| async move {
+        once.run(Some(&ctx), |txn| {
+            Box::pin(async move {
+                txn.execute_unprepared("INSERT INTO item (name) VALUES ('seven')")
+                    .await
+                    .map_err(|e| Answer::json(500, &e.to_string()))?;
+                // Both deliveries are inside their transactions at once.
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                Ok(Answer::json(201, &"done"))
+            })
+        })
+        .await
+    };
+    let (first, second) = tokio::join!(
+        tokio::spawn(run(once.clone(), ctx.clone())),
+        tokio::spawn(run(once.clone(), ctx.clone()))
+    );
+    let (first, second) = (first.unwrap().unwrap(), second.unwrap().unwrap());
+    assert_eq!(first, second);
+    assert_eq!(first.status, 201);
+    let rows = conn
+        .query_one_raw(Statement::from_string(
+            conn.get_database_backend(),
+            "SELECT (SELECT count(*) FROM item) AS items, \
+             (SELECT count(*) FROM regroup_applied) AS records",
+        ))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        (
+            rows.try_get::<i64>("", "items").unwrap(),
+            rows.try_get::<i64>("", "records").unwrap()
+        ),
+        (1, 1),
+        "executed once, recorded once"
+    );
+    conn.close().await.unwrap();
+}

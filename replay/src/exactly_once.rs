@@ -9,7 +9,9 @@ use std::pin::Pin;
 use bytes::Bytes;
 use regroup_migrations::Applied;
 use sea_orm::sea_query::{Expr, ExprTrait, Order, Query};
-use sea_orm::{ConnectionTrait, DatabaseConnection, DatabaseTransaction, DbErr, TransactionTrait};
+use sea_orm::{
+    ConnectionTrait, DatabaseConnection, DatabaseTransaction, DbErr, SqlErr, TransactionTrait,
+};
 
 use crate::context::ReplayContext;
 
@@ -186,19 +188,44 @@ impl ExactlyOnce {
                 highest,
             });
         }
-        match work(&txn).await {
-            Ok(answer) => {
-                record(&txn, ctx, floor, &answer).await?;
-                txn.commit().await?;
-                Ok(answer)
-            }
+        let recorded = match work(&txn).await {
+            Ok(answer) => match record(&txn, ctx, floor, &answer).await {
+                Ok(()) => txn.commit().await.map(|()| answer),
+                Err(e) => Err(e),
+            },
             Err(answer) => {
                 txn.rollback().await?;
                 let txn = self.db.begin().await?;
-                record(&txn, ctx, floor, &answer).await?;
-                txn.commit().await?;
-                Ok(answer)
+                match record(&txn, ctx, floor, &answer).await {
+                    Ok(()) => txn.commit().await.map(|()| answer),
+                    Err(e) => Err(e),
+                }
             }
+        };
+        match recorded {
+            Ok(answer) => Ok(answer),
+            // The same seq delivered twice at once (a retry while the first delivery still
+            // ran, on a database that lets them overlap): the other one's record won, and
+            // everything this one did rolls back with its transaction. Answered from the
+            // record, as any re-delivery.
+            Err(e) if matches!(e.sql_err(), Some(SqlErr::UniqueConstraintViolation(_))) => {
+                match lookup(&self.db, ctx.seq()).await? {
+                    Some(done) if done.txn_id == ctx.txn_id().to_string() => {
+                        tracing::debug!(
+                            seq = ctx.seq(),
+                            "transaction applied meanwhile by another delivery: answering from the record"
+                        );
+                        Ok(done.answer)
+                    }
+                    Some(done) => Err(RunError::SeqConflict {
+                        seq: ctx.seq(),
+                        recorded: done.txn_id,
+                        offered: ctx.txn_id().to_string(),
+                    }),
+                    None => Err(RunError::Db(e)),
+                }
+            }
+            Err(e) => Err(RunError::Db(e)),
         }
     }
 

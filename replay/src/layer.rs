@@ -752,18 +752,15 @@ impl ReplayLayer {
             };
             let highest = self.highest_seq.load(Ordering::Acquire);
             if highest != 0 && floor > resume {
-                let mut resp: Response<B> = error(
-                    StatusCode::CONFLICT,
+                return Some(Self::refuse_at(
                     "behind",
                     format!(
                         "seq {} offered with floor {floor}, but this partition holds every \
                          record only up to {resume} (it was restarted, perhaps restored)",
                         ctx.seq()
                     ),
-                );
-                resp.headers_mut()
-                    .insert(crate::headers::APPLIED, header::HeaderValue::from(resume));
-                return Some(resp);
+                    resume,
+                ));
             }
             self.gap_checked.store(true, Ordering::Release);
         }
@@ -804,11 +801,14 @@ impl ReplayLayer {
 
     /// A 409 refusal with `Regroup-Applied`.
     fn refuse<B: From<String>>(&self, code: &str, message: String) -> Response<B> {
+        Self::refuse_at(code, message, self.highest_seq.load(Ordering::Acquire))
+    }
+
+    /// A 409 refusal with `Regroup-Applied: applied`.
+    fn refuse_at<B: From<String>>(code: &str, message: String, applied: u64) -> Response<B> {
         let mut resp: Response<B> = error(StatusCode::CONFLICT, code, message);
-        resp.headers_mut().insert(
-            crate::headers::APPLIED,
-            header::HeaderValue::from(self.highest_seq.load(Ordering::Acquire)),
-        );
+        resp.headers_mut()
+            .insert(crate::headers::APPLIED, header::HeaderValue::from(applied));
         resp
     }
 

@@ -583,17 +583,14 @@ impl ReplayLayer {
         if highest == 0 || ctx.seq() <= highest + 1 {
             return None;
         }
-        let mut resp: Response<B> = error(
-            StatusCode::CONFLICT,
+        Some(Self::refuse_at(
             "behind",
             format!(
                 "seq {} offered, but this partition has applied only up to {highest}",
                 ctx.seq()
             ),
-        );
-        resp.headers_mut()
-            .insert(crate::headers::APPLIED, header::HeaderValue::from(highest));
-        Some(resp)
+            highest,
+        ))
     }
 
     /// With `Regroup-Prev: P` and the exactly-once record: applies the record only right after
@@ -638,17 +635,14 @@ impl ReplayLayer {
         } else {
             ("out_of_order", "it has applied up to")
         };
-        let mut resp: Response<B> = error(
-            StatusCode::CONFLICT,
+        Some(Self::refuse_at(
             code,
             format!(
                 "seq {} offered after {prev}, but {why} {highest}",
                 ctx.seq()
             ),
-        );
-        resp.headers_mut()
-            .insert(crate::headers::APPLIED, header::HeaderValue::from(highest));
-        Some(resp)
+            highest,
+        ))
     }
 
     fn lock_recent(&self) -> std::sync::MutexGuard<'_, Recent> {

@@ -270,6 +270,27 @@ pub async fn a_frozen_leader_writes_nothing(journal: Option<&str>) {
     };
     let mut report = super::LoadReport::default();
     let seeds = super::seed_accounts(&g, 2, &mut report).await;
+    // Frozen once its replayers have taken the seeds: a leader stopped in the middle of a
+    // write to a shared SQLite journal holds the journal's write lock, and no follower can
+    // claim the lease until it runs again (the stop this test is about comes after the
+    // writes).
+    eventually(
+        "the leader's partitions to have applied the seeds",
+        Duration::from_secs(20),
+        || async {
+            let d = doc(&http, &frozen).await.ok_or("no status")?;
+            let g = d.groups.first().ok_or("no group")?;
+            if g.partitions
+                .iter()
+                .all(|p| p.status == "available" && p.applied == g.head)
+            {
+                Ok(())
+            } else {
+                Err(format!("{g:?}"))
+            }
+        },
+    )
+    .await;
     // Updates sent to the leader while it is frozen wait; the follower takes over.
     frozen.signal(nix::sys::signal::Signal::SIGSTOP);
     let stuck: Vec<_> = (0..4)

@@ -10,7 +10,9 @@ mod support;
 use std::time::Duration;
 
 use serde_json::json;
-use support::several::{FAST, RetryingClients, assert_at_most_once, doc, fail_over, leads};
+use support::several::{
+    FAST, RetryingClients, assert_at_most_once, caught_up, doc, fail_over, leads,
+};
 use support::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -115,23 +117,7 @@ async fn a_follower_serves_reads_from_the_partitions_itself() {
         .unwrap();
     assert_eq!(a.status, 201, "{}", String::from_utf8_lossy(&a.body));
     // Every partition has it, and the follower has seen the leader say so.
-    eventually(
-        "the follower's view to be caught up",
-        Duration::from_secs(20),
-        || async {
-            let d = doc(&http, &follower).await.ok_or("no status")?;
-            let g = &d.groups[0];
-            if g.partitions
-                .iter()
-                .all(|p| p.status == "available" && p.applied == g.head)
-            {
-                Ok(())
-            } else {
-                Err(format!("{g:?}"))
-            }
-        },
-    )
-    .await;
+    caught_up(&http, &follower, "the follower's view to be caught up").await;
     leader.signal(nix::sys::signal::Signal::SIGSTOP);
     for _ in 0..6 {
         let r = tokio::time::timeout(

@@ -38,6 +38,23 @@ pub async fn leads(http: &HttpClient, p: &Proxy) {
     .await
 }
 
+/// Waits until `p`'s `/status` shows its first group's partitions all available at the head.
+pub async fn caught_up(http: &HttpClient, p: &Proxy, what: &str) {
+    eventually(what, Duration::from_secs(20), || async {
+        let d = doc(http, p).await.ok_or("no status")?;
+        let g = d.groups.first().ok_or("no group")?;
+        if g.partitions
+            .iter()
+            .all(|p| p.status == "available" && p.applied == g.head)
+        {
+            Ok(())
+        } else {
+            Err(format!("{g:?}"))
+        }
+    })
+    .await
+}
+
 /// Whether `p` says it leads now.
 pub async fn is_leader(http: &HttpClient, p: &Proxy) -> bool {
     doc(http, p)
@@ -274,21 +291,10 @@ pub async fn a_frozen_leader_writes_nothing(journal: Option<&str>) {
     // write to a shared SQLite journal holds the journal's write lock, and no follower can
     // claim the lease until it runs again (the stop this test is about comes after the
     // writes).
-    eventually(
+    caught_up(
+        &http,
+        &frozen,
         "the leader's partitions to have applied the seeds",
-        Duration::from_secs(20),
-        || async {
-            let d = doc(&http, &frozen).await.ok_or("no status")?;
-            let g = d.groups.first().ok_or("no group")?;
-            if g.partitions
-                .iter()
-                .all(|p| p.status == "available" && p.applied == g.head)
-            {
-                Ok(())
-            } else {
-                Err(format!("{g:?}"))
-            }
-        },
     )
     .await;
     // Updates sent to the leader while it is frozen wait; the follower takes over.

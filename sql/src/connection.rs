@@ -215,6 +215,9 @@ pub async fn connect_copy(url: &str) -> Result<DatabaseConnection, DbErr> {
         // Short: a copy that does not answer must not hold the write slot long.
         .acquire_timeout(Duration::from_secs(3))
         .max_connections(if url.starts_with("sqlite") { 4 } else { 8 })
+        // SQLite: no ping (a round trip to the connection's worker thread) before each use;
+        // an open database file has no far end that could hang up.
+        .test_before_acquire(!url.starts_with("sqlite"))
         .map_sqlx_sqlite_opts(|o| {
             o.create_if_missing(true)
                 .journal_mode(sea_orm::sqlx::sqlite::SqliteJournalMode::Wal)

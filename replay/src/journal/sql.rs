@@ -106,13 +106,18 @@ impl SqlJournal {
         // A pool hides why it cannot connect behind a time-out; one direct connection
         // first gives the real reason (connection refused, no such database, ...).
         Self::probe(url).await?;
+        let sqlite = url.starts_with("sqlite");
         let mut opts = ConnectOptions::new(url.to_owned());
         opts.sqlx_logging(false)
             .connect_timeout(Duration::from_secs(5))
             .acquire_timeout(Duration::from_secs(10))
             // SQLite: one connection, so writers queue in the pool instead of sleeping in
             // SQLite's busy handler.
-            .max_connections(if url.starts_with("sqlite") { 1 } else { 8 })
+            .max_connections(if sqlite { 1 } else { 8 })
+            // SQLite: no ping before each use. An open database file has no far end that
+            // could hang up, and the ping is a round trip to the connection's worker
+            // thread (two thread wake-ups) in front of every journal write.
+            .test_before_acquire(!sqlite)
             .map_sqlx_sqlite_opts(|o| {
                 o.create_if_missing(true)
                     .journal_mode(SqliteJournalMode::Wal)

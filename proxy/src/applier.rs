@@ -5,6 +5,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use regroup_replay::headers::Behind;
 use regroup_replay::replayer::PipelinedApplier;
 use regroup_replay::{Applier, ApplyError, Fingerprint, Position, Record};
 
@@ -65,9 +66,13 @@ impl LinkApplier {
         self.link.pipelines()
     }
 
-    /// Sends `record` as a replay (right behind `prev` when given) and returns the
-    /// fingerprint of the answer.
-    async fn replay(&self, record: &Record, order: Send<'_>) -> Result<Fingerprint, ApplyError> {
+    /// Sends `record` as a replay (pipelined, in the place `behind` gives it, when given)
+    /// and returns the fingerprint of the answer.
+    async fn replay(
+        &self,
+        record: &Record,
+        behind: Option<Behind<'_>>,
+    ) -> Result<Fingerprint, ApplyError> {
         // Nothing is replayed to a partition that supervision does not see answering: one
         // that comes back is first asked where it stands (and rewound), so a copy restored
         // from an older backup never receives a record it is not ready for.
@@ -78,20 +83,15 @@ impl LinkApplier {
             )));
         }
         let started = std::time::Instant::now();
-        let answer = match order {
-            Send::Next => {
+        let answer = match behind {
+            None => {
                 self.link
                     .send(&self.partition, record, true, self.timeout)
                     .await
             }
-            Send::Behind(prev) => {
+            Some(behind) => {
                 self.link
-                    .send_behind(&self.partition, record, true, prev, self.timeout)
-                    .await
-            }
-            Send::Parallel { after, floor } => {
-                self.link
-                    .send_parallel(&self.partition, record, after, floor, self.timeout)
+                    .send_pipelined(&self.partition, record, true, behind, self.timeout)
                     .await
             }
         };
@@ -101,37 +101,21 @@ impl LinkApplier {
     }
 }
 
-/// How a replay is sent.
-#[derive(Debug, Clone, Copy)]
-enum Send<'a> {
-    /// After the record the partition said it recorded last.
-    Next,
-    /// Right behind this record.
-    Behind(u64),
-    /// Behind only these records, with this floor.
-    Parallel { after: &'a [u64], floor: u64 },
-}
-
 #[async_trait::async_trait]
 impl PipelinedApplier for LinkApplier {
-    async fn apply_behind(&self, record: &Record, prev: u64) -> Result<Fingerprint, ApplyError> {
-        self.replay(record, Send::Behind(prev)).await
-    }
-
-    async fn apply_after(
+    async fn apply_pipelined(
         &self,
         record: &Record,
-        after: &[u64],
-        floor: u64,
+        behind: Behind<'_>,
     ) -> Result<Fingerprint, ApplyError> {
-        self.replay(record, Send::Parallel { after, floor }).await
+        self.replay(record, Some(behind)).await
     }
 }
 
 #[async_trait::async_trait]
 impl Applier for LinkApplier {
     async fn apply(&self, record: &Record) -> Result<Fingerprint, ApplyError> {
-        self.replay(record, Send::Next).await
+        self.replay(record, None).await
     }
 
     async fn position(&self) -> Result<Option<Position>, ApplyError> {

@@ -11,6 +11,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::Request;
 use http_body_util::BodyExt;
+use regroup_replay::headers::Behind;
 use regroup_replay::layer::APPLIED_PATH;
 use regroup_replay::signature::Secret;
 use regroup_replay::snapshot::{
@@ -102,25 +103,27 @@ pub trait PartitionLink: Send + Sync + 'static {
         timeout: Duration,
     ) -> Result<Answer, SendError>;
 
-    /// Whether this link sends records pipelined ([`PartitionLink::send_behind`]).
+    /// Whether this link sends records pipelined ([`PartitionLink::send_pipelined`]).
     fn pipelines(&self) -> bool {
         false
     }
 
-    /// Sends `record` to `partition` (as [`PartitionLink::send`]) right behind record `prev`,
-    /// which may still be on its way or executing there (`Regroup-Prev: prev`,
-    /// `Regroup-Pipelined: 1`): the partition's app layer waits for `prev` to be recorded,
-    /// bounded, before it runs this one, or refuses it (`Behind`) when `prev` was not
-    /// recorded. A link that does not pipeline refuses to send it.
-    async fn send_behind(
+    /// Sends `record` to `partition` (as [`PartitionLink::send`]) while records before it may
+    /// still be on their way or executing there (`Regroup-Pipelined: 1`), in the place
+    /// `behind` gives it: right behind one record (`Regroup-Prev`; the partition's app layer
+    /// waits for it to be recorded, bounded, before it runs this one), or, in parallel
+    /// replay, behind only the records it conflicts with (`Regroup-After`,
+    /// `Regroup-Floor`). Refused (`Behind`) when a record it follows finished there
+    /// unrecorded. A link that does not pipeline refuses to send it.
+    async fn send_pipelined(
         &self,
         partition: &Partition,
         record: &Record,
         replay: bool,
-        prev: u64,
+        behind: Behind<'_>,
         timeout: Duration,
     ) -> Result<Answer, SendError> {
-        let _ = (partition, replay, prev, timeout);
+        let _ = (partition, replay, behind, timeout);
         Err(SendError::NotSent(format!(
             "record {}: this link does not send records pipelined",
             record.seq
@@ -134,25 +137,6 @@ pub trait PartitionLink: Send + Sync + 'static {
         path: &str,
         timeout: Duration,
     ) -> Result<(), String>;
-
-    /// Parallel replay: sends `record` to `partition` as a replay behind only the records
-    /// of `after` (sent before it, conflicting with it, maybe still on their way), with
-    /// `floor` (`Regroup-After`, `Regroup-Floor`, `Regroup-Pipelined: 1`). A link that does
-    /// not pipeline refuses to send it.
-    async fn send_parallel(
-        &self,
-        partition: &Partition,
-        record: &Record,
-        after: &[u64],
-        floor: u64,
-        timeout: Duration,
-    ) -> Result<Answer, SendError> {
-        let _ = (partition, after, floor, timeout);
-        Err(SendError::NotSent(format!(
-            "record {}: this link does not send records in parallel",
-            record.seq
-        )))
-    }
 
     /// Where the partition stands by its own record (the app-side layer's
     /// `/_regroup/applied`); `None` when it keeps no such record.
@@ -391,28 +375,15 @@ impl PartitionLink for HttpLink {
         true
     }
 
-    async fn send_behind(
+    async fn send_pipelined(
         &self,
         partition: &Partition,
         record: &Record,
         replay: bool,
-        prev: u64,
+        behind: Behind<'_>,
         timeout: Duration,
     ) -> Result<Answer, SendError> {
-        self.send_after(partition, record, replay, Order::Prev(prev), true, timeout)
-            .await
-    }
-
-    async fn send_parallel(
-        &self,
-        partition: &Partition,
-        record: &Record,
-        after: &[u64],
-        floor: u64,
-        timeout: Duration,
-    ) -> Result<Answer, SendError> {
-        let order = Order::Parallel { after, floor };
-        self.send_after(partition, record, true, order, true, timeout)
+        self.send_after(partition, record, replay, behind.into(), true, timeout)
             .await
     }
 

@@ -18,6 +18,7 @@ use http::Request;
 use http_body_util::Full;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
+use regroup_replay::headers::Behind;
 use regroup_replay::{
     Checkpoints, Fingerprint, JournalError, Lease, Log, LogState, MemoryJournal, Outcome, Owner,
     OwnerInfo, Position, Record, RecordState, RoleStore, StoredRole,
@@ -113,17 +114,6 @@ fn sim_key(record: &Record) -> Option<&str> {
             .map(|(_, v)| v.as_str()),
         regroup_replay::Payload::Sql(_) => None,
     }
-}
-
-/// How a record is sent to a simulated partition.
-#[derive(Debug, Clone)]
-enum Via {
-    /// After what the sender last delivered (`Regroup-Prev` from `Partition::delivered`).
-    Next,
-    /// Right behind this record (`Regroup-Pipelined`).
-    Behind(u64),
-    /// Parallel replay: behind only these records, with this floor.
-    Parallel(Vec<u64>, u64),
 }
 
 #[derive(Debug, Default)]
@@ -327,7 +317,7 @@ impl PartitionLink for SimLink {
         replay: bool,
         timeout: Duration,
     ) -> Result<Answer, SendError> {
-        self.send_as(0, partition, record, replay, Via::Next, timeout)
+        self.send_as(0, partition, record, replay, None, timeout)
             .await
     }
 
@@ -335,28 +325,16 @@ impl PartitionLink for SimLink {
         true
     }
 
-    async fn send_behind(
+    async fn send_pipelined(
         &self,
         partition: &Partition,
         record: &Record,
         replay: bool,
-        prev: u64,
+        behind: Behind<'_>,
         timeout: Duration,
     ) -> Result<Answer, SendError> {
-        self.send_as(0, partition, record, replay, Via::Behind(prev), timeout)
+        self.send_as(0, partition, record, replay, Some(behind), timeout)
             .await
-    }
-
-    async fn send_parallel(
-        &self,
-        partition: &Partition,
-        record: &Record,
-        after: &[u64],
-        floor: u64,
-        timeout: Duration,
-    ) -> Result<Answer, SendError> {
-        let via = Via::Parallel(after.to_vec(), floor);
-        self.send_as(0, partition, record, true, via, timeout).await
     }
 
     async fn health(
@@ -465,15 +443,16 @@ impl PartitionLink for SimLink {
 }
 
 impl SimLink {
-    /// Sends `record` as a proxy of term `term` would (0: none), `via` as said (pipelined
-    /// or in parallel: the layer waits, bounded, for the records it follows).
+    /// Sends `record` as a proxy of term `term` would (0: none); pipelined in the place `via`
+    /// gives when set (right behind one record, or in parallel: the layer waits, bounded,
+    /// for the records it follows).
     async fn send_as(
         &self,
         term: u64,
         partition: &Partition,
         record: &Record,
         replay: bool,
-        via: Via,
+        via: Option<Behind<'_>>,
         timeout: Duration,
     ) -> Result<Answer, SendError> {
         let p = self
@@ -484,9 +463,9 @@ impl SimLink {
         // waiting (a frozen process resumes and executes it), unless it crashes first.
         let boot = p.lock().boot;
         let (behind, parallel) = match via {
-            Via::Next => (None, None),
-            Via::Behind(prev) => (Some(prev), None),
-            Via::Parallel(after, floor) => (None, Some((after, floor))),
+            None => (None, None),
+            Some(Behind::Prev(prev)) => (Some(prev), None),
+            Some(Behind::After { after, floor }) => (None, Some((after.to_vec(), floor))),
         };
         if behind.is_some() {
             self.pipelined.fetch_add(1, Ordering::AcqRel);
@@ -636,7 +615,7 @@ impl PartitionLink for CoreLink {
     ) -> Result<Answer, SendError> {
         pause(&self.frozen).await;
         self.inner
-            .send_as(self.term, partition, record, replay, Via::Next, timeout)
+            .send_as(self.term, partition, record, replay, None, timeout)
             .await
     }
 
@@ -644,39 +623,17 @@ impl PartitionLink for CoreLink {
         true
     }
 
-    async fn send_behind(
+    async fn send_pipelined(
         &self,
         partition: &Partition,
         record: &Record,
         replay: bool,
-        prev: u64,
+        behind: Behind<'_>,
         timeout: Duration,
     ) -> Result<Answer, SendError> {
         pause(&self.frozen).await;
         self.inner
-            .send_as(
-                self.term,
-                partition,
-                record,
-                replay,
-                Via::Behind(prev),
-                timeout,
-            )
-            .await
-    }
-
-    async fn send_parallel(
-        &self,
-        partition: &Partition,
-        record: &Record,
-        after: &[u64],
-        floor: u64,
-        timeout: Duration,
-    ) -> Result<Answer, SendError> {
-        pause(&self.frozen).await;
-        let via = Via::Parallel(after.to_vec(), floor);
-        self.inner
-            .send_as(self.term, partition, record, true, via, timeout)
+            .send_as(self.term, partition, record, replay, Some(behind), timeout)
             .await
     }
 

@@ -29,6 +29,7 @@ use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Request, Response};
 use http_body_util::{BodyExt, Limited};
+use regroup_replay::headers::Behind;
 use regroup_replay::signature::{Secret, sign_headers};
 use regroup_replay::{
     Fingerprint, JournalError, Outcome, Payload, Record, RecordedRequest, headers as rh,
@@ -146,6 +147,15 @@ pub(crate) enum Order<'a> {
     Parallel { after: &'a [u64], floor: u64 },
 }
 
+impl<'a> From<Behind<'a>> for Order<'a> {
+    fn from(behind: Behind<'a>) -> Self {
+        match behind {
+            Behind::Prev(prev) => Order::Prev(prev),
+            Behind::After { after, floor } => Order::Parallel { after, floor },
+        }
+    }
+}
+
 fn build_request(
     record: &Record,
     request: &RecordedRequest,
@@ -234,7 +244,7 @@ async fn forward(
             Some(prev) => {
                 group
                     .link
-                    .send_behind(primary, record, false, prev, timeout)
+                    .send_pipelined(primary, record, false, Behind::Prev(prev), timeout)
                     .await
             }
             None => group.link.send(primary, record, false, timeout).await,

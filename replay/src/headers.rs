@@ -52,6 +52,22 @@ pub const AFTER: &str = "regroup-after";
 /// above what it recorded (a copy restored from an older backup).
 pub const FLOOR: &str = "regroup-floor";
 
+/// Where a record sent pipelined (`Regroup-Pipelined: 1`: records before it may still be on
+/// their way or executing) stands in order at the partition's layer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Behind<'a> {
+    /// Right behind this record ([`PREV`]): applied after it, one at a time in seq order.
+    Prev(u64),
+    /// Parallel replay: behind only these records ([`AFTER`]), with every record at or below
+    /// `floor` recorded there ([`FLOOR`]).
+    After {
+        /// The records sent before it that it conflicts with.
+        after: &'a [u64],
+        /// The sender's floor when it sent the record.
+        floor: u64,
+    },
+}
+
 /// On every answer of a partition that keeps the exactly-once record: the highest seq it
 /// has applied. The proxy refuses to serve a read from a partition whose answer says it
 /// stands further behind the sealed head than the group allows (a copy restored from an

@@ -15,6 +15,7 @@ use tokio::sync::watch;
 
 use crate::applier::{Applier, ApplyError, Position};
 use crate::conflict::{ConflictKeys, conflict};
+use crate::headers::Behind;
 use crate::journal::{Journal, JournalError};
 use crate::record::{Compare, Fingerprint, Record, RecordState};
 
@@ -35,28 +36,17 @@ pub trait ReplayObserver: Send + Sync + 'static {
 /// records one at a time in seq order.
 #[async_trait::async_trait]
 pub trait PipelinedApplier: Send + Sync + 'static {
-    /// Sends `record` as a replay right behind record `prev` (the record sent to the
-    /// partition before it) and returns the fingerprint of the answer. The partition refuses
-    /// it when `prev` finished there unrecorded.
-    async fn apply_behind(&self, record: &Record, prev: u64) -> Result<Fingerprint, ApplyError>;
-
-    /// Parallel replay: sends `record` behind only the records of `after` (those sent before
-    /// it that it conflicts with, which may still be on their way or executing), with
-    /// `floor` (every record at or below it is recorded there), and returns the
-    /// fingerprint of the answer (`Regroup-After`, `Regroup-Floor`, `Regroup-Pipelined`).
-    /// The partition refuses it when one of `after` finished there unrecorded.
-    async fn apply_after(
+    /// Sends `record` as a replay while records before it may still be on their way to the
+    /// partition or executing there, in the place `behind` gives it: right behind the
+    /// record sent before it (`Regroup-Prev`), or, in parallel replay, behind only the
+    /// records it conflicts with (`Regroup-After`, `Regroup-Floor`); returns the
+    /// fingerprint of the answer. The partition refuses it when a record it follows
+    /// finished there unrecorded.
+    async fn apply_pipelined(
         &self,
         record: &Record,
-        after: &[u64],
-        floor: u64,
-    ) -> Result<Fingerprint, ApplyError> {
-        let _ = (after, floor);
-        Err(ApplyError::Unreachable(format!(
-            "record {}: this applier does not send records in parallel",
-            record.seq
-        )))
-    }
+        behind: Behind<'_>,
+    ) -> Result<Fingerprint, ApplyError>;
 }
 
 /// Why a replayer stopped.
@@ -383,9 +373,17 @@ impl Replayer {
                         .collect();
                     pending.push_back((record.seq, keys));
                     let floor = *applied;
-                    Box::pin(async move { Some(behind.apply_after(record, &after, floor).await) })
+                    Box::pin(async move {
+                        let order = Behind::After {
+                            after: &after,
+                            floor,
+                        };
+                        Some(behind.apply_pipelined(record, order).await)
+                    })
                 } else if let Some(p) = prev {
-                    Box::pin(async move { Some(behind.apply_behind(record, p).await) })
+                    Box::pin(
+                        async move { Some(behind.apply_pipelined(record, Behind::Prev(p)).await) },
+                    )
                 } else {
                     Box::pin(async move { Some(self.applier.apply(record).await) })
                 };
@@ -551,7 +549,10 @@ impl Replayer {
                 }
             }
             let sent = match parallel {
-                Some((applier, floor)) => applier.apply_after(record, &[], floor).await,
+                Some((applier, floor)) => {
+                    let alone = Behind::After { after: &[], floor };
+                    applier.apply_pipelined(record, alone).await
+                }
                 None => self.applier.apply(record).await,
             };
             match sent {
@@ -1016,12 +1017,18 @@ mod tests {
 
     #[async_trait::async_trait]
     impl PipelinedApplier for Layered {
-        async fn apply_behind(
+        async fn apply_pipelined(
             &self,
             record: &Record,
-            prev: u64,
+            behind: Behind<'_>,
         ) -> Result<Fingerprint, ApplyError> {
-            self.exchange(record, prev).await
+            match behind {
+                Behind::Prev(prev) => self.exchange(record, prev).await,
+                Behind::After { .. } => Err(ApplyError::Unreachable(format!(
+                    "record {}: this layer applies in seq order only",
+                    record.seq
+                ))),
+            }
         }
     }
 
@@ -1194,21 +1201,18 @@ mod parallel_tests {
 
     #[async_trait::async_trait]
     impl PipelinedApplier for Parallel {
-        async fn apply_behind(
+        async fn apply_pipelined(
             &self,
             record: &Record,
-            prev: u64,
+            behind: Behind<'_>,
         ) -> Result<Fingerprint, ApplyError> {
-            let before: Vec<u64> = (1..=prev).collect();
-            self.exchange(record, &before).await
-        }
-
-        async fn apply_after(
-            &self,
-            record: &Record,
-            after: &[u64],
-            floor: u64,
-        ) -> Result<Fingerprint, ApplyError> {
+            let (after, floor) = match behind {
+                Behind::Prev(prev) => {
+                    let before: Vec<u64> = (1..=prev).collect();
+                    return self.exchange(record, &before).await;
+                }
+                Behind::After { after, floor } => (after, floor),
+            };
             // The floor is true when sent: everything at or below it is recorded.
             if !(1..=floor).all(|seq| self.lock().is_ok_and(|s| s.recorded.contains(&seq))) {
                 return Err(ApplyError::Unreachable(format!(

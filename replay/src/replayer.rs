@@ -308,7 +308,10 @@ impl Replayer {
                 return Next::Exit(ReplayExit::Stopped);
             }
             let step = if record.state == RecordState::Executed {
-                Some(self.apply(record, exactly_once, None, stop, observer).await)
+                Some(
+                    self.apply(record, exactly_once, None, 0, stop, observer)
+                        .await,
+                )
             } else {
                 None
             };
@@ -412,7 +415,7 @@ impl Replayer {
                         seq = record.seq, error = %e, "pipelined replay failed; going on one at a time");
                     drop(in_flight);
                     let via = parallel.then_some((behind, *applied));
-                    let step = self.apply(record, true, via, stop, observer).await;
+                    let step = self.apply(record, true, via, 1, stop, observer).await;
                     return match self
                         .after(record, Some(step), applied, target, true, stop, observer)
                         .await
@@ -525,12 +528,16 @@ impl Replayer {
     /// Sends `record` until the partition answers, with backoff. With `parallel` (the
     /// applier, and the dense prefix taken: everything before `record`), it goes the
     /// parallel way, behind nothing: a copy that took later records out of seq order, of a
-    /// later epoch, must not fence it as it would a deposed sender's.
+    /// later epoch, must not fence it as it would a deposed sender's. `failed`: the
+    /// attempts at it that failed already (in a window); the observer's count goes on
+    /// from there.
+    #[allow(clippy::too_many_arguments)]
     async fn apply(
         &self,
         record: &Record,
         exactly_once: bool,
         parallel: Option<(&dyn PipelinedApplier, u64)>,
+        failed: u32,
         stop: &mut watch::Receiver<bool>,
         observer: &dyn ReplayObserver,
     ) -> Step {
@@ -570,9 +577,10 @@ impl Replayer {
                 }
                 Err(e) => {
                     attempt = attempt.saturating_add(1);
-                    observer.apply_failed(record.seq, attempt, &e);
+                    let counted = attempt.saturating_add(failed);
+                    observer.apply_failed(record.seq, counted, &e);
                     tracing::debug!(group = %self.group, partition = %self.partition,
-                        seq = record.seq, attempt, error = %e, "replay attempt failed");
+                        seq = record.seq, attempt = counted, error = %e, "replay attempt failed");
                     if !self.sleep_or_stop(attempt, stop).await {
                         return Step::Stopped;
                     }
@@ -944,7 +952,8 @@ mod tests {
         on_the_way: usize,
         most_on_the_way: usize,
         executed: Vec<u64>,
-        fail_once: Option<u64>,
+        /// Seqs refused once each (a seq listed twice is refused twice).
+        failures: Vec<u64>,
     }
 
     /// Counts one record on its way to [`Layered`] while it lives.
@@ -972,13 +981,12 @@ mod tests {
                 s.most_on_the_way = s.most_on_the_way.max(s.on_the_way);
             }
             let _counted = OnTheWay(self);
-            if self
-                .lock()?
-                .fail_once
-                .take_if(|seq| *seq == record.seq)
-                .is_some()
             {
-                return Err(ApplyError::Unreachable("refused".into()));
+                let mut s = self.lock()?;
+                if let Some(i) = s.failures.iter().position(|seq| *seq == record.seq) {
+                    s.failures.remove(i);
+                    return Err(ApplyError::Unreachable("refused".into()));
+                }
             }
             for _ in 0..1000 {
                 if self.lock()?.applied >= prev {
@@ -1032,12 +1040,14 @@ mod tests {
         }
     }
 
-    async fn replay_pipelined(n: u64, window: usize, fail_once: Option<u64>) -> Layer {
+    /// Replays `n` records on an exactly-once partition with a window of `window`, each seq
+    /// of `failures` refused once: what the partition did, and what the observer heard.
+    async fn replay_pipelined(n: u64, window: usize, failures: &[u64]) -> (Layer, Vec<String>) {
         let dir = tempfile::tempdir().expect("temp dir");
         let j = journal_with(&dir, n, &[]).await;
         let partition = Arc::new(Layered::default());
         if let Ok(mut s) = partition.state.lock() {
-            s.fail_once = fail_once;
+            s.failures = failures.to_vec();
         }
         let (_sealed_tx, sealed) = watch::channel(n);
         let (stop_tx, stop) = watch::channel(false);
@@ -1047,7 +1057,8 @@ mod tests {
                 max: Duration::from_millis(5),
             })
             .pipelined(partition.clone(), window);
-        let task = tokio::spawn(replayer.run(sealed, stop, Arc::new(Log::default())));
+        let log = Arc::new(Log::default());
+        let task = tokio::spawn(replayer.run(sealed, stop, log.clone()));
         for _ in 0..1000 {
             if j.checkpoint("g", "b").await.expect("checkpoint") == n {
                 break;
@@ -1057,12 +1068,16 @@ mod tests {
         let _ = stop_tx.send(true);
         assert_eq!(task.await.expect("replayer"), ReplayExit::Stopped);
         assert_eq!(j.checkpoint("g", "b").await.expect("checkpoint"), n);
-        std::mem::take(&mut *partition.state.lock().expect("state"))
+        let heard = std::mem::take(&mut *log.0.lock().expect("log"));
+        (
+            std::mem::take(&mut *partition.state.lock().expect("state")),
+            heard,
+        )
     }
 
     #[tokio::test]
     async fn an_exactly_once_partition_gets_a_window_of_records_applied_in_order() {
-        let layer = replay_pipelined(40, 4, None).await;
+        let (layer, _) = replay_pipelined(40, 4, &[]).await;
         assert_eq!(layer.executed, (1..=40).collect::<Vec<_>>());
         assert!(
             layer.most_on_the_way > 1,
@@ -1078,14 +1093,26 @@ mod tests {
 
     #[tokio::test]
     async fn a_broken_window_goes_on_one_at_a_time_and_applies_nothing_twice() {
-        let layer = replay_pipelined(40, 4, Some(7)).await;
+        let (layer, _) = replay_pipelined(40, 4, &[7]).await;
         assert_eq!(layer.executed, (1..=40).collect::<Vec<_>>());
         assert!(layer.most_on_the_way > 1);
     }
 
     #[tokio::test]
+    async fn a_record_refused_in_a_window_and_again_alone_counts_its_attempts_on() {
+        let (layer, heard) = replay_pipelined(20, 4, &[7, 7]).await;
+        assert_eq!(layer.executed, (1..=20).collect::<Vec<_>>());
+        let failed: Vec<&str> = heard
+            .iter()
+            .map(String::as_str)
+            .filter(|l| l.starts_with("failed"))
+            .collect();
+        assert_eq!(failed, ["failed 7 #1", "failed 7 #2"]);
+    }
+
+    #[tokio::test]
     async fn a_window_of_one_sends_one_record_at_a_time() {
-        let layer = replay_pipelined(20, 1, None).await;
+        let (layer, _) = replay_pipelined(20, 1, &[]).await;
         assert_eq!(layer.executed, (1..=20).collect::<Vec<_>>());
         assert_eq!(layer.most_on_the_way, 1);
     }

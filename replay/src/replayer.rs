@@ -1040,6 +1040,43 @@ mod tests {
         }
     }
 
+    /// A replayer of partition "b" of group "g" over `j`, retrying within milliseconds, with
+    /// up to `window` records on their way to `partition` at once.
+    pub(super) fn fast_pipelined<P: Applier + PipelinedApplier>(
+        j: &Arc<SqlJournal>,
+        partition: Arc<P>,
+        window: usize,
+    ) -> Replayer {
+        Replayer::new("g", "b", j.clone(), partition.clone())
+            .backoff(Backoff {
+                initial: Duration::from_millis(1),
+                max: Duration::from_millis(5),
+            })
+            .pipelined(partition, window)
+    }
+
+    /// Runs `replayer` (of partition "b" of group "g") until its checkpoint reaches the
+    /// journal's `n` sealed records, stops it, and checks that it stopped there.
+    pub(super) async fn replay_to_the_end(
+        replayer: Replayer,
+        j: &SqlJournal,
+        n: u64,
+        observer: Arc<dyn ReplayObserver>,
+    ) {
+        let (_sealed_tx, sealed) = watch::channel(n);
+        let (stop_tx, stop) = watch::channel(false);
+        let task = tokio::spawn(replayer.run(sealed, stop, observer));
+        for _ in 0..2000 {
+            if j.checkpoint("g", "b").await.expect("checkpoint") == n {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let _ = stop_tx.send(true);
+        assert_eq!(task.await.expect("replayer"), ReplayExit::Stopped);
+        assert_eq!(j.checkpoint("g", "b").await.expect("checkpoint"), n);
+    }
+
     /// Replays `n` records on an exactly-once partition with a window of `window`, each seq
     /// of `failures` refused once: what the partition did, and what the observer heard.
     async fn replay_pipelined(n: u64, window: usize, failures: &[u64]) -> (Layer, Vec<String>) {
@@ -1049,25 +1086,9 @@ mod tests {
         if let Ok(mut s) = partition.state.lock() {
             s.failures = failures.to_vec();
         }
-        let (_sealed_tx, sealed) = watch::channel(n);
-        let (stop_tx, stop) = watch::channel(false);
-        let replayer = Replayer::new("g", "b", j.clone(), partition.clone())
-            .backoff(Backoff {
-                initial: Duration::from_millis(1),
-                max: Duration::from_millis(5),
-            })
-            .pipelined(partition.clone(), window);
+        let replayer = fast_pipelined(&j, partition.clone(), window);
         let log = Arc::new(Log::default());
-        let task = tokio::spawn(replayer.run(sealed, stop, log.clone()));
-        for _ in 0..1000 {
-            if j.checkpoint("g", "b").await.expect("checkpoint") == n {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-        let _ = stop_tx.send(true);
-        assert_eq!(task.await.expect("replayer"), ReplayExit::Stopped);
-        assert_eq!(j.checkpoint("g", "b").await.expect("checkpoint"), n);
+        replay_to_the_end(replayer, &j, n, log.clone()).await;
         let heard = std::mem::take(&mut *log.0.lock().expect("log"));
         (
             std::mem::take(&mut *partition.state.lock().expect("state")),
@@ -1122,7 +1143,6 @@ mod tests {
 mod parallel_tests {
     use super::*;
     use crate::conflict::ConflictRule;
-    use crate::journal::Checkpoints as _;
     use crate::record::Payload;
     use bytes::Bytes;
     use std::collections::BTreeSet;
@@ -1292,26 +1312,9 @@ mod parallel_tests {
             keys: vec!["body:/k".into()],
         }])
         .expect("rules compile");
-        let (_sealed_tx, sealed) = watch::channel(n);
-        let (stop_tx, stop) = watch::channel(false);
-        let replayer = Replayer::new("g", "b", j.clone(), partition.clone())
-            .backoff(Backoff {
-                initial: Duration::from_millis(1),
-                max: Duration::from_millis(5),
-            })
-            .pipelined(partition.clone(), window)
+        let replayer = super::tests::fast_pipelined(&j, partition.clone(), window)
             .conflict_keys(Arc::new(keys));
-        let observer = Arc::new(Quiet);
-        let task = tokio::spawn(replayer.run(sealed, stop, observer));
-        for _ in 0..2000 {
-            if j.checkpoint("g", "b").await.expect("checkpoint") == n {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-        let _ = stop_tx.send(true);
-        assert_eq!(task.await.expect("replayer"), ReplayExit::Stopped);
-        assert_eq!(j.checkpoint("g", "b").await.expect("checkpoint"), n);
+        super::tests::replay_to_the_end(replayer, &j, n, Arc::new(Quiet)).await;
         let state = std::mem::take(&mut *partition.state.lock().expect("state"));
         (state, bodies)
     }

@@ -21,7 +21,6 @@ use regroup_replay::{Position, Record};
 
 use crate::forward::{self, BoxError, ProxyBody, Upstream};
 use crate::partition::Partition;
-use crate::update::Order;
 
 /// A partition's whole answer.
 #[derive(Debug)]
@@ -298,7 +297,7 @@ impl HttpLink {
         partition: &Partition,
         record: &Record,
         replay: bool,
-        order: Order<'_>,
+        order: Option<Behind<'_>>,
         pipelined: bool,
         timeout: Duration,
     ) -> Result<Answer, SendError> {
@@ -307,7 +306,7 @@ impl HttpLink {
             partition.base(),
             replay,
             self.term,
-            &order,
+            order,
             self.secret.as_ref(),
         )
         .map_err(|e| {
@@ -366,7 +365,7 @@ impl PartitionLink for HttpLink {
         replay: bool,
         timeout: Duration,
     ) -> Result<Answer, SendError> {
-        let order = partition.delivered().map_or(Order::Unknown, Order::Prev);
+        let order = partition.delivered().map(Behind::Prev);
         self.send_after(partition, record, replay, order, false, timeout)
             .await
     }
@@ -383,7 +382,7 @@ impl PartitionLink for HttpLink {
         behind: Behind<'_>,
         timeout: Duration,
     ) -> Result<Answer, SendError> {
-        self.send_after(partition, record, replay, behind.into(), true, timeout)
+        self.send_after(partition, record, replay, Some(behind), true, timeout)
             .await
     }
 

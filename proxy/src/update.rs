@@ -110,8 +110,9 @@ fn recorded_headers(headers: &HeaderMap) -> Result<Vec<(String, String)>, ProxyE
 }
 
 /// Builds the request a partition receives for `record` (`replay`: with
-/// `Regroup-Replay: 1`; `term` > 0: with `Regroup-Term`; `prev`: with `Regroup-Prev`), signed
-/// with `secret` when set. A SQL
+/// `Regroup-Replay: 1`; `term` > 0: with `Regroup-Term`; `order`: with the order headers
+/// that place it, `Regroup-Prev` or `Regroup-After` + `Regroup-Floor`; none when the sender
+/// does not know what the partition recorded last), signed with `secret` when set. A SQL
 /// mode payload is refused: it is replayed by SQL mode's own applier on database copies,
 /// never sent over HTTP.
 pub(crate) fn record_request(
@@ -119,7 +120,7 @@ pub(crate) fn record_request(
     base: &http::Uri,
     replay: bool,
     term: u64,
-    order: &Order<'_>,
+    order: Option<Behind<'_>>,
     secret: Option<&Secret>,
 ) -> Result<Request<ProxyBody>, String> {
     let request = match &record.payload {
@@ -134,35 +135,13 @@ pub(crate) fn record_request(
     build_request(record, request, base, replay, term, order, secret).map_err(|e| e.to_string())
 }
 
-/// Where a record stands in order at the partition's layer (the headers that say so are
-/// signed with the rest).
-#[derive(Debug, Clone, Copy)]
-pub(crate) enum Order<'a> {
-    /// No order header: the sender does not know what the partition recorded last.
-    Unknown,
-    /// Right after this seq (`Regroup-Prev`).
-    Prev(u64),
-    /// Parallel replay: behind only these seqs (`Regroup-After`), with this floor
-    /// (`Regroup-Floor`).
-    Parallel { after: &'a [u64], floor: u64 },
-}
-
-impl<'a> From<Behind<'a>> for Order<'a> {
-    fn from(behind: Behind<'a>) -> Self {
-        match behind {
-            Behind::Prev(prev) => Order::Prev(prev),
-            Behind::After { after, floor } => Order::Parallel { after, floor },
-        }
-    }
-}
-
 fn build_request(
     record: &Record,
     request: &RecordedRequest,
     base: &http::Uri,
     replay: bool,
     term: u64,
-    order: &Order<'_>,
+    order: Option<Behind<'_>>,
     secret: Option<&Secret>,
 ) -> Result<Request<ProxyBody>, http::Error> {
     let mut builder = Request::builder()
@@ -185,12 +164,12 @@ fn build_request(
         if term > 0 {
             h.insert(rh::TERM, HeaderValue::from(term));
         }
-        match *order {
-            Order::Unknown => {}
-            Order::Prev(prev) => {
+        match order {
+            None => {}
+            Some(Behind::Prev(prev)) => {
                 h.insert(rh::PREV, HeaderValue::from(prev));
             }
-            Order::Parallel { after, floor } => {
+            Some(Behind::After { after, floor }) => {
                 let list = after
                     .iter()
                     .map(u64::to_string)
@@ -1301,7 +1280,7 @@ mod tests {
             },
         );
         let base: http::Uri = "http://127.0.0.1:1".parse().unwrap_or_default();
-        match record_request(&record, &base, true, 0, &Order::Unknown, None) {
+        match record_request(&record, &base, true, 0, None, None) {
             Err(e) => assert!(e.contains("never sent over HTTP"), "{e}"),
             Ok(_) => panic!("a SQL payload was turned into an HTTP request"),
         }

@@ -146,7 +146,7 @@ impl SqlJournal {
             }),
             _ => None,
         };
-        let (flushed_writes, relaxed_writes) = if url.starts_with("sqlite") {
+        let (flushed_writes, relaxed_writes) = if sqlite {
             let flushed = Arc::new(GroupCommit::new(db.clone()));
             let relaxed_writes = match sync {
                 JournalSync::Full => flushed.clone(),

@@ -1363,6 +1363,39 @@ mod cost {
     use super::*;
 
     /// The hot path's cost: `REGROUP_COST_URL` (default: a SQLite file in a temp dir),
+    /// What handing a piece of work to another thread and its answer back costs on this
+    /// machine (as each statement goes to sqlx's SQLite worker thread and back): 20,000
+    /// round trips over a pair of channels, three rounds.
+    /// `cargo test -p regroup-replay --release --lib -- --ignored thread_round_trip_cost --nocapture`
+    #[test]
+    #[ignore = "a measurement, not a check"]
+    #[allow(clippy::unwrap_used)]
+    fn thread_round_trip_cost() {
+        let (to_worker, work) = std::sync::mpsc::channel::<u64>();
+        let (answer, back) = std::sync::mpsc::channel::<u64>();
+        let worker = std::thread::spawn(move || {
+            for v in work {
+                if answer.send(v).is_err() {
+                    break;
+                }
+            }
+        });
+        let n = 20_000u64;
+        for round in 1..=3 {
+            let started = std::time::Instant::now();
+            for i in 0..n {
+                to_worker.send(i).unwrap();
+                back.recv().unwrap();
+            }
+            println!(
+                "round {round}: {:.1} µs per thread round trip",
+                started.elapsed().as_secs_f64() * 1e6 / n as f64
+            );
+        }
+        drop(to_worker);
+        worker.join().unwrap();
+    }
+
     /// 2,000 appends each followed by its seal, as the update path does them.
     /// `cargo test -p regroup-replay --release -- --ignored append_and_seal_cost --nocapture`
     #[tokio::test]

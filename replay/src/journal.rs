@@ -26,6 +26,7 @@ mod membership;
 mod memory;
 mod nats;
 mod sql;
+mod sqlite_writer;
 
 pub use cache::CachedJournal;
 pub use lease::{Lease, Owner, OwnerInfo};

@@ -1,9 +1,10 @@
 //! The journal on sea-orm: SQLite (WAL, synchronous FULL) by default, PostgreSQL by URL.
 //!
-//! On SQLite, appends and seals that queue up while one is being written commit together
-//! in one transaction (group commit, [`GroupCommit`]): with several updates in flight, one
-//! flush makes the seal of one and the records of those behind it durable. PostgreSQL
-//! does the same with concurrent commits by itself.
+//! On SQLite, appends and seals are written by a thread that owns a connection of its own
+//! ([`Writer`]: one thread round trip per write, where sqlx takes several), and those that
+//! queue up while one is being written commit together in one transaction (group commit):
+//! with several updates in flight, one flush makes the seal of one and the records of
+//! those behind it durable. PostgreSQL does the same with concurrent commits by itself.
 //!
 //! # The ownership lease and fencing
 //!
@@ -38,11 +39,11 @@ use sea_orm::sea_query::{Expr, ExprTrait, Func, LockType, OnConflict, Order, Que
 use sea_orm::sqlx::sqlite::{SqliteJournalMode, SqliteSynchronous};
 use sea_orm::{
     ConnectOptions, ConnectionTrait, Database, DatabaseConnection, DbBackend, QueryResult,
-    Statement, TransactionTrait,
 };
 use sea_orm_migration::MigratorTrait;
 use uuid::Uuid;
 
+use super::sqlite_writer::{Flush, Writer};
 use super::{
     Checkpoints, JournalError, Lease, Log, LogState, MemberSpec, Membership, Outcome, Owner,
     OwnerInfo, RoleStore, StoredMembers, StoredRole, membership,
@@ -82,11 +83,13 @@ pub struct SqlJournal {
     /// Seals, and records under `overlap` (the same connection under [`JournalSync::Full`]).
     relaxed: DatabaseConnection,
     sync: JournalSync,
-    /// SQLite: the appends and seals of `db` and of `relaxed` (the same under
-    /// [`JournalSync::Full`]), committed together when they queue up ([`GroupCommit`]).
-    /// `None` on PostgreSQL, which commits concurrent transactions together by itself.
-    flushed_writes: Option<Arc<GroupCommit>>,
-    relaxed_writes: Option<Arc<GroupCommit>>,
+    /// SQLite in a file: the writers of the appends and seals of `db` and of `relaxed`
+    /// (the same under [`JournalSync::Full`]), each on a connection of its own with the
+    /// same `synchronous`; writes that queue up commit together ([`Writer`]). `None` on
+    /// PostgreSQL, which commits concurrent transactions together by itself, and for an
+    /// in-memory SQLite database (which only its own connection sees).
+    flushed_writes: Option<Arc<Writer>>,
+    relaxed_writes: Option<Arc<Writer>>,
     /// SQLite under [`JournalSync::Overlap`]: the database's write-ahead log, synced by
     /// [`Log::flush`] (everything committed on either connection is in it).
     wal: Option<std::path::PathBuf>,
@@ -146,17 +149,18 @@ impl SqlJournal {
             }),
             _ => None,
         };
-        let (flushed_writes, relaxed_writes) = if sqlite {
-            let flushed = Arc::new(GroupCommit::new(db.clone()));
-            let relaxed_writes = match sync {
-                JournalSync::Full => flushed.clone(),
-                JournalSync::Append | JournalSync::Overlap => {
-                    Arc::new(GroupCommit::new(relaxed.clone()))
-                }
-            };
-            (Some(flushed), Some(relaxed_writes))
-        } else {
-            (None, None)
+        let (flushed_writes, relaxed_writes) = match sqlite_file(url) {
+            Some(file) if sqlite => {
+                let flushed = Arc::new(Writer::open(&file, Flush::EveryCommit)?);
+                let relaxed_writes = match sync {
+                    JournalSync::Full => flushed.clone(),
+                    JournalSync::Append | JournalSync::Overlap => {
+                        Arc::new(Writer::open(&file, Flush::Later)?)
+                    }
+                };
+                (Some(flushed), Some(relaxed_writes))
+            }
+            _ => (None, None),
         };
         Ok(SqlJournal {
             db,
@@ -218,126 +222,6 @@ impl SqlJournal {
     /// The underlying connection.
     pub fn connection(&self) -> &DatabaseConnection {
         &self.db
-    }
-}
-
-/// Group commit on one SQLite connection: writes that queue up while one is being written
-/// are written next in one transaction, so one flush (one `fsync` of the write-ahead log
-/// under `synchronous = FULL`) makes all of them durable. A write alone is written alone,
-/// as before; each caller gets its own statement's outcome, and only once the transaction
-/// that holds it committed. Only the journal's appends and seals go this way: both may be
-/// written again after a failed batch without harm (an append checks that it extends the
-/// journal by one, a seal that the record is unsealed, and a repeat is told from a
-/// conflict by reading the record), which is what a batch that fails does, one write at a
-/// time, so that each caller hears its own outcome.
-struct GroupCommit {
-    db: DatabaseConnection,
-    queue: std::sync::Mutex<Vec<Job>>,
-    /// Held by the caller writing a batch; the callers queued meanwhile wait for it and
-    /// the first of them writes all of theirs.
-    writer: tokio::sync::Mutex<()>,
-    /// Batches written, and writes in them (for tests and the debug log).
-    batches: AtomicU64,
-    writes: AtomicU64,
-}
-
-/// One queued write and where its outcome goes (rows affected).
-struct Job {
-    stmt: Statement,
-    done: tokio::sync::oneshot::Sender<Result<u64, JournalError>>,
-}
-
-impl std::fmt::Debug for GroupCommit {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("GroupCommit")
-            .field("batches", &self.batches.load(Ordering::Relaxed))
-            .field("writes", &self.writes.load(Ordering::Relaxed))
-            .finish_non_exhaustive()
-    }
-}
-
-impl GroupCommit {
-    fn new(db: DatabaseConnection) -> Self {
-        GroupCommit {
-            db,
-            queue: std::sync::Mutex::new(Vec::new()),
-            writer: tokio::sync::Mutex::new(()),
-            batches: AtomicU64::new(0),
-            writes: AtomicU64::new(0),
-        }
-    }
-
-    fn queue(&self) -> std::sync::MutexGuard<'_, Vec<Job>> {
-        self.queue.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// Writes `stmt`, together with the writes queued beside it: the rows it affected.
-    async fn execute(self: &Arc<Self>, stmt: Statement) -> Result<u64, JournalError> {
-        let (done, mut outcome) = tokio::sync::oneshot::channel();
-        self.queue().push(Job { stmt, done });
-        {
-            let _writer = self.writer.lock().await;
-            // A writer before this one may have taken it into its batch.
-            if let Ok(written) = outcome.try_recv() {
-                return written;
-            }
-            // Tasks woken by the same event (the seal of one update lets the next be sealed
-            // and one more be appended) queue their writes before this batch is taken.
-            tokio::task::yield_now().await;
-            let jobs = std::mem::take(&mut *self.queue());
-            if !jobs.is_empty() {
-                // A task of its own, so that a caller that goes away cannot leave the
-                // batch half-written; the writer slot is held until it is done.
-                let this = self.clone();
-                let _ = tokio::spawn(async move { this.write(jobs).await }).await;
-            }
-        }
-        outcome.await.unwrap_or_else(|_| {
-            Err(JournalError::unavailable(
-                "the journal's write ended without an outcome",
-            ))
-        })
-    }
-
-    async fn write(&self, mut jobs: Vec<Job>) {
-        self.batches.fetch_add(1, Ordering::Relaxed);
-        self.writes.fetch_add(jobs.len() as u64, Ordering::Relaxed);
-        if jobs.len() == 1
-            && let Some(job) = jobs.pop()
-        {
-            let _ = job.done.send(self.alone(job.stmt).await);
-            return;
-        }
-        tracing::debug!(writes = jobs.len(), "journal writes committed together");
-        match self.together(&jobs).await {
-            Ok(rows) => {
-                for (job, rows) in jobs.into_iter().zip(rows) {
-                    let _ = job.done.send(Ok(rows));
-                }
-            }
-            Err(e) => {
-                tracing::debug!(writes = jobs.len(), error = %e,
-                    "a batch of journal writes failed; writing them one at a time");
-                for job in jobs {
-                    let _ = job.done.send(self.alone(job.stmt).await);
-                }
-            }
-        }
-    }
-
-    async fn alone(&self, stmt: Statement) -> Result<u64, JournalError> {
-        Ok(self.db.execute_raw(stmt).await?.rows_affected())
-    }
-
-    /// Every job's statement in one transaction: the rows each affected, once committed.
-    async fn together(&self, jobs: &[Job]) -> Result<Vec<u64>, sea_orm::DbErr> {
-        let txn = self.db.begin().await?;
-        let mut rows = Vec::with_capacity(jobs.len());
-        for job in jobs {
-            rows.push(txn.execute_raw(job.stmt.clone()).await?.rows_affected());
-        }
-        txn.commit().await?;
-        Ok(rows)
     }
 }
 
@@ -450,7 +334,7 @@ fn row_to_record(group: &str, row: &QueryResult) -> Result<Record, JournalError>
 
 impl SqlJournal {
     /// Writes `stmt` on the relaxed connection (seals; records under `overlap`) or the
-    /// flushed one, through its group commit on SQLite: the rows it affected.
+    /// flushed one, through its writer on SQLite: the rows it affected.
     async fn write(
         &self,
         relaxed: bool,
@@ -857,7 +741,7 @@ impl Log for SqlJournal {
             .value(Group::Epoch, Expr::col(Group::Epoch))
             .and_where(self.fence())
             .to_owned();
-        if self.db.execute(&touch).await?.rows_affected() == 0 {
+        if self.write(false, &touch).await? == 0 {
             // No group to touch, or fenced.
             self.check_fence().await?;
         }

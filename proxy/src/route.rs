@@ -147,18 +147,11 @@ where
         .classifier
         .classify(req.method(), req.uri().path());
     match kind {
-        // A connection served on a client thread's own runtime hands its updates to the
-        // group's runtime, where the journal, the replayers and supervision run: an update's
-        // work outlives no client runtime. The task is aborted if the client goes away, as
-        // the update's future would be dropped.
+        // A connection served on a client thread's own runtime reads its update's request
+        // there and hands the journaled part to the group's runtime, where the journal, the
+        // replayers and supervision run: an update's work outlives no client runtime.
         Kind::Update if routed.on_client_thread => {
-            let group = routed.group.clone();
-            let task = AbortOnDrop(
-                routed
-                    .runtime
-                    .spawn(update::handle(routed.group, req, client)),
-            );
-            task.join(&group).await
+            update::handle_on(routed.group, req, client, &routed.runtime).await
         }
         Kind::Update => update::handle(routed.group, req, client).await,
         Kind::Read => {
@@ -214,29 +207,6 @@ where
             };
             routed.group.metrics.read_done(&result, started.elapsed());
             result
-        }
-    }
-}
-
-/// A spawned update, aborted when dropped.
-struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
-
-impl<T> Drop for AbortOnDrop<T> {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
-}
-
-impl AbortOnDrop<Result<Response<ProxyBody>, ProxyError>> {
-    /// The update's answer; a panic in it goes on unwinding here, as it would have inline.
-    async fn join(mut self, group: &Group) -> Result<Response<ProxyBody>, ProxyError> {
-        match (&mut self.0).await {
-            Ok(answer) => answer,
-            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
-            Err(_) => Err(ProxyError::Unavailable {
-                group: group.name().to_owned(),
-                reason: "the proxy is shutting down".into(),
-            }),
         }
     }
 }

@@ -44,13 +44,54 @@ use crate::link::{Answer, SendError};
 use crate::partition::Partition;
 use crate::status::PartitionStatus;
 
-/// Handles one update end to end. The journaled part runs in its own task: a client that
-/// disconnects cannot leave a record half-written.
+/// Handles one update end to end, on the current runtime ([`handle_on`]).
 pub(crate) async fn handle<B>(
     group: Arc<Group>,
     req: Request<B>,
     client: Option<SocketAddr>,
 ) -> Result<Response<ProxyBody>, ProxyError>
+where
+    B: http_body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    handle_on(group, req, client, &tokio::runtime::Handle::current()).await
+}
+
+/// Handles one update end to end: the request is read here, on the task that serves the
+/// client's connection, and the journaled part runs in a task of its own on `runtime` (the
+/// group's, where the journal, the replayers and supervision run), so that a client that
+/// disconnects cannot leave a record half-written.
+pub(crate) async fn handle_on<B>(
+    group: Arc<Group>,
+    req: Request<B>,
+    client: Option<SocketAddr>,
+    runtime: &tokio::runtime::Handle,
+) -> Result<Response<ProxyBody>, ProxyError>
+where
+    B: http_body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    let recorded = recorded(&group, req, client).await?;
+    let started = Instant::now();
+    let result = match runtime.spawn(execute(group.clone(), recorded)).await {
+        Ok(answer) => answer,
+        Err(e) if e.is_cancelled() => Err(ProxyError::Unavailable {
+            group: group.name().to_owned(),
+            reason: "the proxy is shutting down".into(),
+        }),
+        Err(e) => Err(ProxyError::Journal(format!("update task failed: {e}"))),
+    };
+    group.metrics.update_done(&result, started.elapsed());
+    result
+}
+
+/// What the journal records of `req`: its body read whole (within the group's limit), its
+/// headers without the hop-by-hop ones and with the forwarding ones.
+async fn recorded<B>(
+    group: &Group,
+    req: Request<B>,
+    client: Option<SocketAddr>,
+) -> Result<RecordedRequest, ProxyError>
 where
     B: http_body::Body<Data = Bytes> + Send + 'static,
     B::Error: Into<BoxError>,
@@ -76,7 +117,7 @@ where
     forward::strip_replay_headers(&mut headers);
     forward::add_forwarded(&mut headers, client);
     headers.remove(header::CONTENT_LENGTH);
-    let recorded = RecordedRequest {
+    Ok(RecordedRequest {
         method: parts.method.to_string(),
         uri: parts
             .uri
@@ -85,14 +126,7 @@ where
             .to_owned(),
         headers: recorded_headers(&headers)?,
         body,
-    };
-    let started = Instant::now();
-    let result = tokio::spawn(execute(group.clone(), recorded))
-        .await
-        .map_err(|e| ProxyError::Journal(format!("update task failed: {e}")))
-        .and_then(|r| r);
-    group.metrics.update_done(&result, started.elapsed());
-    result
+    })
 }
 
 fn recorded_headers(headers: &HeaderMap) -> Result<Vec<(String, String)>, ProxyError> {

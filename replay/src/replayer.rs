@@ -7,6 +7,7 @@
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use futures_util::StreamExt;
@@ -99,6 +100,9 @@ pub struct Replayer {
     pipeline: Option<(Arc<dyn PipelinedApplier>, usize)>,
     /// Which records are independent (parallel replay), when declared.
     keys: Option<Arc<ConflictKeys>>,
+    /// The checkpoint this replayer saved last (an exactly-once partition's lags behind
+    /// what it applied: see [`CHECKPOINT_EVERY`]).
+    saved: AtomicU64,
 }
 
 impl std::fmt::Debug for Replayer {
@@ -128,6 +132,7 @@ impl Replayer {
             backoff: Backoff::default(),
             batch: 256,
             pipeline: None,
+            saved: AtomicU64::new(0),
             keys: None,
         }
     }
@@ -166,7 +171,8 @@ impl Replayer {
 
     /// Replays from the partition's durable checkpoint, following `sealed` (the highest
     /// seq up to which every record is sealed), until `stop` turns true or `sealed` closes.
-    /// The checkpoint is saved after every record, before the next one is sent.
+    /// The checkpoint is saved after every record, before the next one is sent; for a
+    /// partition that keeps its own exactly-once record, in batches ([`CHECKPOINT_EVERY`]).
     pub async fn run(
         self,
         mut sealed: watch::Receiver<u64>,
@@ -216,13 +222,29 @@ impl Replayer {
             applied = p;
             observer.applied(applied);
         }
+        self.saved.store(applied, Ordering::Relaxed);
         loop {
             let target = *sealed.borrow_and_update();
             if target <= applied {
+                // Caught up. An exactly-once partition's checkpoint, saved in batches, is
+                // saved once nothing new came for a while.
+                let lags = self.saved.load(Ordering::Relaxed) < applied;
+                let idle = async {
+                    if lags {
+                        tokio::time::sleep(CHECKPOINT_IDLE).await;
+                    } else {
+                        std::future::pending::<()>().await;
+                    }
+                };
                 tokio::select! {
                     biased;
                     changed = sealed.changed() => if changed.is_err() { return ReplayExit::Stopped },
                     _ = stop.changed() => return ReplayExit::Stopped,
+                    () = idle => {
+                        if self.save_checkpoint(applied, &mut stop).await.is_none() {
+                            return ReplayExit::Stopped;
+                        }
+                    }
                 }
                 continue;
             }
@@ -261,7 +283,6 @@ impl Replayer {
                         parallel,
                         &records[..dense],
                         &mut applied,
-                        target,
                         &mut stop,
                         observer.as_ref(),
                     )
@@ -272,7 +293,6 @@ impl Replayer {
                         &records[..dense],
                         exactly_once,
                         &mut applied,
-                        target,
                         &mut stop,
                         observer.as_ref(),
                     )
@@ -299,7 +319,6 @@ impl Replayer {
         records: &[Record],
         exactly_once: bool,
         applied: &mut u64,
-        target: u64,
         stop: &mut watch::Receiver<bool>,
         observer: &dyn ReplayObserver,
     ) -> Next {
@@ -316,7 +335,7 @@ impl Replayer {
                 None
             };
             match self
-                .after(record, step, applied, target, exactly_once, stop, observer)
+                .after(record, step, applied, exactly_once, stop, observer)
                 .await
             {
                 Next::Go => {}
@@ -342,7 +361,6 @@ impl Replayer {
         parallel: bool,
         records: &[Record],
         applied: &mut u64,
-        target: u64,
         stop: &mut watch::Receiver<bool>,
         observer: &dyn ReplayObserver,
     ) -> Next {
@@ -417,7 +435,7 @@ impl Replayer {
                     let via = parallel.then_some((behind, *applied));
                     let step = self.apply(record, true, via, 1, stop, observer).await;
                     return match self
-                        .after(record, Some(step), applied, target, true, stop, observer)
+                        .after(record, Some(step), applied, true, stop, observer)
                         .await
                     {
                         Next::Go => Next::Resume,
@@ -426,7 +444,7 @@ impl Replayer {
                 }
             };
             match self
-                .after(record, step, applied, target, true, stop, observer)
+                .after(record, step, applied, true, stop, observer)
                 .await
             {
                 Next::Go => {}
@@ -445,7 +463,7 @@ impl Replayer {
         record: &Record,
         step: Option<Step>,
         applied: &mut u64,
-        target: u64,
+
         exactly_once: bool,
         stop: &mut watch::Receiver<bool>,
         observer: &dyn ReplayObserver,
@@ -478,21 +496,25 @@ impl Replayer {
             }
         }
         let seq = record.seq;
-        let save = !exactly_once || seq >= target || seq.is_multiple_of(CHECKPOINT_EVERY);
-        if save
-            && self
-                .retry_journal(stop, || {
-                    self.journal
-                        .save_checkpoint(&self.group, &self.partition, seq)
-                })
-                .await
-                .is_none()
-        {
+        let save = !exactly_once || seq.is_multiple_of(CHECKPOINT_EVERY);
+        if save && self.save_checkpoint(seq, stop).await.is_none() {
             return Next::Exit(ReplayExit::Stopped);
         }
         *applied = seq;
         observer.applied(seq);
         Next::Go
+    }
+
+    /// Saves `seq` as the partition's checkpoint (retrying while the journal is away):
+    /// `None` when stopped first.
+    async fn save_checkpoint(&self, seq: u64, stop: &mut watch::Receiver<bool>) -> Option<()> {
+        self.retry_journal(stop, || {
+            self.journal
+                .save_checkpoint(&self.group, &self.partition, seq)
+        })
+        .await?;
+        self.saved.store(seq, Ordering::Relaxed);
+        Some(())
     }
 
     /// Whether `answer` is the primary's (a record resolved as executed by an operator has
@@ -646,9 +668,15 @@ enum Step {
     Reposition(u64),
 }
 
-/// With an exactly-once partition, the journal checkpoint is saved every this many records
-/// (and whenever the replayer catches up).
+/// With an exactly-once partition, the journal checkpoint is saved every this many records,
+/// and once the replayer has been caught up for [`CHECKPOINT_IDLE`]: a partition that keeps
+/// up with a steady stream of updates saves one checkpoint per 64 of them, not one each.
+/// Re-delivery to such a partition is harmless, and it says itself where to resume.
 const CHECKPOINT_EVERY: u64 = 64;
+
+/// How long a caught-up replayer waits for the next record before it saves a lagging
+/// checkpoint.
+const CHECKPOINT_IDLE: Duration = Duration::from_millis(100);
 
 #[cfg(test)]
 mod tests {
@@ -1136,6 +1164,64 @@ mod tests {
         let (layer, _) = replay_pipelined(20, 1, &[]).await;
         assert_eq!(layer.executed, (1..=20).collect::<Vec<_>>());
         assert_eq!(layer.most_on_the_way, 1);
+    }
+
+    /// A replayer that keeps up with an exactly-once partition, fed one record at a time,
+    /// saves the partition's checkpoint every `CHECKPOINT_EVERY` records, not after each,
+    /// and saves the last one once it has been idle for `CHECKPOINT_IDLE`. (Simulated
+    /// time: the partition answers after 2 ms, and nothing else waits.)
+    #[tokio::test(start_paused = true)]
+    async fn a_caught_up_replayer_saves_an_exactly_once_checkpoint_in_batches_and_when_idle() {
+        let n = CHECKPOINT_EVERY + 6;
+        let j = Arc::new(crate::journal::MemoryJournal::new());
+        j.open_group("g", "a").await.expect("group opens");
+        for seq in 1..=n {
+            let body = Bytes::from(format!("body {seq}"));
+            let r = Record::pending(
+                "g",
+                seq,
+                1,
+                RecordedRequest {
+                    method: "POST".into(),
+                    uri: "/".into(),
+                    headers: vec![],
+                    body: body.clone(),
+                },
+            );
+            j.append(&r).await.expect("append");
+            let answer = Fingerprint::of(200, &body);
+            j.seal("g", seq, &Outcome::Executed(Some(answer)))
+                .await
+                .expect("seal");
+        }
+        let partition = Arc::new(Layered::default());
+        let replayer = Replayer::new("g", "b", j.clone(), partition.clone());
+        let (sealed_tx, sealed) = watch::channel(0u64);
+        let (stop_tx, stop) = watch::channel(false);
+        let log = Arc::new(Log::default());
+        let task = tokio::spawn(replayer.run(sealed, stop, log.clone()));
+        let mut saved = Vec::new();
+        for seq in 1..=n {
+            sealed_tx.send(seq).expect("replayer listens");
+            let heard = format!("applied {seq}");
+            for _ in 0..1000 {
+                if log.0.lock().expect("log").contains(&heard) {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            saved.push(j.checkpoint("g", "b").await.expect("checkpoint"));
+        }
+        let every = |seq: u64| seq / CHECKPOINT_EVERY * CHECKPOINT_EVERY;
+        assert_eq!(saved, (1..=n).map(every).collect::<Vec<_>>());
+        tokio::time::sleep(CHECKPOINT_IDLE + Duration::from_millis(10)).await;
+        assert_eq!(j.checkpoint("g", "b").await.expect("checkpoint"), n);
+        let _ = stop_tx.send(true);
+        assert_eq!(task.await.expect("replayer"), ReplayExit::Stopped);
+        assert_eq!(
+            partition.state.lock().expect("state").executed.len() as u64,
+            n
+        );
     }
 }
 

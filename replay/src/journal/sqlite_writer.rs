@@ -19,6 +19,12 @@
 //!
 //! A caller that goes away does not stop its write: the thread writes what it was given.
 //! The thread ends, and closes its connection, once every handle to it is dropped.
+//!
+//! rusqlite 0.39 links the same `libsqlite3-sys` (0.37) as sqlx 0.9, and Cargo lets only
+//! one crate that links `sqlite3` into a build: the writer's connection and sqlx's share one
+//! SQLite library, and with it the per-process table through which SQLite keeps the POSIX
+//! locks of several connections to one file apart. (Two copies of SQLite in one process
+//! would release each other's locks.) Upgrade the two together.
 
 use std::path::Path;
 use std::sync::Arc;

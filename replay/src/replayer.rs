@@ -759,6 +759,13 @@ mod tests {
     ) -> Arc<SqlJournal> {
         let url = format!("sqlite://{}", dir.path().join("j.db").display());
         let j = SqlJournal::connect(&url).await.expect("journal opens");
+        fill(&j, bodies, skip).await;
+        Arc::new(j)
+    }
+
+    /// Opens group "g" in `j` and writes sealed records with these bodies, seq 1 first:
+    /// executed, answered with their body, but those in `skip` skipped.
+    async fn fill(j: &impl Journal, bodies: &[String], skip: &[u64]) {
         j.open_group("g", "a").await.expect("group opens");
         for (seq, body) in (1..).zip(bodies) {
             let r = Record::pending(
@@ -780,7 +787,6 @@ mod tests {
             };
             j.seal("g", seq, &outcome).await.expect("seal");
         }
-        Arc::new(j)
     }
 
     #[tokio::test]
@@ -1174,26 +1180,8 @@ mod tests {
     async fn a_caught_up_replayer_saves_an_exactly_once_checkpoint_in_batches_and_when_idle() {
         let n = CHECKPOINT_EVERY + 6;
         let j = Arc::new(crate::journal::MemoryJournal::new());
-        j.open_group("g", "a").await.expect("group opens");
-        for seq in 1..=n {
-            let body = Bytes::from(format!("body {seq}"));
-            let r = Record::pending(
-                "g",
-                seq,
-                1,
-                RecordedRequest {
-                    method: "POST".into(),
-                    uri: "/".into(),
-                    headers: vec![],
-                    body: body.clone(),
-                },
-            );
-            j.append(&r).await.expect("append");
-            let answer = Fingerprint::of(200, &body);
-            j.seal("g", seq, &Outcome::Executed(Some(answer)))
-                .await
-                .expect("seal");
-        }
+        let bodies: Vec<String> = (1..=n).map(|seq| format!("body {seq}")).collect();
+        fill(j.as_ref(), &bodies, &[]).await;
         let partition = Arc::new(Layered::default());
         let replayer = Replayer::new("g", "b", j.clone(), partition.clone());
         let (sealed_tx, sealed) = watch::channel(0u64);

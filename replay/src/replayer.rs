@@ -187,6 +187,8 @@ impl Replayer {
         else {
             return ReplayExit::Stopped;
         };
+        // What the journal holds, even where the partition then says it stands elsewhere.
+        self.saved.store(applied, Ordering::Relaxed);
         observer.applied(applied);
         // A quarantined partition stays so until an operator rejoins it.
         let Some(quarantined) = self
@@ -222,7 +224,6 @@ impl Replayer {
             applied = p;
             observer.applied(applied);
         }
-        self.saved.store(applied, Ordering::Relaxed);
         loop {
             let target = *sealed.borrow_and_update();
             if target <= applied {
@@ -1170,6 +1171,27 @@ mod tests {
         let (layer, _) = replay_pipelined(20, 1, &[]).await;
         assert_eq!(layer.executed, (1..=20).collect::<Vec<_>>());
         assert_eq!(layer.most_on_the_way, 1);
+    }
+
+    /// A partition that says it stands ahead of its journal checkpoint (the checkpoint
+    /// lagged when the proxy stopped) gets that checkpoint saved once its replayer idles,
+    /// even with nothing left to send it.
+    #[tokio::test(start_paused = true)]
+    async fn a_checkpoint_behind_the_partitions_own_record_is_saved_once_idle() {
+        let j = Arc::new(crate::journal::MemoryJournal::new());
+        let bodies: Vec<String> = (1..=5).map(|seq| format!("body {seq}")).collect();
+        fill(j.as_ref(), &bodies, &[]).await;
+        let partition = Arc::new(Layered::default());
+        partition.state.lock().expect("state").applied = 5;
+        let replayer = Replayer::new("g", "b", j.clone(), partition.clone());
+        let (_sealed_tx, sealed) = watch::channel(5u64);
+        let (stop_tx, stop) = watch::channel(false);
+        let task = tokio::spawn(replayer.run(sealed, stop, Arc::new(Log::default())));
+        tokio::time::sleep(CHECKPOINT_IDLE + Duration::from_millis(10)).await;
+        assert_eq!(j.checkpoint("g", "b").await.expect("checkpoint"), 5);
+        let _ = stop_tx.send(true);
+        assert_eq!(task.await.expect("replayer"), ReplayExit::Stopped);
+        assert!(partition.state.lock().expect("state").executed.is_empty());
     }
 
     /// A replayer that keeps up with an exactly-once partition, fed one record at a time,

@@ -230,18 +230,11 @@ impl Replayer {
                 // Caught up. An exactly-once partition's checkpoint, saved in batches, is
                 // saved once nothing new came for a while.
                 let lags = self.saved.load(Ordering::Relaxed) < applied;
-                let idle = async {
-                    if lags {
-                        tokio::time::sleep(CHECKPOINT_IDLE).await;
-                    } else {
-                        std::future::pending::<()>().await;
-                    }
-                };
                 tokio::select! {
                     biased;
                     changed = sealed.changed() => if changed.is_err() { return ReplayExit::Stopped },
                     _ = stop.changed() => return ReplayExit::Stopped,
-                    () = idle => {
+                    () = tokio::time::sleep(CHECKPOINT_IDLE), if lags => {
                         if self.save_checkpoint(applied, &mut stop).await.is_none() {
                             return ReplayExit::Stopped;
                         }

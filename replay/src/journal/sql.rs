@@ -80,7 +80,8 @@ pub enum JournalSync {
 pub struct SqlJournal {
     /// Flushed writes: records, epochs.
     db: DatabaseConnection,
-    /// Seals, and records under `overlap` (the same connection under [`JournalSync::Full`]).
+    /// Seals, and records under `overlap` (the same connection under [`JournalSync::Full`],
+    /// and where a writer of its own takes them: a SQLite file).
     relaxed: DatabaseConnection,
     sync: JournalSync,
     /// SQLite in a file: the writers of the appends and seals of `db` and of `relaxed`
@@ -129,8 +130,23 @@ impl SqlJournal {
             });
         let db = Database::connect(opts.clone()).await?;
         JournalMigrator::up(&db, None).await?;
+        let (flushed_writes, relaxed_writes) = match sqlite_file(url) {
+            Some(file) if sqlite => {
+                let flushed = Arc::new(Writer::open(&file, Flush::EveryCommit)?);
+                let relaxed_writes = match sync {
+                    JournalSync::Full => flushed.clone(),
+                    JournalSync::Append | JournalSync::Overlap => {
+                        Arc::new(Writer::open(&file, Flush::Later)?)
+                    }
+                };
+                (Some(flushed), Some(relaxed_writes))
+            }
+            _ => (None, None),
+        };
         let relaxed = match sync {
             JournalSync::Full => db.clone(),
+            // The relaxed writes go to their writer, which has a connection of its own.
+            _ if relaxed_writes.is_some() => db.clone(),
             JournalSync::Append | JournalSync::Overlap => {
                 opts.map_sqlx_sqlite_opts(|o| {
                     o.journal_mode(SqliteJournalMode::Wal)
@@ -148,19 +164,6 @@ impl SqlJournal {
                 std::path::PathBuf::from(wal)
             }),
             _ => None,
-        };
-        let (flushed_writes, relaxed_writes) = match sqlite_file(url) {
-            Some(file) if sqlite => {
-                let flushed = Arc::new(Writer::open(&file, Flush::EveryCommit)?);
-                let relaxed_writes = match sync {
-                    JournalSync::Full => flushed.clone(),
-                    JournalSync::Append | JournalSync::Overlap => {
-                        Arc::new(Writer::open(&file, Flush::Later)?)
-                    }
-                };
-                (Some(flushed), Some(relaxed_writes))
-            }
-            _ => (None, None),
         };
         Ok(SqlJournal {
             db,

@@ -112,64 +112,100 @@ const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host")
 /// Adds `Forwarded`, `X-Forwarded-For`, `X-Forwarded-Proto` and `X-Forwarded-Host` for
 /// a request received from `client`.
 ///
-/// On every proxied request, so without formatting machinery: the address is written once
-/// into a stack buffer, each value built in one allocation, the host value reused as is.
+/// On every proxied request, so without formatting machinery on the way: the values for the
+/// client address (and the host) seen last on this thread are kept ([`ForwardedFor`]), as a
+/// connection's requests, and often every client behind one balancer, share them; a
+/// request then costs header clones instead of text formatting and allocations.
 pub fn add_forwarded(headers: &mut HeaderMap, client: Option<SocketAddr>) {
     let Some(client) = client else { return };
     let ip = client.ip();
-    let mut text = [0u8; 64];
-    let ip_text = ip_text(&ip, &mut text);
     let host = headers
         .get(header::HOST)
         .filter(|h| h.to_str().is_ok())
         .cloned();
-    let xff = match headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
-        Some(prev) => {
-            let mut v = String::with_capacity(prev.len() + 2 + ip_text.len());
-            v.push_str(prev);
-            v.push_str(", ");
-            v.push_str(ip_text);
-            HeaderValue::from_str(&v)
+    LAST_CLIENT.with_borrow_mut(|last| {
+        let seen = match last {
+            Some(seen) if seen.ip == ip => seen,
+            _ => last.insert(ForwardedFor::new(ip)),
+        };
+        let xff = match headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
+            Some(prev) => {
+                let mut v = String::with_capacity(prev.len() + 2 + seen.text.len());
+                v.push_str(prev);
+                v.push_str(", ");
+                v.push_str(&seen.text);
+                HeaderValue::from_str(&v).ok()
+            }
+            None => seen.xff.clone(),
+        };
+        if let Some(v) = xff {
+            headers.insert(X_FORWARDED_FOR, v);
         }
-        None => HeaderValue::from_str(ip_text),
-    };
-    if let Ok(v) = xff {
-        headers.insert(X_FORWARDED_FOR, v);
-    }
-    let host_text = host.as_ref().and_then(|h| h.to_str().ok());
-    let mut fwd = String::with_capacity(40 + host_text.map_or(0, str::len));
-    fwd.push_str("for=");
-    if ip.is_ipv6() {
-        fwd.push_str("\"[");
-        fwd.push_str(ip_text);
-        fwd.push_str("]\"");
-    } else {
-        fwd.push_str(ip_text);
-    }
-    fwd.push_str(";proto=http");
-    if let Some(h) = host_text {
-        fwd.push_str(";host=\"");
-        fwd.push_str(h);
-        fwd.push('"');
-    }
-    if let Ok(v) = HeaderValue::from_str(&fwd) {
-        headers.append(header::FORWARDED, v);
-    }
+        if let Some(v) = seen.forwarded(host.as_ref()) {
+            headers.append(header::FORWARDED, v);
+        }
+    });
     headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static("http"));
     if let Some(h) = host {
         headers.insert(X_FORWARDED_HOST, h);
     }
 }
 
-/// `ip` as text, written into `buf` (an IPv6 address takes at most 45 bytes).
-fn ip_text<'a>(ip: &std::net::IpAddr, buf: &'a mut [u8; 64]) -> &'a str {
-    use std::io::Write as _;
-    let mut cursor = std::io::Cursor::new(&mut buf[..]);
-    let len = match write!(cursor, "{ip}") {
-        Ok(()) => cursor.position() as usize,
-        Err(_) => 0,
-    };
-    std::str::from_utf8(&buf[..len]).unwrap_or("")
+thread_local! {
+    /// The forwarding values of the client address seen last on this thread.
+    static LAST_CLIENT: std::cell::RefCell<Option<ForwardedFor>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// The forwarding header values for one client address.
+struct ForwardedFor {
+    ip: std::net::IpAddr,
+    /// The address as text.
+    text: String,
+    /// `X-Forwarded-For` of a request that carries none: the address alone.
+    xff: Option<HeaderValue>,
+    /// `Forwarded` for the `Host` seen last with this address (`None`: no `Host`).
+    forwarded: Option<(Option<HeaderValue>, HeaderValue)>,
+}
+
+impl ForwardedFor {
+    fn new(ip: std::net::IpAddr) -> Self {
+        let text = ip.to_string();
+        ForwardedFor {
+            ip,
+            xff: HeaderValue::from_str(&text).ok(),
+            text,
+            forwarded: None,
+        }
+    }
+
+    /// `Forwarded: for=…;proto=http[;host="…"]` for a request with `host`.
+    fn forwarded(&mut self, host: Option<&HeaderValue>) -> Option<HeaderValue> {
+        if let Some((seen, value)) = &self.forwarded
+            && seen.as_ref() == host
+        {
+            return Some(value.clone());
+        }
+        let host_text = host.and_then(|h| h.to_str().ok());
+        let mut fwd = String::with_capacity(40 + host_text.map_or(0, str::len));
+        fwd.push_str("for=");
+        if self.ip.is_ipv6() {
+            fwd.push_str("\"[");
+            fwd.push_str(&self.text);
+            fwd.push_str("]\"");
+        } else {
+            fwd.push_str(&self.text);
+        }
+        fwd.push_str(";proto=http");
+        if let Some(h) = host_text {
+            fwd.push_str(";host=\"");
+            fwd.push_str(h);
+            fwd.push('"');
+        }
+        let value = HeaderValue::from_str(&fwd).ok()?;
+        self.forwarded = Some((host.cloned(), value.clone()));
+        Some(value)
+    }
 }
 
 /// The URI of `path_and_query` on the partition at `base`.
@@ -244,6 +280,63 @@ mod tests {
         assert_eq!(h["x-forwarded-for"], "2001:db8::1");
         assert_eq!(h["forwarded"], "for=\"[2001:db8::1]\";proto=http");
         assert!(!h.contains_key("x-forwarded-host"));
+    }
+
+    /// The values kept for the address seen last are never those of another address or
+    /// another host.
+    #[test]
+    fn forwarded_values_follow_the_address_and_host() {
+        let forward = |addr: [u8; 4], host: Option<&'static str>, xff: Option<&'static str>| {
+            let mut h = HeaderMap::new();
+            if let Some(host) = host {
+                h.insert("host", HeaderValue::from_static(host));
+            }
+            if let Some(xff) = xff {
+                h.insert("x-forwarded-for", HeaderValue::from_static(xff));
+            }
+            add_forwarded(&mut h, Some(SocketAddr::from((addr, 5000))));
+            let get = |name: &str| h.get(name).map(|v| v.to_str().unwrap_or("?").to_owned());
+            (
+                get("x-forwarded-for"),
+                get("forwarded"),
+                get("x-forwarded-host"),
+            )
+        };
+        let some = |s: &str| Some(s.to_owned());
+        for _ in 0..2 {
+            assert_eq!(
+                forward([10, 0, 0, 1], Some("a.example"), None),
+                (
+                    some("10.0.0.1"),
+                    some("for=10.0.0.1;proto=http;host=\"a.example\""),
+                    some("a.example")
+                )
+            );
+        }
+        assert_eq!(
+            forward([10, 0, 0, 1], Some("b.example"), Some("192.0.2.7")),
+            (
+                some("192.0.2.7, 10.0.0.1"),
+                some("for=10.0.0.1;proto=http;host=\"b.example\""),
+                some("b.example")
+            )
+        );
+        assert_eq!(
+            forward([10, 0, 0, 1], None, None),
+            (some("10.0.0.1"), some("for=10.0.0.1;proto=http"), None)
+        );
+        assert_eq!(
+            forward([10, 0, 0, 2], None, None),
+            (some("10.0.0.2"), some("for=10.0.0.2;proto=http"), None)
+        );
+        assert_eq!(
+            forward([10, 0, 0, 1], Some("a.example"), None),
+            (
+                some("10.0.0.1"),
+                some("for=10.0.0.1;proto=http;host=\"a.example\""),
+                some("a.example")
+            )
+        );
     }
 
     #[test]

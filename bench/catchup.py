@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """The catch-up helper of bench/run.sh: pushes the records, times a replica that comes back
-behind.
+behind (and sends the fixed counts of requests of bench/instructions.sh).
 
     catchup.py seed URL N [--balance CENTS]
         Opens accounts 1..N (`POST URL/accounts`, "bench-1" ... "bench-N", --balance each,
@@ -15,6 +15,9 @@ behind.
         accounts drawn at random from 1..K (random.Random(--seed), default 0), so that most
         pairs of transfers share no account: independent under the conflict keys
         `body:/from`, `body:/to`.
+    catchup.py reads URL N [--path PATH]
+        Sends `GET URL` + --path (default /health) N times on one keep-alive connection;
+        exit 1 at the first answer that is not 2xx (bench/instructions.sh).
     catchup.py watch ADMIN PARTITION --since-file FILE [--ready-file FILE] [--from SEQ]
                      [--round N] [--push PUSH.json] [--poll S] [--timeout S]
         PARTITION of the group behind ADMIN (group 0 of `GET /status`) was away while
@@ -127,6 +130,27 @@ def push(args):
     return 0 if pushed >= args.n else 1
 
 
+def reads(args):
+    """GETs `--path` N times on one keep-alive connection; fails on any other answer than
+    2xx."""
+    url = urllib.parse.urlsplit(args.url)
+    conn = http.client.HTTPConnection(url.hostname, url.port, timeout=30)
+    conn.connect()
+    conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    start = time.monotonic()
+    for i in range(args.n):
+        conn.request("GET", url.path.rstrip("/") + args.path)
+        resp = conn.getresponse()
+        resp.read()
+        if not 200 <= resp.status < 300:
+            print(f"catchup.py reads: GET {args.path} #{i + 1}: {resp.status}", file=sys.stderr)
+            return 1
+    conn.close()
+    secs = time.monotonic() - start
+    print(json.dumps({"read": args.n, "read_s": round(secs, 3)}))
+    return 0
+
+
 def partition_of(group, name):
     for p in group["partitions"]:
         if p["name"] == name:
@@ -208,6 +232,10 @@ def main():
     pu.add_argument("--max-time", type=float, default=600)
     pu.add_argument("--accounts", type=int, default=0)
     pu.add_argument("--seed", type=int, default=0)
+    rd = sub.add_parser("reads")
+    rd.add_argument("url")
+    rd.add_argument("n", type=int)
+    rd.add_argument("--path", default="/health")
     w = sub.add_parser("watch")
     w.add_argument("admin")
     w.add_argument("partition")
@@ -221,7 +249,7 @@ def main():
     args = p.parse_args()
     if args.cmd == "push" and args.accounts == 1:
         p.error("--accounts needs at least 2 accounts")
-    return {"seed": seed, "push": push, "watch": watch}[args.cmd](args)
+    return {"seed": seed, "push": push, "reads": reads, "watch": watch}[args.cmd](args)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,118 @@
+#!/usr/bin/env bash
+# bench/instructions.sh: the proxy's own instructions per update and per read, counted by
+# valgrind's callgrind: the same figure on every run of the same binary, whatever else the
+# machine is doing, so a change to the update or read path shows even where the throughput
+# and CPU time of bench/run.sh drift more than the change moves them.
+#
+# Usage (from the repository root or anywhere in a clone):
+#   bench/instructions.sh                        # build, measure, print a markdown table
+#   bench/instructions.sh --no-build --updates 500 --reads 2000
+#   REGROUP_BIN=/tmp/old/regroup bench/instructions.sh --no-build   # another binary
+#
+# Options:
+#   --updates N   serialized `POST /transfers` per run (default 500)
+#   --reads N     `GET /health` per run, one keep-alive connection (default 2000)
+#   --no-build    use the binaries already in target/release (or REGROUP_BIN and
+#                 REGROUP_BANK)
+#   --keep        keep the temporary directory (configs, logs, callgrind outputs)
+#
+# What it does:
+#   1. `cargo build --release --bin regroup --example bank` (not with --no-build); installs
+#      valgrind from Debian's packages when missing.
+#   2. Four runs, each of a fresh example bank on its own SQLite file (accounts 1 and 2
+#      opened on it directly) and a fresh `regroup serve` in front of it under `valgrind
+#      --tool=callgrind` (its own SQLite journal, `journal_sync = "full"`; heartbeat
+#      time-out 5 s, as the proxy runs ~50x slower under valgrind): no requests, N updates,
+#      no requests again, N reads. Each run ends with SIGTERM, when callgrind writes the
+#      proxy's total instructions.
+#   3. Per update = (run with N updates - the idle run before it) / N; per read likewise.
+#      The idle run holds everything but the requests: start, seeding, heartbeats, shutdown.
+#
+# Counts user-space instructions of the proxy process only: not the kernel's work (socket
+# and disk syscalls, fsync), which bench/run.sh's "proxy CPU / req" includes.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+SCRIPT="bench/instructions.sh"
+# shellcheck source=bench/lib.sh
+source "$ROOT/bench/lib.sh"
+log() { echo "[instructions] $*" >&2; }
+
+UPDATES=500
+READS=2000
+BUILD=1
+KEEP=0
+while [[ $# -gt 0 ]]; do
+    case "$1" in
+        --updates) UPDATES="$2"; shift ;;
+        --reads) READS="$2"; shift ;;
+        --no-build) BUILD=0 ;;
+        --keep) KEEP=1 ;;
+        -h|--help) sed -n '2,29p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        *) echo "$SCRIPT: unknown option $1 (see --help)" >&2; exit 2 ;;
+    esac
+    shift
+done
+for n in "$UPDATES" "$READS"; do
+    [[ "$n" =~ ^[1-9][0-9]*$ ]] || { echo "$SCRIPT: --updates and --reads take a positive count, not $n" >&2; exit 2; }
+done
+
+command -v valgrind >/dev/null || apt_install valgrind
+command -v python3 >/dev/null || apt_install python3
+command -v curl >/dev/null || apt_install curl
+build_release "$BUILD"
+bench_tmp instructions
+
+# One run of the proxy under callgrind in front of a bank of its own (accounts 1 and 2
+# opened on the bank directly): $1 names it, $2 is the load (none, updates, reads); prints
+# the proxy's total instructions.
+run() {
+    local name="$1" load="$2" config out line url pid total
+    start_bank "$name"
+    python3 "$ROOT/bench/catchup.py" seed "$BANK_URL" 2 >&2
+    config="$TMP/regroup-$name.toml"
+    write_config "$config" "journal = \"sqlite://$TMP/journal-$name.db\"
+journal_sync = \"full\"" "heartbeat_timeout_ms = 5000" "$name=$BANK_URL"
+    out="$TMP/regroup-$name.out"
+    : >"$out"
+    RUST_LOG=warn valgrind --tool=callgrind --callgrind-out-file="$TMP/callgrind-$name.out" \
+        "$BIN" serve --config "$config" >"$out" 2>>"$out.err" </dev/null &
+    pid="$!"
+    disown "$pid"
+    PIDS+=("$pid")
+    line="$(wait_line "$out" '^regroup listening on ' "$pid")"
+    url="$(sed -E 's/^regroup listening on ([^ ]+) .*/\1/' <<<"$line")"
+    # The first update waits until heartbeats found the partition up.
+    for _ in $(seq 300); do
+        curl -fs -o /dev/null --max-time 10 "$url/health" && break
+        sleep 0.1
+    done
+    case "$load" in
+        updates) python3 "$ROOT/bench/catchup.py" push "$url" "$UPDATES" >&2 ;;
+        reads) python3 "$ROOT/bench/catchup.py" reads "$url" "$READS" >&2 ;;
+    esac
+    kill -TERM "$pid"
+    for _ in $(seq 600); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+    forget_pid "$pid"
+    kill -TERM "$BANK_PID" 2>/dev/null || true
+    total="$(sed -n -E 's/^(summary|totals): ([0-9]+).*/\2/p' "$TMP/callgrind-$name.out" | head -1)"
+    [[ -n "$total" ]] || { echo "$SCRIPT: callgrind wrote no total for run $name" >&2; exit 1; }
+    echo "$total"
+}
+
+idle_u="$(run idle-updates none)"
+with_u="$(run updates updates)"
+idle_r="$(run idle-reads none)"
+with_r="$(run reads reads)"
+
+python3 - "$UPDATES" "$idle_u" "$with_u" "$READS" "$idle_r" "$with_r" "$(commit_id)" "$BIN" <<'EOF'
+import sys
+nu, iu, wu, nr, ir, wr, commit, binary = sys.argv[1:]
+nu, iu, wu, nr, ir, wr = map(int, (nu, iu, wu, nr, ir, wr))
+print(f"commit {commit}; binary {binary}; `bench/instructions.sh --updates {nu} --reads {nr}`")
+print()
+print("| request | count | instructions (run) | instructions (idle run) | per request |")
+print("| --- | ---: | ---: | ---: | ---: |")
+print(f"| POST /transfers, serialized | {nu} | {wu:,} | {iu:,} | {(wu - iu) / nu:,.0f} |")
+print(f"| GET /health, one keep-alive connection | {nr} | {wr:,} | {ir:,} | {(wr - ir) / nr:,.0f} |")
+EOF

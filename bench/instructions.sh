@@ -18,18 +18,22 @@
 #
 # What it does:
 #   1. `cargo build --release --bin regroup --example bank` (not with --no-build); installs
-#      valgrind from Debian's packages when missing.
+#      valgrind and nginx-light from Debian's packages when missing.
 #   2. Four runs, each of a fresh example bank on its own SQLite file (accounts 1 and 2
 #      opened on it directly) and a fresh `regroup serve` in front of it under `valgrind
 #      --tool=callgrind` (its own SQLite journal, `journal_sync = "full"`; heartbeat
 #      time-out 5 s, as the proxy runs ~50x slower under valgrind): no requests, N updates,
 #      no requests again, N reads. Each run ends with SIGTERM, when callgrind writes the
 #      proxy's total instructions.
-#   3. Per update = (run with N updates - the idle run before it) / N; per read likewise.
-#      The idle run holds everything but the requests: start, seeding, heartbeats, shutdown.
+#   3. The same for nginx in front of a bank (the keep-alive upstream of bench/run.sh, one
+#      process: `master_process off`, one worker), idle and with N reads.
+#   4. Per update = (run with N updates - the idle run before it) / N; per read likewise,
+#      for regroup and for nginx. The idle run holds everything but the requests: start,
+#      seeding, heartbeats, shutdown.
 #
-# Counts user-space instructions of the proxy process only: not the kernel's work (socket
-# and disk syscalls, fsync), which bench/run.sh's "proxy CPU / req" includes.
+# Counts the user-space instructions of the proxy's process (regroup's, nginx's) only, not
+# the kernel's work for it (socket and disk syscalls, fsync), which bench/run.sh's "proxy
+# CPU / req" includes.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -48,7 +52,7 @@ while [[ $# -gt 0 ]]; do
         --reads) READS="$2"; shift ;;
         --no-build) BUILD=0 ;;
         --keep) KEEP=1 ;;
-        -h|--help) sed -n '2,29p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h|--help) sed -n '2,36p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) echo "$SCRIPT: unknown option $1 (see --help)" >&2; exit 2 ;;
     esac
     shift
@@ -58,6 +62,12 @@ for n in "$UPDATES" "$READS"; do
 done
 
 command -v valgrind >/dev/null || apt_install valgrind
+NGINX="$(command -v nginx || true)"
+[[ -z "$NGINX" && -x /usr/sbin/nginx ]] && NGINX=/usr/sbin/nginx
+if [[ -z "$NGINX" ]]; then
+    apt_install nginx-light || apt_install nginx
+    NGINX="$(command -v nginx || echo /usr/sbin/nginx)"
+fi
 command -v python3 >/dev/null || apt_install python3
 command -v curl >/dev/null || apt_install curl
 build_release "$BUILD"
@@ -100,19 +110,87 @@ journal_sync = \"full\"" "heartbeat_timeout_ms = 5000" "$name=$BANK_URL"
     echo "$total"
 }
 
+# nginx as the reference hop, as in bench/run.sh (keep-alive upstream, access log off), in
+# one process (`master_process off`, one worker) under callgrind in front of a bank of its
+# own: $1 names the run, $2 the number of reads; prints its total instructions.
+run_nginx() {
+    local name="$1" reads="$2" dir="$TMP/nginx-$1" port pid total user=""
+    start_bank "$name"
+    read -r port <<<"$(free_ports 1)"
+    mkdir -p "$dir"
+    [[ $EUID -eq 0 ]] && user="user root;"
+    cat >"$dir/nginx.conf" <<CONF
+$user
+daemon off;
+master_process off;
+worker_processes 1;
+pid $dir/nginx.pid;
+error_log $dir/error.log warn;
+events { worker_connections 1024; }
+http {
+    access_log off;
+    client_body_temp_path $dir/body;
+    proxy_temp_path $dir/proxy;
+    fastcgi_temp_path $dir/fastcgi;
+    uwsgi_temp_path $dir/uwsgi;
+    scgi_temp_path $dir/scgi;
+    upstream bank {
+        server ${BANK_URL#http://};
+        keepalive 64;
+    }
+    server {
+        listen 127.0.0.1:$port;
+        location / {
+            proxy_pass http://bank;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+        }
+    }
+}
+CONF
+    valgrind --tool=callgrind --callgrind-out-file="$TMP/callgrind-$name.out" \
+        "$NGINX" -p "$dir" -c "$dir/nginx.conf" -e "$dir/error.log" >"$dir/out" 2>&1 </dev/null &
+    pid="$!"
+    disown "$pid"
+    PIDS+=("$pid")
+    for _ in $(seq 300); do
+        curl -fs -o /dev/null --max-time 10 "http://127.0.0.1:$port/health" && break
+        kill -0 "$pid" 2>/dev/null || { echo "$SCRIPT: nginx exited: $(cat "$dir/out" "$dir/error.log")" >&2; exit 1; }
+        sleep 0.1
+    done
+    if [[ "$reads" -gt 0 ]]; then
+        python3 "$ROOT/bench/catchup.py" reads "http://127.0.0.1:$port" "$reads" >&2
+    fi
+    # SIGQUIT: nginx's graceful stop; callgrind writes its totals at the exit.
+    kill -QUIT "$pid"
+    for _ in $(seq 600); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+    forget_pid "$pid"
+    kill -TERM "$BANK_PID" 2>/dev/null || true
+    total="$(sed -n -E 's/^(summary|totals): ([0-9]+).*/\2/p' "$TMP/callgrind-$name.out" | head -1)"
+    [[ -n "$total" ]] || { echo "$SCRIPT: callgrind wrote no total for nginx run $name" >&2; exit 1; }
+    echo "$total"
+}
+
 idle_u="$(run idle-updates none)"
 with_u="$(run updates updates)"
 idle_r="$(run idle-reads none)"
 with_r="$(run reads reads)"
+idle_n="$(run_nginx nginx-idle 0)"
+with_n="$(run_nginx nginx-reads "$READS")"
 
-python3 - "$UPDATES" "$idle_u" "$with_u" "$READS" "$idle_r" "$with_r" "$(commit_id)" "$BIN" <<'EOF'
+python3 - "$UPDATES" "$idle_u" "$with_u" "$READS" "$idle_r" "$with_r" "$idle_n" "$with_n" \
+    "$(commit_id)" "$BIN" "$("$NGINX" -v 2>&1 | sed 's/.*: //')" <<'EOF'
 import sys
-nu, iu, wu, nr, ir, wr, commit, binary = sys.argv[1:]
-nu, iu, wu, nr, ir, wr = map(int, (nu, iu, wu, nr, ir, wr))
-print(f"commit {commit}; binary {binary}; `bench/instructions.sh --updates {nu} --reads {nr}`")
+nu, iu, wu, nr, ir, wr, inn, wn, commit, binary, nginx = sys.argv[1:]
+nu, iu, wu, nr, ir, wr, inn, wn = map(int, (nu, iu, wu, nr, ir, wr, inn, wn))
+per_read, per_nginx = (wr - ir) / nr, (wn - inn) / nr
+print(f"commit {commit}; binary {binary}; {nginx}; `bench/instructions.sh --updates {nu} --reads {nr}`")
 print()
 print("| request | count | instructions (run) | instructions (idle run) | per request |")
 print("| --- | ---: | ---: | ---: | ---: |")
 print(f"| POST /transfers, serialized | {nu} | {wu:,} | {iu:,} | {(wu - iu) / nu:,.0f} |")
-print(f"| GET /health, one keep-alive connection | {nr} | {wr:,} | {ir:,} | {(wr - ir) / nr:,.0f} |")
+print(f"| GET /health, one keep-alive connection | {nr} | {wr:,} | {ir:,} | {per_read:,.0f} |")
+print(f"| GET /health through nginx (one worker) | {nr} | {wn:,} | {inn:,} | {per_nginx:,.0f} |")
+print()
+print(f"Reads: regroup / nginx instructions per request {per_read / per_nginx:.2f}x.")
 EOF

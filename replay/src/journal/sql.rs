@@ -105,9 +105,9 @@ pub struct SqlJournal {
 
 /// The SQL text of the journal's two writes on every update, an append and a seal,
 /// rendered by sea-query once per journal: each write binds its values to it instead of
-/// building and rendering the statement again (building them took about a tenth of the
-/// proxy's CPU per update). Debug builds check every write against the statement built
-/// the long way ([`SqlJournal::append_query`], [`SqlJournal::seal_query`]).
+/// building and rendering the statement again (building them took a third of the proxy's
+/// own instructions per update, BENCHMARKS.md). Debug builds check every write against the
+/// statement built the long way ([`SqlJournal::append_query`], [`SqlJournal::seal_query`]).
 #[derive(Debug)]
 struct HotSql {
     append: String,

@@ -62,12 +62,7 @@ for n in "$UPDATES" "$READS"; do
 done
 
 command -v valgrind >/dev/null || apt_install valgrind
-NGINX="$(command -v nginx || true)"
-[[ -z "$NGINX" && -x /usr/sbin/nginx ]] && NGINX=/usr/sbin/nginx
-if [[ -z "$NGINX" ]]; then
-    apt_install nginx-light || apt_install nginx
-    NGINX="$(command -v nginx || echo /usr/sbin/nginx)"
-fi
+find_nginx
 command -v python3 >/dev/null || apt_install python3
 command -v curl >/dev/null || apt_install curl
 build_release "$BUILD"
@@ -77,7 +72,7 @@ bench_tmp instructions
 # opened on the bank directly): $1 names it, $2 is the load (none, updates, reads); prints
 # the proxy's total instructions.
 run() {
-    local name="$1" load="$2" config out line url pid total
+    local name="$1" load="$2" config out line url pid
     start_bank "$name"
     python3 "$ROOT/bench/catchup.py" seed "$BANK_URL" 2 >&2
     config="$TMP/regroup-$name.toml"
@@ -101,7 +96,14 @@ journal_sync = \"full\"" "heartbeat_timeout_ms = 5000" "$name=$BANK_URL"
         updates) python3 "$ROOT/bench/catchup.py" push "$url" "$UPDATES" >&2 ;;
         reads) python3 "$ROOT/bench/catchup.py" reads "$url" "$READS" >&2 ;;
     esac
-    kill -TERM "$pid"
+    stop_counted TERM "$pid" "$name"
+}
+
+# Stops process $2, run under callgrind as run $3, with signal $1, and the bank of the run;
+# prints the total instructions callgrind wrote at the exit.
+stop_counted() {
+    local signal="$1" pid="$2" name="$3" total
+    kill -"$signal" "$pid"
     for _ in $(seq 600); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
     forget_pid "$pid"
     kill -TERM "$BANK_PID" 2>/dev/null || true
@@ -114,7 +116,7 @@ journal_sync = \"full\"" "heartbeat_timeout_ms = 5000" "$name=$BANK_URL"
 # one process (`master_process off`, one worker) under callgrind in front of a bank of its
 # own: $1 names the run, $2 the number of reads; prints its total instructions.
 run_nginx() {
-    local name="$1" reads="$2" dir="$TMP/nginx-$1" port pid total user=""
+    local name="$1" reads="$2" dir="$TMP/nginx-$1" port pid user=""
     start_bank "$name"
     read -r port <<<"$(free_ports 1)"
     mkdir -p "$dir"
@@ -161,14 +163,8 @@ CONF
     if [[ "$reads" -gt 0 ]]; then
         python3 "$ROOT/bench/catchup.py" reads "http://127.0.0.1:$port" "$reads" >&2
     fi
-    # SIGQUIT: nginx's graceful stop; callgrind writes its totals at the exit.
-    kill -QUIT "$pid"
-    for _ in $(seq 600); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-    forget_pid "$pid"
-    kill -TERM "$BANK_PID" 2>/dev/null || true
-    total="$(sed -n -E 's/^(summary|totals): ([0-9]+).*/\2/p' "$TMP/callgrind-$name.out" | head -1)"
-    [[ -n "$total" ]] || { echo "$SCRIPT: callgrind wrote no total for nginx run $name" >&2; exit 1; }
-    echo "$total"
+    # SIGQUIT: nginx's graceful stop.
+    stop_counted QUIT "$pid" "$name"
 }
 
 idle_u="$(run idle-updates none)"

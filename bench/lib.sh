@@ -6,7 +6,7 @@
 # Every process is started in the background and disowned (bash prints no "Killed" when a
 # trial SIGKILLs one) and its pid goes into PIDS, which the clean-up stops.
 
-# shellcheck disable=SC2034  # BIN, BANK_URL, RG_URL, ... are set here for the sourcing script
+# shellcheck disable=SC2034  # BIN, BANK_URL, RG_URL, NGINX, ... are set here for the sourcing script
 PIDS=()
 # The banks of a script that kills and restarts them (kill_primary_trial): name -> URL, and
 # name -> pid of its current process; BANK_DBS: name -> database URL of a bank that is not
@@ -27,6 +27,17 @@ apt_install() {
     fi
     log "apt-get install $*"
     DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "$@" >&2
+}
+
+# Sets NGINX to the nginx binary, installing nginx-light (or nginx) from Debian's packages
+# when there is none.
+find_nginx() {
+    NGINX="$(command -v nginx || true)"
+    [[ -z "$NGINX" && -x /usr/sbin/nginx ]] && NGINX=/usr/sbin/nginx
+    if [[ -z "$NGINX" ]]; then
+        apt_install nginx-light || apt_install nginx
+        NGINX="$(command -v nginx || echo /usr/sbin/nginx)"
+    fi
 }
 
 # Builds the release binaries unless $1 is 0 (--no-build); sets BIN (regroup, or

@@ -212,12 +212,7 @@ selected() { [[ " ${TARGETS[*]} " == *" $1 "* ]]; }
 build_release "$BUILD"
 
 # --- 2. tools ------------------------------------------------------------------------------
-NGINX="$(command -v nginx || true)"
-[[ -z "$NGINX" && -x /usr/sbin/nginx ]] && NGINX=/usr/sbin/nginx
-if [[ -z "$NGINX" ]]; then
-    apt_install nginx-light || apt_install nginx
-    NGINX="$(command -v nginx || echo /usr/sbin/nginx)"
-fi
+find_nginx
 command -v wrk >/dev/null || apt_install wrk
 command -v python3 >/dev/null || apt_install python3
 command -v curl >/dev/null || apt_install curl

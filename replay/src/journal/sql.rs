@@ -35,10 +35,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use bytes::Bytes;
 use regroup_migrations::{Checkpoint, Group, JournalMigrator, Owner as O, Record as R};
-use sea_orm::sea_query::{
-    Expr, ExprTrait, Func, InsertStatement, LockType, OnConflict, Order, Query, SimpleExpr,
-    UpdateStatement,
-};
+use sea_orm::sea_query::{Expr, ExprTrait, Func, LockType, OnConflict, Order, Query, SimpleExpr};
 use sea_orm::sqlx::sqlite::{SqliteJournalMode, SqliteSynchronous};
 use sea_orm::{
     ConnectOptions, ConnectionTrait, Database, DatabaseConnection, DbBackend, QueryResult,
@@ -107,7 +104,7 @@ pub struct SqlJournal {
 /// rendered by sea-query once per journal: each write binds its values to it instead of
 /// building and rendering the statement again (building them took a third of the proxy's
 /// own instructions per update, BENCHMARKS.md). Debug builds check every write against the
-/// statement built the long way ([`SqlJournal::append_query`], [`SqlJournal::seal_query`]).
+/// statement built the long way ([`bind`]).
 #[derive(Debug)]
 struct HotSql {
     append: String,
@@ -181,15 +178,10 @@ impl SqlJournal {
             }),
             _ => None,
         };
-        let postgres = db.get_database_backend() == DbBackend::Postgres;
         let backend = db.get_database_backend();
         let hot = Arc::new(HotSql {
-            append: backend
-                .build(&Self::append_query(postgres, &AppendValues::template())?)
-                .sql,
-            seal: backend
-                .build(&Self::seal_query(postgres, &SealValues::template()))
-                .sql,
+            append: render::<AppendValues>(backend)?,
+            seal: render::<SealValues>(backend)?,
         });
         Ok(SqlJournal {
             db,
@@ -296,8 +288,37 @@ async fn sync_file(file: &std::path::Path) -> Result<(), JournalError> {
     synced.map_err(|e| JournalError::unavailable(format!("cannot sync the journal: {e}")))
 }
 
-/// What an append binds, in its own types ([`SqlJournal::append_query`]).
-#[derive(Debug, Clone)]
+/// One of the two writes of every update ([`HotSql`]): its values, and the statement
+/// sea-query builds of them.
+trait HotWrite: Default {
+    /// The statement built the long way, with its values.
+    fn build(&self, backend: DbBackend) -> Result<sea_orm::Statement, JournalError>;
+    /// The values in the order of the statement's placeholders.
+    fn into_values(self) -> Vec<sea_orm::Value>;
+}
+
+/// `W`'s SQL, rendered once (with any values: they are placeholders in it).
+fn render<W: HotWrite>(backend: DbBackend) -> Result<String, JournalError> {
+    Ok(W::default().build(backend)?.sql)
+}
+
+/// `write` bound to `sql`, its SQL from [`render`]. Debug builds check the result against
+/// the statement built the long way.
+fn bind<W: HotWrite>(
+    backend: DbBackend,
+    sql: &str,
+    write: W,
+) -> Result<sea_orm::Statement, JournalError> {
+    #[cfg(debug_assertions)]
+    let long_way = write.build(backend)?;
+    let bound = sea_orm::Statement::from_sql_and_values(backend, sql, write.into_values());
+    #[cfg(debug_assertions)]
+    assert_eq!(bound, long_way, "a journal write bound to its rendered SQL");
+    Ok(bound)
+}
+
+/// What an append binds, in its own types.
+#[derive(Debug, Clone, Default)]
 struct AppendValues {
     group: String,
     seq: u64,
@@ -312,26 +333,56 @@ struct AppendValues {
     token: u64,
 }
 
-impl AppendValues {
-    /// Values for rendering the statement's SQL once (any would do).
-    fn template() -> Self {
-        AppendValues {
-            group: String::new(),
-            seq: 1,
-            txn_id: String::new(),
-            epoch: 0,
-            timestamp: String::new(),
-            method: String::new(),
-            uri: String::new(),
-            headers: String::new(),
-            body: Vec::new(),
-            executors: String::new(),
-            token: 0,
-        }
+impl HotWrite for AppendValues {
+    /// One statement that inserts only when the record extends the journal by exactly
+    /// one: `INSERT … SELECT … WHERE (SELECT COALESCE(MAX(seq), 0) …) = seq - 1 AND <fence>`.
+    fn build(&self, backend: DbBackend) -> Result<sea_orm::Statement, JournalError> {
+        let postgres = backend == DbBackend::Postgres;
+        let values: [sea_orm::sea_query::Expr; 13] = [
+            Expr::val(self.group.clone()),
+            Expr::val(to_i64(self.seq)),
+            Expr::val(self.txn_id.clone()),
+            Expr::val(to_i64(self.epoch)),
+            Expr::val(self.timestamp.clone()),
+            Expr::val(self.method.clone()),
+            Expr::val(self.uri.clone()),
+            Expr::val(self.headers.clone()),
+            Expr::val(self.body.clone()),
+            Expr::val(RecordState::Pending.as_str()),
+            Expr::val(None::<i32>),
+            Expr::val(None::<String>),
+            Expr::val(self.executors.clone()),
+        ];
+        let head = Query::select()
+            .expr(Func::coalesce([
+                Func::max(Expr::col(R::Seq)).into(),
+                Expr::val(0i64),
+            ]))
+            .from(R::Table)
+            .and_where(Expr::col(R::GroupName).eq(self.group.as_str()))
+            .to_owned();
+        let select = Query::select()
+            .exprs(values)
+            .and_where(
+                Expr::from(sea_orm::sea_query::SubQueryStatement::from(head))
+                    .eq(to_i64(self.seq) - 1),
+            )
+            .and_where(SqlJournal::fence_for(postgres, self.token))
+            .to_owned();
+        let insert = Query::insert()
+            .into_table(R::Table)
+            .columns(RECORD_COLUMNS)
+            .select_from(select)
+            .map_err(|e| JournalError::Corrupt {
+                group: self.group.clone(),
+                seq: self.seq,
+                reason: format!("cannot build the append: {e}"),
+            })?
+            .to_owned();
+        Ok(backend.build(&insert))
     }
 
-    /// The values in the order of the statement's placeholders: the 13 record columns, the
-    /// head's 0 and group, seq - 1, then the fence's.
+    /// The 13 record columns, the head's 0 and group, seq - 1, then the fence's.
     fn into_values(self) -> Vec<sea_orm::Value> {
         let seq = to_i64(self.seq);
         let mut values: Vec<sea_orm::Value> = vec![
@@ -357,8 +408,8 @@ impl AppendValues {
     }
 }
 
-/// What a seal binds ([`SqlJournal::seal_query`]).
-#[derive(Debug, Clone)]
+/// What a seal binds.
+#[derive(Debug, Clone, Default)]
 struct SealValues {
     group: String,
     seq: u64,
@@ -368,21 +419,24 @@ struct SealValues {
     token: u64,
 }
 
-impl SealValues {
-    /// Values for rendering the statement's SQL once (any would do).
-    fn template() -> Self {
-        SealValues {
-            group: String::new(),
-            seq: 1,
-            state: RecordState::Executed.as_str(),
-            status: None,
-            body_hash: None,
-            token: 0,
-        }
+impl HotWrite for SealValues {
+    /// The record's state and fingerprint, only while it is unsealed and under the fence.
+    fn build(&self, backend: DbBackend) -> Result<sea_orm::Statement, JournalError> {
+        let postgres = backend == DbBackend::Postgres;
+        let update = Query::update()
+            .table(R::Table)
+            .value(R::State, self.state)
+            .value(R::Status, self.status)
+            .value(R::BodyHash, self.body_hash.clone())
+            .and_where(Expr::col(R::GroupName).eq(self.group.as_str()))
+            .and_where(Expr::col(R::Seq).eq(to_i64(self.seq)))
+            .and_where(Expr::col(R::State).is_in(UNSEALED))
+            .and_where(SqlJournal::fence_for(postgres, self.token))
+            .to_owned();
+        Ok(backend.build(&update))
     }
 
-    /// The values in the order of the statement's placeholders: state, status, body hash,
-    /// group, seq, the two unsealed states, then the fence's.
+    /// State, status, body hash, group, seq, the two unsealed states, then the fence's.
     fn into_values(self) -> Vec<sea_orm::Value> {
         let mut values: Vec<sea_orm::Value> = vec![
             self.state.into(),
@@ -538,74 +592,6 @@ impl SqlJournal {
         Expr::exists(q.to_owned())
     }
 
-    /// `sql` (one of [`HotSql`]'s) with `values` bound, for this journal's database.
-    fn hot_statement(&self, sql: &str, values: Vec<sea_orm::Value>) -> sea_orm::Statement {
-        sea_orm::Statement::from_sql_and_values(self.db.get_database_backend(), sql, values)
-    }
-
-    /// An append, built by sea-query: one statement that inserts only when the record
-    /// extends the journal by exactly one, `INSERT … SELECT … WHERE (SELECT
-    /// COALESCE(MAX(seq), 0) …) = seq - 1 AND <fence>`. Its placeholders come in the order
-    /// of [`AppendValues::into_values`].
-    fn append_query(postgres: bool, v: &AppendValues) -> Result<InsertStatement, JournalError> {
-        let values: [sea_orm::sea_query::Expr; 13] = [
-            Expr::val(v.group.clone()),
-            Expr::val(to_i64(v.seq)),
-            Expr::val(v.txn_id.clone()),
-            Expr::val(to_i64(v.epoch)),
-            Expr::val(v.timestamp.clone()),
-            Expr::val(v.method.clone()),
-            Expr::val(v.uri.clone()),
-            Expr::val(v.headers.clone()),
-            Expr::val(v.body.clone()),
-            Expr::val(RecordState::Pending.as_str()),
-            Expr::val(None::<i32>),
-            Expr::val(None::<String>),
-            Expr::val(v.executors.clone()),
-        ];
-        let head = Query::select()
-            .expr(Func::coalesce([
-                Func::max(Expr::col(R::Seq)).into(),
-                Expr::val(0i64),
-            ]))
-            .from(R::Table)
-            .and_where(Expr::col(R::GroupName).eq(v.group.as_str()))
-            .to_owned();
-        let select = Query::select()
-            .exprs(values)
-            .and_where(
-                Expr::from(sea_orm::sea_query::SubQueryStatement::from(head)).eq(to_i64(v.seq) - 1),
-            )
-            .and_where(Self::fence_for(postgres, v.token))
-            .to_owned();
-        Ok(Query::insert()
-            .into_table(R::Table)
-            .columns(RECORD_COLUMNS)
-            .select_from(select)
-            .map_err(|e| JournalError::Corrupt {
-                group: v.group.clone(),
-                seq: v.seq,
-                reason: format!("cannot build the append: {e}"),
-            })?
-            .to_owned())
-    }
-
-    /// A seal, built by sea-query: the record's state and fingerprint, only while it is
-    /// unsealed and under the fence. Its placeholders come in the order of
-    /// [`SealValues::into_values`].
-    fn seal_query(postgres: bool, v: &SealValues) -> UpdateStatement {
-        Query::update()
-            .table(R::Table)
-            .value(R::State, v.state)
-            .value(R::Status, v.status)
-            .value(R::BodyHash, v.body_hash.clone())
-            .and_where(Expr::col(R::GroupName).eq(v.group.as_str()))
-            .and_where(Expr::col(R::Seq).eq(to_i64(v.seq)))
-            .and_where(Expr::col(R::State).is_in(UNSEALED))
-            .and_where(Self::fence_for(postgres, v.token))
-            .to_owned()
-    }
-
     /// The lease row: (owner id, description, token, milliseconds left).
     async fn lease_row(&self) -> Result<(Option<String>, String, u64, i64), JournalError> {
         let q = Query::select()
@@ -746,14 +732,7 @@ impl Log for SqlJournal {
             executors,
             token: self.my_token(),
         };
-        #[cfg(debug_assertions)]
-        let long_way = self
-            .db
-            .get_database_backend()
-            .build(&Self::append_query(self.postgres(), &values)?);
-        let insert = self.hot_statement(&self.hot.append, values.into_values());
-        #[cfg(debug_assertions)]
-        assert_eq!(insert, long_way, "the append bound to its rendered SQL");
+        let insert = bind(self.db.get_database_backend(), &self.hot.append, values)?;
         // Under `overlap` the record is written at once and made durable by `flush`.
         let inserted = self
             .write_built(self.sync == JournalSync::Overlap, insert)
@@ -784,14 +763,7 @@ impl Log for SqlJournal {
             body_hash: fp.map(|f| f.body_hash.clone()),
             token: self.my_token(),
         };
-        #[cfg(debug_assertions)]
-        let long_way = self
-            .db
-            .get_database_backend()
-            .build(&Self::seal_query(self.postgres(), &values));
-        let update = self.hot_statement(&self.hot.seal, values.into_values());
-        #[cfg(debug_assertions)]
-        assert_eq!(update, long_way, "the seal bound to its rendered SQL");
+        let update = bind(self.db.get_database_backend(), &self.hot.seal, values)?;
         if self.write_built(true, update).await? == 1 {
             return Ok(());
         }
@@ -1394,28 +1366,18 @@ mod tests {
             },
         ];
         for backend in [DbBackend::Sqlite, DbBackend::Postgres] {
-            let postgres = backend == DbBackend::Postgres;
-            let sql = backend
-                .build(&SqlJournal::append_query(
-                    postgres,
-                    &AppendValues::template(),
-                )?)
-                .sql;
+            let sql = render::<AppendValues>(backend)?;
             let bound =
                 sea_orm::Statement::from_sql_and_values(backend, sql, append.clone().into_values());
-            let long_way = backend.build(&SqlJournal::append_query(postgres, &append)?);
-            assert_eq!(bound, long_way, "{backend:?} append");
-            let sql = backend
-                .build(&SqlJournal::seal_query(postgres, &SealValues::template()))
-                .sql;
+            assert_eq!(bound, append.build(backend)?, "{backend:?} append");
+            let sql = render::<SealValues>(backend)?;
             for seal in &seals {
                 let bound = sea_orm::Statement::from_sql_and_values(
                     backend,
                     sql.clone(),
                     seal.clone().into_values(),
                 );
-                let long_way = backend.build(&SqlJournal::seal_query(postgres, seal));
-                assert_eq!(bound, long_way, "{backend:?} seal {seal:?}");
+                assert_eq!(bound, seal.build(backend)?, "{backend:?} seal {seal:?}");
             }
         }
         Ok(())

@@ -72,21 +72,16 @@ bench_tmp instructions
 # opened on the bank directly): $1 names it, $2 is the load (none, updates, reads); prints
 # the proxy's total instructions.
 run() {
-    local name="$1" load="$2" config out line url pid
+    local name="$1" load="$2" config url pid
     start_bank "$name"
     python3 "$ROOT/bench/catchup.py" seed "$BANK_URL" 2 >&2
     config="$TMP/regroup-$name.toml"
     write_config "$config" "journal = \"sqlite://$TMP/journal-$name.db\"
 journal_sync = \"full\"" "heartbeat_timeout_ms = 5000" "$name=$BANK_URL"
-    out="$TMP/regroup-$name.out"
-    : >"$out"
-    RUST_LOG=warn valgrind --tool=callgrind --callgrind-out-file="$TMP/callgrind-$name.out" \
-        "$BIN" serve --config "$config" >"$out" 2>>"$out.err" </dev/null &
-    pid="$!"
-    disown "$pid"
-    PIDS+=("$pid")
-    line="$(wait_line "$out" '^regroup listening on ' "$pid")"
-    url="$(sed -E 's/^regroup listening on ([^ ]+) .*/\1/' <<<"$line")"
+    RG_WRAP=(valgrind --tool=callgrind --callgrind-out-file="$TMP/callgrind-$name.out")
+    REGROUP_LOG=warn start_regroup "$name" "$config"
+    pid="$RG_PID"
+    url="$RG_URL"
     # The first update waits until heartbeats found the partition up.
     for _ in $(seq 300); do
         curl -fs -o /dev/null --max-time 10 "$url/health" && break
@@ -116,40 +111,12 @@ stop_counted() {
 # one process (`master_process off`, one worker) under callgrind in front of a bank of its
 # own: $1 names the run, $2 the number of reads; prints its total instructions.
 run_nginx() {
-    local name="$1" reads="$2" dir="$TMP/nginx-$1" port pid user=""
+    local name="$1" reads="$2" dir="$TMP/nginx-$1" port pid
     start_bank "$name"
     read -r port <<<"$(free_ports 1)"
     mkdir -p "$dir"
-    [[ $EUID -eq 0 ]] && user="user root;"
-    cat >"$dir/nginx.conf" <<CONF
-$user
-daemon off;
-master_process off;
-worker_processes 1;
-pid $dir/nginx.pid;
-error_log $dir/error.log warn;
-events { worker_connections 1024; }
-http {
-    access_log off;
-    client_body_temp_path $dir/body;
-    proxy_temp_path $dir/proxy;
-    fastcgi_temp_path $dir/fastcgi;
-    uwsgi_temp_path $dir/uwsgi;
-    scgi_temp_path $dir/scgi;
-    upstream bank {
-        server ${BANK_URL#http://};
-        keepalive 64;
-    }
-    server {
-        listen 127.0.0.1:$port;
-        location / {
-            proxy_pass http://bank;
-            proxy_http_version 1.1;
-            proxy_set_header Connection "";
-        }
-    }
-}
-CONF
+    nginx_config "$dir" "master_process off;
+worker_processes 1;" "$port=${BANK_URL#http://}" >"$dir/nginx.conf"
     valgrind --tool=callgrind --callgrind-out-file="$TMP/callgrind-$name.out" \
         "$NGINX" -p "$dir" -c "$dir/nginx.conf" -e "$dir/error.log" >"$dir/out" 2>&1 </dev/null &
     pid="$!"

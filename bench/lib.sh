@@ -160,13 +160,18 @@ write_config() {
     } >"$file"
 }
 
-# Starts `regroup serve --config $2` with its output in $TMP/regroup-$1.out (stderr, the log,
-# appended to $TMP/regroup-$1.out.err; RUST_LOG from REGROUP_LOG, default info); sets RG_PID,
-# RG_URL and RG_ADMIN. Returns 1 when it exits before saying where it listens.
+# A command that `start_regroup` runs the proxy under (e.g. valgrind and its options);
+# empty: the proxy itself.
+RG_WRAP=()
+
+# Starts `regroup serve --config $2` (under RG_WRAP) with its output in $TMP/regroup-$1.out
+# (stderr, the log, appended to $TMP/regroup-$1.out.err; RUST_LOG from REGROUP_LOG, default
+# info); sets RG_PID, RG_URL and RG_ADMIN. Returns 1 when it exits before saying where it
+# listens.
 start_regroup() {
     local name="$1" config="$2" out="$TMP/regroup-$1.out" line
     : >"$out"
-    RUST_LOG="${REGROUP_LOG:-info}" "$BIN" serve --config "$config" \
+    RUST_LOG="${REGROUP_LOG:-info}" "${RG_WRAP[@]}" "$BIN" serve --config "$config" \
         >"$out" 2>>"$out.err" </dev/null &
     RG_PID="$!"
     disown "$RG_PID"
@@ -174,6 +179,48 @@ start_regroup() {
     line="$(wait_line "$out" '^regroup listening on ' "$RG_PID")" || return 1
     RG_URL="$(sed -E 's/^regroup listening on ([^ ]+) .*/\1/' <<<"$line")"
     RG_ADMIN="$(sed -E 's/.*\(admin ([^)]+)\).*/\1/' <<<"$line")"
+}
+
+# Prints an nginx config for directory $1 (pid, logs and temporary files there): the
+# top-level lines $2 (the process model), then for each $3... given as PORT=HOST:PORT a
+# plain keep-alive reverse proxy on 127.0.0.1:PORT to HOST:PORT (HTTP/1.1, `keepalive 64`,
+# access log off).
+nginx_config() {
+    local dir="$1" top="$2" i=0 p
+    shift 2
+    [[ $EUID -eq 0 ]] && echo "user root;"
+    echo "$top"
+    cat <<CONF
+daemon off;
+pid $dir/nginx.pid;
+error_log $dir/error.log warn;
+events { worker_connections 1024; }
+http {
+    access_log off;
+    client_body_temp_path $dir/body;
+    proxy_temp_path $dir/proxy;
+    fastcgi_temp_path $dir/fastcgi;
+    uwsgi_temp_path $dir/uwsgi;
+    scgi_temp_path $dir/scgi;
+CONF
+    for p in "$@"; do
+        i=$((i + 1))
+        cat <<CONF
+    upstream up$i {
+        server ${p#*=};
+        keepalive 64;
+    }
+    server {
+        listen 127.0.0.1:${p%%=*};
+        location / {
+            proxy_pass http://up$i;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+        }
+    }
+CONF
+    done
+    echo "}"
 }
 
 # Prints $1 distinct free loopback ports (bound together, then released: picked one at a

@@ -55,6 +55,7 @@ mod feed;
 mod follow;
 pub mod forward;
 pub mod group;
+mod h1;
 pub mod link;
 mod membership;
 pub mod metrics;

@@ -2,34 +2,34 @@
 //! balancer (so per client thread), each driven by the read that uses it.
 //!
 //! A read takes an idle connection of the partition it was balanced to (or opens one),
-//! sends its request and polls the connection beside the request until the answer's headers
-//! arrive, then beside the answer's body ([`ReadBody`]): no task per connection, no pool
-//! shared between threads, no pool key. A connection goes back to its partition's idle list
-//! only once the answer's body was read to its end and hyper keeps the connection open (an
-//! answer with `Connection: close`, a body dropped early, an error: the connection is
-//! closed). A connection idle for [`IDLE_TIMEOUT`] is closed.
+//! writes its request and reads the answer's head in its own task ([`crate::h1`] writes
+//! and parses the bytes), then returns the answer with a body ([`ReadBody`]) that reads the
+//! rest from the connection as the client takes it: no task per connection, no pool shared
+//! between threads, no pool key. A connection goes back to its partition's idle list as
+//! soon as the answer's body was read from it to its end (at once when the body came with
+//! the head) and the partition keeps it open (not after `Connection: close`, HTTP/1.0, a
+//! body delimited by the close, a body dropped early, an error). A connection idle for
+//! [`IDLE_TIMEOUT`] is closed.
 //!
 //! The partition's load is tower's peak-EWMA ([`PeakEwma`]), kept with its connections.
 
-use std::future::Future;
+use std::io;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
-use bytes::Bytes;
+use bytes::{BufMut, Bytes, BytesMut};
 use http::header::{self, HeaderValue};
-use http::{Request, Response};
+use http::{Method, Request, Response};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::BodyExt;
-use hyper::body::Incoming;
-use hyper::client::conn::http1;
-use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 use crate::forward::{BoxError, ProxyBody, strip_hop_by_hop};
-use crate::link::error_chain;
+use crate::h1::{self, Decoded, Decoder, Framing, Head};
 use crate::partition::Partition;
 
 /// How long a connection to a partition may take to open.
@@ -42,19 +42,21 @@ pub(crate) const MAX_IDLE: usize = 256;
 const DEFAULT_RTT: Duration = Duration::from_millis(1);
 /// Peak-EWMA's decay time.
 const DECAY: Duration = Duration::from_secs(10);
+/// Room made in a connection's read buffer before each read.
+const READ_AHEAD: usize = 16 * 1024;
+/// A request body is written whenever this much of it is buffered.
+const WRITE_AT: usize = 64 * 1024;
 
-type Conn = http1::Connection<TokioIo<TcpStream>, ProxyBody>;
-type Sender = http1::SendRequest<ProxyBody>;
-
-/// One open connection: the sender of its requests and the connection itself, which only
-/// moves when it is polled.
-struct Pooled {
-    sender: Sender,
-    conn: Conn,
+/// One open connection to a partition: its stream, what was read past the answer's head,
+/// and a buffer for the requests it writes (both kept across requests).
+struct Conn {
+    io: TcpStream,
+    read: BytesMut,
+    write: BytesMut,
 }
 
 struct Idle {
-    pooled: Pooled,
+    conn: Conn,
     since: Instant,
 }
 
@@ -78,30 +80,6 @@ pub(crate) enum Outgoing<'a> {
 }
 
 impl Outgoing<'_> {
-    /// The request to send, if there is one still to send.
-    fn take(&mut self) -> Option<Request<ProxyBody>> {
-        match self {
-            Outgoing::Bodiless(parts) => {
-                // Method, URI, version and headers: the extensions stay behind (hyper does
-                // not send them) and the body is empty (no allocation).
-                let mut req = Request::new(empty());
-                *req.method_mut() = parts.method.clone();
-                *req.uri_mut() = parts.uri.clone();
-                *req.version_mut() = parts.version;
-                *req.headers_mut() = parts.headers.clone();
-                Some(req)
-            }
-            Outgoing::WithBody(req) => req.take(),
-        }
-    }
-
-    /// Gives back a request that was not sent.
-    fn put_back(&mut self, req: Request<ProxyBody>) {
-        if let Outgoing::WithBody(slot) = self {
-            *slot = Some(req);
-        }
-    }
-
     fn bodiless(&self) -> bool {
         matches!(self, Outgoing::Bodiless(_))
     }
@@ -257,30 +235,28 @@ impl Endpoint {
     }
 
     /// The most recently used idle connection still usable, if any.
-    fn checkout(&self) -> Option<Pooled> {
+    fn checkout(&self) -> Option<Conn> {
         let now = Instant::now();
         let mut state = self.state();
-        while let Some(idle) = state.idle.pop() {
-            if now.saturating_duration_since(idle.since) < IDLE_TIMEOUT
-                && !idle.pooled.sender.is_closed()
-            {
-                return Some(idle.pooled);
+        while let Some(mut idle) = state.idle.pop() {
+            if now.saturating_duration_since(idle.since) < IDLE_TIMEOUT && idle.conn.still_open() {
+                return Some(idle.conn);
             }
         }
         None
     }
 
-    fn check_in(&self, pooled: Pooled) {
+    fn check_in(&self, conn: Conn) {
         let since = Instant::now();
         let mut state = self.state();
         if state.idle.len() < MAX_IDLE {
-            state.idle.push(Idle { pooled, since });
+            state.idle.push(Idle { conn, since });
         }
     }
 
-    async fn connect(&self) -> Result<Pooled, EndpointError> {
+    async fn connect(&self) -> Result<Conn, EndpointError> {
         let connect = TcpStream::connect((self.host.as_str(), self.port));
-        let stream = match tokio::time::timeout(CONNECT_TIMEOUT, connect).await {
+        let io = match tokio::time::timeout(CONNECT_TIMEOUT, connect).await {
             Ok(Ok(stream)) => stream,
             Ok(Err(e)) => {
                 // A proxied request that cannot connect counts as a missed heartbeat.
@@ -295,33 +271,18 @@ impl Endpoint {
                 )));
             }
         };
-        let _ = stream.set_nodelay(true);
-        let (sender, conn) = http1::Builder::new()
-            .handshake(TokioIo::new(stream))
-            .await
-            .map_err(|e| self.error(error_chain(&e)))?;
-        Ok(Pooled { sender, conn })
-    }
-
-    /// An idle connection that is still open and ready (each polled once, so that one the
-    /// partition closed meanwhile is seen closed), or a new one; and whether it was reused.
-    async fn connection(&self) -> Result<(Pooled, bool), EndpointError> {
-        while let Some(mut pooled) = self.checkout() {
-            let closed = std::future::poll_fn(|cx| {
-                Poll::Ready(Pin::new(&mut pooled.conn).poll(cx).is_ready())
-            })
-            .await;
-            if !closed && pooled.sender.is_ready() {
-                return Ok((pooled, true));
-            }
-        }
-        Ok((self.connect().await?, false))
+        let _ = io.set_nodelay(true);
+        Ok(Conn {
+            io,
+            read: BytesMut::new(),
+            write: BytesMut::new(),
+        })
     }
 
     /// Sends `out` on one of this partition's connections and returns the answer once its
-    /// headers arrived, with a body that drives the connection. A connection taken from the
-    /// idle list that fails before answering (the partition closed it meanwhile) is given
-    /// up and the read sent again on a new one, when it can be: not sent yet, or bodiless.
+    /// head arrived, with a body that reads the rest. A connection taken from the idle list
+    /// that fails before any byte of an answer (the partition closed it meanwhile) is given
+    /// up and the read sent again on a new one, when it can be: a read without a body.
     pub(crate) async fn send(
         self: &Arc<Self>,
         mut out: Outgoing<'_>,
@@ -329,51 +290,244 @@ impl Endpoint {
         let sent_at = Instant::now();
         let _load = InFlight::start(self, sent_at);
         loop {
-            let (pooled, reused) = self.connection().await?;
-            let Some(mut req) = out.take() else {
-                return Err(self.error("the read's body was already sent".into()));
+            let (mut conn, reused) = match self.checkout() {
+                Some(conn) => (conn, true),
+                None => (self.connect().await?, false),
             };
-            if req.uri().scheme().is_some() || req.uri().authority().is_some() {
-                // Origin form on the wire, as a client of a partition (not of a proxy) sends.
-                let pq = req
-                    .uri()
-                    .path_and_query()
-                    .cloned()
-                    .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
-                *req.uri_mut() = http::Uri::from(pq);
-            }
-            if !req.headers().contains_key(header::HOST)
-                && let Some(host) = &self.authority
-            {
-                req.headers_mut().insert(header::HOST, host.clone());
-            }
-            match exchange(pooled, req).await {
-                Ok((resp, sender, conn)) => {
-                    let endpoint = self.clone();
-                    return Ok(resp.map(|incoming| ReadBody {
-                        incoming,
-                        conn,
-                        sender: Some(sender),
-                        endpoint,
-                        ended: false,
-                    }));
+            let (written, head_request) = match &mut out {
+                Outgoing::Bodiless(parts) => (
+                    conn.write_bodiless(parts, self.authority.as_ref()).await,
+                    parts.method == Method::HEAD,
+                ),
+                Outgoing::WithBody(slot) => {
+                    let Some(req) = slot.take() else {
+                        return Err(self.error("the read's body was already sent".into()));
+                    };
+                    let head_request = req.method() == Method::HEAD;
+                    (
+                        conn.write_with_body(req, self.authority.as_ref()).await,
+                        head_request,
+                    )
                 }
-                Err(Failed { error, unsent }) => {
-                    let again = reused && (unsent.is_some() || out.bodiless());
-                    if let Some(req) = unsent {
-                        out.put_back(req);
+            };
+            let failed = match written {
+                Ok(()) => match conn.read_head(head_request).await {
+                    Ok(head) => return Ok(self.answer(conn, head)),
+                    Err(failed) => failed,
+                },
+                Err(reason) => Failed {
+                    reason,
+                    answered: false,
+                },
+            };
+            if !(reused && !failed.answered && out.bodiless()) {
+                return Err(self.error(failed.reason));
+            }
+            // The partition closed an idle connection (it may have restarted): the others
+            // idle beside it are as likely closed, so the next one is new.
+            self.state().idle.clear();
+            tracing::debug!(partition = %self.partition.name(), error = %failed.reason,
+                "an idle connection failed before answering; sending the read on a new one");
+        }
+    }
+
+    /// The answer of `head` read on `conn`, with its body. A body that came whole with the
+    /// head is taken out at once and the connection given back.
+    fn answer(self: &Arc<Self>, mut conn: Conn, head: Head) -> Response<ReadBody> {
+        let Head {
+            status,
+            version,
+            headers,
+            body,
+            keep_alive,
+        } = head;
+        let whole = match body {
+            Framing::Empty => Some(None),
+            Framing::Length(n) => usize::try_from(n)
+                .ok()
+                .filter(|&n| conn.read.len() >= n)
+                .map(|n| Some(conn.read.split_to(n).freeze())),
+            Framing::Chunked | Framing::Close => None,
+        };
+        let body = match whole {
+            Some(data) => {
+                self.release(conn, keep_alive);
+                ReadBody::Whole(data)
+            }
+            None => ReadBody::Streaming(Streaming {
+                conn: Some(conn),
+                decoder: Decoder::new(body),
+                endpoint: self.clone(),
+                keep_alive,
+            }),
+        };
+        let mut resp = Response::new(body);
+        *resp.status_mut() = status;
+        *resp.version_mut() = version;
+        *resp.headers_mut() = headers;
+        resp
+    }
+
+    /// Gives back a connection whose answer was read to its end, if it may carry another
+    /// request (and nothing unasked for followed the answer).
+    fn release(&self, conn: Conn, keep_alive: bool) {
+        if keep_alive && conn.read.is_empty() {
+            self.check_in(conn);
+        }
+    }
+}
+
+/// Why an exchange failed, and whether any byte of an answer had arrived.
+struct Failed {
+    reason: String,
+    answered: bool,
+}
+
+impl Conn {
+    /// Whether an idle connection can carry a request: nothing to read on it (bytes would
+    /// answer no request; the end of the stream: the partition closed it). No system call
+    /// unless the socket was seen readable since the last read drained it.
+    fn still_open(&mut self) -> bool {
+        let mut probe = [0u8; 1];
+        self.read.is_empty()
+            && matches!(self.io.try_read(&mut probe),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock)
+    }
+
+    /// Writes the buffered request bytes.
+    async fn flush(&mut self) -> Result<(), String> {
+        let result = self.io.write_all(&self.write).await;
+        self.write.clear();
+        if self.write.capacity() > WRITE_AT {
+            self.write = BytesMut::new();
+        }
+        result.map_err(|e| format!("cannot send the read: {e}"))
+    }
+
+    /// Writes a read without a body, from its parts (no copy of its headers).
+    async fn write_bodiless(
+        &mut self,
+        parts: &http::request::Parts,
+        host: Option<&HeaderValue>,
+    ) -> Result<(), String> {
+        h1::write_request_head(
+            &mut self.write,
+            &parts.method,
+            &parts.uri,
+            &parts.headers,
+            host,
+            Framing::Empty,
+        );
+        self.flush().await
+    }
+
+    /// Writes a read with its body: as long as its `Content-Length` says, or as its size
+    /// is known, else chunked.
+    async fn write_with_body(
+        &mut self,
+        req: Request<ProxyBody>,
+        host: Option<&HeaderValue>,
+    ) -> Result<(), String> {
+        let (parts, mut body) = req.into_parts();
+        let declared = match parts.headers.get(header::CONTENT_LENGTH) {
+            None => None,
+            Some(v) => Some(
+                v.to_str()
+                    .ok()
+                    .and_then(|v| v.trim().parse::<u64>().ok())
+                    .ok_or("the read's content-length is not a number")?,
+            ),
+        };
+        let framing = match (declared, body.size_hint().exact()) {
+            (Some(_), _) => Framing::Empty,
+            (None, _) if body.is_end_stream() => Framing::Empty,
+            (None, Some(n)) => Framing::Length(n),
+            (None, None) => Framing::Chunked,
+        };
+        h1::write_request_head(
+            &mut self.write,
+            &parts.method,
+            &parts.uri,
+            &parts.headers,
+            host,
+            framing,
+        );
+        let mut sent: u64 = 0;
+        while let Some(frame) = body.frame().await {
+            let frame = frame.map_err(|e| format!("the read's body failed: {e}"))?;
+            let Ok(data) = frame.into_data() else {
+                continue; // trailers: not forwarded
+            };
+            sent += data.len() as u64;
+            if framing == Framing::Chunked {
+                h1::write_chunk(&mut self.write, &data);
+            } else {
+                self.write.put_slice(&data);
+            }
+            if self.write.len() >= WRITE_AT {
+                self.flush().await?;
+            }
+        }
+        match (
+            framing,
+            declared.or(match framing {
+                Framing::Length(n) => Some(n),
+                _ => None,
+            }),
+        ) {
+            (Framing::Chunked, _) => self.write.put_slice(h1::LAST_CHUNK),
+            (_, Some(n)) if n != sent => {
+                return Err(format!(
+                    "the read's body had {sent} bytes, its length said {n}"
+                ));
+            }
+            _ => {}
+        }
+        self.flush().await
+    }
+
+    /// Reads until the answer's head is complete and parses it.
+    async fn read_head(&mut self, head_request: bool) -> Result<Head, Failed> {
+        let mut answered = false;
+        loop {
+            if !self.read.is_empty() {
+                answered = true;
+                match h1::parse_head(&mut self.read, head_request) {
+                    Ok(Some(head)) => return Ok(head),
+                    Ok(None) => {}
+                    Err(e) => {
+                        return Err(Failed {
+                            reason: e.to_string(),
+                            answered,
+                        });
                     }
-                    if !again {
-                        return Err(self.error(error));
-                    }
-                    // The partition closed an idle connection (it may have restarted): the
-                    // others idle beside it are as likely closed, so the next one is new.
-                    self.state().idle.clear();
-                    tracing::debug!(partition = %self.partition.name(), %error,
-                        "an idle connection failed before answering; sending the read on a new one");
+                }
+            }
+            self.read.reserve(READ_AHEAD);
+            match self.io.read_buf(&mut self.read).await {
+                Ok(0) => {
+                    return Err(Failed {
+                        reason: "the connection closed before the answer".into(),
+                        answered,
+                    });
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    return Err(Failed {
+                        reason: format!("cannot read the answer: {e}"),
+                        answered,
+                    });
                 }
             }
         }
+    }
+
+    /// Reads more of an answer's body; 0 at the end of the stream.
+    fn poll_read_more(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
+        if self.read.capacity() - self.read.len() < READ_AHEAD / 4 {
+            self.read.reserve(READ_AHEAD);
+        }
+        std::pin::pin!(self.io.read_buf(&mut self.read)).poll(cx)
     }
 }
 
@@ -398,72 +552,70 @@ impl Drop for InFlight<'_> {
     }
 }
 
-/// An exchange that failed: why, and the request when it was not sent.
-struct Failed {
-    error: String,
-    unsent: Option<Request<ProxyBody>>,
+/// An answer's body from a partition: whole (it came with the head), or read from its
+/// connection as it is polled, which goes back to its partition's idle list once the body
+/// ended (when the partition keeps it open). Dropped early, it closes the connection.
+pub(crate) enum ReadBody {
+    /// The whole body (`None` once taken, or for an answer without one).
+    Whole(Option<Bytes>),
+    /// The body still on its connection.
+    Streaming(Streaming),
 }
 
-/// Sends `req` on `pooled` and polls the connection until the answer's headers arrive.
-async fn exchange(
-    pooled: Pooled,
-    req: Request<ProxyBody>,
-) -> Result<(Response<Incoming>, Sender, Option<Conn>), Failed> {
-    let Pooled { mut sender, conn } = pooled;
-    let mut conn = Some(conn);
-    let answer = sender.try_send_request(req);
-    let mut answer = std::pin::pin!(answer);
-    let result = std::future::poll_fn(|cx| {
-        // The connection first: it writes the request and reads the answer, which the
-        // answer's future then finds at once.
-        if let Some(c) = conn.as_mut()
-            && Pin::new(c).poll(cx).is_ready()
-        {
-            conn = None;
-        }
-        match answer.as_mut().poll(cx) {
-            Poll::Ready(r) => Poll::Ready(Some(r)),
-            // The connection ended without settling the request (hyper settles it first).
-            Poll::Pending if conn.is_none() => Poll::Ready(None),
-            Poll::Pending => Poll::Pending,
-        }
-    })
-    .await;
-    match result {
-        Some(Ok(resp)) => Ok((resp, sender, conn)),
-        Some(Err(mut e)) => Err(Failed {
-            unsent: e.take_message(),
-            error: error_chain(&e.into_error()),
-        }),
-        None => Err(Failed {
-            error: "the connection closed before the answer".into(),
-            unsent: None,
-        }),
-    }
-}
-
-/// An answer's body from a partition. Polling it polls its connection too; read to its
-/// end, it gives the connection back to its partition's idle list (when still open).
-pub(crate) struct ReadBody {
-    incoming: Incoming,
+/// A body still being read from its connection.
+pub(crate) struct Streaming {
+    /// `None` once the body ended or failed.
     conn: Option<Conn>,
-    sender: Option<Sender>,
+    decoder: Decoder,
     endpoint: Arc<Endpoint>,
-    /// The body was read to its end.
-    ended: bool,
+    keep_alive: bool,
 }
 
-impl ReadBody {
-    /// Gives the connection back, if the body was read to its end and it is still open.
+impl Streaming {
+    fn poll_data(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Bytes, BoxError>>> {
+        loop {
+            let Some(conn) = self.conn.as_mut() else {
+                return Poll::Ready(None);
+            };
+            match self.decoder.decode(&mut conn.read) {
+                Ok(Decoded::Data(data)) => {
+                    if self.decoder.is_done() {
+                        self.finish();
+                    }
+                    return Poll::Ready(Some(Ok(data)));
+                }
+                Ok(Decoded::End) => {
+                    self.finish();
+                    return Poll::Ready(None);
+                }
+                Ok(Decoded::More) => {}
+                Err(e) => return Poll::Ready(Some(Err(self.fail(e)))),
+            }
+            match ready!(conn.poll_read_more(cx)) {
+                Ok(0) => {
+                    self.conn = None;
+                    return match self.decoder.eof() {
+                        Ok(()) => Poll::Ready(None),
+                        Err(e) => Poll::Ready(Some(Err(Box::new(e)))),
+                    };
+                }
+                Ok(_) => {}
+                Err(e) => return Poll::Ready(Some(Err(self.fail(e)))),
+            }
+        }
+    }
+
+    /// The body ended: the connection goes back.
     fn finish(&mut self) {
-        if !(self.ended || self.incoming.is_end_stream()) {
-            return;
+        if let Some(conn) = self.conn.take() {
+            self.endpoint.release(conn, self.keep_alive);
         }
-        if let (Some(sender), Some(conn)) = (self.sender.take(), self.conn.take())
-            && !sender.is_closed()
-        {
-            self.endpoint.check_in(Pooled { sender, conn });
-        }
+    }
+
+    /// The body failed: the connection is closed.
+    fn fail(&mut self, e: impl Into<BoxError>) -> BoxError {
+        self.conn = None;
+        e.into()
     }
 }
 
@@ -475,40 +627,25 @@ impl Body for ReadBody {
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        let this = self.get_mut();
-        if let Some(conn) = this.conn.as_mut()
-            && Pin::new(conn).poll(cx).is_ready()
-        {
-            // Closed (after this answer, or broken): what it read is still in the body.
-            this.conn = None;
-        }
-        match Pin::new(&mut this.incoming).poll_frame(cx) {
-            Poll::Ready(None) => {
-                this.ended = true;
-                Poll::Ready(None)
-            }
-            Poll::Ready(Some(Ok(frame))) => Poll::Ready(Some(Ok(frame))),
-            Poll::Ready(Some(Err(e))) => {
-                this.conn = None;
-                this.sender = None;
-                Poll::Ready(Some(Err(e.into())))
-            }
-            Poll::Pending => Poll::Pending,
+        match self.get_mut() {
+            ReadBody::Whole(data) => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
+            ReadBody::Streaming(s) => s.poll_data(cx).map(|d| d.map(|d| d.map(Frame::data))),
         }
     }
 
     fn is_end_stream(&self) -> bool {
-        self.incoming.is_end_stream()
+        match self {
+            ReadBody::Whole(data) => data.is_none(),
+            ReadBody::Streaming(s) => s.decoder.is_done(),
+        }
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.incoming.size_hint()
-    }
-}
-
-impl Drop for ReadBody {
-    fn drop(&mut self) {
-        self.finish();
+        let exact = match self {
+            ReadBody::Whole(data) => Some(data.as_ref().map_or(0, |d| d.len() as u64)),
+            ReadBody::Streaming(s) => s.decoder.remaining(),
+        };
+        exact.map_or_else(SizeHint::default, SizeHint::with_exact)
     }
 }
 
@@ -518,6 +655,9 @@ pub(crate) fn client_response(resp: Response<ReadBody>) -> Response<ProxyBody> {
     strip_hop_by_hop(&mut parts.headers);
     Response::from_parts(parts, body.boxed_unsync())
 }
+
+#[cfg(test)]
+mod wire_tests;
 
 #[cfg(test)]
 mod tests {

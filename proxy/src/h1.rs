@@ -1,0 +1,648 @@
+//! HTTP/1.1 on the read path's upstream connections, without I/O: a request's head
+//! written into a buffer, an answer's head parsed (with httparse) and its body's framing
+//! decoded (a length, chunked, or until the connection closes, RFC 9112 section 6).
+//! [`crate::upstream`] drives it over a partition's TCP connection.
+//!
+//! Hand-written because hyper's client costs the proxy as many instructions per read as
+//! nginx spends on the whole proxied request (BENCHMARKS.md, "The proxy's own instructions
+//! per request"); what it parses is only what the proxy's own partitions answer, and
+//! anything it does not understand fails the read instead of guessing.
+
+use std::mem::MaybeUninit;
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{StatusCode, Uri, Version};
+
+/// Most header lines an answer may carry (hyper's default too).
+const MAX_HEADERS: usize = 100;
+/// The largest answer head accepted.
+pub(crate) const MAX_HEAD: usize = 64 * 1024;
+/// The longest chunk-size line or trailer line accepted.
+const MAX_LINE: usize = 4 * 1024;
+
+/// An answer the proxy cannot read.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub(crate) enum H1Error {
+    /// The head is not HTTP/1.
+    #[error("malformed answer head: {0}")]
+    Head(String),
+    /// The head is larger than [`MAX_HEAD`].
+    #[error("answer head larger than {MAX_HEAD} bytes")]
+    HeadTooLarge,
+    /// `Content-Length` is not one number.
+    #[error("malformed content-length in the answer")]
+    ContentLength,
+    /// The chunked body is malformed.
+    #[error("malformed chunked answer body: {0}")]
+    Chunk(&'static str),
+    /// The partition switched protocols, which no read asks for.
+    #[error("unexpected 101 Switching Protocols")]
+    Switch,
+    /// The connection closed before the body's end.
+    #[error("the connection closed before the end of the answer's body")]
+    CutShort,
+}
+
+/// How a message's body is delimited.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Framing {
+    /// No body.
+    Empty,
+    /// Exactly this many bytes.
+    Length(u64),
+    /// Chunked transfer coding.
+    Chunked,
+    /// Until the connection closes (answers only).
+    Close,
+}
+
+/// Writes a request's head: origin form, HTTP/1.1, the headers but the framing ones,
+/// `host` when the request has none, and the framing header `body` asks for
+/// ([`Framing::Empty`] keeps a `content-length` the headers carry).
+pub(crate) fn write_request_head(
+    buf: &mut BytesMut,
+    method: &http::Method,
+    uri: &Uri,
+    headers: &HeaderMap,
+    host: Option<&HeaderValue>,
+    body: Framing,
+) {
+    buf.put_slice(method.as_str().as_bytes());
+    buf.put_u8(b' ');
+    buf.put_slice(
+        uri.path_and_query()
+            .map_or("/", |pq| pq.as_str())
+            .as_bytes(),
+    );
+    buf.put_slice(b" HTTP/1.1\r\n");
+    for (name, value) in headers {
+        let framing = *name == header::TRANSFER_ENCODING
+            || *name == header::CONNECTION
+            || (*name == header::CONTENT_LENGTH && body != Framing::Empty);
+        if !framing {
+            put_header(buf, name.as_str().as_bytes(), value.as_bytes());
+        }
+    }
+    if let Some(host) = host
+        && !headers.contains_key(header::HOST)
+    {
+        put_header(buf, b"host", host.as_bytes());
+    }
+    match body {
+        Framing::Length(n) => {
+            put_header(buf, b"content-length", n.to_string().as_bytes());
+        }
+        Framing::Chunked => put_header(buf, b"transfer-encoding", b"chunked"),
+        Framing::Empty | Framing::Close => {}
+    }
+    buf.put_slice(b"\r\n");
+}
+
+fn put_header(buf: &mut BytesMut, name: &[u8], value: &[u8]) {
+    buf.put_slice(name);
+    buf.put_slice(b": ");
+    buf.put_slice(value);
+    buf.put_slice(b"\r\n");
+}
+
+/// Writes one chunk of a chunked request body (nothing for an empty one: that would end it).
+pub(crate) fn write_chunk(buf: &mut BytesMut, data: &[u8]) {
+    if data.is_empty() {
+        return;
+    }
+    buf.put_slice(format!("{:x}\r\n", data.len()).as_bytes());
+    buf.put_slice(data);
+    buf.put_slice(b"\r\n");
+}
+
+/// The end of a chunked request body.
+pub(crate) const LAST_CHUNK: &[u8] = b"0\r\n\r\n";
+
+/// An answer's head.
+#[derive(Debug)]
+pub(crate) struct Head {
+    pub(crate) status: StatusCode,
+    pub(crate) version: Version,
+    pub(crate) headers: HeaderMap,
+    /// How its body is delimited.
+    pub(crate) body: Framing,
+    /// Whether the connection may carry another request after this answer.
+    pub(crate) keep_alive: bool,
+}
+
+/// Parses the answer's head at the front of `buf` and takes it (and any informational 1xx
+/// answers before it) out of `buf`; `None` while the head is incomplete. The header values
+/// share the head's bytes (no copy). `head_request`: the request was `HEAD` (no body).
+pub(crate) fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Option<Head>, H1Error> {
+    loop {
+        let mut slots = [MaybeUninit::<httparse::Header<'_>>::uninit(); MAX_HEADERS];
+        let mut resp = httparse::Response::new(&mut []);
+        let parsed = httparse::ParserConfig::default().parse_response_with_uninit_headers(
+            &mut resp,
+            &buf[..],
+            &mut slots,
+        );
+        let len = match parsed {
+            Ok(httparse::Status::Complete(len)) => len,
+            Ok(httparse::Status::Partial) if buf.len() > MAX_HEAD => {
+                return Err(H1Error::HeadTooLarge);
+            }
+            Ok(httparse::Status::Partial) => return Ok(None),
+            Err(e) => return Err(H1Error::Head(e.to_string())),
+        };
+        let code = resp.code.unwrap_or(0);
+        if code == 101 {
+            return Err(H1Error::Switch);
+        }
+        if (100..200).contains(&code) {
+            // Informational (100 Continue, 103 Early Hints): the answer follows.
+            buf.advance(len);
+            continue;
+        }
+        let status = StatusCode::from_u16(code).map_err(|e| H1Error::Head(e.to_string()))?;
+        let version = if resp.version == Some(0) {
+            Version::HTTP_10
+        } else {
+            Version::HTTP_11
+        };
+        // Where each header lies in the head, so that the values can share its bytes.
+        let base = buf.as_ptr() as usize;
+        let mut at = Vec::with_capacity(resp.headers.len());
+        for h in resp.headers.iter() {
+            let name = h.name.as_ptr() as usize - base;
+            let value = h.value.as_ptr() as usize - base;
+            at.push((name..name + h.name.len(), value..value + h.value.len()));
+        }
+        let head = buf.split_to(len).freeze();
+        let mut headers = HeaderMap::with_capacity(at.len());
+        // The framing headers, noted on the way (no lookups afterwards).
+        let mut seen = Framed::default();
+        for (name, value) in at {
+            let name = HeaderName::from_bytes(&head[name])
+                .map_err(|e| H1Error::Head(format!("header name: {e}")))?;
+            let value = HeaderValue::from_maybe_shared(head.slice(value))
+                .map_err(|e| H1Error::Head(format!("header {name}: {e}")))?;
+            seen.note(&name, &value)?;
+            headers.append(name, value);
+        }
+        let (body, delimited) = seen.framing(status, head_request);
+        let keep_alive = delimited && version == Version::HTTP_11 && !seen.close;
+        return Ok(Some(Head {
+            status,
+            version,
+            headers,
+            body,
+            keep_alive,
+        }));
+    }
+}
+
+/// What an answer's headers say about its framing.
+#[derive(Default)]
+struct Framed {
+    /// Whether the last transfer coding is chunked, once `Transfer-Encoding` was seen.
+    chunked: Option<bool>,
+    /// The `Content-Length` (all its values agree).
+    length: Option<u64>,
+    /// `Connection: close`.
+    close: bool,
+}
+
+impl Framed {
+    fn note(&mut self, name: &HeaderName, value: &HeaderValue) -> Result<(), H1Error> {
+        if *name == header::CONTENT_LENGTH {
+            for part in value.as_bytes().split(|&b| b == b',') {
+                let n = std::str::from_utf8(part)
+                    .ok()
+                    .map(str::trim)
+                    .filter(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()))
+                    .and_then(|p| p.parse::<u64>().ok())
+                    .ok_or(H1Error::ContentLength)?;
+                if self.length.is_some_and(|l| l != n) {
+                    return Err(H1Error::ContentLength);
+                }
+                self.length = Some(n);
+            }
+        } else if *name == header::TRANSFER_ENCODING {
+            self.chunked = Some(
+                value
+                    .to_str()
+                    .ok()
+                    .and_then(|v| v.rsplit(',').next())
+                    .is_some_and(|c| c.trim().eq_ignore_ascii_case("chunked")),
+            );
+        } else if *name == header::CONNECTION {
+            self.close |= value
+                .to_str()
+                .is_ok_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case("close")));
+        }
+        Ok(())
+    }
+
+    /// The answer's body framing (RFC 9112 section 6.3), and whether the connection may be
+    /// reused after it (not after a body delimited by the close, nor after one with both
+    /// `Transfer-Encoding` and `Content-Length`).
+    fn framing(&self, status: StatusCode, head_request: bool) -> (Framing, bool) {
+        if head_request || status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED {
+            return (Framing::Empty, true);
+        }
+        match (self.chunked, self.length) {
+            (Some(true), length) => (Framing::Chunked, length.is_none()),
+            (Some(false), _) | (None, None) => (Framing::Close, false),
+            (None, Some(0)) => (Framing::Empty, true),
+            (None, Some(n)) => (Framing::Length(n), true),
+        }
+    }
+}
+
+/// Decodes an answer's body from the bytes read so far.
+#[derive(Debug)]
+pub(crate) struct Decoder {
+    state: State,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    /// This many bytes left.
+    Length(u64),
+    /// Everything until the connection closes.
+    Close,
+    /// Before a chunk-size line.
+    ChunkSize,
+    /// This many bytes of the current chunk left.
+    ChunkData(u64),
+    /// The CRLF after a chunk's data.
+    ChunkEnd,
+    /// Trailer lines, up to the empty line.
+    Trailers,
+    /// The body ended.
+    Done,
+}
+
+/// What [`Decoder::decode`] found.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Decoded {
+    /// Some of the body.
+    Data(Bytes),
+    /// Nothing yet: more must be read.
+    More,
+    /// The body ended.
+    End,
+}
+
+impl Decoder {
+    /// A decoder for a body framed as `framing`.
+    pub(crate) fn new(framing: Framing) -> Decoder {
+        let state = match framing {
+            Framing::Empty | Framing::Length(0) => State::Done,
+            Framing::Length(n) => State::Length(n),
+            Framing::Chunked => State::ChunkSize,
+            Framing::Close => State::Close,
+        };
+        Decoder { state }
+    }
+
+    /// Whether the body ended.
+    pub(crate) fn is_done(&self) -> bool {
+        self.state == State::Done
+    }
+
+    /// The body's exact length left, when known.
+    pub(crate) fn remaining(&self) -> Option<u64> {
+        match self.state {
+            State::Length(n) => Some(n),
+            State::Done => Some(0),
+            _ => None,
+        }
+    }
+
+    /// Takes the next piece of the body out of `buf` (chunked framing and trailers are
+    /// consumed, trailers dropped).
+    pub(crate) fn decode(&mut self, buf: &mut BytesMut) -> Result<Decoded, H1Error> {
+        loop {
+            match self.state {
+                State::Done => return Ok(Decoded::End),
+                State::Length(n) | State::ChunkData(n) => {
+                    if buf.is_empty() {
+                        return Ok(Decoded::More);
+                    }
+                    let take = usize::try_from(n).unwrap_or(usize::MAX).min(buf.len());
+                    let left = n - take as u64;
+                    self.state = match (self.state, left) {
+                        (State::Length(_), 0) => State::Done,
+                        (State::Length(_), _) => State::Length(left),
+                        (_, 0) => State::ChunkEnd,
+                        _ => State::ChunkData(left),
+                    };
+                    return Ok(Decoded::Data(buf.split_to(take).freeze()));
+                }
+                State::Close => {
+                    if buf.is_empty() {
+                        return Ok(Decoded::More);
+                    }
+                    return Ok(Decoded::Data(buf.split().freeze()));
+                }
+                State::ChunkSize => match httparse::parse_chunk_size(&buf[..]) {
+                    Ok(httparse::Status::Complete((used, size))) => {
+                        buf.advance(used);
+                        self.state = if size == 0 {
+                            State::Trailers
+                        } else {
+                            State::ChunkData(size)
+                        };
+                    }
+                    Ok(httparse::Status::Partial) if buf.len() > MAX_LINE => {
+                        return Err(H1Error::Chunk("chunk-size line too long"));
+                    }
+                    Ok(httparse::Status::Partial) => return Ok(Decoded::More),
+                    Err(_) => return Err(H1Error::Chunk("invalid chunk size")),
+                },
+                State::ChunkEnd => {
+                    if buf.len() < 2 {
+                        return Ok(Decoded::More);
+                    }
+                    if &buf[..2] != b"\r\n" {
+                        return Err(H1Error::Chunk("no CRLF after a chunk's data"));
+                    }
+                    buf.advance(2);
+                    self.state = State::ChunkSize;
+                }
+                State::Trailers => match buf.windows(2).position(|w| w == b"\r\n") {
+                    Some(0) => {
+                        buf.advance(2);
+                        self.state = State::Done;
+                    }
+                    // A trailer line: dropped (the proxy forwards no trailers).
+                    Some(end) => buf.advance(end + 2),
+                    None if buf.len() > MAX_LINE => {
+                        return Err(H1Error::Chunk("trailer line too long"));
+                    }
+                    None => return Ok(Decoded::More),
+                },
+            }
+        }
+    }
+
+    /// The connection closed: the end of a body delimited by the close, a body cut short
+    /// otherwise.
+    pub(crate) fn eof(&mut self) -> Result<(), H1Error> {
+        match self.state {
+            State::Close | State::Done => {
+                self.state = State::Done;
+                Ok(())
+            }
+            _ => Err(H1Error::CutShort),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn head(raw: &str, head_request: bool) -> (Head, BytesMut) {
+        let mut buf = BytesMut::from(raw.as_bytes());
+        let head = parse_head(&mut buf, head_request)
+            .expect("valid")
+            .expect("complete");
+        (head, buf)
+    }
+
+    /// Decodes `raw` fed in pieces of `step` bytes; the body, and what was left after it.
+    fn decode_in_steps(framing: Framing, raw: &[u8], step: usize) -> (Vec<u8>, Vec<u8>) {
+        let mut decoder = Decoder::new(framing);
+        let mut buf = BytesMut::new();
+        let mut body = Vec::new();
+        let mut fed = 0;
+        loop {
+            match decoder.decode(&mut buf).expect("valid body") {
+                Decoded::Data(d) => body.extend_from_slice(&d),
+                Decoded::End => {
+                    let mut rest = buf.to_vec();
+                    rest.extend_from_slice(&raw[fed..]);
+                    return (body, rest);
+                }
+                Decoded::More => {
+                    assert!(fed < raw.len(), "the body never ended");
+                    let end = (fed + step).min(raw.len());
+                    buf.extend_from_slice(&raw[fed..end]);
+                    fed = end;
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_head_is_parsed_only_once_complete_and_taken_out_of_the_buffer() {
+        let raw = "HTTP/1.1 200 OK\r\ncontent-length: 2\r\nx-a: 1\r\nx-a: 2\r\n\r\nok";
+        for cut in 0..raw.len() - 2 {
+            let mut buf = BytesMut::from(&raw.as_bytes()[..cut]);
+            assert!(
+                matches!(parse_head(&mut buf, false), Ok(None)),
+                "cut at {cut}"
+            );
+        }
+        let (h, rest) = head(raw, false);
+        assert_eq!(h.status, StatusCode::OK);
+        assert_eq!(h.body, Framing::Length(2));
+        assert!(h.keep_alive);
+        let values: Vec<_> = h.headers.get_all("x-a").iter().collect();
+        assert_eq!(values, ["1", "2"]);
+        assert_eq!(&rest[..], b"ok");
+    }
+
+    #[test]
+    fn informational_answers_are_skipped() {
+        let (h, rest) = head(
+            "HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nlink: </a>\r\n\r\nHTTP/1.1 200 OK\r\ncontent-length: 1\r\n\r\nx",
+            false,
+        );
+        assert_eq!(h.status, StatusCode::OK);
+        assert!(!h.headers.contains_key("link"));
+        assert_eq!(&rest[..], b"x");
+    }
+
+    #[test]
+    fn framing_follows_rfc_9112() {
+        let cases = [
+            (
+                "HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\n",
+                false,
+                Framing::Length(5),
+                true,
+            ),
+            (
+                "HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\n",
+                true,
+                Framing::Empty,
+                true,
+            ),
+            (
+                "HTTP/1.1 204 No Content\r\n\r\n",
+                false,
+                Framing::Empty,
+                true,
+            ),
+            (
+                "HTTP/1.1 304 Not Modified\r\ncontent-length: 9\r\n\r\n",
+                false,
+                Framing::Empty,
+                true,
+            ),
+            (
+                "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n",
+                false,
+                Framing::Chunked,
+                true,
+            ),
+            (
+                "HTTP/1.1 200 OK\r\ntransfer-encoding: gzip, chunked\r\n\r\n",
+                false,
+                Framing::Chunked,
+                true,
+            ),
+            (
+                "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\ncontent-length: 3\r\n\r\n",
+                false,
+                Framing::Chunked,
+                false,
+            ),
+            (
+                "HTTP/1.1 200 OK\r\ntransfer-encoding: gzip\r\n\r\n",
+                false,
+                Framing::Close,
+                false,
+            ),
+            ("HTTP/1.1 200 OK\r\n\r\n", false, Framing::Close, false),
+            (
+                "HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n",
+                false,
+                Framing::Empty,
+                true,
+            ),
+            (
+                "HTTP/1.1 200 OK\r\ncontent-length: 4, 4\r\n\r\n",
+                false,
+                Framing::Length(4),
+                true,
+            ),
+            (
+                "HTTP/1.1 200 OK\r\ncontent-length: 4\r\nconnection: close\r\n\r\n",
+                false,
+                Framing::Length(4),
+                false,
+            ),
+            (
+                "HTTP/1.0 200 OK\r\ncontent-length: 4\r\n\r\n",
+                false,
+                Framing::Length(4),
+                false,
+            ),
+        ];
+        for (raw, head_request, framing, keep_alive) in cases {
+            let (h, _) = head(raw, head_request);
+            assert_eq!((h.body, h.keep_alive), (framing, keep_alive), "{raw:?}");
+        }
+    }
+
+    #[test]
+    fn unreadable_heads_are_errors() {
+        for raw in [
+            "garbage\r\n\r\n",
+            "HTTP/1.1 200 OK\r\ncontent-length: 4, 5\r\n\r\n",
+            "HTTP/1.1 200 OK\r\ncontent-length: -1\r\n\r\n",
+            "HTTP/1.1 200 OK\r\ncontent-length: 1\r\ncontent-length: 2\r\n\r\n",
+            "HTTP/1.1 101 Switching Protocols\r\n\r\n",
+        ] {
+            let mut buf = BytesMut::from(raw.as_bytes());
+            assert!(parse_head(&mut buf, false).is_err(), "{raw:?}");
+        }
+        let mut huge = BytesMut::from(&b"HTTP/1.1 200 OK\r\nx: "[..]);
+        huge.resize(MAX_HEAD + 1, b'a');
+        assert!(matches!(
+            parse_head(&mut huge, false),
+            Err(H1Error::HeadTooLarge)
+        ));
+    }
+
+    #[test]
+    fn bodies_decode_alike_however_the_bytes_arrive() {
+        let chunked = b"5;ext=1\r\nhello\r\n1\r\n \r\nA\r\n0123456789\r\n0\r\nx-t: 1\r\n\r\nNEXT";
+        for step in 1..chunked.len() {
+            let (body, rest) = decode_in_steps(Framing::Chunked, chunked, step);
+            assert_eq!(body, b"hello 0123456789", "step {step}");
+            assert_eq!(rest, b"NEXT", "step {step}");
+        }
+        let length = b"0123456789NEXT";
+        for step in 1..length.len() {
+            let (body, rest) = decode_in_steps(Framing::Length(10), length, step);
+            assert_eq!(body, b"0123456789");
+            assert_eq!(rest, b"NEXT");
+        }
+    }
+
+    #[test]
+    fn a_body_cut_short_or_malformed_is_an_error() {
+        let mut d = Decoder::new(Framing::Length(4));
+        let mut buf = BytesMut::from(&b"ab"[..]);
+        assert_eq!(
+            d.decode(&mut buf),
+            Ok(Decoded::Data(Bytes::from_static(b"ab")))
+        );
+        assert_eq!(d.remaining(), Some(2));
+        assert_eq!(d.eof(), Err(H1Error::CutShort));
+        let mut d = Decoder::new(Framing::Chunked);
+        assert_eq!(d.eof(), Err(H1Error::CutShort));
+        let mut close = Decoder::new(Framing::Close);
+        assert_eq!(close.eof(), Ok(()));
+        assert!(close.is_done());
+        for raw in [&b"zz\r\n"[..], b"2\r\nabX\r\n"] {
+            let mut d = Decoder::new(Framing::Chunked);
+            let mut buf = BytesMut::from(raw);
+            let mut result = d.decode(&mut buf);
+            while let Ok(Decoded::Data(_)) = result {
+                result = d.decode(&mut buf);
+            }
+            assert!(result.is_err(), "{raw:?}");
+        }
+    }
+
+    #[test]
+    fn a_request_head_is_written_in_origin_form_with_its_framing() {
+        let mut headers = HeaderMap::new();
+        headers.append("accept", HeaderValue::from_static("a"));
+        headers.append("accept", HeaderValue::from_static("b"));
+        headers.append("content-length", HeaderValue::from_static("0"));
+        headers.append("connection", HeaderValue::from_static("x"));
+        let host = HeaderValue::from_static("p:1");
+        let uri: Uri = "http://example.com/p?q=1".parse().expect("uri");
+        let mut buf = BytesMut::new();
+        let get = http::Method::GET;
+        write_request_head(&mut buf, &get, &uri, &headers, Some(&host), Framing::Empty);
+        assert_eq!(
+            &buf[..],
+            b"GET /p?q=1 HTTP/1.1\r\naccept: a\r\naccept: b\r\ncontent-length: 0\r\nhost: p:1\r\n\r\n"
+        );
+        buf.clear();
+        headers.insert("host", HeaderValue::from_static("h"));
+        let post = http::Method::POST;
+        let uri: Uri = "/".parse().expect("uri");
+        write_request_head(
+            &mut buf,
+            &post,
+            &uri,
+            &headers,
+            Some(&host),
+            Framing::Chunked,
+        );
+        assert_eq!(
+            &buf[..],
+            b"POST / HTTP/1.1\r\naccept: a\r\naccept: b\r\nhost: h\r\ntransfer-encoding: chunked\r\n\r\n"
+        );
+        buf.clear();
+        write_chunk(&mut buf, b"");
+        write_chunk(&mut buf, b"0123456789abcdefX");
+        assert_eq!(&buf[..], b"11\r\n0123456789abcdefX\r\n");
+    }
+}

@@ -71,6 +71,14 @@ fn no_hop_by_hop(req: &str) {
     assert!(lower.contains("x-visible: 1"), "{req}");
 }
 
+/// The client's address (the test's, on loopback) reached the upstream, once.
+fn from_the_client(req: &str) {
+    let lower = req.to_ascii_lowercase();
+    assert_eq!(lower.matches("x-forwarded-for:").count(), 1, "{req}");
+    assert!(lower.contains("x-forwarded-for: 127.0.0.1\r\n"), "{req}");
+    assert!(lower.contains("forwarded: for=127.0.0.1;"), "{req}");
+}
+
 fn cases() -> Vec<Case> {
     let chunked_hello = b"5\r\nhello\r\n0\r\n\r\n";
     let hop = "connection: x-secret\r\nx-secret: 1\r\nkeep-alive: timeout=5\r\n\
@@ -226,6 +234,29 @@ fn cases() -> Vec<Case> {
             expect: Expect::Forwarded {
                 update: true,
                 check: no_hop_by_hop,
+            },
+        },
+        Case {
+            name: "forwarded-for-read",
+            parts: one(request("GET", "forwarded-for-read", "", b"")),
+            pause: quick,
+            expect: Expect::Forwarded {
+                update: false,
+                check: from_the_client,
+            },
+        },
+        Case {
+            name: "forwarded-for-update",
+            parts: one(request(
+                "POST",
+                "forwarded-for-update",
+                "content-length: 2\r\n",
+                b"{}",
+            )),
+            pause: quick,
+            expect: Expect::Forwarded {
+                update: true,
+                check: from_the_client,
             },
         },
         Case {

@@ -42,7 +42,7 @@ use crate::config::Config;
 use crate::error::ProxyError;
 use crate::forward::{self, BoxError, ProxyBody, Upstream};
 use crate::ownership::{self, Ownership};
-use crate::route::ClientAddr;
+use crate::route::client_addr;
 use crate::server::Proxy;
 
 /// The leader's client-facing service in a node.
@@ -178,7 +178,7 @@ impl Node {
             Mode::Leading(l) => return l.call(req).await,
             Mode::Following(leader) => leader,
         };
-        let client = req.extensions().get::<ClientAddr>().map(|c| c.0);
+        let client = client_addr(&req);
         let req = match self.read_here(req, client).await {
             Ok(resp) => return Ok(resp),
             Err(req) => req,

@@ -24,9 +24,27 @@ use crate::read::{Consistency, Reads};
 use crate::update;
 use crate::upstream;
 
-/// The client's address, as a request extension (set by the server per connection).
+/// The client's address, as a request extension: how a server that embeds the layer says
+/// where a request came from (regroup's own server sets it per connection instead, see
+/// [`client_addr`]).
 #[derive(Debug, Clone, Copy)]
 pub struct ClientAddr(pub SocketAddr);
+
+tokio::task_local! {
+    /// The address of the client whose connection the current task serves (regroup's own
+    /// server: one task per client connection). Kept beside the connection rather than in
+    /// every request's extensions, which cost two allocations per request.
+    pub(crate) static CLIENT: SocketAddr;
+}
+
+/// Where `req` came from: its [`ClientAddr`] extension, else the client of the connection
+/// the current task serves.
+pub(crate) fn client_addr<B>(req: &Request<B>) -> Option<SocketAddr> {
+    req.extensions()
+        .get::<ClientAddr>()
+        .map(|c| c.0)
+        .or_else(|| CLIENT.try_with(|c| *c).ok())
+}
 
 /// A group and its read balancer, as the router sees them.
 #[derive(Debug, Clone)]
@@ -140,7 +158,7 @@ where
     B: http_body::Body<Data = Bytes> + Send + 'static,
     B::Error: Into<BoxError>,
 {
-    let client = req.extensions().get::<ClientAddr>().map(|c| c.0);
+    let client = client_addr(&req);
     let req = strip_prefix(&routed.group.config, req)?;
     let kind = routed
         .group

@@ -17,7 +17,7 @@ use regroup_replay::{CachedJournal, Journal, NatsJournal, SqlJournal};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tower::{Service, ServiceBuilder};
-use tower_http::timeout::{DeadlineBody, RequestBodyDeadlineLayer};
+use tower_http::timeout::DeadlineBody;
 
 use crate::admin::Admin;
 use crate::config::{Config, Proxies};
@@ -27,7 +27,7 @@ use crate::group::Group;
 use crate::link::{HttpLink, PartitionLink};
 use crate::ownership::{self, Ownership};
 use crate::read::Reads;
-use crate::route::{ClientAddr, RegroupLayer, Routed};
+use crate::route::{CLIENT, RegroupLayer, Routed};
 
 /// The environment variable that overrides `admin_token`.
 pub const ADMIN_TOKEN_ENV: &str = "REGROUP_ADMIN_TOKEN";
@@ -237,12 +237,12 @@ fn client_stack(
         // Bounds the time a client has to send the whole body: a stalled or trickled
         // update body fails its read with a time-out, answered 408 before anything is
         // journaled. Outermost, so the clock starts when the request arrives.
-        .layer(RequestBodyDeadlineLayer::new(limits.body_read_timeout))
+        .map_request(move |req| client_body(req, limits.body_read_timeout))
         // Routes each request to its group: updates to the journaled path (body limit
         // `max_body_bytes`, 413), reads to the balancer (time-out `read_timeout_ms`, 504).
         .layer(layer)
         // Requests no group serves get a JSON 404.
-        .service_fn(|req: Request<DeadlineBody<Incoming>>| async move {
+        .service_fn(|req: Request<ClientBody<Incoming>>| async move {
             Ok::<_, BoxError>(ProxyError::NoGroup(req.uri().path().to_owned()).into_response())
         })
 }
@@ -322,8 +322,7 @@ pub async fn serve(
         let clients = {
             let node = node.clone();
             ServiceBuilder::new()
-                .layer(RequestBodyDeadlineLayer::new(body_timeout))
-                .map_request(boxed_body)
+                .map_request(move |req| boxed_body(client_body(req, body_timeout)))
                 .service_fn(move |req: Request<ProxyBody>| node.clone().handle(req))
         };
         let admin_node = node.clone();
@@ -366,8 +365,71 @@ pub async fn serve(
     finish(&config, taken_over, proxy.ownership().release()).await
 }
 
-fn boxed_body(req: Request<DeadlineBody<Incoming>>) -> Request<ProxyBody> {
-    req.map(|b| b.map_err(|e| -> BoxError { e }).boxed_unsync())
+fn boxed_body(req: Request<ClientBody<Incoming>>) -> Request<ProxyBody> {
+    req.map(BodyExt::boxed_unsync)
+}
+
+pin_project_lite::pin_project! {
+    /// A client's request body: under tower-http's [`DeadlineBody`] (the whole body within
+    /// `body_read_timeout_ms`) when the request may carry one, as it is when it carries none
+    /// (no `Content-Length` above 0, no `Transfer-Encoding`: the usual read), which spares
+    /// every such request a timer for a body that never comes.
+    #[project = ClientBodyProj]
+    pub(crate) enum ClientBody<B> {
+        /// A request without a body.
+        Bodiless { #[pin] body: B },
+        /// A request that may carry a body, under its deadline.
+        Bounded { #[pin] body: DeadlineBody<B> },
+    }
+}
+
+/// `req` with its body as [`ClientBody`].
+fn client_body<B>(req: Request<B>, timeout: Duration) -> Request<ClientBody<B>> {
+    let bodiless = crate::route::has_no_body(&req);
+    req.map(|body| {
+        if bodiless {
+            ClientBody::Bodiless { body }
+        } else {
+            ClientBody::Bounded {
+                body: DeadlineBody::new(timeout, body),
+            }
+        }
+    })
+}
+
+impl<B> http_body::Body for ClientBody<B>
+where
+    B: http_body::Body,
+    B::Error: Into<BoxError>,
+{
+    type Data = B::Data;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<B::Data>, BoxError>>> {
+        match self.project() {
+            ClientBodyProj::Bodiless { body } => body
+                .poll_frame(cx)
+                .map(|frame| frame.map(|f| f.map_err(Into::into))),
+            ClientBodyProj::Bounded { body } => body.poll_frame(cx),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            ClientBody::Bodiless { body } => body.is_end_stream(),
+            ClientBody::Bounded { body } => body.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        match self {
+            ClientBody::Bodiless { body } => body.size_hint(),
+            ClientBody::Bounded { body } => body.size_hint(),
+        }
+    }
 }
 
 /// After serving: an error naming the new owner when the journal was taken over, else the
@@ -586,8 +648,8 @@ impl Listeners {
 /// How long requests in flight have to finish at shutdown.
 const GRACE: Duration = Duration::from_secs(10);
 
-/// Serves one client connection on the current runtime: the client's address goes into
-/// every request's extensions.
+/// Serves one client connection on the current runtime, in a task that knows the client's
+/// address ([`crate::route::client_addr`]).
 fn serve_client<S: ClientService>(
     http1: &hyper::server::conn::http1::Builder,
     graceful: &GracefulShutdown,
@@ -597,20 +659,15 @@ fn serve_client<S: ClientService>(
     permit: OwnedSemaphorePermit,
 ) {
     let _ = stream.set_nodelay(true);
-    let svc = ServiceBuilder::new()
-        .map_request(move |mut req: Request<Incoming>| {
-            req.extensions_mut().insert(ClientAddr(peer));
-            req
-        })
-        .service(clients.clone());
-    let conn = http1.serve_connection(TokioIo::new(stream), TowerToHyperService::new(svc));
+    let svc = TowerToHyperService::new(clients.clone());
+    let conn = http1.serve_connection(TokioIo::new(stream), svc);
     let conn = graceful.watch(conn);
-    tokio::spawn(async move {
+    tokio::spawn(CLIENT.scope(peer, async move {
         if let Err(e) = conn.await {
             tracing::debug!(%peer, error = %e, "client connection ended with an error");
         }
         drop(permit);
-    });
+    }));
 }
 
 /// Where a client thread listens: the listener bound at start, or a listener of its own on

@@ -424,6 +424,56 @@ async fn single_partition_hostile_requests_are_refused_or_sanitized() {
     assert!(started.elapsed() >= Duration::from_millis(1000));
     assert_eq!(upstream.requests_with("/h/stall ").len(), 1);
 
+    // Pipelined on one keep-alive connection: two reads (served by the proxy's own HTTP/1),
+    // an update (the connection goes to hyper with what was read of it), a last read
+    // (hyper's): four answers in order, the HEAD's without a body, each request forwarded
+    // once and in order.
+    let keep = |method: &str, name: &str, headers: &str, body: &[u8]| {
+        let mut r = format!("{method} /h/{name} HTTP/1.1\r\nhost: regroup.test\r\n{headers}\r\n")
+            .into_bytes();
+        r.extend_from_slice(body);
+        r
+    };
+    let before = head().await;
+    let pipelined = [
+        keep("GET", "pipe-1", "", b""),
+        keep("HEAD", "pipe-2", "", b""),
+        keep("POST", "pipe-3", "content-length: 2\r\n", b"{}"),
+        request("GET", "pipe-4", "", b""),
+    ]
+    .concat();
+    let got = exchange(
+        &proxy.url,
+        &[&pipelined],
+        Duration::ZERO,
+        Duration::from_secs(5),
+    )
+    .await;
+    assert!(got.closed, "closed after the last answer: {}", got.text);
+    let answers: Vec<&str> = got.text.split("HTTP/1.1 ").skip(1).collect();
+    assert_eq!(answers.len(), 4, "{}", got.text);
+    for (i, answer) in answers.iter().enumerate() {
+        assert!(answer.starts_with("200 OK\r\n"), "answer {i}: {answer}");
+        assert!(
+            answer
+                .to_ascii_lowercase()
+                .contains("\r\ncontent-length: 2\r\n"),
+            "answer {i}: {answer}"
+        );
+        let body = answer.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+        assert_eq!(body, if i == 1 { "" } else { "ok" }, "answer {i}: {answer}");
+    }
+    let seen: Vec<String> = (1..=4)
+        .map(|i| {
+            let mut r = upstream.requests_with(&format!("/h/pipe-{i} "));
+            assert_eq!(r.len(), 1, "pipe-{i} forwarded once");
+            r.remove(0)
+        })
+        .collect();
+    assert!(seen[1].starts_with("HEAD /h/pipe-2 "), "{}", seen[1]);
+    assert!(seen[2].ends_with("\r\n\r\n{}"), "{}", seen[2]);
+    assert_eq!(head().await, before + 1, "the update journaled once");
+
     assert!(
         failures.is_empty(),
         "cases not handled as documented:\n\n{}\n\nproxy log:\n{}",

@@ -106,18 +106,56 @@ fn put_header(buf: &mut BytesMut, name: &[u8], value: &[u8]) {
     buf.put_slice(b"\r\n");
 }
 
-/// Writes one chunk of a chunked request body (nothing for an empty one: that would end it).
-pub(crate) fn write_chunk(buf: &mut BytesMut, data: &[u8]) {
-    if data.is_empty() {
-        return;
-    }
-    buf.put_slice(format!("{:x}\r\n", data.len()).as_bytes());
-    buf.put_slice(data);
-    buf.put_slice(b"\r\n");
+/// Writes a message's body as its head framed it: chunked, or raw and then checked against
+/// the length its head said.
+pub(crate) struct BodyEncoder {
+    chunked: bool,
+    /// The length the head said (its own `Content-Length`, or the one written).
+    length: Option<u64>,
+    written: u64,
 }
 
-/// The end of a chunked request body.
-pub(crate) const LAST_CHUNK: &[u8] = b"0\r\n\r\n";
+impl BodyEncoder {
+    /// For a head written with `framing` whose own headers said `declared` bytes.
+    pub(crate) fn new(framing: Framing, declared: Option<u64>) -> BodyEncoder {
+        BodyEncoder {
+            chunked: framing == Framing::Chunked,
+            length: match framing {
+                Framing::Length(n) => Some(n),
+                _ => declared,
+            },
+            written: 0,
+        }
+    }
+
+    /// Writes some of the body.
+    pub(crate) fn data(&mut self, buf: &mut BytesMut, data: &[u8]) {
+        self.written += data.len() as u64;
+        if !self.chunked {
+            buf.put_slice(data);
+        } else if !data.is_empty() {
+            // (An empty chunk would end the body.)
+            buf.put_slice(format!("{:x}\r\n", data.len()).as_bytes());
+            buf.put_slice(data);
+            buf.put_slice(b"\r\n");
+        }
+    }
+
+    /// Ends the body: the last chunk, or an error when it did not have its length.
+    pub(crate) fn finish(&self, buf: &mut BytesMut) -> Result<(), String> {
+        match self.length {
+            _ if self.chunked => {
+                buf.put_slice(b"0\r\n\r\n");
+                Ok(())
+            }
+            Some(n) if n != self.written => Err(format!(
+                "the body had {} bytes, its length said {n}",
+                self.written
+            )),
+            _ => Ok(()),
+        }
+    }
+}
 
 /// An answer's head.
 #[derive(Debug)]
@@ -254,6 +292,148 @@ impl Framed {
             (None, Some(n)) => (Framing::Length(n), true),
         }
     }
+}
+
+/// A client's request head, as the proxy's own HTTP/1 sees it.
+#[derive(Debug)]
+// Returned once per request and matched at once: boxing the request would cost an allocation.
+#[allow(clippy::large_enum_variant)]
+pub(crate) enum RequestHead {
+    /// A request it serves itself: `GET` or `HEAD`, HTTP/1.1, origin form, no body (no
+    /// `Transfer-Encoding`, no `Content-Length` but 0), no `Expect`, no `Upgrade`, within
+    /// the head limits; and whether the client asked to close after it.
+    Simple(http::Request<()>, bool),
+    /// Not complete yet.
+    Partial,
+    /// Anything else (including a malformed head, or one over the limits): hyper's, which
+    /// answers it as it answers any (400, 431...). Nothing was taken out of the buffer.
+    Other,
+}
+
+/// Parses the request head at the front of `buf` and takes it out of `buf` when it is
+/// [`RequestHead::Simple`]. `max_bytes`, `max_headers`: the head limits (hyper's too).
+pub(crate) fn parse_request(
+    buf: &mut BytesMut,
+    max_bytes: usize,
+    max_headers: usize,
+) -> RequestHead {
+    let mut slots = [MaybeUninit::<httparse::Header<'_>>::uninit(); MAX_HEADERS];
+    let slots = &mut slots[..max_headers.min(MAX_HEADERS)];
+    let mut req = httparse::Request::new(&mut []);
+    let len = match httparse::ParserConfig::default().parse_request_with_uninit_headers(
+        &mut req,
+        &buf[..],
+        slots,
+    ) {
+        Ok(httparse::Status::Complete(len)) if len <= max_bytes => len,
+        Ok(httparse::Status::Partial) if buf.len() < max_bytes => return RequestHead::Partial,
+        _ => return RequestHead::Other,
+    };
+    let method = match req.method {
+        Some("GET") => http::Method::GET,
+        Some("HEAD") => http::Method::HEAD,
+        _ => return RequestHead::Other,
+    };
+    let Some(path) = req.path.filter(|p| p.starts_with('/')) else {
+        return RequestHead::Other;
+    };
+    if req.version != Some(1) {
+        return RequestHead::Other;
+    }
+    let mut close = false;
+    for h in req.headers.iter() {
+        let name = h.name.as_bytes();
+        if name.eq_ignore_ascii_case(b"transfer-encoding")
+            || name.eq_ignore_ascii_case(b"expect")
+            || name.eq_ignore_ascii_case(b"upgrade")
+            || (name.eq_ignore_ascii_case(b"content-length") && h.value.trim_ascii() != b"0")
+        {
+            return RequestHead::Other;
+        }
+        if name.eq_ignore_ascii_case(b"connection") {
+            for token in h.value.split(|&b| b == b',') {
+                let token = token.trim_ascii();
+                if token.eq_ignore_ascii_case(b"close") {
+                    close = true;
+                } else if token.eq_ignore_ascii_case(b"upgrade") {
+                    return RequestHead::Other;
+                }
+            }
+        }
+    }
+    // Where the target and each header lie, so that they can share the head's bytes.
+    let base = buf.as_ptr() as usize;
+    let target = path.as_ptr() as usize - base;
+    let target = target..target + path.len();
+    let mut at = Vec::with_capacity(req.headers.len());
+    for h in req.headers.iter() {
+        let name = h.name.as_ptr() as usize - base;
+        let value = h.value.as_ptr() as usize - base;
+        at.push((name..name + h.name.len(), value..value + h.value.len()));
+    }
+    let head = buf.split_to(len).freeze();
+    let built = (|| {
+        let uri = Uri::from_maybe_shared(head.slice(target)).ok()?;
+        let mut headers = HeaderMap::with_capacity(at.len());
+        for (name, value) in at {
+            let name = HeaderName::from_bytes(&head[name]).ok()?;
+            let value = HeaderValue::from_maybe_shared(head.slice(value)).ok()?;
+            headers.append(name, value);
+        }
+        let mut req = http::Request::new(());
+        *req.method_mut() = method;
+        *req.uri_mut() = uri;
+        *req.headers_mut() = headers;
+        Some(req)
+    })();
+    match built {
+        Some(req) => RequestHead::Simple(req, close),
+        None => {
+            // Back as it was, for hyper.
+            let mut whole = BytesMut::from(&head[..]);
+            whole.extend_from_slice(buf);
+            *buf = whole;
+            RequestHead::Other
+        }
+    }
+}
+
+/// Writes an answer's head: the status line, its headers but the framing ones the proxy
+/// sets, `date` when it has none, the framing `body` asks for ([`Framing::Empty`] keeps a
+/// `content-length` the headers carry) and `connection: close` when `close`.
+pub(crate) fn write_response_head(
+    buf: &mut BytesMut,
+    status: StatusCode,
+    headers: &HeaderMap,
+    body: Framing,
+    date: &HeaderValue,
+    close: bool,
+) {
+    buf.put_slice(b"HTTP/1.1 ");
+    buf.put_slice(status.as_str().as_bytes());
+    buf.put_u8(b' ');
+    buf.put_slice(status.canonical_reason().unwrap_or("").as_bytes());
+    buf.put_slice(b"\r\n");
+    for (name, value) in headers {
+        let framing = *name == header::TRANSFER_ENCODING
+            || *name == header::CONNECTION
+            || (*name == header::CONTENT_LENGTH && body != Framing::Empty);
+        if !framing {
+            put_header(buf, name.as_str().as_bytes(), value.as_bytes());
+        }
+    }
+    if !headers.contains_key(header::DATE) {
+        put_header(buf, b"date", date.as_bytes());
+    }
+    match body {
+        Framing::Length(n) => put_header(buf, b"content-length", n.to_string().as_bytes()),
+        Framing::Chunked => put_header(buf, b"transfer-encoding", b"chunked"),
+        Framing::Empty | Framing::Close => {}
+    }
+    if close {
+        put_header(buf, b"connection", b"close");
+    }
+    buf.put_slice(b"\r\n");
 }
 
 /// Decodes an answer's body from the bytes read so far.
@@ -641,8 +821,141 @@ mod tests {
             b"POST / HTTP/1.1\r\naccept: a\r\naccept: b\r\nhost: h\r\ntransfer-encoding: chunked\r\n\r\n"
         );
         buf.clear();
-        write_chunk(&mut buf, b"");
-        write_chunk(&mut buf, b"0123456789abcdefX");
-        assert_eq!(&buf[..], b"11\r\n0123456789abcdefX\r\n");
+        let mut chunks = BodyEncoder::new(Framing::Chunked, None);
+        chunks.data(&mut buf, b"");
+        chunks.data(&mut buf, b"0123456789abcdefX");
+        assert_eq!(chunks.finish(&mut buf), Ok(()));
+        assert_eq!(&buf[..], b"11\r\n0123456789abcdefX\r\n0\r\n\r\n");
+        for (framing, declared) in [(Framing::Length(3), None), (Framing::Empty, Some(3))] {
+            let mut raw = BodyEncoder::new(framing, declared);
+            raw.data(&mut buf, b"ab");
+            assert!(raw.finish(&mut buf).is_err(), "2 bytes of 3");
+            raw.data(&mut buf, b"c");
+            assert_eq!(raw.finish(&mut buf), Ok(()));
+        }
+    }
+
+    fn request(raw: &str) -> (RequestHead, BytesMut) {
+        let mut buf = BytesMut::from(raw.as_bytes());
+        let head = parse_request(&mut buf, 8192, 100);
+        (head, buf)
+    }
+
+    #[test]
+    fn a_simple_read_is_parsed_and_taken_out_of_the_buffer() {
+        let raw = "GET /a/b?x=1 HTTP/1.1\r\nhost: h\r\naccept: a\r\naccept: b\r\ncontent-length: 0\r\n\r\nHEAD / HTTP/1.1\r\nconnection: keep-alive, close\r\n\r\n";
+        let (head, mut rest) = request(raw);
+        let RequestHead::Simple(req, close) = head else {
+            panic!("not simple: {head:?}");
+        };
+        assert!(!close);
+        assert_eq!(req.method(), http::Method::GET);
+        assert_eq!(req.uri(), "/a/b?x=1");
+        assert_eq!(req.version(), Version::HTTP_11);
+        let accept: Vec<_> = req.headers().get_all("accept").iter().collect();
+        assert_eq!(accept, ["a", "b"]);
+        assert_eq!(req.headers()["host"], "h");
+        // The pipelined request behind it stays, and is read next.
+        let RequestHead::Simple(next, close) = parse_request(&mut rest, 8192, 100) else {
+            panic!("second request not simple");
+        };
+        assert!(close, "connection: close seen among its tokens");
+        assert_eq!(next.method(), http::Method::HEAD);
+        assert!(rest.is_empty());
+        for cut in 0..raw.find("\r\n\r\n").unwrap_or(0) + 3 {
+            let mut buf = BytesMut::from(&raw.as_bytes()[..cut]);
+            assert!(
+                matches!(parse_request(&mut buf, 8192, 100), RequestHead::Partial),
+                "cut at {cut}"
+            );
+            assert_eq!(buf.len(), cut, "nothing taken from a partial head");
+        }
+    }
+
+    #[test]
+    fn anything_but_a_simple_read_is_left_whole_for_hyper() {
+        for raw in [
+            "POST / HTTP/1.1\r\ncontent-length: 2\r\n\r\n{}",
+            "DELETE /x HTTP/1.1\r\n\r\n",
+            "GET / HTTP/1.0\r\n\r\n",
+            "GET / HTTP/1.1\r\ncontent-length: 5\r\n\r\nhello",
+            "GET / HTTP/1.1\r\ntransfer-encoding: chunked\r\n\r\n0\r\n\r\n",
+            "GET / HTTP/1.1\r\nexpect: 100-continue\r\n\r\n",
+            "GET / HTTP/1.1\r\nupgrade: websocket\r\nconnection: upgrade\r\n\r\n",
+            "GET http://example.com/ HTTP/1.1\r\n\r\n",
+            "GET * HTTP/1.1\r\n\r\n",
+            "GET / HTTP/1.1\r\nx-nul: a\0b\r\n\r\n",
+            "garbage\r\n\r\n",
+        ] {
+            let (head, rest) = request(raw);
+            assert!(matches!(head, RequestHead::Other), "{raw:?}: {head:?}");
+            assert_eq!(&rest[..], raw.as_bytes(), "{raw:?}: buffer untouched");
+        }
+        // Over the limits: hyper answers 431.
+        let many: String = (0..5).map(|i| format!("x-{i}: 1\r\n")).collect();
+        let raw = format!("GET / HTTP/1.1\r\n{many}\r\n");
+        let mut buf = BytesMut::from(raw.as_bytes());
+        assert!(matches!(
+            parse_request(&mut buf, 8192, 4),
+            RequestHead::Other
+        ));
+        let mut buf = BytesMut::from(raw.as_bytes());
+        assert!(matches!(
+            parse_request(&mut buf, 20, 100),
+            RequestHead::Other
+        ));
+        let mut partial = BytesMut::from(&raw.as_bytes()[..30]);
+        assert!(matches!(
+            parse_request(&mut partial, 20, 100),
+            RequestHead::Other
+        ));
+    }
+
+    #[test]
+    fn an_answer_head_carries_its_framing_a_date_and_close() {
+        let mut headers = HeaderMap::new();
+        headers.insert("content-type", HeaderValue::from_static("text/plain"));
+        headers.insert("transfer-encoding", HeaderValue::from_static("gzip"));
+        let date = HeaderValue::from_static("Fri, 04 Dec 2026 19:00:00 GMT");
+        let mut buf = BytesMut::new();
+        write_response_head(
+            &mut buf,
+            StatusCode::OK,
+            &headers,
+            Framing::Length(5),
+            &date,
+            false,
+        );
+        assert_eq!(
+            &buf[..],
+            b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ndate: Fri, 04 Dec 2026 19:00:00 GMT\r\ncontent-length: 5\r\n\r\n"
+        );
+        buf.clear();
+        headers.remove("transfer-encoding");
+        headers.insert("date", HeaderValue::from_static("then"));
+        headers.insert("content-length", HeaderValue::from_static("9"));
+        write_response_head(
+            &mut buf,
+            StatusCode::NOT_FOUND,
+            &headers,
+            Framing::Empty,
+            &date,
+            true,
+        );
+        assert_eq!(
+            &buf[..],
+            b"HTTP/1.1 404 Not Found\r\ncontent-type: text/plain\r\ndate: then\r\ncontent-length: 9\r\nconnection: close\r\n\r\n"
+        );
+        buf.clear();
+        headers.remove("content-length");
+        write_response_head(
+            &mut buf,
+            StatusCode::OK,
+            &headers,
+            Framing::Chunked,
+            &date,
+            false,
+        );
+        assert!(buf.ends_with(b"transfer-encoding: chunked\r\n\r\n"));
     }
 }

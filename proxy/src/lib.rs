@@ -66,6 +66,7 @@ pub mod rebuild;
 mod replicate;
 mod retention;
 pub mod route;
+mod serve_h1;
 pub mod server;
 #[cfg(test)]
 mod sim;

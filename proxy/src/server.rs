@@ -28,6 +28,7 @@ use crate::link::{HttpLink, PartitionLink};
 use crate::ownership::{self, Ownership};
 use crate::read::Reads;
 use crate::route::{CLIENT, RegroupLayer, Routed};
+use crate::serve_h1;
 
 /// The environment variable that overrides `admin_token`.
 pub const ADMIN_TOKEN_ENV: &str = "REGROUP_ADMIN_TOKEN";
@@ -204,8 +205,8 @@ struct ThreadStacks {
 }
 
 impl ThreadStacks {
-    /// The current thread's stack (called on its runtime).
-    fn build(&self) -> impl ClientService {
+    /// The current thread's stack (called on its runtime), under the body deadline.
+    fn build(&self) -> impl serve_h1::Stack {
         let routes = self
             .groups
             .iter()
@@ -216,7 +217,7 @@ impl ThreadStacks {
                 on_client_thread: true,
             })
             .collect();
-        client_stack(RegroupLayer::new(routes), self.limits)
+        routed_stack(RegroupLayer::new(routes))
     }
 }
 
@@ -238,6 +239,12 @@ fn client_stack(
         // update body fails its read with a time-out, answered 408 before anything is
         // journaled. Outermost, so the clock starts when the request arrives.
         .map_request(move |req| client_body(req, limits.body_read_timeout))
+        .service(routed_stack(layer))
+}
+
+/// The client-facing stack under the body deadline ([`ClientBody`]).
+fn routed_stack(layer: RegroupLayer) -> impl serve_h1::Stack {
+    ServiceBuilder::new()
         // Routes each request to its group: updates to the journaled path (body limit
         // `max_body_bytes`, 413), reads to the balancer (time-out `read_timeout_ms`, 504).
         .layer(layer)
@@ -380,11 +387,13 @@ pin_project_lite::pin_project! {
         Bodiless { #[pin] body: B },
         /// A request that may carry a body, under its deadline.
         Bounded { #[pin] body: DeadlineBody<B> },
+        /// A request the proxy's own HTTP/1 read (it has no body, see [`serve_h1`]).
+        Empty,
     }
 }
 
 /// `req` with its body as [`ClientBody`].
-fn client_body<B>(req: Request<B>, timeout: Duration) -> Request<ClientBody<B>> {
+pub(crate) fn client_body<B>(req: Request<B>, timeout: Duration) -> Request<ClientBody<B>> {
     let bodiless = crate::route::has_no_body(&req);
     req.map(|body| {
         if bodiless {
@@ -414,6 +423,7 @@ where
                 .poll_frame(cx)
                 .map(|frame| frame.map(|f| f.map_err(Into::into))),
             ClientBodyProj::Bounded { body } => body.poll_frame(cx),
+            ClientBodyProj::Empty => std::task::Poll::Ready(None),
         }
     }
 
@@ -421,6 +431,7 @@ where
         match self {
             ClientBody::Bodiless { body } => body.is_end_stream(),
             ClientBody::Bounded { body } => body.is_end_stream(),
+            ClientBody::Empty => true,
         }
     }
 
@@ -428,6 +439,7 @@ where
         match self {
             ClientBody::Bodiless { body } => body.size_hint(),
             ClientBody::Bounded { body } => body.size_hint(),
+            ClientBody::Empty => http_body::SizeHint::with_exact(0),
         }
     }
 }
@@ -561,8 +573,15 @@ impl Listeners {
                 let thread = ClientThread {
                     index,
                     on,
+                    setup: serve_h1::Setup {
+                        http1: http1.clone(),
+                        max_header_bytes: config.max_header_bytes,
+                        max_headers: config.max_headers,
+                        header_read_timeout: config.header_read_timeout(),
+                        body_read_timeout: stacks.limits.body_read_timeout,
+                        stop: stopped.clone(),
+                    },
                     stacks: stacks.clone(),
-                    http1: http1.clone(),
                     permits: permits.clone(),
                     stop: stopped.clone(),
                     alive: alive.clone(),
@@ -683,7 +702,8 @@ struct ClientThread {
     on: ListenOn,
     /// Builds the thread's client-facing stack, on its runtime.
     stacks: ThreadStacks,
-    http1: hyper::server::conn::http1::Builder,
+    /// How its connections are served.
+    setup: serve_h1::Setup,
     /// Shared by every client thread: `max_connections` bounds them together.
     permits: Arc<Semaphore>,
     stop: tokio::sync::watch::Receiver<bool>,
@@ -704,7 +724,7 @@ fn client_thread(thread: ClientThread) {
         index,
         on,
         stacks,
-        http1,
+        setup,
         permits,
         mut stop,
         alive,
@@ -740,18 +760,27 @@ fn client_thread(thread: ClientThread) {
         let _ = ready.send(Ok(()));
         let clients = stacks.build();
         let graceful = GracefulShutdown::new();
+        // Each connection holds a sender: all are gone once the last connection ended.
+        let (open, mut all_closed) = tokio::sync::mpsc::channel::<()>(1);
         tokio::select! {
             biased;
             _ = accept_loop("client", &listener, permits, PermitOrder::AfterAccept, |stream, peer, permit| {
-                serve_client(&http1, &graceful, &clients, stream, peer, permit);
+                let _ = stream.set_nodelay(true);
+                let served = serve_h1::serve(stream, clients.clone(), setup.clone(), graceful.watcher());
+                let open = open.clone();
+                tokio::spawn(CLIENT.scope(peer, async move {
+                    served.await;
+                    drop((permit, open));
+                }));
             }) => {}
             _ = stop.wait_for(|stop| *stop) => {}
         }
-        drop(listener);
-        if tokio::time::timeout(GRACE, graceful.shutdown())
-            .await
-            .is_err()
-        {
+        drop((listener, open));
+        let finished = async {
+            graceful.shutdown().await;
+            while all_closed.recv().await.is_some() {}
+        };
+        if tokio::time::timeout(GRACE, finished).await.is_err() {
             tracing::warn!(
                 thread = index,
                 "client requests still in flight after 10 s; closing"

@@ -19,7 +19,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::{Bytes, BytesMut};
 use http::header::{self, HeaderValue};
 use http::{Method, Request, Response};
 use http_body::{Body, Frame, SizeHint};
@@ -452,37 +452,20 @@ impl Conn {
             host,
             framing,
         );
-        let mut sent: u64 = 0;
+        let mut encoder = h1::BodyEncoder::new(framing, declared);
         while let Some(frame) = body.frame().await {
             let frame = frame.map_err(|e| format!("the read's body failed: {e}"))?;
             let Ok(data) = frame.into_data() else {
                 continue; // trailers: not forwarded
             };
-            sent += data.len() as u64;
-            if framing == Framing::Chunked {
-                h1::write_chunk(&mut self.write, &data);
-            } else {
-                self.write.put_slice(&data);
-            }
+            encoder.data(&mut self.write, &data);
             if self.write.len() >= WRITE_AT {
                 self.flush().await?;
             }
         }
-        match (
-            framing,
-            declared.or(match framing {
-                Framing::Length(n) => Some(n),
-                _ => None,
-            }),
-        ) {
-            (Framing::Chunked, _) => self.write.put_slice(h1::LAST_CHUNK),
-            (_, Some(n)) if n != sent => {
-                return Err(format!(
-                    "the read's body had {sent} bytes, its length said {n}"
-                ));
-            }
-            _ => {}
-        }
+        encoder
+            .finish(&mut self.write)
+            .map_err(|e| format!("the read's body: {e}"))?;
         self.flush().await
     }
 

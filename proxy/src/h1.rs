@@ -1,6 +1,7 @@
 //! HTTP/1.1 on the read path's upstream connections, without I/O: a request's head
 //! written into a buffer, an answer's head parsed (with httparse) and its body's framing
-//! decoded (a length, chunked, or until the connection closes, RFC 9112 section 6).
+//! decoded (a length, chunked, or until the connection closes, RFC 9112 section 6), and a
+//! client's simple request parsed and its answer's head written.
 //! [`crate::upstream`] drives it over a partition's TCP connection.
 //!
 //! Hand-written because hyper's client costs the proxy as many instructions per read as
@@ -62,20 +63,28 @@ pub(crate) enum Framing {
 /// ([`Framing::Empty`] keeps a `content-length` the headers carry).
 pub(crate) fn write_request_head(
     buf: &mut BytesMut,
-    method: &http::Method,
-    uri: &Uri,
-    headers: &HeaderMap,
+    parts: &http::request::Parts,
     host: Option<&HeaderValue>,
     body: Framing,
 ) {
-    buf.put_slice(method.as_str().as_bytes());
+    buf.put_slice(parts.method.as_str().as_bytes());
     buf.put_u8(b' ');
-    buf.put_slice(
-        uri.path_and_query()
-            .map_or("/", |pq| pq.as_str())
-            .as_bytes(),
-    );
+    let target = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
+    buf.put_slice(target.as_bytes());
     buf.put_slice(b" HTTP/1.1\r\n");
+    put_headers(buf, &parts.headers, body);
+    if let Some(host) = host
+        && !parts.headers.contains_key(header::HOST)
+    {
+        put_header(buf, b"host", host.as_bytes());
+    }
+    put_framing(buf, body);
+    buf.put_slice(b"\r\n");
+}
+
+/// Writes `headers` but the framing ones the proxy sets itself (`Transfer-Encoding`,
+/// `Connection`, and `Content-Length` unless `body` keeps it).
+fn put_headers(buf: &mut BytesMut, headers: &HeaderMap, body: Framing) {
     for (name, value) in headers {
         let framing = *name == header::TRANSFER_ENCODING
             || *name == header::CONNECTION
@@ -84,19 +93,15 @@ pub(crate) fn write_request_head(
             put_header(buf, name.as_str().as_bytes(), value.as_bytes());
         }
     }
-    if let Some(host) = host
-        && !headers.contains_key(header::HOST)
-    {
-        put_header(buf, b"host", host.as_bytes());
-    }
+}
+
+/// Writes the framing header `body` asks for.
+fn put_framing(buf: &mut BytesMut, body: Framing) {
     match body {
-        Framing::Length(n) => {
-            put_header(buf, b"content-length", n.to_string().as_bytes());
-        }
+        Framing::Length(n) => put_header(buf, b"content-length", n.to_string().as_bytes()),
         Framing::Chunked => put_header(buf, b"transfer-encoding", b"chunked"),
         Framing::Empty | Framing::Close => {}
     }
-    buf.put_slice(b"\r\n");
 }
 
 fn put_header(buf: &mut BytesMut, name: &[u8], value: &[u8]) {
@@ -106,9 +111,59 @@ fn put_header(buf: &mut BytesMut, name: &[u8], value: &[u8]) {
     buf.put_slice(b"\r\n");
 }
 
+/// A message is written whenever this much of its body is buffered (and a write buffer
+/// grown past it is not kept).
+pub(crate) const WRITE_AT: usize = 64 * 1024;
+
+/// Writes what `buf` holds to `io` and empties it (the one piece of I/O here, shared by
+/// both sides of the proxy's HTTP/1).
+pub(crate) async fn write_out(
+    io: &mut tokio::net::TcpStream,
+    buf: &mut BytesMut,
+) -> std::io::Result<()> {
+    use tokio::io::AsyncWriteExt;
+    let result = io.write_all(buf).await;
+    buf.clear();
+    if buf.capacity() > WRITE_AT {
+        *buf = BytesMut::new();
+    }
+    result
+}
+
+/// Writes the head already in `buf`, then `body` as the head framed it (`framing`, and the
+/// length its own headers `declared`), to `io`: whenever [`WRITE_AT`] is buffered, and at
+/// the end. A body that fails, or does not have its length, is an error (the peer cannot
+/// tell where the message ends: the connection must end).
+pub(crate) async fn write_message<B>(
+    io: &mut tokio::net::TcpStream,
+    buf: &mut BytesMut,
+    body: &mut B,
+    framing: Framing,
+    declared: Option<u64>,
+) -> Result<(), String>
+where
+    B: http_body::Body<Data = Bytes> + Unpin,
+    B::Error: std::fmt::Display,
+{
+    use http_body_util::BodyExt;
+    let mut encoder = BodyEncoder::new(framing, declared);
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| format!("its body failed: {e}"))?;
+        let Ok(data) = frame.into_data() else {
+            continue; // trailers: not forwarded
+        };
+        encoder.data(buf, &data);
+        if buf.len() >= WRITE_AT {
+            write_out(io, buf).await.map_err(|e| e.to_string())?;
+        }
+    }
+    encoder.finish(buf)?;
+    write_out(io, buf).await.map_err(|e| e.to_string())
+}
+
 /// Writes a message's body as its head framed it: chunked, or raw and then checked against
 /// the length its head said.
-pub(crate) struct BodyEncoder {
+struct BodyEncoder {
     chunked: bool,
     /// The length the head said (its own `Content-Length`, or the one written).
     length: Option<u64>,
@@ -117,7 +172,7 @@ pub(crate) struct BodyEncoder {
 
 impl BodyEncoder {
     /// For a head written with `framing` whose own headers said `declared` bytes.
-    pub(crate) fn new(framing: Framing, declared: Option<u64>) -> BodyEncoder {
+    fn new(framing: Framing, declared: Option<u64>) -> BodyEncoder {
         BodyEncoder {
             chunked: framing == Framing::Chunked,
             length: match framing {
@@ -129,7 +184,7 @@ impl BodyEncoder {
     }
 
     /// Writes some of the body.
-    pub(crate) fn data(&mut self, buf: &mut BytesMut, data: &[u8]) {
+    fn data(&mut self, buf: &mut BytesMut, data: &[u8]) {
         self.written += data.len() as u64;
         if !self.chunked {
             buf.put_slice(data);
@@ -142,7 +197,7 @@ impl BodyEncoder {
     }
 
     /// Ends the body: the last chunk, or an error when it did not have its length.
-    pub(crate) fn finish(&self, buf: &mut BytesMut) -> Result<(), String> {
+    fn finish(&self, buf: &mut BytesMut) -> Result<(), String> {
         match self.length {
             _ if self.chunked => {
                 buf.put_slice(b"0\r\n\r\n");
@@ -414,22 +469,11 @@ pub(crate) fn write_response_head(
     buf.put_u8(b' ');
     buf.put_slice(status.canonical_reason().unwrap_or("").as_bytes());
     buf.put_slice(b"\r\n");
-    for (name, value) in headers {
-        let framing = *name == header::TRANSFER_ENCODING
-            || *name == header::CONNECTION
-            || (*name == header::CONTENT_LENGTH && body != Framing::Empty);
-        if !framing {
-            put_header(buf, name.as_str().as_bytes(), value.as_bytes());
-        }
-    }
+    put_headers(buf, headers, body);
     if !headers.contains_key(header::DATE) {
         put_header(buf, b"date", date.as_bytes());
     }
-    match body {
-        Framing::Length(n) => put_header(buf, b"content-length", n.to_string().as_bytes()),
-        Framing::Chunked => put_header(buf, b"transfer-encoding", b"chunked"),
-        Framing::Empty | Framing::Close => {}
-    }
+    put_framing(buf, body);
     if close {
         put_header(buf, b"connection", b"close");
     }
@@ -796,26 +840,22 @@ mod tests {
         headers.append("content-length", HeaderValue::from_static("0"));
         headers.append("connection", HeaderValue::from_static("x"));
         let host = HeaderValue::from_static("p:1");
-        let uri: Uri = "http://example.com/p?q=1".parse().expect("uri");
+        let mut req = http::Request::get("http://example.com/p?q=1")
+            .body(())
+            .expect("request");
+        *req.headers_mut() = headers;
+        let (mut parts, ()) = req.into_parts();
         let mut buf = BytesMut::new();
-        let get = http::Method::GET;
-        write_request_head(&mut buf, &get, &uri, &headers, Some(&host), Framing::Empty);
+        write_request_head(&mut buf, &parts, Some(&host), Framing::Empty);
         assert_eq!(
             &buf[..],
             b"GET /p?q=1 HTTP/1.1\r\naccept: a\r\naccept: b\r\ncontent-length: 0\r\nhost: p:1\r\n\r\n"
         );
         buf.clear();
-        headers.insert("host", HeaderValue::from_static("h"));
-        let post = http::Method::POST;
-        let uri: Uri = "/".parse().expect("uri");
-        write_request_head(
-            &mut buf,
-            &post,
-            &uri,
-            &headers,
-            Some(&host),
-            Framing::Chunked,
-        );
+        parts.headers.insert("host", HeaderValue::from_static("h"));
+        parts.method = http::Method::POST;
+        parts.uri = Uri::from_static("/");
+        write_request_head(&mut buf, &parts, Some(&host), Framing::Chunked);
         assert_eq!(
             &buf[..],
             b"POST / HTTP/1.1\r\naccept: a\r\naccept: b\r\nhost: h\r\ntransfer-encoding: chunked\r\n\r\n"

@@ -22,9 +22,8 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use http::header::HeaderValue;
-use http::{Method, Request, Response, StatusCode};
+use http::{Method, Response, StatusCode};
 use http_body::Body;
-use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use hyper_util::server::graceful::Watcher;
@@ -32,14 +31,12 @@ use hyper_util::service::TowerToHyperService;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
-use tower::{Service, ServiceExt};
+use tower::ServiceExt;
 
-use crate::forward::{BoxError, ProxyBody};
+use crate::forward::ProxyBody;
 use crate::h1::{self, Framing, RequestHead};
-use crate::server::{ClientBody, client_body};
+use crate::server::{ClientBody, ClientService, client_body};
 
-/// A request's answer is written whenever this much of its body is buffered.
-const WRITE_AT: usize = 64 * 1024;
 /// Room made in the connection's read buffer before each read.
 const READ_AHEAD: usize = 8 * 1024;
 
@@ -57,31 +54,9 @@ pub(crate) struct Setup {
 }
 
 /// The client-facing stack, as the connection sends its requests through it.
-pub(crate) trait Stack:
-    Service<
-        Request<ClientBody<Incoming>>,
-        Response = Response<ProxyBody>,
-        Error = BoxError,
-        Future: Send + 'static,
-    > + Clone
-    + Send
-    + Sync
-    + 'static
-{
-}
+pub(crate) trait Stack: ClientService<ClientBody<Incoming>> {}
 
-impl<S> Stack for S where
-    S: Service<
-            Request<ClientBody<Incoming>>,
-            Response = Response<ProxyBody>,
-            Error = BoxError,
-            Future: Send + 'static,
-        > + Clone
-        + Send
-        + Sync
-        + 'static
-{
-}
+impl<S: ClientService<ClientBody<Incoming>>> Stack for S {}
 
 /// Serves `io` until the client closes it, its head time-out, a failure, or the thread
 /// stops; `watcher` watches it once handed to hyper.
@@ -231,34 +206,16 @@ impl Conn {
             &date(),
             close,
         );
-        if !bodiless {
-            let mut encoder = h1::BodyEncoder::new(framing, declared);
-            while let Some(frame) = body.frame().await {
-                let frame = frame.map_err(io::Error::other)?;
-                let Ok(data) = frame.into_data() else {
-                    continue; // trailers: not forwarded
-                };
-                encoder.data(&mut self.write, &data);
-                if self.write.len() >= WRITE_AT {
-                    self.flush().await?;
-                }
-            }
-            // A body short of its length: the client cannot tell where the answer ends, so
-            // the connection ends.
-            encoder
-                .finish(&mut self.write)
-                .map_err(|e| io::Error::other(format!("an answer to a client: {e}")))?;
+        if bodiless {
+            return self.flush().await;
         }
-        self.flush().await
+        h1::write_message(&mut self.io, &mut self.write, &mut body, framing, declared)
+            .await
+            .map_err(|e| io::Error::other(format!("an answer to a client: {e}")))
     }
 
     async fn flush(&mut self) -> io::Result<()> {
-        let result = self.io.write_all(&self.write).await;
-        self.write.clear();
-        if self.write.capacity() > WRITE_AT {
-            self.write = BytesMut::new();
-        }
-        result
+        h1::write_out(&mut self.io, &mut self.write).await
     }
 }
 

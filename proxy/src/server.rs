@@ -206,7 +206,7 @@ struct ThreadStacks {
 
 impl ThreadStacks {
     /// The current thread's stack (called on its runtime), under the body deadline.
-    fn build(&self) -> impl serve_h1::Stack {
+    fn build(&self) -> impl ClientService<ClientBody<Incoming>> {
         let routes = self
             .groups
             .iter()
@@ -243,7 +243,7 @@ fn client_stack(
 }
 
 /// The client-facing stack under the body deadline ([`ClientBody`]).
-fn routed_stack(layer: RegroupLayer) -> impl serve_h1::Stack {
+fn routed_stack(layer: RegroupLayer) -> impl ClientService<ClientBody<Incoming>> {
     ServiceBuilder::new()
         // Routes each request to its group: updates to the journaled path (body limit
         // `max_body_bytes`, 413), reads to the balancer (time-out `read_timeout_ms`, 504).
@@ -467,23 +467,20 @@ struct Listeners {
     admin: TcpListener,
 }
 
-/// The client-facing stack as the listeners take it.
-trait ClientService:
-    Service<
-        Request<Incoming>,
-        Response = Response<ProxyBody>,
-        Error = BoxError,
-        Future: Send + 'static,
-    > + Clone
+/// The client-facing stack as the listeners take it: requests with hyper's body, or with
+/// a [`ClientBody`] (a client thread's connections, [`serve_h1`]).
+pub(crate) trait ClientService<B = Incoming>:
+    Service<Request<B>, Response = Response<ProxyBody>, Error = BoxError, Future: Send + 'static>
+    + Clone
     + Send
     + Sync
     + 'static
 {
 }
 
-impl<S> ClientService for S where
+impl<S, B> ClientService<B> for S where
     S: Service<
-            Request<Incoming>,
+            Request<B>,
             Response = Response<ProxyBody>,
             Error = BoxError,
             Future: Send + 'static,

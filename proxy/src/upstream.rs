@@ -24,7 +24,7 @@ use http::header::{self, HeaderValue};
 use http::{Method, Request, Response};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::BodyExt;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
@@ -44,8 +44,6 @@ const DEFAULT_RTT: Duration = Duration::from_millis(1);
 const DECAY: Duration = Duration::from_secs(10);
 /// Room made in a connection's read buffer before each read.
 const READ_AHEAD: usize = 16 * 1024;
-/// A request body is written whenever this much of it is buffered.
-const WRITE_AT: usize = 64 * 1024;
 
 /// One open connection to a partition: its stream, what was read past the answer's head,
 /// and a buffer for the requests it writes (both kept across requests).
@@ -396,12 +394,9 @@ impl Conn {
 
     /// Writes the buffered request bytes.
     async fn flush(&mut self) -> Result<(), String> {
-        let result = self.io.write_all(&self.write).await;
-        self.write.clear();
-        if self.write.capacity() > WRITE_AT {
-            self.write = BytesMut::new();
-        }
-        result.map_err(|e| format!("cannot send the read: {e}"))
+        h1::write_out(&mut self.io, &mut self.write)
+            .await
+            .map_err(|e| format!("cannot send the read: {e}"))
     }
 
     /// Writes a read without a body, from its parts (no copy of its headers).
@@ -410,14 +405,7 @@ impl Conn {
         parts: &http::request::Parts,
         host: Option<&HeaderValue>,
     ) -> Result<(), String> {
-        h1::write_request_head(
-            &mut self.write,
-            &parts.method,
-            &parts.uri,
-            &parts.headers,
-            host,
-            Framing::Empty,
-        );
+        h1::write_request_head(&mut self.write, parts, host, Framing::Empty);
         self.flush().await
     }
 
@@ -444,29 +432,10 @@ impl Conn {
             (None, Some(n)) => Framing::Length(n),
             (None, None) => Framing::Chunked,
         };
-        h1::write_request_head(
-            &mut self.write,
-            &parts.method,
-            &parts.uri,
-            &parts.headers,
-            host,
-            framing,
-        );
-        let mut encoder = h1::BodyEncoder::new(framing, declared);
-        while let Some(frame) = body.frame().await {
-            let frame = frame.map_err(|e| format!("the read's body failed: {e}"))?;
-            let Ok(data) = frame.into_data() else {
-                continue; // trailers: not forwarded
-            };
-            encoder.data(&mut self.write, &data);
-            if self.write.len() >= WRITE_AT {
-                self.flush().await?;
-            }
-        }
-        encoder
-            .finish(&mut self.write)
-            .map_err(|e| format!("the read's body: {e}"))?;
-        self.flush().await
+        h1::write_request_head(&mut self.write, &parts, host, framing);
+        h1::write_message(&mut self.io, &mut self.write, &mut body, framing, declared)
+            .await
+            .map_err(|e| format!("cannot send the read: {e}"))
     }
 
     /// Reads until the answer's head is complete and parses it.

@@ -312,6 +312,18 @@ async fn get(endpoint: &Arc<Endpoint>, path: &str) -> (http::StatusCode, Bytes) 
     (status, body(resp.into_body()).await)
 }
 
+/// A GET of `path` answers `expected` on the connection already open (no second one), which
+/// goes back idle after it.
+async fn next_read_reuses_the_connection(up: &Upstream, path: &str, expected: &str) {
+    assert_eq!(
+        get(&up.endpoint, path).await,
+        (http::StatusCode::OK, Bytes::from(expected.to_owned())),
+        "{path}: its own answer, not bytes of the one before"
+    );
+    assert_eq!(up.accepted(), 1, "{path}: on the connection already open");
+    assert_eq!(up.endpoint.idle(), 1, "{path}: back idle after its body");
+}
+
 #[tokio::test]
 async fn a_content_length_answer_in_pieces_is_whole_and_its_connection_reused() {
     let up = Upstream::start(in_order(vec![
@@ -332,12 +344,7 @@ async fn a_content_length_answer_in_pieces_is_whole_and_its_connection_reused() 
     assert_eq!(body(resp.into_body()).await, "hello world");
     assert_eq!(up.endpoint.idle(), 1, "kept once its body was read");
 
-    assert_eq!(
-        get(&up.endpoint, "/two").await,
-        (http::StatusCode::OK, Bytes::from("second"))
-    );
-    assert_eq!(up.accepted(), 1, "one connection for both reads");
-    assert_eq!(up.endpoint.idle(), 1);
+    next_read_reuses_the_connection(&up, "/two", "second").await;
 }
 
 #[tokio::test]
@@ -365,11 +372,7 @@ async fn a_chunked_answer_with_extensions_is_decoded_and_its_connection_reused()
     assert_eq!(body(resp.into_body()).await, "hello 0123456789");
     assert_eq!(up.endpoint.idle(), 1, "kept after the last chunk");
 
-    assert_eq!(
-        get(&up.endpoint, "/next").await,
-        (http::StatusCode::OK, Bytes::from("next"))
-    );
-    assert_eq!(up.accepted(), 1);
+    next_read_reuses_the_connection(&up, "/next", "next").await;
 }
 
 #[tokio::test]
@@ -388,12 +391,7 @@ async fn a_chunked_answer_with_trailers_is_read_past_them_and_its_connection_reu
     assert_eq!(got, "body");
     assert_eq!(up.endpoint.idle(), 1, "kept after the trailer section");
 
-    assert_eq!(
-        get(&up.endpoint, "/after").await,
-        (http::StatusCode::OK, Bytes::from("after")),
-        "the trailers are not taken for the next answer"
-    );
-    assert_eq!(up.accepted(), 1);
+    next_read_reuses_the_connection(&up, "/after", "after").await;
 }
 
 #[tokio::test]
@@ -466,12 +464,7 @@ async fn no_content_and_not_modified_answers_have_no_body_and_keep_the_connectio
     assert_eq!(body(resp.into_body()).await, "");
     assert_eq!(up.endpoint.idle(), 1);
 
-    assert_eq!(
-        get(&up.endpoint, "/c").await,
-        (http::StatusCode::OK, Bytes::from("fresh"))
-    );
-    assert_eq!(up.accepted(), 1, "one connection for the three reads");
-    assert_eq!(up.endpoint.idle(), 1);
+    next_read_reuses_the_connection(&up, "/c", "fresh").await;
 }
 
 #[tokio::test]
@@ -488,11 +481,7 @@ async fn a_head_answer_has_no_body_keeps_its_length_and_its_connection() {
     assert_eq!(body(resp.into_body()).await, "");
     assert_eq!(up.endpoint.idle(), 1);
 
-    assert_eq!(
-        get(&up.endpoint, "/g").await,
-        (http::StatusCode::OK, Bytes::from("0123456789"))
-    );
-    assert_eq!(up.accepted(), 1);
+    next_read_reuses_the_connection(&up, "/g", "0123456789").await;
     let requests = up.requests();
     assert_eq!(requests.len(), 2);
     assert!(requests[0].starts_with(b"HEAD /h HTTP/1.1\r\n"));
@@ -519,11 +508,7 @@ async fn informational_answers_before_the_final_one_are_skipped() {
     assert_eq!(body(resp.into_body()).await, "final");
     assert_eq!(up.endpoint.idle(), 1);
 
-    assert_eq!(
-        get(&up.endpoint, "/next").await,
-        (http::StatusCode::OK, Bytes::from("next"))
-    );
-    assert_eq!(up.accepted(), 1);
+    next_read_reuses_the_connection(&up, "/next", "next").await;
 }
 
 #[tokio::test]
@@ -715,11 +700,7 @@ async fn a_large_answer_in_many_writes_arrives_byte_exact() {
     assert!(got == expected, "the bytes differ");
     assert_eq!(up.endpoint.idle(), 1);
 
-    assert_eq!(
-        get(&up.endpoint, "/next").await,
-        (http::StatusCode::OK, Bytes::from("next"))
-    );
-    assert_eq!(up.accepted(), 1);
+    next_read_reuses_the_connection(&up, "/next", "next").await;
 }
 
 #[tokio::test]

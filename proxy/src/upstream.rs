@@ -608,6 +608,20 @@ pub(crate) fn client_response(resp: Response<ReadBody>) -> Response<ProxyBody> {
     Response::from_parts(parts, body.boxed_unsync())
 }
 
+/// An endpoint for a test upstream listening on `addr`, as partition `name`.
+#[cfg(test)]
+fn endpoint_at(addr: std::net::SocketAddr, name: &str) -> Arc<Endpoint> {
+    let url = format!("http://{addr}");
+    let spec = regroup_replay::MemberSpec {
+        name: name.into(),
+        url: url.clone(),
+        host: None,
+        priority: 0,
+    };
+    let base = url.parse().unwrap_or_else(|e| panic!("{url}: {e}"));
+    Arc::new(Endpoint::new(Arc::new(Partition::new(&spec, base, 0))))
+}
+
 #[cfg(test)]
 mod wire_tests;
 
@@ -682,15 +696,7 @@ mod tests {
                 });
             }
         });
-        let url = format!("http://{addr}");
-        let spec = regroup_replay::MemberSpec {
-            name: "a".into(),
-            url: url.clone(),
-            host: None,
-            priority: 0,
-        };
-        let partition = Partition::new(&spec, url.parse().expect("uri"), 0);
-        (Arc::new(Endpoint::new(Arc::new(partition))), accepted)
+        (endpoint_at(addr, "a"), accepted)
     }
 
     fn get(path: &str) -> http::request::Parts {

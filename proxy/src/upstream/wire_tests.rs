@@ -119,16 +119,8 @@ impl Upstream {
                 });
             }
         });
-        let url = format!("http://{addr}");
-        let spec = regroup_replay::MemberSpec {
-            name: "wire".into(),
-            url: url.clone(),
-            host: None,
-            priority: 0,
-        };
-        let partition = Partition::new(&spec, url.parse().expect("uri"), 0);
         Upstream {
-            endpoint: Arc::new(Endpoint::new(Arc::new(partition))),
+            endpoint: endpoint_at(addr, "wire"),
             addr,
             accepted,
             requests,

@@ -10,6 +10,7 @@
 //! anything it does not understand fails the read instead of guessing.
 
 use std::mem::MaybeUninit;
+use std::ops::Range;
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
@@ -259,26 +260,11 @@ pub(crate) fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Optio
         } else {
             Version::HTTP_11
         };
-        // Where each header lies in the head, so that the values can share its bytes.
-        let base = buf.as_ptr() as usize;
-        let mut at = Vec::with_capacity(resp.headers.len());
-        for h in resp.headers.iter() {
-            let name = h.name.as_ptr() as usize - base;
-            let value = h.value.as_ptr() as usize - base;
-            at.push((name..name + h.name.len(), value..value + h.value.len()));
-        }
+        let at = spans(buf, resp.headers);
         let head = buf.split_to(len).freeze();
-        let mut headers = HeaderMap::with_capacity(at.len());
         // The framing headers, noted on the way (no lookups afterwards).
         let mut seen = Framed::default();
-        for (name, value) in at {
-            let name = HeaderName::from_bytes(&head[name])
-                .map_err(|e| H1Error::Head(format!("header name: {e}")))?;
-            let value = HeaderValue::from_maybe_shared(head.slice(value))
-                .map_err(|e| H1Error::Head(format!("header {name}: {e}")))?;
-            seen.note(&name, &value)?;
-            headers.append(name, value);
-        }
+        let headers = header_map(&head, at, |name, value| seen.note(name, value))?;
         let (body, delimited) = seen.framing(status, head_request);
         let keep_alive = delimited && version == Version::HTTP_11 && !seen.close;
         return Ok(Some(Head {
@@ -289,6 +275,53 @@ pub(crate) fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Optio
             keep_alive,
         }));
     }
+}
+
+/// Where each header lies in `buf`, so that once `buf` is frozen the values can share its
+/// bytes.
+fn spans(buf: &[u8], headers: &[httparse::Header<'_>]) -> Vec<(Range<usize>, Range<usize>)> {
+    let base = buf.as_ptr() as usize;
+    headers
+        .iter()
+        .map(|h| {
+            let name = h.name.as_ptr() as usize - base;
+            let value = h.value.as_ptr() as usize - base;
+            (name..name + h.name.len(), value..value + h.value.len())
+        })
+        .collect()
+}
+
+/// The headers lying at `spans` of `head` (values sharing its bytes), each shown to `note`
+/// on the way.
+fn header_map(
+    head: &Bytes,
+    spans: Vec<(Range<usize>, Range<usize>)>,
+    mut note: impl FnMut(&HeaderName, &HeaderValue) -> Result<(), H1Error>,
+) -> Result<HeaderMap, H1Error> {
+    let mut headers = HeaderMap::with_capacity(spans.len());
+    for (name, value) in spans {
+        let name = HeaderName::from_bytes(&head[name])
+            .map_err(|e| H1Error::Head(format!("header name: {e}")))?;
+        let value = HeaderValue::from_maybe_shared(head.slice(value))
+            .map_err(|e| H1Error::Head(format!("header {name}: {e}")))?;
+        note(&name, &value)?;
+        headers.append(name, value);
+    }
+    Ok(headers)
+}
+
+/// The length a message's `Content-Length` says: `Ok(None)` without one, `Err` when it is
+/// not a number.
+pub(crate) fn declared_length(headers: &HeaderMap) -> Result<Option<u64>, ()> {
+    headers
+        .get(header::CONTENT_LENGTH)
+        .map(|v| {
+            v.to_str()
+                .ok()
+                .and_then(|v| v.trim().parse::<u64>().ok())
+                .ok_or(())
+        })
+        .transpose()
 }
 
 /// What an answer's headers say about its framing.
@@ -417,24 +450,13 @@ pub(crate) fn parse_request(
         }
     }
     // Where the target and each header lie, so that they can share the head's bytes.
-    let base = buf.as_ptr() as usize;
-    let target = path.as_ptr() as usize - base;
+    let target = path.as_ptr() as usize - buf.as_ptr() as usize;
     let target = target..target + path.len();
-    let mut at = Vec::with_capacity(req.headers.len());
-    for h in req.headers.iter() {
-        let name = h.name.as_ptr() as usize - base;
-        let value = h.value.as_ptr() as usize - base;
-        at.push((name..name + h.name.len(), value..value + h.value.len()));
-    }
+    let at = spans(buf, req.headers);
     let head = buf.split_to(len).freeze();
     let built = (|| {
         let uri = Uri::from_maybe_shared(head.slice(target)).ok()?;
-        let mut headers = HeaderMap::with_capacity(at.len());
-        for (name, value) in at {
-            let name = HeaderName::from_bytes(&head[name]).ok()?;
-            let value = HeaderValue::from_maybe_shared(head.slice(value)).ok()?;
-            headers.append(name, value);
-        }
+        let headers = header_map(&head, at, |_, _| Ok(())).ok()?;
         let mut req = http::Request::new(());
         *req.method_mut() = method;
         *req.uri_mut() = uri;

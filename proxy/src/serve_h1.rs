@@ -53,14 +53,14 @@ pub(crate) struct Setup {
     pub(crate) stop: tokio::sync::watch::Receiver<bool>,
 }
 
-/// The client-facing stack, as the connection sends its requests through it.
-pub(crate) trait Stack: ClientService<ClientBody<Incoming>> {}
-
-impl<S: ClientService<ClientBody<Incoming>>> Stack for S {}
-
 /// Serves `io` until the client closes it, its head time-out, a failure, or the thread
 /// stops; `watcher` watches it once handed to hyper.
-pub(crate) async fn serve<S: Stack>(io: TcpStream, stack: S, setup: Setup, watcher: Watcher) {
+pub(crate) async fn serve<S: ClientService<ClientBody<Incoming>>>(
+    io: TcpStream,
+    stack: S,
+    setup: Setup,
+    watcher: Watcher,
+) {
     let mut conn = Conn {
         io,
         read: BytesMut::new(),
@@ -107,7 +107,10 @@ struct Conn {
 
 impl Conn {
     /// Serves simple requests until one is not, or the connection ends.
-    async fn serve_simple<S: Stack>(&mut self, stack: &S) -> io::Result<Next> {
+    async fn serve_simple<S: ClientService<ClientBody<Incoming>>>(
+        &mut self,
+        stack: &S,
+    ) -> io::Result<Next> {
         // One timer for the connection's head time-out, moved only when it fires early
         // (each wait moves the deadline, not the timer).
         let mut timer: Option<Pin<Box<tokio::time::Sleep>>> = None;
@@ -188,11 +191,7 @@ impl Conn {
             || status == StatusCode::NO_CONTENT
             || status == StatusCode::NOT_MODIFIED;
         // The length the answer declares, which its body must then have.
-        let declared = parts
-            .headers
-            .get(http::header::CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.trim().parse::<u64>().ok());
+        let declared = h1::declared_length(&parts.headers).unwrap_or(None);
         let framing = match (bodiless, declared, body.size_hint().exact()) {
             (true, _, _) | (false, Some(_), _) => Framing::Empty,
             (false, None, Some(n)) => Framing::Length(n),

@@ -20,7 +20,7 @@ use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use http::header::{self, HeaderValue};
+use http::header::HeaderValue;
 use http::{Method, Request, Response};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::BodyExt;
@@ -417,15 +417,8 @@ impl Conn {
         host: Option<&HeaderValue>,
     ) -> Result<(), String> {
         let (parts, mut body) = req.into_parts();
-        let declared = match parts.headers.get(header::CONTENT_LENGTH) {
-            None => None,
-            Some(v) => Some(
-                v.to_str()
-                    .ok()
-                    .and_then(|v| v.trim().parse::<u64>().ok())
-                    .ok_or("the read's content-length is not a number")?,
-            ),
-        };
+        let declared = h1::declared_length(&parts.headers)
+            .map_err(|()| "the read's content-length is not a number")?;
         let framing = match (declared, body.size_hint().exact()) {
             (Some(_), _) => Framing::Empty,
             (None, _) if body.is_end_stream() => Framing::Empty,

@@ -1,4 +1,5 @@
 use super::*;
+use http::header;
 
 // The wire behaviour of the read path's HTTP/1 client (`Endpoint::send`, `ReadBody`,
 // `client_response`), against a scripted raw upstream: what the client writes, how it reads
